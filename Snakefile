@@ -1,0 +1,18 @@
+# cxr-synth: label-conditioned synthetic chest X-rays, and whether they help a classifier.
+# The pipeline reads top to bottom: data -> (LoRA training -> generation -> evaluation).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.verify_dataset.output,

@@ -1,0 +1,34 @@
+# Shared helpers: config validation and how each stage's command line gets the configuration.
+import shlex
+import sys
+
+# Stage logic lives in the workflow_scripts package. This process imports it for validation;
+# jobs run it as `python -m workflow_scripts.<stage>`, from any working directory.
+sys.path.insert(0, workflow.basedir)
+shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+
+from workflow_scripts.config import load_config, overrides_between, validate_config
+
+# Friendly messages for every bad key, then snakemake.utils.validate fills in the defaults.
+validate_config(config)
+
+
+def stage_config_args():
+    """`--config FILE... [--set KEY=VALUE...]` giving a stage exactly this run's configuration:
+    the config files in Snakemake's merge order plus any `snakemake --config` overrides."""
+    from_command_line = list(workflow.overwrite_configfiles or [])
+    files = [f for f in workflow.configfiles if f not in from_command_line] + from_command_line
+    overrides = overrides_between(load_config(files), config)
+    return " ".join(
+        ["--config", *map(shlex.quote, map(str, files))]
+        + [f"--set {shlex.quote(item)}" for item in overrides]
+    )
+
+
+STAGE_CONFIG = stage_config_args()
+
+
+def config_sections(*names):
+    """Config sections as a params value, so that Snakemake re-runs a job when they change."""
+    return {name: config[name] for name in names}
+

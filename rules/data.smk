@@ -1,0 +1,69 @@
+# Data stage: (demo phantoms) -> patient-disjoint splits with prompts -> verification report.
+
+
+rule demo_dataset:
+    output:
+        csv="results/demo_data/Data_Entry_2017.csv",
+        images=directory("results/demo_data/images"),
+    params:
+        settings=config_sections("demo"),
+        out_dir=lambda wildcards, output: os.path.dirname(output.csv),
+        num_patients=config["demo"]["num_patients"],
+        size=config["demo"]["size"],
+        seed=config["demo"]["seed"],
+    log:
+        "logs/demo_dataset/demo_dataset.log",
+    benchmark:
+        "benchmarks/demo_dataset/demo_dataset.tsv"
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "python -m workflow_scripts.demo_dataset --out-dir {params.out_dir}"
+        " --num-patients {params.num_patients} --size {params.size} --seed {params.seed} > {log} 2>&1"
+
+
+rule prepare_dataset:
+    input:
+        csv=config["dataset"]["csv"],
+        images=config["dataset"]["images"],
+    output:
+        train="results/data/train.csv",
+        val="results/data/val.csv",
+        test="results/data/test.csv",
+        skipped="results/data/skipped.csv",
+        summary="results/data/prepare_summary.json",
+    params:
+        settings=config_sections("dataset", "split", "balance", "prompt"),
+        stage_config=STAGE_CONFIG,
+        out_dir=lambda wildcards, output: os.path.dirname(output.train),
+    log:
+        "logs/prepare_dataset/prepare_dataset.log",
+    benchmark:
+        "benchmarks/prepare_dataset/prepare_dataset.tsv"
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "python -m workflow_scripts.prepare_dataset {params.stage_config} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule verify_dataset:
+    input:
+        rules.prepare_dataset.output.train,
+        rules.prepare_dataset.output.val,
+        rules.prepare_dataset.output.test,
+    output:
+        report_json="results/data/verify_report.json",
+        report_md=report("results/data/verify_report.md", category="Data"),
+        contact_sheet=report("results/data/verify_contact_sheet.png", category="Data"),
+    params:
+        settings=config_sections("model", "verify"),
+        stage_config=STAGE_CONFIG,
+        data_dir=lambda wildcards, input: os.path.dirname(input[0]),
+    log:
+        "logs/verify_dataset/verify_dataset.log",
+    benchmark:
+        "benchmarks/verify_dataset/verify_dataset.tsv"
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "python -m workflow_scripts.verify_dataset {params.stage_config} --data-dir {params.data_dir} > {log} 2>&1"

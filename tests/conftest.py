@@ -1,0 +1,78 @@
+"""Shared fixtures: small datasets made in the test, and validated configs pointing at them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from workflow_scripts.config import apply_overrides, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "cxr-dev"
+
+# Keep tests offline and quiet even where a network exists.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+VOCAB = ["Cardiomegaly", "Effusion", "Nodule", "Fibrosis", "Pneumonia", "No Finding"]
+
+
+def write_png(path: Path, seed: int, size: int = 40) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def make_nih_dataset(root: Path, num_patients: int = 30, films: int = 2, seed: int = 0) -> tuple[Path, Path]:
+    """An NIH-format dataset of random-noise PNGs: a long-tailed label mix, several films per patient."""
+    rng = np.random.default_rng(seed)
+    weights = np.array([0.25, 0.3, 0.15, 0.1, 0.05, 0.15])
+    rows = ["Image Index,Finding Labels,Patient ID"]
+    for patient in range(1, num_patients + 1):
+        labels = sorted(set(rng.choice(VOCAB, size=rng.integers(1, 3), p=weights)), key=VOCAB.index)
+        if "No Finding" in labels and len(labels) > 1:
+            labels.remove("No Finding")
+        for film in range(films):
+            name = f"{patient:08d}_{film:03d}.png"
+            write_png(root / "images" / name, seed=patient * 100 + film)
+            rows.append(f"{name},{'|'.join(labels)},{patient}")
+    csv = root / "Data_Entry_2017.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv, root / "images"
+
+
+def make_config(dataset: dict[str, Any] | None = None, *overrides: str) -> dict[str, Any]:
+    """The demo config with `dataset` keys replaced, validated (defaults filled in)."""
+    config = load_config([REPO / "config" / "config.yaml"], overrides)
+    if dataset:
+        config["dataset"].update(dataset)
+    return config
+
+
+def tree_checksum(root: Path) -> dict[str, str]:
+    """Content hash and mtime of every file below root: proves a run never wrote into user data."""
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() + f"@{path.stat().st_mtime_ns}"
+        for path in sorted(root.rglob("*")) if path.is_file()
+    }
+
+
+@pytest.fixture
+def nih_dataset(tmp_path: Path) -> tuple[Path, Path]:
+    return make_nih_dataset(tmp_path / "nih")
+
+
+@pytest.fixture
+def nih_config(nih_dataset: tuple[Path, Path]) -> dict[str, Any]:
+    csv, images = nih_dataset
+    return make_config({"format": "nih", "csv": str(csv), "images": str(images), "labels": VOCAB})
+
+
+__all__ = ["REPO", "SHARED_DATA", "VOCAB", "apply_overrides", "make_config", "make_nih_dataset", "tree_checksum", "write_png"]

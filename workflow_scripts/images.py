@@ -1,0 +1,235 @@
+"""Read chest X-ray files (PNG, JPEG, DICOM) into one canonical form.
+
+Canonical form: a fully loaded 8-bit grayscale ``PIL.Image.Image`` (mode ``'L'``),
+bone bright.  Anything that cannot be read that way raises :class:`BadImageError`,
+whose message names the file, the reason and what to do about it.
+
+Input files are only ever opened ``'rb'``; nothing is written anywhere.
+
+Conversion rules
+----------------
+* 8-bit grayscale is returned unchanged (pixel values round-trip exactly).
+* 16-bit / 32-bit integer and float images are min..max rescaled to 0..255 using
+  the image's *own* range, so a 12-bit image stored in 16 bits is not near-black.
+  A constant image maps to all zeros.
+* Colour / palette / alpha images are converted to luminance (ITU-R 601-2, as
+  ``Image.convert('L')``).  Alpha is dropped, not composited: transparent pixels
+  keep whatever grey their colour channels hold.
+* EXIF orientation (phone photos of films) is applied to PNG/JPEG.
+* DICOM: Modality LUT (rescale slope/intercept), then VOI LUT or windowing, then
+  MONOCHROME1 is inverted so it looks like MONOCHROME2, then scaled to 8 bits.
+  When a window / VOI LUT is applied the 8-bit scale spans the window's output
+  range (values outside the window saturate at 0/255); otherwise the data's own
+  min..max.  Multi-frame DICOM is rejected (not a single radiograph).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+__all__ = ["BadImageError", "SUPPORTED_SUFFIXES", "is_dicom", "read_xray", "check_image"]
+
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+_PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+_FIX_HINT = "re-export or re-download the file, or remove it from the input folder"
+
+
+class BadImageError(ValueError):
+    """An input image that cannot be read; ``str(err)`` is user-facing."""
+
+    def __init__(self, path: str | Path, reason: str, hint: str = _FIX_HINT) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason} -- {hint}")
+
+
+def is_dicom(path: Path) -> bool:
+    """True for a ``.dcm``/``.dicom`` suffix or the 'DICM' magic at byte 128."""
+    path = Path(path)
+    if path.suffix.lower() in _DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def check_image(path: str | Path) -> str | None:
+    """None if ``read_xray`` succeeds, else the reason (the error message)."""
+    try:
+        read_xray(path)
+    except BadImageError as err:
+        return str(err)
+    return None
+
+
+def read_xray(path: str | Path) -> Image.Image:
+    """Read a PNG/JPEG/DICOM chest X-ray as a loaded 8-bit grayscale image."""
+    p = Path(path)
+    if not p.exists():
+        raise BadImageError(path, "file not found", "check the path / input folder")
+    if not p.is_file():
+        raise BadImageError(path, "not a regular file", "point to an image file")
+    try:
+        size = p.stat().st_size
+    except OSError as err:
+        raise BadImageError(path, f"cannot access file ({err})", "check file permissions") from err
+    if size == 0:
+        raise BadImageError(path, "empty file (0 bytes)")
+    if is_dicom(p):
+        return _read_dicom(path)
+    if p.suffix.lower() not in _PIL_SUFFIXES:
+        raise BadImageError(
+            path,
+            f"unsupported file type {p.suffix or '(no suffix)'!r}",
+            f"convert it to one of {', '.join(SUPPORTED_SUFFIXES)}",
+        )
+    return _read_pil(path)
+
+
+# --------------------------------------------------------------------------- PIL
+
+
+@contextlib.contextmanager
+def _strict_truncation() -> Iterator[None]:
+    # Another module may have set this global to True; truncated files must fail here.
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+_PIL_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError,
+               Image.DecompressionBombError, IndexError, TypeError)
+
+
+def _read_pil(path: str | Path) -> Image.Image:
+    try:
+        with _strict_truncation(), open(path, "rb") as fh:
+            # verify() checks chunk CRCs and catches files cut after the pixel data;
+            # it leaves the image unusable, so reopen for the real decode.
+            with Image.open(fh, formats=["PNG", "JPEG"]) as probe:
+                probe.verify()
+            fh.seek(0)
+            with Image.open(fh, formats=["PNG", "JPEG"]) as im:
+                im.load()  # force full decode while the file is open
+                im = ImageOps.exif_transpose(im)
+                return _pil_to_l(im)
+    except UnidentifiedImageError as err:
+        raise BadImageError(path, "corrupt or not a PNG/JPEG image (content not recognised)") from err
+    except Image.DecompressionBombError as err:
+        raise BadImageError(path, f"image too large, refused as possible decompression bomb ({err})",
+                            "downscale the image") from err
+    except _PIL_ERRORS as err:
+        raise BadImageError(path, f"truncated or corrupt image ({err})") from err
+
+
+def _pil_to_l(im: Image.Image) -> Image.Image:
+    if im.mode == "L":
+        return im.copy()
+    if im.mode in _HIGH_BIT_MODES:
+        return Image.fromarray(_minmax_to_uint8(np.asarray(im)))
+    if im.mode == "La":  # premultiplied alpha has no direct path to L
+        im = im.convert("LA")
+    return im.convert("L")  # luminance; alpha is dropped
+
+
+def _minmax_to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """Linear map lo..hi (default: finite data range) to 0..255; constant -> 0."""
+    a = np.asarray(arr, dtype=np.float64)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros(a.shape, dtype=np.uint8)
+    if lo is None or hi is None:
+        lo, hi = float(a[finite].min()), float(a[finite].max())
+    if not hi > lo:
+        return np.zeros(a.shape, dtype=np.uint8)
+    a = np.where(finite, a, lo)  # NaN/inf (float images only) become black
+    out = np.clip((a - lo) * (255.0 / (hi - lo)), 0.0, 255.0)
+    return np.rint(out).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------- DICOM
+
+
+_Lut = Callable[..., np.ndarray]
+
+
+def _dicom_luts() -> tuple[_Lut, _Lut]:
+    try:  # pydicom >= 3
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    return apply_modality_lut, apply_voi_lut
+
+
+def _read_dicom(path: str | Path) -> Image.Image:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with open(path, "rb") as fh:
+            # force=True: accept preamble-less .dcm files; junk then fails on PixelData.
+            ds = pydicom.dcmread(fh, force=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError,
+            AttributeError, IndexError, OverflowError, NotImplementedError) as err:
+        raise BadImageError(path, f"truncated or corrupt DICOM ({type(err).__name__}: {err})") from err
+
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        if ds.preamble is None:  # no 'DICM' header either: junk parsed by force=True
+            raise BadImageError(path, "corrupt or not a DICOM file (no DICM header, no pixel data)")
+        raise BadImageError(path, "DICOM file has no pixel data",
+                            "export the image itself, not a report/structured object")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise BadImageError(path, f"multi-frame DICOM ({frames} frames), not a single radiograph",
+                            "export the single radiograph frame as its own file")
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # decoder boundary: missing codec, bad length, odd syntax...
+        raise BadImageError(
+            path, f"cannot decode DICOM pixel data ({type(err).__name__}: {err})",
+            "re-export the file; if it is compressed, install a decoder (pylibjpeg / python-gdcm)",
+        ) from err
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM (rare): luminance
+        luma = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        return Image.fromarray(_minmax_to_uint8(luma))
+    if arr.ndim != 2:
+        raise BadImageError(path, f"unexpected DICOM pixel array shape {arr.shape}",
+                            "export a single 2-D grayscale radiograph")
+
+    try:
+        apply_modality_lut, apply_voi_lut = _dicom_luts()
+        values = apply_modality_lut(arr, ds)
+        lo: float | None = None
+        hi: float | None = None
+        has_voi_lut = bool(ds.get("VOILUTSequence"))
+        if has_voi_lut or ("WindowCenter" in ds and "WindowWidth" in ds):
+            values = apply_voi_lut(values, ds)  # prefers the VOI LUT over a window
+            if not has_voi_lut:
+                # Scale to the window's output range (probe its two saturated ends) so
+                # the window is honoured, not re-stretched to the data range.
+                with np.errstate(over="ignore"):
+                    ends = apply_voi_lut(np.array([-1e30, 1e30]), ds)
+                lo, hi = float(np.min(ends)), float(np.max(ends))
+    except Exception as err:  # malformed LUT / window attributes
+        raise BadImageError(path, f"invalid DICOM LUT/window attributes ({type(err).__name__}: {err})") from err
+
+    out = _minmax_to_uint8(values, lo, hi)
+    if photometric == "MONOCHROME1":  # low values are white in MONOCHROME1
+        out = 255 - out
+    return Image.fromarray(out)

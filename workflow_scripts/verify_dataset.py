@@ -1,0 +1,145 @@
+"""Data stage check: load the prepared splits the way training will and report what it sees.
+
+    python -m workflow_scripts.verify_dataset --config config/config.yaml --data-dir results/data
+
+Loads the training split through `XrayPromptDataset` (the class training uses) and writes
+`verify_report.json`, a readable `verify_report.md` and `verify_contact_sheet.png` (samples
+captioned with their prompts). Exits non-zero with a clear message when the data cannot be used:
+a patient in two splits, an unreadable image, tensors of the wrong shape or range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
+from workflow_scripts.images import BadImageError
+from workflow_scripts.prepare_dataset import SPLITS, DataError, assert_patient_disjoint, label_counts, load_split
+from workflow_scripts.xray_dataset import XrayPromptDataset
+
+
+def evenly_spaced(count: int, total: int) -> list[int]:
+    """`count` indices spread over range(total), deterministic (first and last included)."""
+    if total <= count:
+        return list(range(total))
+    return sorted({int(round(i)) for i in np.linspace(0, total - 1, count)})
+
+
+def tensor_stats(dataset: XrayPromptDataset, indices: list[int], resolution: int) -> dict[str, Any]:
+    """Load `indices` through the Dataset; check every tensor is [3, R, R], finite and in [-1, 1]."""
+    loader = DataLoader(Subset(dataset, indices), batch_size=16, num_workers=0)
+    low, high, shape = float("inf"), float("-inf"), None
+    for batch in tqdm(loader, desc="loading train images", unit="batch", file=sys.stderr):
+        pixels = batch["pixel_values"]
+        shape = list(pixels.shape[1:])
+        if shape != [3, resolution, resolution]:
+            raise DataError(f"{batch['path'][0]}: tensor shape {shape}, expected [3, {resolution}, {resolution}]")
+        if not torch.isfinite(pixels).all():
+            raise DataError(f"a batch starting at {batch['path'][0]} holds NaN or inf values")
+        low, high = min(low, pixels.min().item()), max(high, pixels.max().item())
+    if low < -1.0 - 1e-6 or high > 1.0 + 1e-6:
+        raise DataError(f"pixel values span [{low}, {high}], expected within [-1, 1]")
+    return {"checked_images": len(indices), "tensor_shape": shape, "min": low, "max": high}
+
+
+def save_contact_sheet(dataset: XrayPromptDataset, indices: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(4, len(indices))
+    rows = int(np.ceil(len(indices) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.4 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, index in zip(axes.flat, indices):
+        sample = dataset[index]
+        axis.imshow((sample["pixel_values"][0].numpy() + 1) / 2, cmap="gray", vmin=0, vmax=1)
+        axis.set_title("\n".join(textwrap.wrap(sample["prompt"], 32)), fontsize=8)
+    figure.suptitle("Training split as the model sees it (after resize, crop and scaling)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def verify(config: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+    """Check the prepared splits and write the JSON and Markdown reports and the contact sheet."""
+    resolution = config["model"]["resolution"]
+    splits = {name: load_split(data_dir, name) for name in SPLITS}
+    assert_patient_disjoint(splits)
+    if splits["train"].empty:
+        raise DataError(f"{data_dir / 'train.csv'}: no training images")
+
+    dataset = XrayPromptDataset(data_dir, resolution, split="train")
+    stats = tensor_stats(dataset, evenly_spaced(config["verify"]["max_images"], len(dataset)), resolution)
+    sheet_indices = evenly_spaced(config["verify"]["contact_sheet_images"], len(dataset))
+    save_contact_sheet(dataset, sheet_indices, data_dir / "verify_contact_sheet.png")
+
+    report = {
+        "samples_per_split": {name: len(frame) for name, frame in splits.items()},
+        "patients_per_split": {name: int(frame["patient"].nunique()) for name, frame in splits.items()},
+        "resolution": resolution,
+        **stats,
+        "label_counts": {name: label_counts(frame) for name, frame in splits.items()},
+        "label_combination_counts": {
+            name: dict(Counter(frame["labels"]).most_common()) for name, frame in splits.items()
+        },
+        "sample_prompts": [dataset.frame["prompt"].iloc[i] for i in evenly_spaced(10, len(dataset))],
+        "contact_sheet": "verify_contact_sheet.png",
+    }
+    (data_dir / "verify_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (data_dir / "verify_report.md").write_text(render_markdown(report, config["dataset"]["labels"]))
+    return report
+
+
+def render_markdown(report: dict[str, Any], vocabulary: list[str]) -> str:
+    lines = [
+        "# Dataset verification",
+        "",
+        f"Training images load as tensors of shape `{report['tensor_shape']}` with values in "
+        f"[{report['min']:.3f}, {report['max']:.3f}] (checked {report['checked_images']} images "
+        f"through the training Dataset at {report['resolution']} px).",
+        "",
+        "| split | images | patients |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {report['samples_per_split'][name]} | {report['patients_per_split'][name]} |" for name in SPLITS]
+    lines += ["", "## Images per label", "", "| label | " + " | ".join(SPLITS) + " |", "|---|" + "---:|" * len(SPLITS)]
+    for label in vocabulary:
+        lines.append(f"| {label} | " + " | ".join(str(report["label_counts"][name].get(label, 0)) for name in SPLITS) + " |")
+    lines += ["", "## Label combinations (training split)", "", "| labels | images |", "|---|---:|"]
+    lines += [f"| {combo.replace('|', ' + ')} | {count} |" for combo, count in report["label_combination_counts"]["train"].items()]
+    lines += ["", "## Sample prompts", ""] + [f"- {prompt}" for prompt in report["sample_prompts"]]
+    lines += ["", f"![contact sheet]({report['contact_sheet']})", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--data-dir", default="results/data", type=Path, help="folder with the split CSVs")
+    args = parser.parse_args(argv)
+    try:
+        report = verify(config_from_args(args), args.data_dir)
+    except (DataError, ConfigError, BadImageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"verified: {report['samples_per_split']} images, tensors {report['tensor_shape']} in "
+          f"[{report['min']:.2f}, {report['max']:.2f}]; report in {args.data_dir / 'verify_report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
