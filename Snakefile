@@ -10,9 +10,11 @@ configfile: "config/config.yaml"
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/lora.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.verify_dataset.output,
+        rules.train_lora.output.final,

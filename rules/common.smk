@@ -32,3 +32,15 @@ def config_sections(*names):
     """Config sections as a params value, so that Snakemake re-runs a job when they change."""
     return {name: config[name] for name in names}
 
+
+def base_model_input(wildcards):
+    """The offline tiny model is built by a rule; a hub id or local SD folder is loaded as is."""
+    return rules.build_tiny_model.output.model if config["model"]["pretrained"] == "tiny" else []
+
+
+def python_launcher(wildcards, resources):
+    """`python`, or `accelerate launch` with one process per GPU when a job gets several
+    (e.g. `--set-resources train_lora:gpu=4`): data-parallel training on existing engines."""
+    if resources.gpu <= 1:
+        return "python"
+    return f"accelerate launch --multi_gpu --num_processes {resources.gpu}"

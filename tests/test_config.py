@@ -80,6 +80,7 @@ def test_missing_and_malformed_config_files(tmp_path: Path) -> None:
 def test_overrides_between_reproduces_the_effective_config() -> None:
     base = load_config([REPO / "config" / "config.yaml"])
     effective = apply_overrides(base, ["split.seed=7", "dataset.labels=[A, B]", "training.max_train_steps=12"])
+    assert apply_overrides(base, ["training.learning_rate=5e-3"])["training"]["learning_rate"] == 0.005
     flags = overrides_between(base, effective)
     assert sorted(flags) == ['dataset.labels=["A", "B"]', "split.seed=7", "training.max_train_steps=12"]
     assert apply_overrides(base, flags) == effective

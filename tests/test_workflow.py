@@ -15,6 +15,8 @@ from conftest import REPO
 MICRO = """
 demo: {num_patients: 24, size: 64, seed: 1}
 verify: {max_images: 32, contact_sheet_images: 4}
+training: {max_train_steps: 6, save_steps: 3, validation_steps: 6, num_validation_images: 1,
+           validation_inference_steps: 2, validation_prompts: [A chest X-ray with Mass]}
 """
 
 
@@ -44,9 +46,18 @@ def test_data_stage_runs_end_to_end_on_the_demo(demo_run: Path) -> None:
     assert len(report["sample_prompts"]) == 10 and all(p.startswith("A chest X-ray with ") for p in report["sample_prompts"])
     assert (data / "verify_contact_sheet.png").stat().st_size > 10_000
     assert "| Cardiomegaly |" in (data / "verify_report.md").read_text()
-    for rule in ("demo_dataset", "prepare_dataset", "verify_dataset"):
+    for rule in ("demo_dataset", "prepare_dataset", "verify_dataset", "build_tiny_model", "train_lora"):
         assert (demo_run / "logs" / rule / f"{rule}.log").exists()
         assert (demo_run / "benchmarks" / rule / f"{rule}.tsv").exists()
+
+
+def test_lora_is_trained_through_snakemake_and_checkpoints_survive(demo_run: Path) -> None:
+    lora = demo_run / "results" / "lora"
+    summary = json.loads((lora / "final" / "training_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["base_model"].endswith("results/models/tiny-sd")
+    assert (lora / "final" / "pytorch_lora_weights.safetensors").stat().st_size > 0
+    assert sorted(p.name for p in (lora / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    assert list((lora / "logs").glob("events.out.tfevents.*"))
 
 
 def test_command_line_overrides_reach_the_stage(demo_run: Path) -> None:

@@ -37,12 +37,23 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, 
     return merged
 
 
+def parse_scalar(text: str) -> Any:
+    """YAML, except that `5e-3` is a number (PyYAML's YAML 1.1 would keep it a string)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            pass
+    return value
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`training.learning_rate=2e-4` -> (["training", "learning_rate"], 0.0002); values are YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. training.learning_rate=2e-4")
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), parse_scalar(raw)
 
 
 def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -99,7 +110,7 @@ def coerce_scalars(config: dict[str, Any], schema: Mapping[str, Any]) -> None:
         types = [types] if isinstance(types, str) else types
         if not isinstance(value, str) or not types or "string" in types:
             continue
-        parsed = yaml.safe_load(value)
+        parsed = parse_scalar(value)
         if isinstance(parsed, bool):
             accepted = "boolean" in types
         else:

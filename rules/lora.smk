@@ -1,0 +1,44 @@
+# LoRA stage: (offline tiny base model) -> LoRA fine-tuning on the training split.
+
+
+rule build_tiny_model:
+    output:
+        model=directory("results/models/tiny-sd"),
+    params:
+        resolution=config["model"]["resolution"],
+    log:
+        "logs/build_tiny_model/build_tiny_model.log",
+    benchmark:
+        "benchmarks/build_tiny_model/build_tiny_model.tsv"
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "python -m workflow_scripts.base_model --build-tiny {output.model} --resolution {params.resolution} > {log} 2>&1"
+
+
+rule train_lora:
+    input:
+        train=rules.prepare_dataset.output.train,
+        verified=rules.verify_dataset.output.report_json,
+        base_model=base_model_input,
+    output:
+        # Only the final adapter is declared: checkpoints/ survives a failed or re-run job and the
+        # next run resumes from its latest checkpoint.
+        final=directory("results/lora/final"),
+    params:
+        settings=config_sections("dataset", "split", "balance", "prompt", "model", "training", "hardware"),
+        stage_config=STAGE_CONFIG,
+        data_dir=lambda wildcards, input: os.path.dirname(input.train),
+        output_dir=lambda wildcards, output: os.path.dirname(output.final),
+        launcher=python_launcher,
+    resources:
+        gpu=1,
+    log:
+        "logs/train_lora/train_lora.log",
+    benchmark:
+        "benchmarks/train_lora/train_lora.tsv"
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "{params.launcher} -m workflow_scripts.train_lora {params.stage_config} --data-dir {params.data_dir}"
+        " --output-dir {params.output_dir} --tiny-dir results/models/tiny-sd > {log} 2>&1"
