@@ -11,6 +11,7 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/lora.smk"
+include: "rules/generation.smk"
 
 
 rule all:
@@ -18,3 +19,4 @@ rule all:
     input:
         rules.verify_dataset.output,
         rules.train_lora.output.final,
+        rules.merge_generation.output.results,

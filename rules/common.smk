@@ -44,3 +44,17 @@ def python_launcher(wildcards, resources):
     if resources.gpu <= 1:
         return "python"
     return f"accelerate launch --multi_gpu --num_processes {resources.gpu}"
+
+
+wildcard_constraints:
+    label=r"[A-Za-z0-9_]+(\+[A-Za-z0-9_]+)*",
+
+
+def planned_generation_results(wildcards):
+    """One generation_results.csv per label of the plan with images to make (known after the
+    plan_generation checkpoint has run)."""
+    import pandas as pd
+
+    plan = pd.read_csv(checkpoints.plan_generation.get().output.plan)
+    keys = plan.loc[plan["count"] > 0, "key"]
+    return expand("results/synthetic/{label}/generation_results.csv", label=keys)

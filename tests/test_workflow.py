@@ -17,6 +17,7 @@ demo: {num_patients: 24, size: 64, seed: 1}
 verify: {max_images: 32, contact_sheet_images: 4}
 training: {max_train_steps: 6, save_steps: 3, validation_steps: 6, num_validation_images: 1,
            validation_inference_steps: 2, validation_prompts: [A chest X-ray with Mass]}
+generation: {images_per_label: 2, num_inference_steps: 2, batch_size: 2}
 """
 
 
@@ -58,6 +59,17 @@ def test_lora_is_trained_through_snakemake_and_checkpoints_survive(demo_run: Pat
     assert (lora / "final" / "pytorch_lora_weights.safetensors").stat().st_size > 0
     assert sorted(p.name for p in (lora / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
     assert list((lora / "logs").glob("events.out.tfevents.*"))
+
+
+def test_generation_runs_one_job_per_label_and_merges(demo_run: Path) -> None:
+    synthetic = demo_run / "results" / "synthetic"
+    merged = pd.read_csv(synthetic / "generation_results.csv")
+    labels = ["Cardiomegaly", "Effusion", "Nodule", "Mass", "Pneumothorax", "Fibrosis", "Pneumonia", "No Finding"]
+    assert sorted(set(merged["labels"])) == sorted(labels) and len(merged) == 2 * len(labels)
+    assert all((demo_run / file).is_file() for file in merged["file"])
+    for key in ("Mass", "No_Finding"):
+        assert (synthetic / key / "generation_results.csv").is_file()
+        assert (demo_run / "logs" / "generate_label" / f"{key}.log").is_file()
 
 
 def test_command_line_overrides_reach_the_stage(demo_run: Path) -> None:

@@ -78,6 +78,23 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach().cpu().clone() for name, param in model.named_parameters() if param.requires_grad}
 
 
+def save_diffusers_lora(directory: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
+    """`pytorch_lora_weights.safetensors` as diffusers writes it, with the LoRA config (rank, alpha)
+    in its metadata so `load_lora_weights` restores the right scale when alpha != rank."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    def layers_and_config(model):
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model)), model.peft_config["default"].to_dict()
+
+    unet_layers, unet_meta = layers_and_config(unet)
+    text_layers, text_meta = layers_and_config(text_encoder) if text_encoder is not None else (None, None)
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers,
+                                              unet_lora_adapter_metadata=unet_meta, text_encoder_lora_adapter_metadata=text_meta,
+                                              safe_serialization=True)
+
+
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     missing = [name for name in state if name not in params]
@@ -206,6 +223,9 @@ def save_checkpoint(checkpoints_dir: Path, step: int, models: dict[str, torch.nn
     partial.mkdir(parents=True)
     for name, model in models.items():
         save_file(trainable_state(accelerator.unwrap_model(model)), partial / f"lora_{name}.safetensors")
+    # Also in diffusers' format, so any checkpoint can be sampled (generate_xrays --checkpoint checkpoint-N).
+    save_diffusers_lora(partial, accelerator.unwrap_model(models["unet"]),
+                        accelerator.unwrap_model(models["text_encoder"]) if "text_encoder" in models else None)
     torch.save({
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
@@ -362,10 +382,7 @@ def train(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: Pa
 
 def _train(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: Path, resume: str) -> dict[str, Any]:
     from accelerate import Accelerator
-    from diffusers import StableDiffusionPipeline
     from diffusers.optimization import get_scheduler
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
 
     model_cfg, training, hardware = config["model"], config["training"], config["hardware"]
     if training["mixed_precision"] == "fp16" and not torch.cuda.is_available():
@@ -546,11 +563,8 @@ def _train(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: P
         final, partial = output_dir / "final", output_dir / "final.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(unet)))
-        text_layers = (convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(text_encoder)))
-                       if model_cfg["train_text_encoder"] else None)
-        StableDiffusionPipeline.save_lora_weights(partial, unet_lora_layers=unet_layers,
-                                                  text_encoder_lora_layers=text_layers, safe_serialization=True)
+        save_diffusers_lora(partial, accelerator.unwrap_model(unet),
+                            accelerator.unwrap_model(text_encoder) if model_cfg["train_text_encoder"] else None)
         summary = {
             "steps": total_steps,
             "epochs": round(position.micro_step / batches_per_epoch, 3),

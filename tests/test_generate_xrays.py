@@ -1,0 +1,157 @@
+"""Generation on the tiny model, on CPU: determinism, files, plans, resume, LoRA applied, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+from workflow_scripts import generate_xrays
+from workflow_scripts.base_model import build_tiny_pipeline, load_pipeline
+from workflow_scripts.config import load_config
+from workflow_scripts.demo_dataset import make_demo_dataset
+from workflow_scripts.generate_xrays import GenerationError, generation_plan, label_key, main, parse_labels
+from workflow_scripts.prepare_dataset import load_split, prepare
+from workflow_scripts.train_lora import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("gen")
+    make_demo_dataset(root / "demo", num_patients=16, size=64, seed=0)
+    overrides = [f"dataset.csv={root / 'demo' / 'Data_Entry_2017.csv'}", f"dataset.images={root / 'demo' / 'images'}",
+                 "training.train_batch_size=4", "training.max_train_steps=3", "training.save_steps=2",
+                 "training.validation_steps=1000", "training.validation_inference_steps=1", "training.num_validation_images=1",
+                 "training.validation_prompts=[A chest X-ray with Mass]", "training.learning_rate=5e-3"]
+    config_file = root / "config.yaml"
+    config = load_config([REPO / "config" / "config.yaml"], overrides)
+    config_file.write_text(json.dumps(config))  # JSON is YAML: the CLI reads it like a config file
+    prepare(config, root / "data")
+    tiny = build_tiny_pipeline(root / "tiny-sd", resolution=64, seed=0)
+    train(config, root / "data", root / "lora", Path(tiny))
+    return {"root": root, "config": config, "config_file": config_file, "tiny": Path(tiny)}
+
+
+def generate(trained, out: Path, *flags: str) -> int:
+    return main(["--config", str(trained["config_file"]), "--checkpoint", str(trained["root"] / "lora" / "final"),
+                 "--tiny-dir", str(trained["tiny"]), "--data-dir", str(trained["root"] / "data"),
+                 "--num-inference-steps", "3", "--output-dir", str(out), *flags])
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_keys_and_label_parsing() -> None:
+    vocabulary = ["Effusion", "Mass", "No Finding"]
+    assert label_key(["No Finding"]) == "No_Finding"
+    assert label_key(["Effusion", "Mass"]) == "Effusion+Mass"
+    assert parse_labels("Mass+Effusion", vocabulary) == ["Effusion", "Mass"]
+    assert parse_labels("No_Finding", vocabulary) == ["No Finding"]
+    with pytest.raises(GenerationError, match=r"unknown label 'Dragon'.*dataset.labels"):
+        parse_labels("Dragon", vocabulary)
+
+
+def test_plans_fixed_balance_and_all_combinations(trained) -> None:
+    train_split = load_split(trained["root"] / "data", "train")
+    config = trained["config"]
+    fixed = generation_plan(config, train_split)
+    assert list(fixed["key"]) == [label_key([label]) for label in config["dataset"]["labels"]]
+    assert set(fixed["count"]) == {config["generation"]["images_per_label"]}
+    balance = generation_plan({**config, "generation": {**config["generation"], "plan": "balance", "target_per_label": 30}}, train_split)
+    real = {label: sum(label in labels.split("|") for labels in train_split["labels"]) for label in config["dataset"]["labels"]}
+    assert dict(zip(balance["labels"], balance["count"])) == {label: max(0, 30 - n) for label, n in real.items()}
+    everything = generation_plan({**config, "generation": {**config["generation"], "all_label_combinations": True}}, train_split)
+    combos = {labels for labels in train_split["labels"] if "|" in labels}
+    assert combos and combos <= set(everything["labels"])
+    assert all(prompt.count(" and ") == labels.count("|") for prompt, labels in zip(everything["prompt"], everything["labels"]))
+
+
+def test_files_csv_and_determinism(trained, tmp_path) -> None:
+    assert generate(trained, tmp_path / "a", "--label", "Mass", "--num-images", "3", "--seed", "5") == 0
+    assert generate(trained, tmp_path / "b", "--label", "Mass", "--num-images", "3", "--seed", "5") == 0
+    assert generate(trained, tmp_path / "c", "--label", "Mass", "--num-images", "3", "--seed", "6") == 0
+    files = sorted((tmp_path / "a" / "Mass").glob("*.png"))
+    assert [f.name for f in files] == ["Mass_0000.png", "Mass_0001.png", "Mass_0002.png"]
+    image = Image.open(files[0])
+    assert image.mode == "L" and image.size == (64, 64)
+    for name in [f.name for f in files]:
+        assert np.array_equal(pixels(tmp_path / "a" / "Mass" / name), pixels(tmp_path / "b" / "Mass" / name))
+        assert not np.array_equal(pixels(tmp_path / "a" / "Mass" / name), pixels(tmp_path / "c" / "Mass" / name))
+    results = pd.read_csv(tmp_path / "a" / "Mass" / "generation_results.csv")
+    assert list(results.columns) == ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint"]
+    assert set(results["prompt"]) == {"A chest X-ray with Mass"} and set(results["labels"]) == {"Mass"}
+    assert set(results["steps"]) == {3} and set(results["guidance"]) == {7.5} and set(results["scheduler"]) == {"dpmsolver++"}
+    assert results["seed"].nunique() == 3
+
+
+def test_one_image_regenerates_alone_and_resume_makes_only_missing(trained, tmp_path) -> None:
+    out = tmp_path / "out"
+    generate(trained, out, "--label", "Effusion", "--num-images", "4", "--batch-size", "4")
+    folder = out / "Effusion"
+    original = {f.name: pixels(f) for f in folder.glob("*.png")}
+    kept_mtime = (folder / "Effusion_0000.png").stat().st_mtime_ns
+    (folder / "Effusion_0002.png").unlink()
+    (folder / "Effusion_0003.png").unlink()
+    (folder / "Effusion_0003.png.partial").write_bytes(b"half a png")  # what a kill mid-write leaves
+    generate(trained, out, "--label", "Effusion", "--num-images", "4", "--batch-size", "4")
+    assert (folder / "Effusion_0000.png").stat().st_mtime_ns == kept_mtime  # not regenerated
+    assert not list(folder.glob("*.partial"))
+    # Made alone (batch of 2 instead of 4), images 2 and 3 are the very same images.
+    for name in ("Effusion_0002.png", "Effusion_0003.png"):
+        assert np.abs(pixels(folder / name) - original[name]).max() <= 1
+
+
+def test_generate_all_labels_covers_labels_and_combinations(trained, tmp_path) -> None:
+    generate(trained, tmp_path, "--generate-all-labels", "--num-images", "1", "--num-inference-steps", "1")
+    train_split = load_split(trained["root"] / "data", "train")
+    combos = {label_key(labels.split("|")) for labels in train_split["labels"] if "|" in labels}
+    made = {p.name for p in tmp_path.iterdir() if p.is_dir()}
+    assert {label_key([label]) for label in trained["config"]["dataset"]["labels"]} | combos == made
+
+
+def test_the_lora_is_really_applied(trained, tmp_path) -> None:
+    generate(trained, tmp_path, "--label", "Mass", "--num-images", "1", "--seed", "3")
+    row = pd.read_csv(tmp_path / "Mass" / "generation_results.csv").iloc[0]
+    base = load_pipeline(str(trained["tiny"]), trained["tiny"])
+    base.scheduler = generate_xrays.make_scheduler("dpmsolver++", base.scheduler.config)
+    base.set_progress_bar_config(disable=True)
+    image = base(row["prompt"], num_inference_steps=3, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(int(row["seed"]))).images[0]
+    without_lora = generate_xrays.to_grayscale_uint8(image).astype(np.int16)
+    assert np.abs(pixels(tmp_path / "Mass" / "Mass_0000.png") - without_lora).mean() > 1.0
+
+
+def test_checkpoint_folder_records_its_base_model(trained, tmp_path) -> None:
+    checkpoint = trained["root"] / "lora" / "checkpoints" / "checkpoint-2"
+    code = main(["--config", str(trained["config_file"]), "--checkpoint", str(checkpoint), "--label", "Mass",
+                 "--num-images", "1", "--num-inference-steps", "1", "--tiny-dir", str(trained["tiny"]), "--output-dir", str(tmp_path)])
+    assert code == 0
+    assert pd.read_csv(tmp_path / "Mass" / "generation_results.csv")["checkpoint"].iloc[0] == str(checkpoint)
+
+
+def test_bad_input_gives_clear_messages(trained, tmp_path, capsys) -> None:
+    assert generate(trained, tmp_path, "--label", "Dragon", "--num-images", "1") == 2
+    assert "unknown label 'Dragon'" in capsys.readouterr().err
+    empty = tmp_path / "empty_checkpoint"
+    empty.mkdir()
+    assert main(["--config", str(trained["config_file"]), "--checkpoint", str(empty), "--label", "Mass"]) == 2
+    assert "no pytorch_lora_weights.safetensors here" in capsys.readouterr().err
+    # A base model of another architecture (wider UNet): the LoRA does not fit it.
+    other = tmp_path / "other-base"
+    shutil.copytree(trained["tiny"], other)
+    unet_config = json.loads((other / "unet" / "config.json").read_text())
+    from diffusers import UNet2DConditionModel
+
+    unet_config["block_out_channels"] = [64, 96]
+    UNet2DConditionModel.from_config({k: v for k, v in unet_config.items() if not k.startswith("_")}).save_pretrained(other / "unet")
+    assert generate(trained, tmp_path / "x", "--label", "Mass", "--num-images", "1", "--pretrained-model", str(other)) == 2
+    assert "does not fit base model" in capsys.readouterr().err
