@@ -1,5 +1,5 @@
 # cxr-synth: label-conditioned synthetic chest X-rays, and whether they help a classifier.
-# The pipeline reads top to bottom: data -> (LoRA training -> generation -> evaluation).
+# The pipeline reads top to bottom: data -> LoRA training -> generation -> evaluation -> table.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -12,11 +12,11 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/lora.smk"
 include: "rules/generation.smk"
+include: "rules/evaluation.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.verify_dataset.output,
-        rules.train_lora.output.final,
-        rules.merge_generation.output.results,
+        rules.compare.output,

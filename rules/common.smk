@@ -48,6 +48,8 @@ def python_launcher(wildcards, resources):
 
 wildcard_constraints:
     label=r"[A-Za-z0-9_]+(\+[A-Za-z0-9_]+)*",
+    ratio=r"\d+",
+    seed=r"\d+",
 
 
 def planned_generation_results(wildcards):
@@ -58,3 +60,16 @@ def planned_generation_results(wildcards):
     plan = pd.read_csv(checkpoints.plan_generation.get().output.plan)
     keys = plan.loc[plan["count"] > 0, "key"]
     return expand("results/synthetic/{label}/generation_results.csv", label=keys)
+
+
+def classifier_inputs(wildcards):
+    """The splits, plus the synthetic images for ratios above 0 (the real-only baseline does not
+    wait for generation)."""
+    inputs = {
+        "train": rules.prepare_dataset.output.train,
+        "val": rules.prepare_dataset.output.val,
+        "test": rules.prepare_dataset.output.test,
+    }
+    if int(wildcards.ratio) > 0:
+        inputs["synthetic"] = rules.merge_generation.output.results
+    return inputs

@@ -75,6 +75,16 @@ def test_plans_fixed_balance_and_all_combinations(trained) -> None:
     assert all(prompt.count(" and ") == labels.count("|") for prompt, labels in zip(everything["prompt"], everything["labels"]))
 
 
+def test_plan_covers_the_largest_classifier_ratio(trained) -> None:
+    train_split = load_split(trained["root"] / "data", "train")
+    config = {**trained["config"], "generation": {**trained["config"]["generation"], "images_per_label": 1},
+              "classifier": {**trained["config"]["classifier"], "ratios": [0, 50]}}
+    plan = generation_plan(config, train_split)
+    assert plan["count"].sum() >= len(train_split)  # 50% synthetic needs as many synthetic as real images
+    assert plan["count"].nunique() == 1  # the shortfall is spread evenly
+    assert plan["count"].iloc[0] - 1 == -(-(len(train_split) - len(plan)) // len(plan))
+
+
 def test_files_csv_and_determinism(trained, tmp_path) -> None:
     assert generate(trained, tmp_path / "a", "--label", "Mass", "--num-images", "3", "--seed", "5") == 0
     assert generate(trained, tmp_path / "b", "--label", "Mass", "--num-images", "3", "--seed", "5") == 0

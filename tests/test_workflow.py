@@ -17,12 +17,15 @@ demo: {num_patients: 24, size: 64, seed: 1}
 verify: {max_images: 32, contact_sheet_images: 4}
 training: {max_train_steps: 6, save_steps: 3, validation_steps: 6, num_validation_images: 1,
            validation_inference_steps: 2, validation_prompts: [A chest X-ray with Mass]}
-generation: {images_per_label: 2, num_inference_steps: 2, batch_size: 2}
+generation: {images_per_label: 4, num_inference_steps: 2, batch_size: 4}
+classifier: {image_size: 32, epochs: 1, ratios: [0, 50], seeds: [0, 1], bootstrap_samples: 20, batch_size: 16}
+evaluation: {fid_dims: 64, kid_subset_size: 4, kid_subsets: 5}
 """
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+def snakemake(workdir: Path, *args: str, targets: tuple[str, ...] = (), check: bool = True) -> subprocess.CompletedProcess:
+    # Targets come first: --configfile and --config take every value after them.
+    command = [sys.executable, "-m", "snakemake", *targets, "-s", str(REPO / "Snakefile"), "-d", str(workdir),
                "--configfile", str(REPO / "config" / "config.yaml"), str(workdir / "micro.yaml"), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
@@ -65,11 +68,35 @@ def test_generation_runs_one_job_per_label_and_merges(demo_run: Path) -> None:
     synthetic = demo_run / "results" / "synthetic"
     merged = pd.read_csv(synthetic / "generation_results.csv")
     labels = ["Cardiomegaly", "Effusion", "Nodule", "Mass", "Pneumothorax", "Fibrosis", "Pneumonia", "No Finding"]
-    assert sorted(set(merged["labels"])) == sorted(labels) and len(merged) == 2 * len(labels)
+    plan = pd.read_csv(synthetic / "plan.csv")
+    assert sorted(set(merged["labels"])) == sorted(labels) and len(merged) == plan["count"].sum()
+    assert (plan["count"] >= 4).all()  # images_per_label is a floor, topped up for the 50% classifier ratio
+    assert len(merged) >= len(pd.read_csv(demo_run / "results" / "data" / "train.csv"))
     assert all((demo_run / file).is_file() for file in merged["file"])
     for key in ("Mass", "No_Finding"):
         assert (synthetic / key / "generation_results.csv").is_file()
         assert (demo_run / "logs" / "generate_label" / f"{key}.log").is_file()
+
+
+def test_the_whole_dag_ends_in_the_comparison_table(demo_run: Path) -> None:
+    results = demo_run / "results"
+    table = pd.read_csv(results / "comparison.csv")
+    assert table["synthetic_percent"].tolist() == [0, 50]
+    assert table["seeds"].tolist() == [2, 2]
+    assert table["synthetic_train_images"].tolist()[0] == 0 and table["synthetic_train_images"].tolist()[1] > 0
+    assert table["fid_overall"].iloc[0].startswith("unavailable")  # no Inception weights offline: never a made-up number
+    page = (results / "comparison.md").read_text()
+    assert "random weights" in page and "| 50% |" in page
+    for run in ("ratio0_seed0", "ratio0_seed1", "ratio50_seed0", "ratio50_seed1"):
+        assert (results / "classifier" / run / "metrics.json").is_file()
+    assert (results / "evaluation" / "audit_summary.json").is_file()
+    assert (results / "plots" / "auroc_vs_ratio.png").is_file()
+
+
+def test_report_page_holds_the_table_and_plots(demo_run: Path) -> None:
+    snakemake(demo_run, "--report", str(demo_run / "report.html"))
+    page = (demo_run / "report.html").read_text(errors="replace")
+    assert "comparison.csv" in page and "auroc_vs_ratio.png" in page
 
 
 def test_command_line_overrides_reach_the_stage(demo_run: Path) -> None:
@@ -78,7 +105,7 @@ def test_command_line_overrides_reach_the_stage(demo_run: Path) -> None:
 
 
 def test_rerunning_one_target_is_a_no_op_then_forced(demo_run: Path) -> None:
-    result = snakemake(demo_run, "--cores", "1", "--config", "split={seed: 7}", "-n", "results/data/train.csv")
+    result = snakemake(demo_run, "--cores", "1", "--config", "split={seed: 7}", "-n", targets=("results/data/train.csv",))
     assert "Nothing to be done" in result.stdout + result.stderr
     result = snakemake(demo_run, "--cores", "1", "--config", "split={seed: 7}", "-n", "--forcerun", "prepare_dataset")
     assert "prepare_dataset" in result.stdout and "demo_dataset" not in result.stdout.split("Job stats")[-1]

@@ -525,7 +525,7 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as set *now* (huggingface_hub reads them only at import)."""
     if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
         return True
@@ -537,7 +537,7 @@ def _hub_offline() -> bool:
         return False
 
 
-def _hub_unreachable_reason(repo_id: str, timeout: float = 10.0) -> str | None:
+def hub_unreachable_reason(repo_id: str, timeout: float = 10.0) -> str | None:
     """One quick request to the hub (no retries); returns why it failed, or None if it answered.
 
     huggingface_hub retries connection errors with back-off for every file (minutes when offline), so we
@@ -585,9 +585,9 @@ def _hub_kwargs(pretrained: str, kind: str) -> tuple[dict[str, Any], str | None]
     """Extra from_pretrained kwargs for a hub id (local_files_only when offline) and the offline reason."""
     if kind != "hub":
         return {}, None
-    if _hub_offline():
+    if hub_offline():
         return {"local_files_only": True}, "HF_HUB_OFFLINE is set and it is not in the local cache"
-    reason = _hub_unreachable_reason(pretrained)
+    reason = hub_unreachable_reason(pretrained)
     if reason:
         return {"local_files_only": True}, reason + " and it is not in the local cache"
     return {}, None

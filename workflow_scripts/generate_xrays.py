@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from workflow_scripts.base_model import ModelNotFoundError, load_pipeline
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
+from workflow_scripts.faults import maybe_fail
 from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, load_split, make_prompt
 
 RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint"]
@@ -74,7 +75,8 @@ def generation_plan(config: dict[str, Any], train: pd.DataFrame) -> pd.DataFrame
     """How many images each label (and, if asked, each label combination of the training split) gets.
 
     `fixed`: `images_per_label` each. `balance`: enough that real + synthetic reaches
-    `target_per_label`, so the rarest labels get the most."""
+    `target_per_label`, so the rarest labels get the most. Either way the total covers the largest
+    of `classifier.ratios` (every label gets an equal share of any shortfall)."""
     vocabulary, settings = config["dataset"]["labels"], config["generation"]
     groups = [[label] for label in vocabulary]
     if settings["all_label_combinations"]:
@@ -91,7 +93,44 @@ def generation_plan(config: dict[str, Any], train: pd.DataFrame) -> pd.DataFrame
             count = max(0, settings["target_per_label"] - real)
         rows.append({"key": label_key(labels), "labels": LABEL_JOIN.join(labels),
                      "prompt": make_prompt(labels, config["prompt"]["template"]), "count": count})
-    return pd.DataFrame(rows, columns=PLAN_COLUMNS)
+    plan = pd.DataFrame(rows, columns=PLAN_COLUMNS)
+    # Enough images for the largest synthetic share the classifier study asks for, spread evenly.
+    needed = synthetic_count(len(train), max(config["classifier"]["ratios"]))
+    shortfall = needed - int(plan["count"].sum())
+    if shortfall > 0:
+        plan["count"] += -(-shortfall // len(plan))
+    return plan
+
+
+def synthetic_count(n_real: int, ratio: int) -> int:
+    """Synthetic images for a `ratio` percent synthetic share with `n_real` real ones:
+    round(n_real * ratio / (100 - ratio)), halves rounded up, in exact integer arithmetic."""
+    if not 0 <= ratio < 100:
+        raise ValueError(f"ratio must be a percentage in [0, 100); got {ratio}")
+    return (2 * n_real * ratio + (100 - ratio)) // (2 * (100 - ratio))
+
+
+def read_generation_results(csv_path: str | Path) -> pd.DataFrame:
+    """A generation_results.csv with a `path` column added: each `file` as written (relative to the
+    working directory) or, failing that, relative to the CSV's folder. Raises DataError naming the
+    line of an image that is missing."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: synthetic image list not found; run the generation stage first")
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{csv_path}: the file is empty (expected a header and one row per synthetic image)") from None
+    missing = [column for column in ("file", "labels") if column not in frame.columns]
+    if missing:
+        raise DataError(f"{csv_path}: missing column(s) {missing}; found {list(frame.columns)}")
+    paths = []
+    for line, file in enumerate(frame["file"], start=2):
+        found = next((path for path in (Path(file), csv_path.parent / file) if path.is_file()), None)
+        if found is None:
+            raise DataError(f"{csv_path} line {line}: image {file} not found (also looked in {csv_path.parent})")
+        paths.append(str(found))
+    return frame.assign(path=paths)
 
 
 def image_seed(base_seed: int, key: str, index: int) -> int:
@@ -198,6 +237,7 @@ def generate_key(pipe, key: str, labels: list[str], prompt: str, count: int, out
                           generator=generators, output_type="np").images
         for index, image in zip(batch, images):
             save_png_atomically(to_grayscale_uint8(image), files[index])
+            maybe_fail("image_saved")
         progress.update(len(batch))
         progress.set_postfix(img_s=f"{progress.n / max(time.perf_counter() - started, 1e-9):.2f}")
     progress.close()

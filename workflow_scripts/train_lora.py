@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from workflow_scripts.base_model import ModelNotFoundError, load_components
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
+from workflow_scripts.faults import maybe_fail
 from workflow_scripts.images import BadImageError
 from workflow_scripts.prepare_dataset import DataError, make_prompt
 
@@ -223,6 +224,7 @@ def save_checkpoint(checkpoints_dir: Path, step: int, models: dict[str, torch.nn
     partial.mkdir(parents=True)
     for name, model in models.items():
         save_file(trainable_state(accelerator.unwrap_model(model)), partial / f"lora_{name}.safetensors")
+    maybe_fail("checkpoint_save")
     # Also in diffusers' format, so any checkpoint can be sampled (generate_xrays --checkpoint checkpoint-N).
     save_diffusers_lora(partial, accelerator.unwrap_model(models["unet"]),
                         accelerator.unwrap_model(models["text_encoder"]) if "text_encoder" in models else None)
@@ -330,6 +332,7 @@ def run_validation(components, unet, text_encoder, config: dict[str, Any], step:
         Image.fromarray(grid).save(step_dir / f"{slug(prompt)}.png")
         if writer is not None:
             writer.add_image(f"validation/image_{slug(prompt)}", grid, step, dataformats="HWC")
+        maybe_fail("validation")
     unet.train(was_training)
 
 
@@ -530,6 +533,7 @@ def _train(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: P
         lr_scheduler.step()
         step = position.micro_step // accumulation
         progress.update(1)
+        maybe_fail("train_step")
         log_now = step % LOG_EVERY == 0 or step == total_steps
         save_now = step % training["save_steps"] == 0 or step == total_steps
         validate_now = step % training["validation_steps"] == 0 or step == total_steps

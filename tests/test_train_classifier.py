@@ -1,0 +1,310 @@
+"""The classifier stage: AUROC + bootstrap CIs, the real/synthetic mix, and a tiny end-to-end run (CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from workflow_scripts.config import ConfigError, load_config
+from workflow_scripts.demo_dataset import make_demo_dataset
+from workflow_scripts.prepare_dataset import DataError, load_split, prepare
+from workflow_scripts.train_classifier import (
+    OUTPUT_FILES,
+    PROB_PREFIX,
+    TrainingError,
+    _clean_out_dir,
+    assert_no_leakage,
+    auroc_with_ci,
+    class_names,
+    create_model,
+    encode_labels,
+    extract_features,
+    load_classifier,
+    macro_auroc_with_ci,
+    main,
+    mix_training_set,
+    preprocess,
+    synthetic_count,
+    train_classifier,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = ["Cardiomegaly", "Effusion", "Nodule", "Mass", "Pneumothorax", "Fibrosis", "Pneumonia", "No Finding"]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_perfect_separation_gives_one_with_degenerate_ci() -> None:
+    result = auroc_with_ci([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.7, 0.8, 0.9], n_boot=50, seed=0)
+    assert result["auroc"] == 1.0
+    assert result["ci_low"] == 1.0 and result["ci_high"] == 1.0
+    assert result["positives"] == 3
+    assert result["bootstrap_used"] == 50
+
+
+def test_hand_computed_auroc_and_ci_bounds() -> None:
+    # positive/negative pairs: 0.35>0.1 yes, 0.35>0.4 no, 0.8>0.1 yes, 0.8>0.4 yes -> 3/4
+    y, s = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
+    result = auroc_with_ci(y, s, n_boot=200, seed=1)
+    assert result["auroc"] == pytest.approx(0.75)
+    assert 0.0 <= result["ci_low"] <= result["auroc"] <= result["ci_high"] <= 1.0
+    assert result == auroc_with_ci(y, s, n_boot=200, seed=1)  # seeded
+
+
+def test_ties_count_half() -> None:
+    assert auroc_with_ci([0, 1], [0.5, 0.5], n_boot=10, seed=0)["auroc"] == pytest.approx(0.5)
+
+
+def test_label_without_positives_or_negatives_is_unavailable() -> None:
+    none = auroc_with_ci([0, 0, 0], [0.1, 0.5, 0.9], n_boot=20, seed=0)
+    assert none["auroc"] is None and none["note"] == "unavailable: no positive test image"
+    assert none["positives"] == 0
+    all_pos = auroc_with_ci([1, 1], [0.1, 0.5], n_boot=20, seed=0)
+    assert all_pos["auroc"] is None and "no negative" in all_pos["note"]
+
+
+def test_macro_is_mean_over_labels_with_both_classes() -> None:
+    Y = np.array([[0, 0, 0], [0, 1, 0], [1, 0, 0], [1, 1, 0]])
+    S = np.array([[0.1, 0.1, 0.2], [0.4, 0.8, 0.3], [0.35, 0.7, 0.1], [0.8, 0.9, 0.5]])
+    first = auroc_with_ci(Y[:, 0], S[:, 0], 10, 0)["auroc"]   # 3/4 pairs ordered: 0.75
+    second = auroc_with_ci(Y[:, 1], S[:, 1], 10, 0)["auroc"]  # 0.8 and 0.9 above 0.1 and 0.7: 1.0
+    assert (first, second) == (pytest.approx(0.75), pytest.approx(1.0))
+    macro = macro_auroc_with_ci(Y, S, n_boot=100, seed=0)
+    assert macro["auroc"] == pytest.approx((first + second) / 2) == pytest.approx(0.875)
+    assert macro["labels_used"] == [0, 1]  # the third label has no positive: left out of the mean
+    assert 0.0 <= macro["ci_low"] <= macro["auroc"] <= macro["ci_high"] <= 1.0
+    assert macro["bootstrap_used"] == 100
+
+
+def test_macro_without_usable_labels() -> None:
+    macro = macro_auroc_with_ci(np.zeros((4, 2)), np.random.default_rng(0).random((4, 2)), 10, 0)
+    assert macro["auroc"] is None and macro["note"].startswith("unavailable")
+
+
+# ----------------------------------------------------------------------------- labels, images
+
+
+def test_classes_and_targets() -> None:
+    classes = class_names(VOCAB)
+    assert "No Finding" not in classes and len(classes) == 7
+    targets = encode_labels(["Effusion|Mass", "No Finding"], classes)
+    assert targets[0].tolist() == [0, 1, 0, 1, 0, 0, 0] and targets[1].sum() == 0
+    with pytest.raises(DataError, match="Atelectasis"):
+        encode_labels(["Atelectasis"], classes)
+    with pytest.raises(DataError, match="no label"):
+        encode_labels([""], classes)
+
+
+def test_preprocess_resizes_crops_and_never_flips() -> None:
+    pixels = np.zeros((60, 90), dtype=np.uint8)
+    pixels[:, :45] = 255  # bright left half
+    tensor = preprocess(Image.fromarray(pixels), 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert tensor.shape == (3, 32, 32)
+    assert torch.equal(tensor[0], tensor[2])
+    assert tensor[0, :, 0].mean() == pytest.approx(1.0) and tensor[0, :, -1].mean() == pytest.approx(-1.0)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def test_model_weights_are_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+    import timm
+    from huggingface_hub import constants
+
+    with pytest.raises(ConfigError, match="not a timm model"):
+        create_model("no_such_net", True, 3)
+    assert create_model("resnet18", False, 3)[1] == "none (classifier.pretrained: false)"
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model, weights = create_model("resnet18", True, 3)  # empty cache, offline: random init, said so
+    assert weights.startswith("unavailable: HF_HUB_OFFLINE is set") and "HF_HOME" in weights
+    assert model.fc.out_features == 3
+
+    # Weights in the Hugging Face cache are used offline (a stand-in checkpoint here).
+    repo = tmp_path / "hub" / "models--timm--resnet18.a1_in1k"
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    torch.manual_seed(5)
+    reference = timm.create_model("resnet18")
+    safetensors.torch.save_file(reference.state_dict(), repo / "snapshots" / "abc" / "model.safetensors")
+    model, weights = create_model("resnet18", True, 3)
+    assert weights == "imagenet (timm: timm/resnet18.a1_in1k)"
+    assert torch.equal(model.conv1.weight, reference.conv1.weight) and model.fc.out_features == 3
+
+
+# ----------------------------------------------------------------------------- the mix
+
+
+def _frames(n_real: int, n_syn: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    real = pd.DataFrame({"path": [f"real/{i}.png" for i in range(n_real)], "labels": "Effusion"})
+    synthetic = pd.DataFrame({"path": [f"syn/{i}.png" for i in range(n_syn)], "labels": "Mass"})
+    return real, synthetic
+
+
+@pytest.mark.parametrize(("ratio", "expected"), [(0, 0), (10, 11), (25, 33), (50, 100)])
+def test_mix_counts(ratio: int, expected: int) -> None:
+    real, synthetic = _frames(100, 150)
+    mix = mix_training_set(real, synthetic, ratio, seed=0)
+    assert synthetic_count(100, ratio) == expected
+    assert (mix["source"] == "real").sum() == 100 and (mix["source"] == "synthetic").sum() == expected
+    assert list(mix.columns) == ["path", "labels", "source"]
+    assert mix[mix["source"] == "real"]["path"].tolist() == real["path"].tolist()  # real part fixed
+    assert mix[mix["source"] == "synthetic"]["path"].str.startswith("syn/").all()
+    assert not mix["path"].duplicated().any()  # drawn without replacement
+
+
+def test_mix_ratio_zero_needs_no_synthetic_list() -> None:
+    real, _ = _frames(10, 0)
+    assert len(mix_training_set(real, None, 0, seed=0)) == 10
+
+
+def test_mix_is_deterministic_by_seed() -> None:
+    real, synthetic = _frames(100, 150)
+    first = mix_training_set(real, synthetic, 25, seed=3)
+    assert first.equals(mix_training_set(real, synthetic, 25, seed=3))
+    assert not first.equals(mix_training_set(real, synthetic, 25, seed=4))
+
+
+def test_too_small_pool_says_how_many_are_needed() -> None:
+    real, synthetic = _frames(100, 50)
+    with pytest.raises(DataError, match=r"needs 100 synthetic.*only 50.*images_per_label"):
+        mix_training_set(real, synthetic, 50, seed=0)
+
+
+def test_held_out_path_in_mix_is_refused(tmp_path: Path) -> None:
+    real, synthetic = _frames(10, 10)
+    test = pd.DataFrame({"path": ["elsewhere/a.png", synthetic["path"][3]]})
+    mix = mix_training_set(real, synthetic, 50, seed=0)
+    with pytest.raises(DataError, match="test split"):
+        assert_no_leakage(mix, {"val": pd.DataFrame({"path": []}), "test": test})
+    assert_no_leakage(mix, {"test": pd.DataFrame({"path": ["elsewhere/a.png"]})})  # no overlap: fine
+
+
+def test_out_dir_with_foreign_files_is_not_deleted(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingError, match="refusing"):
+        _clean_out_dir(out)
+    assert (out / "notes.txt").is_file()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+OVERRIDES = [
+    "classifier.model=resnet18", "classifier.image_size=32", "classifier.epochs=2", "classifier.batch_size=16",
+    "classifier.bootstrap_samples=20", "classifier.pretrained=true", "classifier.num_workers=0",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("clf")
+    make_demo_dataset(root / "demo", num_patients=16, size=64, seed=0)
+    overrides = [f"dataset.csv={root / 'demo' / 'Data_Entry_2017.csv'}", f"dataset.images={root / 'demo' / 'images'}",
+                 *OVERRIDES]
+    config = load_config([REPO / "config" / "config.yaml"], overrides)
+    data_dir = root / "data"
+    prepare(config, data_dir)
+    # Fake generation output: random-noise PNGs, one label (or combination) each.
+    rows = []
+    labels = ["Cardiomegaly", "Effusion|Mass", "No Finding", "Nodule", "Pneumothorax", "Fibrosis", "Pneumonia"]
+    for i in range(40):
+        path = root / "synthetic" / f"syn_{i:03d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64), dtype=np.uint8)).save(path)
+        rows.append({"file": str(path), "prompt": "A chest X-ray", "labels": labels[i % len(labels)], "seed": i,
+                     "steps": 10, "guidance": 7.5, "scheduler": "dpmsolver++", "checkpoint": "final"})
+    synthetic_csv = root / "synthetic" / "generation_results.csv"
+    pd.DataFrame(rows).to_csv(synthetic_csv, index=False)
+    out = root / "runs" / "ratio25_seed0"
+    metrics = train_classifier(config, data_dir, synthetic_csv, 25, 0, out, show_progress=False)
+    return {"root": root, "config": config, "overrides": overrides, "data_dir": data_dir,
+            "synthetic_csv": synthetic_csv, "out": out, "metrics": metrics}
+
+
+def test_e2e_outputs(demo: dict) -> None:
+    out, metrics, data_dir = demo["out"], demo["metrics"], demo["data_dir"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    assert not out.with_name(out.name + ".partial").exists()
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    classes = class_names(VOCAB)
+    for key in ("ratio", "seed", "model", "pretrained_weights", "classes", "n_real_train", "n_synthetic_train",
+                "achieved_synthetic_share", "best_epoch", "val_macro_auroc", "test", "n_test", "test_positives",
+                "seconds", "device", "versions", "config_hash"):
+        assert key in metrics, key
+    assert metrics["classes"] == classes and metrics["model"] == "resnet18"
+    weights = metrics["pretrained_weights"]
+    assert weights.startswith("imagenet (timm: ") or (weights.startswith("unavailable: ") and "HF_HOME" in weights)
+    train, val, test = (load_split(data_dir, split) for split in ("train", "val", "test"))
+    assert metrics["n_real_train"] == len(train)
+    assert metrics["n_synthetic_train"] == synthetic_count(len(train), 25) > 0
+    assert metrics["n_test"] == len(test)
+    assert set(metrics["versions"]) >= {"torch", "timm", "sklearn"}
+    assert set(metrics["test"]["per_label"]) == set(classes) == set(metrics["test_positives"])
+    assert 1 <= metrics["best_epoch"] <= 2
+    macro = metrics["test"]["macro"]
+    assert macro["auroc"] is None or 0.0 <= macro["auroc"] <= 1.0
+
+    predictions = pd.read_csv(out / "predictions.csv", dtype={"labels": str}, keep_default_na=False)
+    assert list(predictions.columns) == ["path", "labels", *[PROB_PREFIX + c for c in classes]]
+    assert predictions["path"].tolist() == test["path"].tolist()  # scored on the test split, in order
+    assert predictions[[PROB_PREFIX + c for c in classes]].stack().between(0, 1).all()
+
+    log = pd.read_csv(out / "train_log.csv")
+    assert list(log.columns[:2]) == ["epoch", "train_loss"] and "val_macro_auroc" in log.columns
+    assert log["epoch"].tolist() == [1, 2]
+
+    mix = pd.read_csv(out / "training_set.csv")
+    assert (mix["source"] == "synthetic").sum() == metrics["n_synthetic_train"]
+    assert not set(mix["path"]) & (set(val["path"]) | set(test["path"]))  # val/test never trained on
+    assert set(mix[mix["source"] == "real"]["path"]) == set(train["path"])
+
+
+def test_e2e_features(demo: dict) -> None:
+    model, meta = load_classifier(demo["out"] / "model.pt")
+    assert meta["classes"] == class_names(VOCAB) and meta["image_size"] == 32
+    paths = load_split(demo["data_dir"], "test")["path"].tolist()[:5]
+    features = extract_features(model, meta, paths, batch_size=2)
+    assert features.shape == (5, 512) and np.isfinite(features).all()
+
+
+def test_e2e_rerun_through_cli_is_reproducible(demo: dict) -> None:
+    out = demo["out"].with_name("cli_ratio25_seed0")
+    argv = ["--config", str(REPO / "config" / "config.yaml"), *[f"--set={o}" for o in demo["overrides"]],
+            "--data-dir", str(demo["data_dir"]), "--synthetic", str(demo["synthetic_csv"]),
+            "--ratio", "25", "--seed", "0", "--out-dir", str(out)]
+    (out).mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")  # an old result: replaced
+    assert main(argv) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    first = demo["metrics"]
+    assert again["test"]["macro"] == first["test"]["macro"]
+    assert again["val_macro_auroc"] == first["val_macro_auroc"] and again["best_epoch"] == first["best_epoch"]
+    assert pd.read_csv(out / "training_set.csv").equals(pd.read_csv(demo["out"] / "training_set.csv"))
+
+
+def test_e2e_errors(demo: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--config", str(REPO / "config" / "config.yaml"), *[f"--set={o}" for o in demo["overrides"]],
+            "--data-dir", str(demo["data_dir"]), "--seed", "0"]
+    # The synthetic list is needed for ratio > 0 only.
+    assert main([*base, "--synthetic", str(tmp_path / "none.csv"), "--ratio", "25", "--out-dir", str(tmp_path / "a")]) == 2
+    assert "generation" in capsys.readouterr().err
+    # A synthetic list that smuggles test images into training is refused before any training.
+    test_paths = load_split(demo["data_dir"], "test")["path"].tolist()
+    sneaky = tmp_path / "sneaky.csv"
+    pd.DataFrame({"file": test_paths * 20, "labels": "No Finding"}).to_csv(sneaky, index=False)
+    assert main([*base, "--synthetic", str(sneaky), "--ratio", "50", "--out-dir", str(tmp_path / "b")]) == 2
+    assert "test split" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()

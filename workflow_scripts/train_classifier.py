@@ -1,0 +1,635 @@
+"""The augmentation study's classifier: a timm model trained on real + synthetic chest X-rays.
+
+    python -m workflow_scripts.train_classifier --config config/config.yaml \\
+        --data-dir results/data --synthetic results/synthetic/generation_results.csv \\
+        --ratio 25 --seed 0 --out-dir results/classifier/ratio25_seed0
+
+One run, read top to bottom:
+1. the real training images come only from `load_split(data_dir, "train")`; `--ratio` percent of the
+   training set is then drawn (without replacement, seeded) from the synthetic images listed in
+   generation_results.csv, the real part staying fixed. No val or test image may be in the mix;
+2. a timm model (ImageNet weights where they can be had, else random init, recorded either way) is
+   trained multi-label (BCE with logits; classes = dataset.labels without "No Finding", which is the
+   all-zero target) with AdamW; after every epoch the real val split's macro AUROC is measured and the
+   best epoch's weights are kept;
+3. the best weights are scored once on the real, patient-disjoint test split: AUROC per label and
+   macro, each with a percentile-bootstrap 95% CI over test images.
+Images: read_xray -> short side resized to classifier.image_size -> center crop -> 3 channels ->
+the model's ImageNet mean/std. No flips: left and right matter in a chest X-ray.
+
+Outputs (written to OUT.partial, then renamed to OUT): metrics.json, predictions.csv (test images:
+path, labels, prob_<class> per class), train_log.csv (epoch, train_loss, val_loss, val_macro_auroc),
+training_set.csv (the mix: path, labels, source) and model.pt, which `load_classifier` reads back;
+`extract_features` gives penultimate features for other stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from workflow_scripts.base_model import hub_offline, hub_unreachable_reason
+from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
+from workflow_scripts.faults import maybe_fail
+from workflow_scripts.generate_xrays import read_generation_results, synthetic_count
+from workflow_scripts.images import BadImageError, read_xray
+from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, load_split
+
+NO_FINDING = "No Finding"
+PROB_PREFIX = "prob_"  # predictions.csv: one column prob_<class> per class
+OUTPUT_FILES = ("metrics.json", "predictions.csv", "train_log.csv", "training_set.csv", "model.pt")
+WEIGHTS_HINT = "place the timm weights in the Hugging Face cache (HF_HOME) to use them"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or cannot go on; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------- labels and data
+
+
+def class_names(vocabulary: Sequence[str]) -> list[str]:
+    """The classifier's outputs: the label vocabulary without "No Finding" (the all-zero target)."""
+    classes = [label for label in vocabulary if label != NO_FINDING]
+    if not classes:
+        raise ConfigError(f"dataset.labels {list(vocabulary)} holds no finding to classify")
+    return classes
+
+
+def encode_labels(labels: Sequence[str], classes: Sequence[str], where: str = "",
+                  paths: Sequence[str] | None = None) -> np.ndarray:
+    """`"Effusion|Mass"` cells -> a (n, len(classes)) 0/1 float32 matrix; "No Finding" is all zero."""
+    index = {label: position for position, label in enumerate(classes)}
+    targets = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    for row, cell in enumerate(labels):
+        parts = [part.strip() for part in str(cell).split(LABEL_JOIN) if part.strip()]
+        image = f" ({paths[row]})" if paths is not None else ""
+        if not parts:
+            raise DataError(f"{where or 'labels'} row {row + 2}{image}: no label (normal images are 'No Finding')")
+        for label in parts:
+            if label == NO_FINDING:
+                continue
+            if label not in index:
+                raise DataError(
+                    f"{where or 'labels'} row {row + 2}{image}: label {label!r} is not in dataset.labels "
+                    f"{[*classes, NO_FINDING]}"
+                )
+            targets[row, index[label]] = 1.0
+    return targets
+
+
+def mix_training_set(real: pd.DataFrame, synthetic: pd.DataFrame | None, ratio: int, seed: int) -> pd.DataFrame:
+    """All real training images plus round(n_real * ratio / (100 - ratio)) synthetic ones drawn
+    without replacement (np.random.default_rng(seed)), so synthetic images are `ratio` % of the result.
+
+    Columns: path, labels, source ("real" | "synthetic"); real rows first, in their order."""
+    n_syn = synthetic_count(len(real), ratio)
+    parts = [pd.DataFrame({"path": real["path"].astype(str).to_numpy(),
+                           "labels": real["labels"].astype(str).to_numpy(), "source": "real"})]
+    if n_syn:
+        pool = 0 if synthetic is None else len(synthetic)
+        if pool < n_syn:
+            raise DataError(
+                f"ratio {ratio}% with {len(real)} real training images needs {n_syn} synthetic images, "
+                f"but only {pool} are listed; raise generation.images_per_label (or lower the ratio)"
+            )
+        chosen = np.sort(np.random.default_rng(seed).choice(pool, size=n_syn, replace=False))
+        drawn = synthetic.iloc[chosen]
+        parts.append(pd.DataFrame({"path": drawn["path"].astype(str).to_numpy(),
+                                   "labels": drawn["labels"].astype(str).to_numpy(), "source": "synthetic"}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _canonical(path: str) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
+def assert_no_leakage(training: pd.DataFrame, held_out: Mapping[str, pd.DataFrame]) -> None:
+    """Raise DataError if any training image (same file, after resolving links) is in a held-out split."""
+    train_paths = {_canonical(path): path for path in training["path"].astype(str)}
+    for name, frame in held_out.items():
+        for path in frame["path"].astype(str):
+            if _canonical(path) in train_paths:
+                raise DataError(
+                    f"image {train_paths[_canonical(path)]} is in the training mix and in the {name} split "
+                    f"({path}): {name} images must never be trained on. Check the synthetic image list "
+                    "and re-run prepare_dataset"
+                )
+
+
+def assert_files_exist(frame: pd.DataFrame, what: str) -> None:
+    missing = [path for path in frame["path"].astype(str) if not Path(path).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} {what} image(s) not found, e.g. {missing[0]} "
+                        f"(working directory: {Path.cwd()})")
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _interpolation(name: str) -> int:
+    return {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC,
+            "lanczos": Image.LANCZOS}.get(str(name), Image.BICUBIC)
+
+
+def preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
+               interpolation: str = "bicubic") -> torch.Tensor:
+    """Grayscale X-ray -> (3, size, size) float tensor: short side to `size`, center crop, replicated
+    to 3 channels, normalized with the model's mean/std. Deliberately no flip."""
+    image = image.convert("L")
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), _interpolation(interpolation))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    channels = pixels.unsqueeze(0).expand(3, size, size)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (channels - mean_t) / std_t
+
+
+class XrayLabelDataset(torch.utils.data.Dataset):
+    """(image tensor, target vector) per row; targets default to zeros (feature extraction)."""
+
+    def __init__(self, paths: Sequence[str], targets: np.ndarray | None, size: int,
+                 mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic") -> None:
+        self.paths = [str(path) for path in paths]
+        self.targets = targets if targets is not None else np.zeros((len(self.paths), 0), dtype=np.float32)
+        self.size, self.mean, self.std, self.interpolation = size, tuple(mean), tuple(std), interpolation
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            image = read_xray(self.paths[index])
+        except BadImageError as error:
+            # DataError takes one argument, so it also survives the trip out of a DataLoader worker.
+            raise DataError(str(error)) from None
+        tensor = preprocess(image, self.size, self.mean, self.std, self.interpolation)
+        return tensor, torch.from_numpy(self.targets[index])
+
+
+def _seed_worker(worker_id: int) -> None:
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, shuffle: bool = False,
+                seed: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=_seed_worker,
+        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+    )
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _cached_weights(pretrained_cfg: Mapping[str, Any]) -> str | None:
+    """A local copy of the model's pretrained weights (HF cache or torch hub cache), or None."""
+    hf_hub_id = pretrained_cfg.get("hf_hub_id")
+    if hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, _, revision = hf_hub_id.partition("@")
+        filename = pretrained_cfg.get("hf_hub_filename")
+        candidates = [filename] if filename else ["model.safetensors", "pytorch_model.safetensors", "pytorch_model.bin"]
+        for candidate in candidates:
+            found = try_to_load_from_cache(repo_id, candidate, revision=revision or None)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    url = pretrained_cfg.get("url")
+    if url:
+        from urllib.parse import urlparse
+
+        local = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        if local.is_file():
+            return str(local)
+    return None
+
+
+def _weights_source(pretrained_cfg: Mapping[str, Any]) -> str:
+    return str(pretrained_cfg.get("hf_hub_id") or pretrained_cfg.get("url") or pretrained_cfg.get("file") or "unknown")
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def create_model(name: str, pretrained: bool, num_classes: int) -> tuple[torch.nn.Module, str]:
+    """`timm.create_model(name, pretrained, num_classes)` that never hangs offline: without network,
+    weights come from the local cache or the model starts from random init. Returns the model and
+    what weights it started from (recorded in metrics.json)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(f"classifier.model {name!r} is not a timm model (e.g. resnet18, densenet121, "
+                          "convnext_tiny; `timm.list_models()` lists them)")
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes), "none (classifier.pretrained: false)"
+
+    try:
+        cfg_object = timm.models.get_pretrained_cfg(name)
+    except RuntimeError as error:  # e.g. an unknown pretrained tag: resnet18.nope
+        raise ConfigError(f"classifier.model {name!r}: {error}") from None
+    cfg = cfg_object.to_dict() if cfg_object is not None else {}
+    source = _weights_source(cfg)
+    if not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
+        reason = f"timm lists no pretrained weights for {name}"
+    else:
+        offline = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable_reason(cfg.get("hf_hub_id") or name)
+        local = _cached_weights(cfg) if offline else None
+        if offline and local is None:
+            reason = f"{offline} and {source} is not in the local cache"
+        else:
+            try:
+                overlay = {"pretrained_cfg_overlay": {"file": local}} if local else {}
+                model = timm.create_model(name, pretrained=True, num_classes=num_classes, **overlay)
+                return model, f"imagenet (timm: {source})"
+            except Exception as exc:  # noqa: BLE001 - download, cache and format errors all mean "no weights"
+                reason = _short(f"{type(exc).__name__}: {exc}")
+    print(f"warning: ImageNet weights for {name} unavailable ({reason}); training from random init",
+          file=sys.stderr)
+    return (timm.create_model(name, pretrained=False, num_classes=num_classes),
+            f"unavailable: {reason}; {WEIGHTS_HINT}")
+
+
+def model_data_config(model: torch.nn.Module) -> dict[str, Any]:
+    import timm.data
+
+    data_config = timm.data.resolve_model_data_config(model)
+    return {"mean": [float(v) for v in data_config["mean"]], "std": [float(v) for v in data_config["std"]],
+            "interpolation": str(data_config.get("interpolation", "bicubic"))}
+
+
+def load_classifier(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained model of a run (its model.pt, or the run folder), in eval mode on the CPU, and its
+    metadata: model, classes, image_size, mean, std, interpolation, pretrained_weights, ..."""
+    import timm
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise DataError(f"{path}: classifier not found; run the train_classifier stage first")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    meta = {key: value for key, value in checkpoint.items() if key != "state_dict"}
+    model = timm.create_model(meta["model"], pretrained=False, num_classes=len(meta["classes"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model, meta
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, meta: Mapping[str, Any], paths: Sequence[str | Path],
+                     batch_size: int = 64, num_workers: int = 0) -> np.ndarray:
+    """Penultimate (pre-logits) features, shape (len(paths), feature_dim), float32, in `paths` order."""
+    dataset = XrayLabelDataset([str(p) for p in paths], None, int(meta["image_size"]), meta["mean"], meta["std"],
+                               meta.get("interpolation", "bicubic"))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    features = []
+    for images, _ in make_loader(dataset, batch_size, num_workers):
+        out = model.forward_head(model.forward_features(images.to(device)), pre_logits=True)
+        features.append(out.flatten(1).float().cpu().numpy())
+    model.train(was_training)
+    if not features:
+        return np.zeros((0, int(getattr(model, "num_features", 0))), dtype=np.float32)
+    return np.concatenate(features)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _both_classes(y: np.ndarray) -> bool:
+    return 0 < int(y.sum()) < len(y)
+
+
+def _percentile_ci(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not len(values):
+        return None, None
+    low, high = np.percentile(np.asarray(values, dtype=np.float64), [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _bootstrap(n: int, n_boot: int, seed: int, valid, statistic) -> list[float]:
+    """`statistic(idx)` on `n_boot` resamples of range(n) with replacement for which `valid(idx)`
+    holds; invalid resamples are redrawn, up to 20 * n_boot draws in all."""
+    rng = np.random.default_rng(seed)
+    values: list[float] = []
+    for _ in range(20 * n_boot):
+        if len(values) == n_boot:
+            break
+        idx = rng.integers(0, n, size=n)
+        if valid(idx):
+            values.append(float(statistic(idx)))
+    return values
+
+
+def auroc_with_ci(y_true: Sequence[float], y_score: Sequence[float], n_boot: int, seed: int) -> dict[str, Any]:
+    """AUROC of one label with a 95% percentile-bootstrap CI over images (resamples lacking a
+    positive or a negative are redrawn; `bootstrap_used` counts the resamples behind the CI).
+    Without a positive (or a negative) image the AUROC is undefined: {"auroc": None, "note": ...}."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y_true).astype(int).ravel()
+    s = np.asarray(y_score, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"y_true and y_score differ in length: {y.shape} vs {s.shape}")
+    positives = int(y.sum())
+    if positives == 0 or positives == len(y):
+        missing = "positive" if positives == 0 else "negative"
+        return {"auroc": None, "ci_low": None, "ci_high": None, "positives": positives,
+                "note": f"unavailable: no {missing} test image"}
+    scores = _bootstrap(len(y), n_boot, seed, lambda idx: _both_classes(y[idx]),
+                        lambda idx: roc_auc_score(y[idx], s[idx]))
+    low, high = _percentile_ci(scores)
+    return {"auroc": float(roc_auc_score(y, s)), "ci_low": low, "ci_high": high, "positives": positives,
+            "bootstrap_used": len(scores)}
+
+
+def macro_auroc_with_ci(Y: np.ndarray, S: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Mean AUROC over the labels (columns) that have positives and negatives, with a 95% percentile
+    bootstrap CI of that mean. All labels are scored on the same resamples; a resample in which one
+    of those labels lacks a class is redrawn. `labels_used` lists the column indices averaged."""
+    from sklearn.metrics import roc_auc_score
+
+    Y = np.asarray(Y).astype(int)
+    S = np.asarray(S, dtype=np.float64)
+    if Y.ndim != 2 or Y.shape != S.shape:
+        raise ValueError(f"Y and S must be (images, labels) of one shape; got {Y.shape} and {S.shape}")
+    used = [j for j in range(Y.shape[1]) if _both_classes(Y[:, j])]
+    if not used:
+        return {"auroc": None, "ci_low": None, "ci_high": None, "labels_used": [],
+                "note": "unavailable: no label has both positive and negative test images"}
+    point = float(np.mean([roc_auc_score(Y[:, j], S[:, j]) for j in used]))
+    scores = _bootstrap(
+        Y.shape[0], n_boot, seed,
+        lambda idx: all(_both_classes(Y[idx, j]) for j in used),
+        lambda idx: np.mean([roc_auc_score(Y[idx, j], S[idx, j]) for j in used]),
+    )
+    low, high = _percentile_ci(scores)
+    return {"auroc": point, "ci_low": low, "ci_high": high, "labels_used": used, "bootstrap_used": len(scores)}
+
+
+def macro_auroc(Y: np.ndarray, S: np.ndarray) -> float | None:
+    """Point estimate only (model selection): mean AUROC over labels with both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    used = [j for j in range(Y.shape[1]) if _both_classes(Y[:, j])]
+    return float(np.mean([roc_auc_score(Y[:, j], S[:, j]) for j in used])) if used else None
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device) -> tuple[np.ndarray, float]:
+    """Sigmoid probabilities (images, classes) and the mean BCE loss."""
+    model.eval()
+    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
+    probs, total, count = [], 0.0, 0
+    for images, targets in loader:
+        logits = model(images.to(device, non_blocking=True)).float()
+        targets = targets.to(device, non_blocking=True)
+        total += float(loss_fn(logits, targets))
+        count += targets.numel()
+        probs.append(torch.sigmoid(logits).cpu().numpy())
+    return np.concatenate(probs), total / max(count, 1)
+
+
+def _clean_out_dir(out_dir: Path) -> Path:
+    """Remove an earlier result in `out_dir` (and a stale .partial); return the fresh .partial folder.
+    A folder holding anything but this stage's outputs is left alone and refused."""
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if out_dir.exists():
+        foreign = [p.name for p in out_dir.iterdir() if p.name not in OUTPUT_FILES] if out_dir.is_dir() else [out_dir.name]
+        if foreign:
+            raise TrainingError(f"--out-dir {out_dir} holds files this stage did not write ({foreign[:3]}); "
+                                "refusing to delete it: choose another --out-dir or empty it")
+        shutil.rmtree(out_dir)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def train_classifier(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | Path | None,
+                     ratio: int, seed: int, out_dir: str | Path, show_progress: bool = True) -> dict[str, Any]:
+    """Train on real train + `ratio` % synthetic, select on real val, score on real test; write the
+    outputs to `out_dir` (atomically) and return metrics.json's content."""
+    started = time.time()
+    vocabulary = config["dataset"]["labels"]
+    if not 0 <= int(ratio) < 100:
+        raise ConfigError(f"--ratio {ratio}: expected a percentage in [0, 100), e.g. 0, 10, 25 or 50")
+    if seed < 0:
+        raise ConfigError(f"--seed {seed}: expected a non-negative integer")
+    classes = class_names(vocabulary)
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    partial = _clean_out_dir(out_dir)
+    try:
+        metrics = _run(config, data_dir, synthetic_csv, int(ratio), int(seed), classes, partial, show_progress)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    metrics["seconds"] = round(time.time() - started, 2)
+    (partial / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(partial, out_dir)
+    return metrics
+
+
+def _run(config: dict[str, Any], data_dir: Path, synthetic_csv: str | Path | None, ratio: int, seed: int,
+         classes: list[str], partial: Path, show_progress: bool) -> dict[str, Any]:
+    import sklearn
+    import timm
+
+    settings = config["classifier"]
+
+    # Data: real splits only through load_split; synthetic only from the generation list.
+    real_train, val, test = (load_split(data_dir, split) for split in ("train", "val", "test"))
+    if real_train.empty or val.empty or test.empty:
+        raise DataError(f"{data_dir}: empty split (train {len(real_train)}, val {len(val)}, test {len(test)} images)")
+    synthetic = read_generation_results(synthetic_csv) if synthetic_count(len(real_train), ratio) else None
+    mix = mix_training_set(real_train, synthetic, ratio, seed)
+    assert_no_leakage(mix, {"val": val, "test": test})
+    assert_no_leakage(mix[mix["source"] == "synthetic"], {"train": real_train})
+    assert_files_exist(mix, "training")
+    train_targets = encode_labels(mix["labels"].tolist(), classes, "training mix", mix["path"].tolist())
+    val_targets = encode_labels(val["labels"].tolist(), classes, f"{data_dir / 'val.csv'}")
+    test_targets = encode_labels(test["labels"].tolist(), classes, f"{data_dir / 'test.csv'}")
+
+    # Model.
+    seed_everything(seed)
+    model, pretrained_weights = create_model(settings["model"], settings["pretrained"], len(classes))
+    data_config = model_data_config(model)
+    device = pick_device()
+    model.to(device)
+    size, batch_size, workers = settings["image_size"], settings["batch_size"], settings["num_workers"]
+
+    def dataset(paths: Sequence[str], targets: np.ndarray) -> XrayLabelDataset:
+        return XrayLabelDataset(paths, targets, size, data_config["mean"], data_config["std"], data_config["interpolation"])
+
+    train_loader = make_loader(dataset(mix["path"].tolist(), train_targets), batch_size, workers, shuffle=True,
+                               seed=seed, drop_last=len(mix) % batch_size == 1)  # BatchNorm needs 2+ per batch
+    val_loader = make_loader(dataset(val["path"].tolist(), val_targets), batch_size, workers)
+    test_loader = make_loader(dataset(test["path"].tolist(), test_targets), batch_size, workers)
+
+    # Training with model selection on val.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    log, best_key, best_state, best_epoch = [], None, None, 0
+    progress = tqdm(total=settings["epochs"] * len(train_loader), desc=f"classifier ratio {ratio} seed {seed}",
+                    unit="batch", disable=not show_progress, file=sys.stderr)
+    for epoch in range(1, settings["epochs"] + 1):
+        model.train()
+        total, seen = 0.0, 0
+        for images, targets in train_loader:
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            loss = loss_fn(model(images).float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.detach())
+            if not np.isfinite(value):
+                raise TrainingError(f"loss became {value} at epoch {epoch}; lower classifier.learning_rate")
+            total += value * len(images)
+            seen += len(images)
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, loss=f"{value:.4f}")
+        val_probs, val_loss = predict(model, val_loader, device)
+        val_auroc = macro_auroc(val_targets, val_probs)
+        log.append({"epoch": epoch, "train_loss": total / max(seen, 1), "val_loss": val_loss, "val_macro_auroc": val_auroc})
+        maybe_fail("classifier_epoch")
+        # Best val macro AUROC (earliest on ties); lowest val loss where no val label has both classes.
+        key = (val_auroc, -epoch) if val_auroc is not None else (float("-inf"), -val_loss, -epoch)
+        if best_key is None or key > best_key:
+            best_key, best_epoch = key, epoch
+            best_state = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+        if show_progress:
+            shown = f"{val_auroc:.4f}" if val_auroc is not None else "n/a"
+            progress.write(f"epoch {epoch}: train loss {log[-1]['train_loss']:.4f}, val loss {val_loss:.4f}, "
+                           f"val macro AUROC {shown}", file=sys.stderr)
+    progress.close()
+
+    # Test with the best epoch's weights.
+    model.load_state_dict(best_state)
+    test_probs, _ = predict(model, test_loader, device)
+    n_boot = settings["bootstrap_samples"]
+    macro = macro_auroc_with_ci(test_targets, test_probs, n_boot, seed)
+    macro["labels_used"] = [classes[j] for j in macro["labels_used"]]
+    per_label = {label: auroc_with_ci(test_targets[:, j], test_probs[:, j], n_boot, seed) for j, label in enumerate(classes)}
+
+    n_real = int((mix["source"] == "real").sum())
+    n_syn = int((mix["source"] == "synthetic").sum())
+    metrics = {
+        "ratio": int(ratio),
+        "seed": int(seed),
+        "model": settings["model"],
+        "pretrained_weights": pretrained_weights,
+        "classes": classes,
+        "n_real_train": n_real,
+        "n_synthetic_train": n_syn,
+        "achieved_synthetic_share": round(n_syn / (n_real + n_syn), 6),
+        "epochs": settings["epochs"],
+        "best_epoch": best_epoch,
+        "selection": "val macro AUROC" if log[best_epoch - 1]["val_macro_auroc"] is not None
+                     else "val loss (no val label has both positive and negative images)",
+        "val_macro_auroc": log[best_epoch - 1]["val_macro_auroc"],
+        "n_val": len(val),
+        "test": {"macro": macro, "per_label": per_label},
+        "n_test": len(test),
+        "test_positives": {label: int(test_targets[:, j].sum()) for j, label in enumerate(classes)},
+        "bootstrap_samples": n_boot,
+        "image_size": size,
+        "seconds": None,
+        "device": describe_device(device),
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "sklearn": sklearn.__version__,
+                     "python": platform.python_version()},
+        "config_hash": config_hash({key: config[key] for key in ("classifier", "dataset")}),
+        "data_dir": str(data_dir),
+        "synthetic_csv": str(synthetic_csv) if synthetic is not None else None,
+    }
+
+    predictions = pd.DataFrame({"path": test["path"].to_numpy(), "labels": test["labels"].to_numpy()})
+    for j, label in enumerate(classes):
+        predictions[PROB_PREFIX + label] = test_probs[:, j]
+    predictions.to_csv(partial / "predictions.csv", index=False)
+    mix[["path", "labels", "source"]].to_csv(partial / "training_set.csv", index=False)
+    pd.DataFrame(log, columns=["epoch", "train_loss", "val_loss", "val_macro_auroc"]).to_csv(partial / "train_log.csv", index=False)
+    torch.save({"state_dict": best_state, "model": settings["model"], "classes": classes, "image_size": size,
+                **data_config, "pretrained_weights": pretrained_weights, "best_epoch": best_epoch,
+                "ratio": int(ratio), "seed": int(seed)}, partial / "model.pt")
+    return metrics
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--data-dir", type=Path, default=Path("results/data"), help="folder with train/val/test.csv")
+    parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"),
+                        help="generation_results.csv (not read for --ratio 0)")
+    parser.add_argument("--ratio", type=int, required=True, help="percent of the training set that is synthetic")
+    parser.add_argument("--seed", type=int, required=True, help="training seed (data draw, init, order)")
+    parser.add_argument("--out-dir", type=Path, required=True, help="e.g. results/classifier/ratio25_seed0")
+    args = parser.parse_args(argv)
+    try:
+        metrics = train_classifier(config_from_args(args), args.data_dir, args.synthetic, args.ratio, args.seed, args.out_dir)
+    except (ConfigError, DataError, BadImageError, TrainingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    macro = metrics["test"]["macro"]
+    shown = (f"{macro['auroc']:.3f} (95% CI {macro['ci_low']:.3f}-{macro['ci_high']:.3f})"
+             if macro["auroc"] is not None and macro["ci_low"] is not None else str(macro["auroc"]))
+    print(f"ratio {metrics['ratio']}% seed {metrics['seed']}: {metrics['n_real_train']} real + "
+          f"{metrics['n_synthetic_train']} synthetic, best epoch {metrics['best_epoch']}, test macro AUROC {shown} "
+          f"in {metrics['seconds']:.0f} s; weights: {metrics['pretrained_weights']}; outputs in {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
