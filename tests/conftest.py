@@ -64,6 +64,41 @@ def tree_checksum(root: Path) -> dict[str, str]:
     }
 
 
+def break_dataset(kind: str, dataset_dir: Path) -> str:
+    """Break the dataset in one way; return the text the error must contain."""
+    csv = dataset_dir / "Data_Entry_2017.csv"
+    first_image = sorted((dataset_dir / "images").glob("*.png"))[0]
+    if kind == "missing image":
+        first_image.unlink()
+        return f"{first_image.name}.*file not found"
+    if kind == "truncated image":
+        data = first_image.read_bytes()
+        first_image.write_bytes(data[: len(data) // 2])
+        return f"{first_image.name}.*(truncated|corrupt)"
+    if kind == "zero-byte image":
+        first_image.write_bytes(b"")
+        return f"{first_image.name}.*empty"
+    lines = csv.read_text().splitlines()
+    if kind == "unknown label":
+        lines[3] = lines[3].replace(lines[3].split(",")[1], "Dragon")
+        csv.write_text("\n".join(lines) + "\n")
+        return r"line 4 .*unknown label.*Dragon.*dataset.labels"
+    if kind == "missing column":
+        csv.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+        return r"missing column.*Patient ID"
+    if kind == "empty csv":
+        csv.write_text("")
+        return "empty"
+    if kind == "header only":
+        csv.write_text(lines[0] + "\n")
+        return "no rows"
+    if kind == "duplicate rows":
+        csv.write_text("\n".join(lines + [lines[5]]) + "\n")
+        return r"listed more than once \(lines \[6, " 
+    raise AssertionError(kind)
+
+
+
 @pytest.fixture
 def nih_dataset(tmp_path: Path) -> tuple[Path, Path]:
     return make_nih_dataset(tmp_path / "nih")
@@ -75,4 +110,5 @@ def nih_config(nih_dataset: tuple[Path, Path]) -> dict[str, Any]:
     return make_config({"format": "nih", "csv": str(csv), "images": str(images), "labels": VOCAB})
 
 
-__all__ = ["REPO", "SHARED_DATA", "VOCAB", "apply_overrides", "make_config", "make_nih_dataset", "tree_checksum", "write_png"]
+__all__ = ["REPO", "SHARED_DATA", "VOCAB", "apply_overrides", "break_dataset", "make_config", "make_nih_dataset",
+           "tree_checksum", "write_png"]

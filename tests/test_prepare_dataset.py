@@ -13,7 +13,7 @@ from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from conftest import SHARED_DATA, VOCAB, make_config, make_nih_dataset, tree_checksum, write_png
+from conftest import SHARED_DATA, VOCAB, break_dataset, make_config, make_nih_dataset, tree_checksum, write_png
 from workflow_scripts.prepare_dataset import (
     DataError,
     assert_patient_disjoint,
@@ -178,45 +178,11 @@ def test_nested_nih_image_folders_are_found(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- bad input
 
 
-def _broken(kind: str, dataset_dir: Path) -> str:
-    """Break the dataset in one way; return the text the error must contain."""
-    csv = dataset_dir / "Data_Entry_2017.csv"
-    first_image = sorted((dataset_dir / "images").glob("*.png"))[0]
-    if kind == "missing image":
-        first_image.unlink()
-        return f"{first_image.name}.*file not found"
-    if kind == "truncated image":
-        data = first_image.read_bytes()
-        first_image.write_bytes(data[: len(data) // 2])
-        return f"{first_image.name}.*(truncated|corrupt)"
-    if kind == "zero-byte image":
-        first_image.write_bytes(b"")
-        return f"{first_image.name}.*empty"
-    lines = csv.read_text().splitlines()
-    if kind == "unknown label":
-        lines[3] = lines[3].replace(lines[3].split(",")[1], "Dragon")
-        csv.write_text("\n".join(lines) + "\n")
-        return r"line 4 .*unknown label.*Dragon.*dataset.labels"
-    if kind == "missing column":
-        csv.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
-        return r"missing column.*Patient ID"
-    if kind == "empty csv":
-        csv.write_text("")
-        return "empty"
-    if kind == "header only":
-        csv.write_text(lines[0] + "\n")
-        return "no rows"
-    if kind == "duplicate rows":
-        csv.write_text("\n".join(lines + [lines[5]]) + "\n")
-        return r"listed more than once \(lines \[6, " 
-    raise AssertionError(kind)
-
-
 @pytest.mark.parametrize("kind", ["missing image", "truncated image", "zero-byte image", "unknown label",
                                   "missing column", "empty csv", "header only", "duplicate rows"])
 def test_bad_input_names_the_culprit(tmp_path: Path, kind: str, capsys) -> None:
     csv, images = make_nih_dataset(tmp_path / "nih", num_patients=12, films=1)
-    pattern = _broken(kind, csv.parent)
+    pattern = break_dataset(kind, csv.parent)
     config = make_config({"csv": str(csv), "images": str(images), "labels": VOCAB})
     with pytest.raises(DataError, match=pattern):
         prepare(config, tmp_path / "out")
@@ -225,7 +191,7 @@ def test_bad_input_names_the_culprit(tmp_path: Path, kind: str, capsys) -> None:
 
 def test_cli_reports_error_without_traceback_and_exit_2(tmp_path: Path, capsys) -> None:
     csv, images = make_nih_dataset(tmp_path / "nih", num_patients=12, films=1)
-    _broken("unknown label", csv.parent)
+    break_dataset("unknown label", csv.parent)
     code = main(["--set", f"dataset.csv={csv}", "--set", f"dataset.images={images}",
                  "--set", f"dataset.labels={VOCAB}", "--out-dir", str(tmp_path / "out")])
     assert code == 2

@@ -1,0 +1,113 @@
+"""Faults through Snakemake: stages killed (SIGTERM, SIGKILL) at exact points resume or restart cleanly,
+end where an uninterrupted run ends, and never touch the user's dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, tree_checksum
+from workflow_scripts.demo_dataset import make_demo_dataset
+from workflow_scripts.faults import ENV
+from workflow_scripts.images import check_image
+
+MICRO = """
+dataset: {{csv: {csv}, images: {images}}}
+demo: {{num_patients: 16, size: 64, seed: 0}}
+verify: {{max_images: 8, contact_sheet_images: 2}}
+training: {{train_batch_size: 4, max_train_steps: 8, save_steps: 2, validation_steps: 4, num_validation_images: 1,
+           validation_inference_steps: 1, validation_prompts: [A chest X-ray with Mass]}}
+generation: {{images_per_label: 5, num_inference_steps: 2, batch_size: 2}}
+classifier: {{image_size: 32, epochs: 2, ratios: [0], seeds: [0], bootstrap_samples: 10, batch_size: 16}}
+"""
+
+
+@pytest.fixture(scope="module")
+def user_data(tmp_path_factory) -> Path:
+    """The user's dataset: lives outside the workflow's folders, must never change."""
+    root = tmp_path_factory.mktemp("user_data")
+    make_demo_dataset(root, num_patients=16, size=64, seed=0)
+    return root
+
+
+def workdir_for(tmp_path: Path, user_data: Path) -> Path:
+    (tmp_path / "micro.yaml").write_text(MICRO.format(csv=user_data / "Data_Entry_2017.csv", images=user_data / "images"))
+    return tmp_path
+
+
+def snakemake(workdir: Path, target: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != ENV}
+    if fault:
+        env[ENV] = fault
+    # The target comes first: --configfile takes every value after it.
+    command = [sys.executable, "-m", "snakemake", target, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "1",
+               "--resources", "gpu=1", "--configfile", str(REPO / "config" / "config.yaml"), str(workdir / "micro.yaml")]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+
+
+def ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, user_data) -> Path:
+    workdir = workdir_for(tmp_path_factory.mktemp("uninterrupted"), user_data)
+    ok(snakemake(workdir, "results/lora/final"))
+    ok(snakemake(workdir, "results/classifier/ratio0_seed0/metrics.json"))
+    return workdir
+
+
+def test_train_lora_killed_at_several_points_resumes_to_the_same_lora(tmp_path, user_data, uninterrupted) -> None:
+    before = tree_checksum(user_data)
+    workdir = workdir_for(tmp_path, user_data)
+    # Mid-epoch by SIGTERM (checkpoint-2 exists), then SIGKILL while checkpoint-6 is half written (after
+    # checkpoint-4), then SIGKILL during the validation of step 8 (after checkpoint-8).
+    for fault in ("train_step:3:TERM", "checkpoint_save:2:KILL", "validation:1:KILL"):
+        result = snakemake(workdir, "results/lora/final", fault)
+        assert result.returncode != 0, f"{fault}: the run should have died"
+        assert not (workdir / "results" / "lora" / "final").exists()
+    checkpoints = sorted(p.name for p in (workdir / "results" / "lora" / "checkpoints").iterdir())
+    assert "checkpoint-8" in checkpoints and not any(name.endswith(".partial") for name in checkpoints)
+    ok(snakemake(workdir, "results/lora/final"))
+    summary = json.loads((workdir / "results" / "lora" / "final" / "training_summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-8") and summary["steps"] == 8
+    ours = load_file(workdir / "results" / "lora" / "final" / "pytorch_lora_weights.safetensors")
+    reference = load_file(uninterrupted / "results" / "lora" / "final" / "pytorch_lora_weights.safetensors")
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-6)
+    assert tree_checksum(user_data) == before
+
+
+def test_generation_killed_mid_label_makes_only_the_missing_images(uninterrupted, user_data) -> None:
+    target = "results/synthetic/Mass/generation_results.csv"
+    folder = uninterrupted / "results" / "synthetic" / "Mass"
+    result = snakemake(uninterrupted, target, "image_saved:3:KILL")  # dies inside the second batch
+    assert result.returncode != 0
+    survivors = sorted(folder.glob("*.png"))
+    assert [p.name for p in survivors] == ["Mass_0000.png", "Mass_0001.png", "Mass_0002.png"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in survivors}
+    ok(snakemake(uninterrupted, target))
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"Mass_{i:04d}.png" for i in range(5)]
+    assert all(mtimes[p.name] == p.stat().st_mtime_ns for p in survivors)  # not made again
+    assert not list(folder.glob("*.partial"))
+    assert all(check_image(p) is None for p in folder.glob("*.png"))  # no truncated PNG
+
+
+def test_classifier_killed_mid_training_reruns_clean_to_the_same_result(tmp_path, user_data, uninterrupted) -> None:
+    workdir = workdir_for(tmp_path, user_data)
+    target = "results/classifier/ratio0_seed0/metrics.json"
+    result = snakemake(workdir, target, "classifier_epoch:1:KILL")
+    assert result.returncode != 0 and not (workdir / target).exists()
+    ok(snakemake(workdir, target))
+    ours = json.loads((workdir / target).read_text())
+    reference = json.loads((uninterrupted / target).read_text())
+    assert ours["test"]["macro"]["auroc"] == pytest.approx(reference["test"]["macro"]["auroc"], abs=1e-9)
+    assert not (workdir / "results" / "classifier" / "ratio0_seed0.partial").exists()
