@@ -1,0 +1,110 @@
+"""The benchmark CLI on the tiny model, on CPU: output format, JSON content, consistency (no timing thresholds)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import statistics
+from typing import Any
+
+import pytest
+import torch
+
+from workflow_scripts import benchmark
+
+GEN_STEPS = [2, 3]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("benchmark")
+    json_path = root / "out" / "benchmark.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = benchmark.main(["--quick", "--device", "cpu", "--threads", "1", "--tiny-dir", str(root / "tiny-sd"),
+                               "--gen-steps", *map(str, GEN_STEPS), "--gen-batch-sizes", "1", "--json", str(json_path)])
+    return {"code": code, "stdout": stdout.getvalue(), "json": json.loads(json_path.read_text()), "root": root}
+
+
+def test_last_line_is_the_speed_up(quick_run) -> None:
+    assert quick_run["code"] == 0
+    last = quick_run["stdout"].rstrip("\n").splitlines()[-1]
+    assert re.fullmatch(r"train speed-up vs reference: \d+\.\d\dx", last), last
+    assert float(last.split(": ")[1].rstrip("x")) == pytest.approx(quick_run["json"]["training"]["speedup"], abs=0.005)
+
+
+def test_training_rows_and_ratio(quick_run) -> None:
+    training = quick_run["json"]["training"]
+    ours, reference = training["ours"], training["reference"]
+    assert ours["images_per_second"] > 0 and reference["images_per_second"] > 0
+    assert len(ours["per_repeat_images_per_second"]) == len(reference["per_repeat_images_per_second"]) == training["repeats"]
+    for o, r, ratio in zip(ours["per_repeat_images_per_second"], reference["per_repeat_images_per_second"],
+                           training["per_repeat_ratios"]):
+        assert ratio == pytest.approx(o / r, rel=1e-9)
+    assert training["speedup"] == pytest.approx(statistics.median(training["per_repeat_ratios"]), rel=1e-9)
+    # The reference also runs the VAE encoder and text encoder: it counts more FLOPs per image.
+    assert reference["flops_per_step"] > ours["flops_per_step"] > 0
+    assert quick_run["json"]["compute"]["matmul_peak"]["tflops"] > 0
+
+
+def test_generation_rows_for_each_step_count(quick_run) -> None:
+    rows = quick_run["json"]["generation"]
+    assert sorted(row["steps"] for row in rows) == GEN_STEPS
+    for row in rows:
+        assert row["batch_size"] == 1 and row["images_per_second"] > 0
+        assert row["guidance"] == 7.5 and row["scheduler"] == "dpmsolver++" and row["vae_decode"]
+
+
+def test_memory_rows_say_gpu_numbers_are_absent_on_cpu(quick_run) -> None:
+    memory = quick_run["json"]["memory"]
+    settings = {(row["loop"], row["gradient_checkpointing"]) for row in memory["rows"]}
+    assert settings == {(loop, gc) for loop in ("ours", "reference") for gc in (False, True)}
+    for row in memory["rows"]:
+        assert row["batch_size"] == 1
+        assert row["gpu_peak_allocated_bytes"] is None
+    assert "n/a on CPU" in memory["note"]
+    assert "n/a on CPU" in quick_run["stdout"]
+
+
+def test_table_and_json_describe_the_run(quick_run) -> None:
+    result, out = quick_run["json"], quick_run["stdout"]
+    assert result["model"] == "tiny" and result["dtype"] == "fp32" and result["resolution"] == 64
+    assert result["batch_size"] == 2 and result["lora"]["rank"] == 4
+    assert result["machine"]["device"] == "cpu" and result["machine"]["cpu"]
+    assert result["versions"]["torch"] == torch.__version__
+    for text in ("| date |", "| torch |", torch.__version__, "| model | tiny", "| dtype | fp32", "| resolution | 64 px",
+                 "| training batch size | 2", "## Training", "## Generation", "## Peak memory"):
+        assert text in out, text
+    assert (quick_run["root"] / "tiny-sd" / "model_index.json").is_file()  # --tiny-dir: built there, kept
+
+
+def test_skips_and_reused_tiny_model(quick_run, capsys) -> None:
+    code = benchmark.main(["--quick", "--device", "cpu", "--threads", "1", "--tiny-dir", str(quick_run["root"] / "tiny-sd"),
+                           "--steps", "1", "--repeats", "1", "--warmup", "0", "--skip-generation", "--skip-memory"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "## Generation" not in out and "## Peak memory" not in out
+    assert re.fullmatch(r"train speed-up vs reference: \d+\.\d\dx", out.rstrip("\n").splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
+@pytest.mark.parametrize("flags", [["--device", "cuda"], ["--device", "cpu", "--dtype", "fp16"]])
+def test_impossible_device_settings_are_refused(flags, capsys) -> None:
+    assert benchmark.main(["--quick", *flags]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cpu_attention_flops_are_counted() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    benchmark.register_cpu_attention_flops()
+    b, h, s, d = 2, 4, 16, 8
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as forward:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert forward.get_total_flops() == 2 * (2 * b * h * s * s * d)
+    with FlopCounterMode(display=False) as backward:
+        out.sum().backward()
+    assert backward.get_total_flops() > forward.get_total_flops()

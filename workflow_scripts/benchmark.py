@@ -1,0 +1,814 @@
+"""Side-by-side speed and memory of LoRA training and sampling, on one model, in one run.
+
+    python -m workflow_scripts.benchmark                       # tiny model on CPU, full-size SD 1.5 on a GPU
+    python -m workflow_scripts.benchmark --model sd15 --device cuda --json benchmarks/benchmark.json
+    python -m workflow_scripts.benchmark --quick               # smallest settings (the test)
+
+What it measures, all on the same model, compute dtype, resolution and LoRA config (peft, rank 4,
+UNET_LORA_TARGETS, one shared AdamW from `train_lora.make_optimizer`):
+
+1. training images/s of two loops, alternated repeat by repeat (ours, reference, ours, ...) after
+   warm-up steps; the speed-up is the median of the per-repeat ratios ours / reference:
+   - *ours*: the project's loop (`train_lora`): latents sampled from cached VAE distributions, cached
+     prompt embeddings, `train_lora.diffusion_loss`, per-step seeded generator, host sync every
+     LOG_EVERY steps;
+   - *reference*: the diffusers example `train_text_to_image_lora.py`: every step encodes the batch's
+     pixels with the VAE (`latent_dist.sample() * scaling_factor`) and its token ids with the text
+     encoder, then noise / timestep / UNet / MSE / backward / clip / AdamW, and reads the loss back
+     every step (`train_loss += avg_loss.item()`). Its pixels and token ids already sit on the device
+     (no data loading is timed), which favours the reference;
+2. sampling images/s (classifier-free guidance 7.5, DPM-Solver++, VAE decode included) at several
+   step counts and batch sizes, with a StableDiffusionPipeline built from the same components (the
+   UNet keeps its LoRA attached, unfused, as `generate_xrays` samples);
+3. peak memory of a training step at batch 1 with and without gradient checkpointing
+   (`torch.cuda.max_memory_allocated` on a GPU; on a CPU the sampled peak of the process RSS above
+   its level before the step, which is approximate and says so);
+4. model FLOPs per training step (counted with `torch.utils.flop_counter.FlopCounterMode` on one
+   forward + backward of each loop) and the achieved TFLOP/s against a measured matmul peak.
+
+`--model tiny` is the offline random-weight tiny model (`base_model.build_tiny_pipeline`);
+`--model sd15` builds the full-size SD 1.5 architecture with random weights from the component
+configs in `shared/sd15-arch` (speed and memory do not depend on weight values). The results are
+printed as markdown (stdout; progress goes to stderr) and written as JSON with `--json`; the last line
+printed is `train speed-up vs reference: <x>x`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from workflow_scripts.base_model import (NIH_LABELS, PROMPT_TEMPLATE, SD15_ARCH_CANDIDATES, build_tiny_pipeline,
+                                         load_components)
+from workflow_scripts.train_lora import (LOG_EVERY, UNET_LORA_TARGETS, add_lora, diffusion_loss, epoch_order,
+                                         library_versions, make_optimizer, step_generator, tokenize)
+
+SEED = 0
+LEARNING_RATE = 1e-4  # the diffusers example's default; the value does not change the speed
+MAX_GRAD_NORM = 1.0
+GUIDANCE = 7.5
+SCHEDULER = "dpmsolver++"
+NUM_PROMPTS = 8  # distinct prompts in the synthetic training set (the project has one per label set)
+# Model FLOPs per image of SD 1.5 at 512 px (shared/REFERENCES.md), for comparison with the count.
+REFERENCE_TFLOP_PER_IMAGE = {"ours": 1.6, "reference": 2.7}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class BenchmarkError(RuntimeError):
+    """The benchmark cannot run as asked; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["auto", "tiny", "sd15"], default="auto",
+                        help="tiny (default on CPU) or the full-size SD 1.5 architecture (default on a GPU)")
+    parser.add_argument("--tiny-dir", type=Path, help="tiny model folder (built there if missing; default: a temp dir)")
+    parser.add_argument("--sd15-arch", type=Path, help="SD 1.5 component configs (default: shared/sd15-arch)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--resolution", type=int, help="pixels (default: 64 tiny, 512 sd15)")
+    parser.add_argument("--batch-size", type=int, help="training batch size (default: 8 on a GPU, 4 on CPU)")
+    parser.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (alpha = rank)")
+    parser.add_argument("--steps", type=int, help="timed training steps per repeat (default 20)")
+    parser.add_argument("--repeats", type=int, help="alternating repeats of each loop (default 5)")
+    parser.add_argument("--warmup", type=int, help="untimed warm-up steps of each loop (default 3)")
+    parser.add_argument("--gen-steps", type=int, nargs="+", default=[20, 30, 50], help="sampling steps to time")
+    parser.add_argument("--gen-batch-sizes", type=int, nargs="+",
+                        help="sampling batch sizes (default: 1 4 8 on a GPU, 1 4 on CPU)")
+    parser.add_argument("--gen-repeats", type=int, help="timed pipeline calls per setting (default 2)")
+    parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="lever: channels-last UNet and VAE")
+    parser.add_argument("--compile", action="store_true", help="lever: torch.compile the UNet (slow warm-up)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch during the run (default: torch's own)")
+    parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    parser.add_argument("--quick", action="store_true", help="smallest settings (for tests)")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "steps", "repeats", "gen_repeats", "lora_rank", "resolution", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error("--warmup must be at least 0")
+    if any(v < 1 for v in args.gen_steps + (args.gen_batch_sizes or [])):
+        parser.error("--gen-steps and --gen-batch-sizes must be at least 1")
+    return args
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    dtype: torch.dtype
+    dtype_name: str
+    model: str
+    resolution: int
+    batch_size: int
+    lora_rank: int
+    steps: int
+    repeats: int
+    warmup: int
+    gen_steps: list[int]
+    gen_batch_sizes: list[int]
+    gen_repeats: int
+    memory_steps: int
+    matmul_size: int
+    channels_last: bool
+    compile: bool
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    gpu = device.type == "cuda"
+    dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if gpu else "fp32")
+    if dtype_name == "fp16" and not gpu:
+        raise BenchmarkError("--dtype fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
+    if dtype_name == "bf16" and gpu and not torch.cuda.is_bf16_supported():
+        raise BenchmarkError("--dtype bf16: this GPU does not support bf16; use fp16 or fp32")
+    model = args.model if args.model != "auto" else ("sd15" if gpu else "tiny")
+    resolution = args.resolution or (512 if model == "sd15" else 64)
+    if resolution % 8:
+        raise BenchmarkError(f"--resolution must be a multiple of 8, got {resolution}")
+    quick = args.quick
+    return Settings(
+        device=device, dtype=DTYPES[dtype_name], dtype_name=dtype_name, model=model, resolution=resolution,
+        batch_size=args.batch_size or (2 if quick else 8 if gpu else 4),
+        lora_rank=args.lora_rank,
+        steps=args.steps or (2 if quick else 20),
+        repeats=args.repeats or (3 if quick else 5),
+        warmup=args.warmup if args.warmup is not None else (1 if quick else 3),
+        gen_steps=list(dict.fromkeys(args.gen_steps)),
+        gen_batch_sizes=list(dict.fromkeys(args.gen_batch_sizes or ([1, 2] if quick else [1, 4, 8] if gpu else [1, 4]))),
+        gen_repeats=args.gen_repeats or (1 if quick else 2),
+        memory_steps=1 if quick else 3,
+        matmul_size=(8192 if gpu else 256 if quick else 1024),
+        channels_last=args.channels_last, compile=args.compile,
+    )
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info = {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": device.type, "gpu": None, "platform": platform.platform()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=torch.cuda.get_device_name(device), gpu_memory_bytes=props.total_memory,
+                    cuda=torch.version.cuda)
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Model:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any | None
+    noise_scheduler: Any
+    source: str
+
+
+def sd15_arch_dir(path: Path | None) -> Path:
+    candidates = [Path(path)] if path else list(SD15_ARCH_CANDIDATES)
+    for folder in candidates:
+        if (folder / "unet" / "config.json").is_file():
+            return folder
+    raise BenchmarkError("no SD 1.5 component configs (unet/config.json) in " + " or ".join(map(str, candidates))
+                         + "; pass --sd15-arch DIR")
+
+
+def build_sd15(arch: Path, device: torch.device) -> Model:
+    """The full-size SD 1.5 architecture with random weights, created directly on the device."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(arch / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(arch / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(arch / "text_encoder"))
+    noise_scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(arch / "scheduler"))
+    return Model(unet, vae, text_encoder, None, noise_scheduler, f"{arch} (SD 1.5 architecture, random weights)")
+
+
+def load_model(args: argparse.Namespace, settings: Settings, scratch: Path) -> Model:
+    if settings.model == "sd15":
+        return build_sd15(sd15_arch_dir(args.sd15_arch), settings.device)
+    tiny_dir = args.tiny_dir or scratch / "tiny-sd"
+    if not (tiny_dir / "model_index.json").is_file():
+        build_tiny_pipeline(tiny_dir, resolution=64, seed=SEED)  # any multiple of 8 px runs on it
+    components = load_components("tiny", tiny_dir)
+    return Model(components.unet, components.vae, components.text_encoder, components.tokenizer,
+                 components.noise_scheduler, f"{components.source} (tiny random-weight SD 1.5 look-alike)")
+
+
+def cast(module: torch.nn.Module, *args, **kwargs) -> torch.nn.Module:
+    """`module.to(...)` without diffusers' warning that every dtype cast logs (even with nothing to keep in fp32)."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return module.to(*args, **kwargs)
+    finally:
+        logger.setLevel(level)
+
+
+def count_params(module: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+
+# ----------------------------------------------------------------------------- the two training loops
+
+
+class Bench:
+    """One model, one optimizer, a synthetic training set, and a step function per loop."""
+
+    def __init__(self, model: Model, settings: Settings):
+        self.s = settings
+        self.device, self.dtype = settings.device, settings.dtype
+        self.unet, self.vae, self.text_encoder = model.unet, model.vae, model.text_encoder
+        self.noise_scheduler = model.noise_scheduler
+        self.scaling = self.vae.config.scaling_factor
+        device, dtype = self.device, self.dtype
+
+        # Model as train_lora sets it up: frozen weights in the compute dtype, LoRA weights in fp32.
+        torch.manual_seed(SEED)
+        add_lora(self.unet, settings.lora_rank, settings.lora_rank, UNET_LORA_TARGETS)
+        cast(self.unet, device, dtype)
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        for param in self.params:
+            param.data = param.data.float()
+        cast(self.text_encoder.requires_grad_(False), device, dtype)
+        cast(self.vae.requires_grad_(False), device, torch.float32)  # fp32 for the one-time cache, as train_lora
+        self.optimizer = make_optimizer(self.params, {"use_8bit_adam": False, "learning_rate": LEARNING_RATE,
+                                                      "adam_weight_decay": 1e-2}, device)
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+        # A synthetic training set: random pixels in [-1, 1] and a few distinct prompts.
+        self.pool = max(4 * settings.batch_size, 8)
+        generator = torch.Generator().manual_seed(SEED)
+        pixels = torch.rand(self.pool, 3, settings.resolution, settings.resolution, generator=generator) * 2 - 1
+        if model.tokenizer is not None:
+            prompts = [PROMPT_TEMPLATE.format(label=label) for label in NIH_LABELS[:NUM_PROMPTS]]
+            prompt_ids = tokenize(model.tokenizer, prompts)
+        else:  # no vocabulary for SD 1.5 here: random token ids of CLIP's length (77) time the same
+            vocab = self.text_encoder.config.vocab_size
+            prompt_ids = torch.randint(0, vocab, (NUM_PROMPTS, self.text_encoder.config.max_position_embeddings),
+                                       generator=generator)
+        self.prompt_index = (torch.arange(self.pool) % len(prompt_ids)).to(device)
+        self.input_ids = prompt_ids.to(device)[self.prompt_index]  # what the reference's dataset yields per image
+
+        # Ours: the one-time caches (VAE latent distributions, one embedding per distinct prompt).
+        synchronize(device)
+        started = time.perf_counter()
+        means, stds = [], []
+        with torch.no_grad():
+            for chunk in pixels.split(settings.batch_size):
+                dist = self.vae.encode(chunk.to(device)).latent_dist
+                means.append(dist.mean.float())
+                stds.append(dist.std.float())
+            with self.autocast():
+                self.cached_embeds = self.text_encoder(prompt_ids.to(device))[0].to(dtype)
+        self.latent_mean, self.latent_std = torch.cat(means), torch.cat(stds)
+        synchronize(device)
+        self.cache_seconds = time.perf_counter() - started
+
+        # The reference runs VAE and text encoder in the compute dtype every step (weight_dtype in the example).
+        cast(self.vae, dtype)
+        self.pixels = pixels.to(device, dtype)
+        self.step_counts = {"ours": 0, "reference": 0}
+        self.loss_sum = torch.zeros((), device=device)
+        self.loss_count = 0
+        self.last_loss = float("nan")
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def apply_levers(self) -> None:
+        if self.s.channels_last:
+            cast(self.unet, memory_format=torch.channels_last)
+            cast(self.vae, memory_format=torch.channels_last)
+            self.pixels = self.pixels.contiguous(memory_format=torch.channels_last)
+        if self.s.compile:
+            import torch._dynamo as dynamo
+
+            # one graph per shape and dtype met (training batch, batch 1 with and without checkpointing,
+            # sampling batches): more than dynamo's default limit, past which it would fall back to eager
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dynamo.config, name):
+                    setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
+            self.unet.compile()
+
+    def indices(self, loop: str, batch: int) -> torch.Tensor:
+        """The batch of a step as train_lora picks it: a seeded permutation per epoch."""
+        step = self.step_counts[loop]
+        per_epoch = self.pool // batch
+        epoch, slot = divmod(step, per_epoch)
+        return epoch_order(self.pool, SEED, epoch)[slot * batch:(slot + 1) * batch].to(self.device)
+
+    # -- ours: train_lora's step
+    def ours_loss(self, batch: int) -> torch.Tensor:
+        indices = self.indices("ours", batch)
+        generator = step_generator(SEED, self.step_counts["ours"], 0, self.device)
+        mean = self.latent_mean[indices]
+        latents = mean + self.latent_std[indices] * torch.randn(mean.shape, generator=generator, device=self.device)
+        latents = (latents * self.scaling).to(self.dtype)
+        with self.autocast():
+            embeds = self.cached_embeds[self.prompt_index[indices]]
+            return diffusion_loss(self.unet, self.noise_scheduler, latents, embeds, generator, None, 0.0)
+
+    def ours_step(self, batch: int) -> None:
+        loss = self.ours_loss(batch)
+        self.optimize(loss, set_to_none=True)
+        self.loss_sum += loss.detach()
+        self.loss_count += 1
+        self.step_counts["ours"] += 1
+        if self.step_counts["ours"] % LOG_EVERY == 0:  # train_lora's host sync every LOG_EVERY steps
+            self.last_loss = (self.loss_sum / self.loss_count).item()
+            self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0
+
+    # -- reference: the diffusers example's step
+    def reference_loss(self, batch: int) -> torch.Tensor:
+        indices = self.indices("reference", batch)
+        latents = self.vae.encode(self.pixels[indices]).latent_dist.sample()
+        latents = latents * self.scaling
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  device=latents.device).long()
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        encoder_hidden_states = self.text_encoder(self.input_ids[indices], return_dict=False)[0]
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        with self.autocast():  # accelerate autocasts the prepared UNet's forward
+            model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+
+    def reference_step(self, batch: int) -> None:
+        loss = self.reference_loss(batch)
+        self.last_loss = loss.detach().item()  # the example's `train_loss += avg_loss.item()` every step
+        self.optimize(loss, set_to_none=False)
+        self.step_counts["reference"] += 1
+
+    def optimize(self, loss: torch.Tensor, set_to_none: bool) -> None:
+        if self.scaler is not None:  # fp16: loss scaling, as accelerate does
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, loop: str, batch: int) -> None:
+        (self.ours_step if loop == "ours" else self.reference_step)(batch)
+
+    def run(self, loop: str, batch: int, steps: int, progress: tqdm | None = None) -> float:
+        """Seconds for `steps` steps of one loop, device work included."""
+        self.unet.train()
+        synchronize(self.device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            self.step(loop, batch)
+            if progress is not None:
+                progress.update(1)
+        synchronize(self.device)
+        return time.perf_counter() - started
+
+    def count_flops(self, loop: str, batch: int) -> int:
+        """Model FLOPs of one forward + backward of a loop's step (the optimizer step is not counted)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        register_cpu_attention_flops()
+        self.unet.train()
+        with FlopCounterMode(display=False) as counter:
+            loss = self.ours_loss(batch) if loop == "ours" else self.reference_loss(batch)
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return int(counter.get_total_flops())
+
+
+def register_cpu_attention_flops() -> None:
+    """FlopCounterMode knows SDPA's CUDA kernels but not the CPU one: count it with the same formula."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    pairs = [(getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None), flop_counter.sdpa_flop_count),
+             (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None),
+              flop_counter.sdpa_backward_flop_count)]
+    for op, formula in pairs:
+        if op is None or op in flop_counter.flop_registry:
+            continue
+
+        def shaped(*args, _formula=formula, out_shape=None, **kwargs):
+            return _formula(*args[:4 if _formula is flop_counter.sdpa_backward_flop_count else 3])
+
+        flop_counter.register_flop_formula(op)(shaped)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int) -> dict[str, Any]:
+    """Achieved TFLOP/s of a large square matmul: the practical peak the training step is measured against."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.matmul(a, b)
+    synchronize(device)
+    iterations, seconds = 0, 0.0
+    budget = 2.0 if device.type == "cuda" else 0.5
+    started = time.perf_counter()
+    while seconds < budget or iterations < 3:
+        torch.matmul(a, b)
+        iterations += 1
+        if device.type == "cuda" and iterations % 10:
+            continue
+        synchronize(device)
+        seconds = time.perf_counter() - started
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    del a, b
+    return {"tflops": 2 * size**3 * iterations / seconds / 1e12, "size": size,
+            "dtype": str(dtype).removeprefix("torch."), "iterations": iterations}
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def current_rss() -> int | None:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def release_host_memory() -> None:
+    gc.collect()
+    try:  # hand freed heap memory back to the OS so the RSS baseline is the live set
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class RssSampler:
+    """Peak resident set size while a block runs, polled every few ms (short spikes can be missed)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def __enter__(self) -> "RssSampler":
+        self.baseline = current_rss() or 0
+        self.peak = self.baseline
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss() or 0)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss() or 0)
+
+
+def measure_memory(bench: Bench, settings: Settings, progress: tqdm) -> dict[str, Any]:
+    gpu = settings.device.type == "cuda"
+    rows = []
+    for loop in ("ours", "reference"):
+        for checkpointing in (False, True):
+            if checkpointing:
+                bench.unet.enable_gradient_checkpointing()
+            else:
+                bench.unet.disable_gradient_checkpointing()
+            bench.run(loop, 1, 1)  # untimed: a first step at this batch size (autotuning, compile, optimizer state)
+            row: dict[str, Any] = {"loop": loop, "gradient_checkpointing": checkpointing, "batch_size": 1,
+                                   "steps": settings.memory_steps}
+            if gpu:
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch.cuda.synchronize(settings.device)
+                resident = torch.cuda.memory_allocated(settings.device)
+                torch.cuda.reset_peak_memory_stats(settings.device)
+                bench.run(loop, 1, settings.memory_steps)
+                peak = torch.cuda.max_memory_allocated(settings.device)
+                row.update(gpu_peak_allocated_bytes=peak, gpu_resident_before_bytes=resident,
+                           gpu_peak_above_resident_bytes=peak - resident,
+                           gpu_peak_reserved_bytes=torch.cuda.max_memory_reserved(settings.device),
+                           cpu_rss_peak_delta_bytes=None)
+            else:
+                release_host_memory()
+                with RssSampler() as sampler:
+                    bench.run(loop, 1, settings.memory_steps)
+                delta = sampler.peak - sampler.baseline if sampler.baseline else None
+                row.update(gpu_peak_allocated_bytes=None, gpu_resident_before_bytes=None,
+                           gpu_peak_above_resident_bytes=None, gpu_peak_reserved_bytes=None,
+                           cpu_rss_peak_delta_bytes=delta)
+            progress.update(1)
+            rows.append(row)
+    bench.unet.disable_gradient_checkpointing()
+    if gpu:
+        note = ("torch.cuda.max_memory_allocated over the measured steps (model weights, resident before the step, "
+                "included; 'above resident' is the step's own activations, gradients and optimizer work)")
+    else:
+        note = ("n/a on CPU: no GPU numbers. The CPU figure is the process RSS peak above its level just before the "
+                "steps, sampled every 2 ms after malloc_trim; approximate (short spikes can be missed, memory the "
+                "allocator kept from earlier steps can be reused), not a device-memory measurement")
+    return {"rows": rows, "note": note}
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def measure_generation(model: Model, bench: Bench, settings: Settings, progress: tqdm) -> list[dict[str, Any]]:
+    from diffusers import StableDiffusionPipeline
+
+    from workflow_scripts.generate_xrays import make_scheduler
+
+    device = settings.device
+    unet = bench.unet
+    cast(unet, settings.dtype)  # the LoRA too: generate_xrays loads the whole pipeline in the compute dtype
+    unet.eval()
+    pipe = StableDiffusionPipeline(vae=bench.vae, text_encoder=bench.text_encoder, tokenizer=model.tokenizer,
+                                   unet=unet, scheduler=make_scheduler(SCHEDULER, model.noise_scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = PROMPT_TEMPLATE.format(label=NIH_LABELS[0])
+    rows = []
+    for batch in settings.gen_batch_sizes:
+        if model.tokenizer is not None:
+            inputs: dict[str, Any] = {"prompt": [prompt] * batch, "negative_prompt": [""] * batch}
+        else:  # no tokenizer for SD 1.5 here: embeddings of random token ids (a text encoder pass is ~0.1% of the work)
+            with torch.inference_mode():
+                embeds = bench.text_encoder(bench.input_ids[:1])[0]
+            inputs = {"prompt_embeds": embeds.expand(batch, -1, -1).clone(),
+                      "negative_prompt_embeds": torch.zeros_like(embeds).expand(batch, -1, -1).clone()}
+
+        def call(steps: int) -> None:
+            generators = [torch.Generator(device=device).manual_seed(SEED + i) for i in range(batch)]
+            with torch.inference_mode():
+                pipe(**inputs, num_inference_steps=steps, guidance_scale=GUIDANCE, height=settings.resolution,
+                     width=settings.resolution, generator=generators, output_type="np")
+
+        call(2)  # warm-up at this batch size (allocator, autotuning, compile)
+        for steps in settings.gen_steps:
+            times = []
+            for _ in range(settings.gen_repeats):
+                synchronize(device)
+                started = time.perf_counter()
+                call(steps)
+                synchronize(device)
+                times.append(time.perf_counter() - started)
+                progress.update(1)
+            seconds = statistics.median(times)
+            rows.append({"steps": steps, "batch_size": batch, "images_per_second": batch / seconds,
+                         "seconds_per_batch": seconds, "per_repeat_seconds": times, "guidance": GUIDANCE,
+                         "scheduler": SCHEDULER, "vae_decode": True,
+                         "prompt_input": "prompt text" if model.tokenizer is not None else "prompt_embeds"})
+    return rows
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    settings = resolve_settings(args)
+    device = settings.device
+    scratch = Path(tempfile.mkdtemp(prefix="benchmark-"))
+    try:
+        model = load_model(args, settings, scratch)
+        return _benchmark(args, settings, model, device)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, device: torch.device) -> dict[str, Any]:
+    bench = Bench(model, settings)
+    batch = settings.batch_size
+    result: dict[str, Any] = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+        "versions": library_versions(),
+        "model": settings.model,
+        "model_source": model.source,
+        "parameters": {"unet": count_params(bench.unet), "vae": count_params(bench.vae),
+                       "text_encoder": count_params(bench.text_encoder),
+                       "lora_trainable": count_params(bench.unet, trainable=True)},
+        "dtype": settings.dtype_name,
+        "autocast": settings.dtype != torch.float32,
+        "resolution": settings.resolution,
+        "batch_size": batch,
+        "lora": {"rank": settings.lora_rank, "alpha": settings.lora_rank, "targets": UNET_LORA_TARGETS},
+        "levers": {"channels_last": settings.channels_last, "compile": settings.compile},
+    }
+
+    # FLOPs of one step of each loop, counted eagerly before any lever changes the model.
+    flops = {loop: bench.count_flops(loop, batch) for loop in ("ours", "reference")}
+    bench.apply_levers()
+
+    # 1. training: warm-up, then alternating repeats.
+    total = 2 * settings.warmup + 2 * settings.steps * settings.repeats
+    times: dict[str, list[float]] = {"ours": [], "reference": []}
+    with tqdm(total=total, desc="training (ours vs reference)", unit="step", file=sys.stderr, dynamic_ncols=True) as progress:
+        for loop in ("ours", "reference"):
+            if settings.warmup:
+                bench.run(loop, batch, settings.warmup, progress)
+        for _ in range(settings.repeats):
+            for loop in ("ours", "reference"):
+                times[loop].append(bench.run(loop, batch, settings.steps, progress))
+    images = batch * settings.steps
+    ips = {loop: [images / seconds for seconds in times[loop]] for loop in times}
+    ratios = [o / r for o, r in zip(ips["ours"], ips["reference"])]
+    training: dict[str, Any] = {"steps_per_repeat": settings.steps, "repeats": settings.repeats,
+                                "warmup_steps": settings.warmup, "one_time_cache_seconds": bench.cache_seconds,
+                                "cached_images": bench.pool, "last_loss": bench.last_loss}
+    for loop in ("ours", "reference"):
+        per_step = [seconds / settings.steps for seconds in times[loop]]
+        achieved = [flops[loop] / s / 1e12 for s in per_step]
+        training[loop] = {"images_per_second": statistics.median(ips[loop]), "per_repeat_images_per_second": ips[loop],
+                          "seconds_per_step": statistics.median(per_step), "flops_per_step": flops[loop],
+                          "tflop_per_image": flops[loop] / batch / 1e12,
+                          "achieved_tflops": statistics.median(achieved)}
+    training["per_repeat_ratios"] = ratios
+    training["speedup"] = statistics.median(ratios)
+    result["training"] = training
+
+    # 4. compute: the matmul peak on this device, in the compute dtype.
+    peak = matmul_peak_tflops(device, settings.dtype, settings.matmul_size)
+    for loop in ("ours", "reference"):
+        training[loop]["fraction_of_matmul_peak"] = training[loop]["achieved_tflops"] / peak["tflops"]
+    result["compute"] = {"matmul_peak": peak,
+                         "flop_counter": "torch.utils.flop_counter.FlopCounterMode, one forward + backward per loop "
+                                         "(optimizer step not counted)",
+                         "references_md_tflop_per_image_sd15_512": REFERENCE_TFLOP_PER_IMAGE}
+
+    # 3. memory at batch 1, with and without gradient checkpointing.
+    if not args.skip_memory:
+        with tqdm(total=4, desc="memory (batch 1)", unit="setting", file=sys.stderr, dynamic_ncols=True) as progress:
+            result["memory"] = measure_memory(bench, settings, progress)
+
+    # 2. generation (last: it casts the LoRA weights to the compute dtype).
+    if not args.skip_generation:
+        total = len(settings.gen_batch_sizes) * len(settings.gen_steps) * settings.gen_repeats
+        with tqdm(total=total, desc="generation", unit="call", file=sys.stderr, dynamic_ncols=True) as progress:
+            result["generation"] = measure_generation(model, bench, settings, progress)
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:,.1f} MiB"
+
+
+def _num(value: float) -> str:
+    return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.1f}"
+
+
+def render(result: dict[str, Any]) -> str:
+    machine, training, compute = result["machine"], result["training"], result["compute"]
+    lines = ["# LoRA training and sampling benchmark", "", "| | |", "|---|---|"]
+    device = machine["gpu"] if machine["gpu"] else f"CPU ({machine['torch_threads']} torch threads)"
+    facts = [("date", result["date"]), ("device", device), ("CPU", f"{machine['cpu']} ({machine['cpu_cores']} cores)"),
+             ("torch", result["versions"]["torch"]), ("diffusers", result["versions"]["diffusers"]),
+             ("model", f"{result['model']}: {result['model_source']}"),
+             ("parameters", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in result["parameters"].items())),
+             ("dtype", result["dtype"] + (" (autocast)" if result["autocast"] else "")),
+             ("resolution", f"{result['resolution']} px"), ("training batch size", result["batch_size"]),
+             ("LoRA", f"rank {result['lora']['rank']}, alpha {result['lora']['alpha']}, {'/'.join(result['lora']['targets'])}"),
+             ("levers", ", ".join(k for k, v in result["levers"].items() if v) or "none"),
+             ("timing", f"{training['steps_per_repeat']} steps x {training['repeats']} alternating repeats per loop, "
+                        f"{training['warmup_steps']} warm-up steps each")]
+    lines += [f"| {k} | {v} |" for k, v in facts]
+
+    peak = compute["matmul_peak"]
+    lines += ["", f"## Training (batch {result['batch_size']}, {result['resolution']} px, {result['dtype']})", "",
+              "| loop | images/s (median) | per repeat | s/step | TFLOP/image (counted) | achieved TFLOP/s | of matmul peak |",
+              "|---|---|---|---|---|---|---|"]
+    names = {"ours": "ours (cached latents + embeddings)", "reference": "reference (VAE + text encoder every step)"}
+    for loop in ("ours", "reference"):
+        row = training[loop]
+        lines.append(f"| {names[loop]} | {_num(row['images_per_second'])} | "
+                     + " ".join(_num(v) for v in row["per_repeat_images_per_second"])
+                     + f" | {row['seconds_per_step']:.4f} | {row['tflop_per_image']:.4g} | {row['achieved_tflops']:.4g} | "
+                     f"{100 * row['fraction_of_matmul_peak']:.1f}% |")
+    lines += ["", f"Speed-up ours / reference, median of per-repeat ratios: **{training['speedup']:.2f}x** "
+                  f"(ratios {' '.join(f'{r:.2f}' for r in training['per_repeat_ratios'])}). "
+                  f"Ours' one-time cache of {training['cached_images']} images took {training['one_time_cache_seconds']:.2f} s "
+                  "(not in the timed loop).",
+              f"Matmul peak: {peak['tflops']:.3g} TFLOP/s ({peak['size']}^3 {peak['dtype']} torch.matmul). "
+              f"FLOPs: {compute['flop_counter']}; shared/REFERENCES.md gives "
+              f"{REFERENCE_TFLOP_PER_IMAGE['ours']} (cached) and {REFERENCE_TFLOP_PER_IMAGE['reference']} (VAE every step) "
+              "TFLOP/image for SD 1.5 at 512 px."]
+
+    if "generation" in result:
+        lines += ["", f"## Generation (CFG {GUIDANCE}, {SCHEDULER}, VAE decode included, LoRA attached)", "",
+                  "| steps | batch | images/s | s/batch |", "|---|---|---|---|"]
+        for row in result["generation"]:
+            lines.append(f"| {row['steps']} | {row['batch_size']} | {_num(row['images_per_second'])} | {row['seconds_per_batch']:.3f} |")
+    if "memory" in result:
+        lines += ["", "## Peak memory of a training step (batch 1)", "",
+                  "| loop | gradient checkpointing | GPU peak allocated | GPU above resident | CPU RSS peak delta |",
+                  "|---|---|---|---|---|"]
+        for row in result["memory"]["rows"]:
+            lines.append(f"| {row['loop']} | {'on' if row['gradient_checkpointing'] else 'off'} | "
+                         f"{_mib(row['gpu_peak_allocated_bytes'])} | {_mib(row['gpu_peak_above_resident_bytes'])} | "
+                         f"{_mib(row['cpu_rss_peak_delta_bytes'])} |")
+        lines += ["", f"Note: {result['memory']['note']}."]
+    return "\n".join(lines)
+
+
+def finite(value: Any) -> Any:
+    """NaN and infinities (a diverged random-weight fp16 loss, say) as null: strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
+def speedup_line(result: dict[str, Any]) -> str:
+    return f"train speed-up vs reference: {result['training']['speedup']:.2f}x"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = benchmark(args)
+    except BenchmarkError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.json.with_name(args.json.name + ".partial")
+        partial.write_text(json.dumps(finite(result), indent=2, allow_nan=False) + "\n")
+        os.replace(partial, args.json)
+    print(render(result))
+    print(speedup_line(result))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
