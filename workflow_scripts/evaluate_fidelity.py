@@ -654,8 +654,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("results/evaluation"))
     parser.add_argument("--device", default=None, help="cuda, cuda:0 or cpu (default: cuda if available)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--allow-download", action="store_true",
-                        help="download missing Inception weights to the torch hub cache, as pytorch-fid does")
+    parser.add_argument("--download", dest="allow_download", action=argparse.BooleanOptionalAction, default=True,
+                        help="download missing Inception weights to the torch hub cache where the network allows, "
+                             "as pytorch-fid does (checked against the published hash either way)")
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from workflow_scripts.base_model import ModelNotFoundError, load_pipeline
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
 from workflow_scripts.faults import maybe_fail
-from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, load_split, make_prompt
+from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, load_split, make_prompt, read_csv_checked
 
 RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint"]
 PLAN_COLUMNS = ["key", "labels", "prompt", "count"]
@@ -115,15 +115,7 @@ def read_generation_results(csv_path: str | Path) -> pd.DataFrame:
     working directory) or, failing that, relative to the CSV's folder. Raises DataError naming the
     line of an image that is missing."""
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DataError(f"{csv_path}: synthetic image list not found; run the generation stage first")
-    try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{csv_path}: the file is empty (expected a header and one row per synthetic image)") from None
-    missing = [column for column in ("file", "labels") if column not in frame.columns]
-    if missing:
-        raise DataError(f"{csv_path}: missing column(s) {missing}; found {list(frame.columns)}")
+    frame = read_csv_checked(csv_path, ["file", "labels"], "synthetic image list", "; run the generation stage first")
     paths = []
     for line, file in enumerate(frame["file"], start=2):
         found = next((path for path in (Path(file), csv_path.parent / file) if path.is_file()), None)

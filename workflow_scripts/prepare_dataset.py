@@ -44,9 +44,11 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_label_file(csv_path: Path, required: Sequence[str], format_name: str) -> pd.DataFrame:
+def read_csv_checked(csv_path: Path, required: Sequence[str], what: str, hint: str = "") -> pd.DataFrame:
+    """A CSV as strings, refused with the file named when missing, empty, unreadable or short of
+    `required` columns (`hint` says which format was expected)."""
     if not csv_path.is_file():
-        raise DataError(f"{csv_path}: label file not found (dataset.csv)")
+        raise DataError(f"{csv_path}: {what} not found{hint}")
     try:
         frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
@@ -55,10 +57,13 @@ def _read_label_file(csv_path: Path, required: Sequence[str], format_name: str) 
         raise DataError(f"{csv_path}: not a readable CSV ({error})") from None
     missing = [column for column in required if column not in frame.columns]
     if missing:
-        raise DataError(
-            f"{csv_path}: missing column(s) {missing}; found {list(frame.columns)}. "
-            f"dataset.format '{format_name}' expects {list(required)}"
-        )
+        raise DataError(f"{csv_path}: missing column(s) {missing}; found {list(frame.columns)}{hint}")
+    return frame
+
+
+def _read_label_file(csv_path: Path, required: Sequence[str], format_name: str) -> pd.DataFrame:
+    frame = read_csv_checked(csv_path, required, "label file (dataset.csv)",
+                             f". dataset.format '{format_name}' expects {list(required)}")
     if frame.empty:
         raise DataError(f"{csv_path}: no rows below the header")
     # Line numbers as a user sees them in an editor: header is line 1.
@@ -375,12 +380,7 @@ def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     path = Path(data_dir) / f"{split}.csv"
-    if not path.is_file():
-        raise DataError(f"{path}: not found; run the prepare_dataset rule first")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [column for column in SPLIT_COLUMNS if column not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; re-run prepare_dataset")
+    frame = read_csv_checked(path, SPLIT_COLUMNS, f"{split} split", "; run (or re-run) the prepare_dataset rule")
     wrong = frame[frame["split"] != split]
     if not wrong.empty:
         raise DataError(f"{path} line {wrong.index[0] + 2}: row of split {wrong.iloc[0]['split']!r} in the {split} file")
