@@ -203,3 +203,30 @@ def test_gpu_only_options_fail_clearly_on_cpu(setup, override: str, message: str
 def test_bf16_mixed_precision_trains_on_cpu(setup) -> None:
     summary = run(setup, setup["root"] / "bf16", "training.mixed_precision=bf16", "training.max_train_steps=2")
     assert summary["mixed_precision"] == "bf16" and summary["final_loss"] == summary["final_loss"]  # not NaN
+
+
+def test_data_parallel_training_with_two_processes_trains_and_resumes(setup) -> None:
+    """The multi-GPU path (DDP: sharded batches, main-process checkpoints, broadcast resume choice),
+    run with two CPU processes (gloo) under torchrun."""
+    import subprocess
+    import sys
+
+    config = make_train_config(setup)
+    config_file = setup["root"] / "ddp_config.json"
+    config_file.write_text(json.dumps(config))
+    out = setup["root"] / "ddp"
+
+    def launch(steps: int) -> dict[str, Any]:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "workflow_scripts.train_lora",
+                   "--config", str(config_file), "--set", f"training.max_train_steps={steps}", "--data-dir", str(setup["root"] / "data"),
+                   "--output-dir", str(out), "--tiny-dir", str(setup["tiny"])]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                                env={**__import__("os").environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((out / "final" / "training_summary.json").read_text())
+
+    first = launch(2)
+    assert first["processes"] == 2 and first["images_seen"] == 2 * 2 * config["training"]["train_batch_size"]
+    resumed = launch(4)
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 4
+    assert resumed["images_seen"] == 4 * 2 * config["training"]["train_batch_size"]

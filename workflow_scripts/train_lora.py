@@ -499,11 +499,13 @@ def _train(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: P
         return value
 
     unet.train()
+    order_epoch, order = -1, None
     while position.micro_step < total_micro:
         epoch, slot = divmod(position.micro_step, batches_per_epoch)
-        order = epoch_order(num_images, training["seed"], epoch)
+        if epoch != order_epoch:  # once per epoch, kept on the device: no per-step host work
+            order, order_epoch = epoch_order(num_images, training["seed"], epoch).to(device), epoch
         start = (slot * world + rank) * batch
-        indices = order[start:start + batch].to(device)
+        indices = order[start:start + batch]
         generator = step_generator(training["seed"], position.micro_step, rank, device)
 
         with accelerator.accumulate(*trained.values()):
