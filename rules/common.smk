@@ -1,6 +1,9 @@
 # Shared helpers: config validation and how each stage's command line gets the configuration.
+import os
 import shlex
 import sys
+
+from snakemake.exceptions import WorkflowError
 
 # Stage logic lives in the workflow_scripts package. This process imports it for validation;
 # jobs run it as `python -m workflow_scripts.<stage>`, from any working directory.
@@ -11,6 +14,13 @@ from workflow_scripts.config import load_config, overrides_between, validate_con
 
 # Friendly messages for every bad key, then snakemake.utils.validate fills in the defaults.
 validate_config(config)
+
+DEMO_CSV = "results/demo_data/Data_Entry_2017.csv"  # made by the demo_dataset rule
+if config["dataset"]["csv"] != DEMO_CSV and not os.path.isfile(config["dataset"]["csv"]):
+    raise WorkflowError(
+        f"dataset.csv: {config['dataset']['csv']} not found. Point dataset.csv and dataset.images at your "
+        "dataset (README: 'Using a real dataset'), or run the demo with the default config/config.yaml."
+    )
 
 
 def stage_config_args():

@@ -249,3 +249,9 @@ def test_real_nih_images_prepare_with_balancing(tmp_path: Path) -> None:
     assert summary["train_images_before_balance"] > summary["images"]["train"]
     # Rare NIH labels (Edema 9, Hernia 10 images) reach the test split thanks to the stratified split.
     assert {"Edema", "Hernia"} <= set(summary["label_counts"]["test"])
+    # The real radiographs load through the training Dataset as the model will see them.
+    from workflow_scripts.verify_dataset import verify
+
+    config["verify"].update(max_images=24, contact_sheet_images=4)
+    report = verify(config, tmp_path / "out")
+    assert report["tensor_shape"] == [3, 64, 64] and -1.0 <= report["min"] < report["max"] <= 1.0

@@ -123,6 +123,13 @@ def test_dry_run_and_lint_of_the_default_config_are_clean() -> None:
     assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
 
 
+def test_missing_real_dataset_stops_snakemake_with_a_pointer(tmp_path: Path) -> None:
+    (tmp_path / "micro.yaml").write_text("dataset: {csv: data/nih/Data_Entry_2017.csv, images: data/nih}\n")
+    result = snakemake(tmp_path, "-n", check=False)
+    assert result.returncode != 0
+    assert "dataset.csv: data/nih/Data_Entry_2017.csv not found" in result.stdout + result.stderr
+
+
 def test_bad_config_stops_snakemake_with_the_key(tmp_path: Path) -> None:
     (tmp_path / "micro.yaml").write_text("training: {mixed_precision: fp8}\n")
     result = snakemake(tmp_path, "-n", check=False)

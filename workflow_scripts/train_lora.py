@@ -75,6 +75,13 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: list[str]
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
 
 
+def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move to the device; cast only when the dtype changes (diffusers warns on every explicit cast)."""
+    model.to(device)
+    if next(model.parameters()).dtype != dtype:
+        model.to(dtype=dtype)
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach().cpu().clone() for name, param in model.named_parameters() if param.requires_grad}
 
@@ -400,13 +407,14 @@ def _train(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: P
     components = load_components(model_cfg["pretrained"], tiny_dir)
     torch.manual_seed(training["seed"])  # LoRA's gaussian init draws from the global generator
     unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
-    vae.requires_grad_(False).to(device, torch.float32)  # fp32: used once for encoding; SD's VAE overflows in fp16
+    vae.requires_grad_(False)
+    place(vae, device, torch.float32)  # fp32: used once for encoding; SD's VAE overflows in fp16
     add_lora(unet, model_cfg["lora_rank"], model_cfg["lora_alpha"], UNET_LORA_TARGETS)
-    unet.to(device, weight_dtype)
+    place(unet, device, weight_dtype)
     text_encoder.requires_grad_(False)
     if model_cfg["train_text_encoder"]:
         add_lora(text_encoder, model_cfg["lora_rank"], model_cfg["lora_alpha"], TEXT_LORA_TARGETS)
-    text_encoder.to(device, weight_dtype)
+    place(text_encoder, device, weight_dtype)
     trained = {"unet": unet, **({"text_encoder": text_encoder} if model_cfg["train_text_encoder"] else {})}
     for model in trained.values():
         for param in model.parameters():
