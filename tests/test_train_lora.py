@@ -192,6 +192,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup
 @pytest.mark.parametrize(("override", "message"), [
     ("training.use_8bit_adam=true", "use_8bit_adam needs a CUDA GPU"),
     ("training.mixed_precision=fp16", "fp16 needs a CUDA GPU"),
+    ("hardware.enable_xformers=true", "hardware.enable_xformers: .*set it to false"),
 ])
 def test_gpu_only_options_fail_clearly_on_cpu(setup, override: str, message: str) -> None:
     if torch.cuda.is_available():
@@ -230,3 +231,15 @@ def test_data_parallel_training_with_two_processes_trains_and_resumes(setup) -> 
     resumed = launch(4)
     assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 4
     assert resumed["images_seen"] == 4 * 2 * config["training"]["train_batch_size"]
+
+
+def test_optional_text_encoder_lora_is_trained_saved_and_loaded(setup) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    out = setup["root"] / "text_encoder"
+    run(setup, out, "model.train_text_encoder=true", "training.max_train_steps=2")
+    weights = final_weights(out)
+    assert any(name.startswith("text_encoder.") for name in weights) and any(name.startswith("unet.") for name in weights)
+    pipe = StableDiffusionPipeline.from_pretrained(setup["tiny"], safety_checker=None)
+    pipe.load_lora_weights(out / "final")
+    assert getattr(pipe.text_encoder, "peft_config", None)  # the text encoder got its LoRA back

@@ -296,6 +296,8 @@ def run(args: argparse.Namespace, config: dict[str, Any]) -> int:
         print(f"plan: {int(plan['count'].sum())} images over {len(plan)} label(s) -> {args.write_plan}")
         return 0
 
+    lora_checkpoint(args.checkpoint)  # a folder without LoRA weights fails first, before any data is read
+
     # Which keys, with what prompt and count.
     if args.prompt:
         match = re.fullmatch(re.escape(config["prompt"]["template"]).replace(r"\{labels\}", "(.+)"), args.prompt)
