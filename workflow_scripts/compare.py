@@ -25,13 +25,10 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
-from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, load_split
+from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, label_counts, load_split
+from workflow_scripts.train_classifier import class_names
 
 DEMO_CSV = "results/demo_data/Data_Entry_2017.csv"
-
-
-def classes_of(vocabulary: list[str]) -> list[str]:
-    return [label for label in vocabulary if label != "No Finding"]
 
 
 def auroc_columns(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -85,8 +82,8 @@ def percentile_ci(values: np.ndarray) -> tuple[float, float]:
 
 def rare_labels(train: pd.DataFrame, classes: list[str]) -> list[str]:
     """The third of the classes with the fewest real training images (at least one)."""
-    counts = {label: sum(label in labels.split(LABEL_JOIN) for labels in train["labels"]) for label in classes}
-    ordered = sorted(classes, key=lambda label: (counts[label], label))
+    counts = label_counts(train)
+    ordered = sorted(classes, key=lambda label: (counts.get(label, 0), label))
     return ordered[:max(1, math.ceil(len(classes) / 3))]
 
 
@@ -104,11 +101,13 @@ def comparison_table(runs: dict[int, list[dict[str, Any]]], classes: list[str], 
                      samples: dict[int, np.ndarray], fidelity: pd.DataFrame, audit: dict[str, Any],
                      lora: dict[str, Any]) -> pd.DataFrame:
     overall = fidelity[fidelity["label"] == "overall"].iloc[0]
+    # AUROC per label of every run on the whole test set, computed once.
+    aurocs = {ratio: np.array([auroc_columns(run["targets"], run["scores"]) for run in ratio_runs]) for ratio, ratio_runs in runs.items()}
+    seed_macros = {ratio: np.array([macro(row) for row in values]) for ratio, values in aurocs.items()}
     rows = []
     for ratio in sorted(runs):
         ratio_runs = runs[ratio]
-        seed_macros = np.array([macro(auroc_columns(run["targets"], run["scores"])) for run in ratio_runs])
-        per_label = np.nanmean([auroc_columns(run["targets"], run["scores"]) for run in ratio_runs], axis=0)
+        per_label = np.nanmean(aurocs[ratio], axis=0)
         ci_low, ci_high = percentile_ci(samples[ratio])
         delta_low, delta_high = percentile_ci(samples[ratio] - samples[0])
         row = {
@@ -116,11 +115,11 @@ def comparison_table(runs: dict[int, list[dict[str, Any]]], classes: list[str], 
             "seeds": len(ratio_runs),
             "real_train_images": ratio_runs[0]["metrics"]["n_real_train"],
             "synthetic_train_images": ratio_runs[0]["metrics"]["n_synthetic_train"],
-            "macro_auroc_mean": float(seed_macros.mean()),
-            "macro_auroc_std": float(seed_macros.std(ddof=1)) if len(seed_macros) > 1 else 0.0,
+            "macro_auroc_mean": float(seed_macros[ratio].mean()),
+            "macro_auroc_std": float(seed_macros[ratio].std(ddof=1)) if len(ratio_runs) > 1 else 0.0,
             "macro_auroc_ci_low": ci_low,
             "macro_auroc_ci_high": ci_high,
-            "delta_vs_0": float(seed_macros.mean() - np.mean([macro(auroc_columns(r["targets"], r["scores"])) for r in runs[0]])),
+            "delta_vs_0": float(seed_macros[ratio].mean() - seed_macros[0].mean()),
             "delta_ci_low": delta_low,
             "delta_ci_high": delta_high,
         }
@@ -244,7 +243,7 @@ def make_plots(table: pd.DataFrame, classes: list[str], rare: list[str], fidelit
 
 def compare(config: dict[str, Any], classifier_dir: Path, evaluation_dir: Path, lora_summary: Path, data_dir: Path,
             synthetic_csv: Path, out_dir: Path) -> pd.DataFrame:
-    classes = classes_of(config["dataset"]["labels"])
+    classes = class_names(config["dataset"]["labels"])
     settings = config["classifier"]
     runs = {ratio: [load_run(classifier_dir / f"ratio{ratio}_seed{seed}", classes) for seed in settings["seeds"]]
             for ratio in sorted(settings["ratios"])}

@@ -495,6 +495,17 @@ def _features(feature_fn: FeatureFn, paths: list[str], what: str) -> np.ndarray:
     return features
 
 
+def _frechet_noted(what: str, real: np.ndarray, syn: np.ndarray, notes: list[str]) -> float:
+    """The Fréchet distance of two feature sets; its warnings, and a warning when a set has fewer
+    images than feature dims (singular covariance), go into `notes`."""
+    value, extra = feature_frechet_distance(real, syn)
+    notes += [f"{what}: {note}" for note in extra]
+    smaller = min(len(real), len(syn))
+    if smaller < real.shape[1]:
+        notes.append(f"{what} {UNRELIABLE} ({smaller} < {real.shape[1]})")
+    return value
+
+
 def _score(
     name: str, real_mask: np.ndarray, syn_mask: np.ndarray, inception: tuple[np.ndarray, np.ndarray] | None,
     inception_status: str, domain: tuple[np.ndarray, np.ndarray], evaluation: dict[str, Any], extra_notes: list[str],
@@ -509,21 +520,14 @@ def _score(
         row.update(fid=too_few, kid_mean=too_few, kid_std=too_few, kid_subset_size=None)
     else:
         real, syn = inception[0][real_mask], inception[1][syn_mask]
-        row["fid"], fid_notes = feature_frechet_distance(real, syn)
-        notes += [f"fid: {note}" for note in fid_notes]
-        if min(n_real, n_syn) < real.shape[1]:
-            notes.append(f"fid {UNRELIABLE} ({min(n_real, n_syn)} < {real.shape[1]})")
+        row["fid"] = _frechet_noted("fid", real, syn, notes)
         row["kid_mean"], row["kid_std"], row["kid_subset_size"] = kernel_inception_distance(
             real, syn, evaluation["kid_subset_size"], evaluation["kid_subsets"], KID_SEED)
     if min(n_real, n_syn) < 2:
         row["domain_fd"] = float("nan")
         notes.append(f"domain_fd {too_few}")
     else:
-        real, syn = domain[0][real_mask], domain[1][syn_mask]
-        row["domain_fd"], fd_notes = feature_frechet_distance(real, syn)
-        notes += [f"domain_fd: {note}" for note in fd_notes]
-        if min(n_real, n_syn) < real.shape[1]:
-            notes.append(f"domain_fd {UNRELIABLE} ({min(n_real, n_syn)} < {real.shape[1]})")
+        row["domain_fd"] = _frechet_noted("domain_fd", domain[0][real_mask], domain[1][syn_mask], notes)
     row["notes"] = "; ".join(notes)
     return row
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from workflow_scripts.base_model import ModelNotFoundError, load_pipeline
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
 from workflow_scripts.faults import maybe_fail
-from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, load_split, make_prompt, read_csv_checked
+from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, label_counts, load_split, make_prompt, read_csv_checked
 
 RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint"]
 PLAN_COLUMNS = ["key", "labels", "prompt", "count"]
@@ -82,7 +82,7 @@ def generation_plan(config: dict[str, Any], train: pd.DataFrame) -> pd.DataFrame
     if settings["all_label_combinations"]:
         combos = sorted({labels for labels in train["labels"] if LABEL_JOIN in labels})
         groups += [labels.split(LABEL_JOIN) for labels in combos]
-    single_counts = Counter(label for labels in train["labels"] for label in labels.split(LABEL_JOIN))
+    single_counts = Counter(label_counts(train))
     combo_counts = Counter(train["labels"])
     rows = []
     for labels in groups:
