@@ -16,6 +16,10 @@ from workflow_scripts.config import load_config, overrides_between, validate_con
 validate_config(config)
 
 DEMO_CSV = "results/demo_data/Data_Entry_2017.csv"  # made by the demo_dataset rule
+if os.path.isdir(config["dataset"]["csv"]):
+    raise WorkflowError(f"dataset.csv: {config['dataset']['csv']} is a folder; point it at the label file itself.")
+if os.path.realpath(config["dataset"]["images"]) == os.path.sep:  # Snakemake would only say "Empty file path"
+    raise WorkflowError("dataset.images: '/' is the filesystem root; point it at the folder that holds the images.")
 if config["dataset"]["csv"] != DEMO_CSV and not os.path.isfile(config["dataset"]["csv"]):
     raise WorkflowError(
         f"dataset.csv: {config['dataset']['csv']} not found. Point dataset.csv and dataset.images at your "

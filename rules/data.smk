@@ -36,6 +36,7 @@ rule prepare_dataset:
         settings=config_sections("dataset", "split", "balance", "prompt"),
         stage_config=STAGE_CONFIG,
         out_dir=lambda wildcards, output: os.path.dirname(output.train),
+    threads: workflow.cores  # image decoding runs in this many processes (Snakemake caps it at --cores)
     log:
         "logs/prepare_dataset/prepare_dataset.log",
     benchmark:
@@ -43,7 +44,8 @@ rule prepare_dataset:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.prepare_dataset {params.stage_config} --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m workflow_scripts.prepare_dataset {params.stage_config} --out-dir {params.out_dir}"
+        " --workers {threads} > {log} 2>&1"
 
 
 rule verify_dataset:

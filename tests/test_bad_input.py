@@ -28,7 +28,7 @@ def stage_flags(csv: Path, images: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("kind", ["missing image", "truncated image", "zero-byte image", "unknown label",
                                   "missing column", "empty csv", "header only", "duplicate rows"])
 def test_prepare_cli_names_the_culprit(tmp_path: Path, kind: str, capsys) -> None:
-    csv, images = make_nih_dataset(tmp_path / "user", num_patients=12, films=1)
+    csv, images = make_nih_dataset(tmp_path / "user", num_patients=16, films=1)
     pattern = break_dataset(kind, csv.parent)
     before = tree_checksum(csv.parent)
     code = prepare_dataset.main([*stage_flags(csv, images), "--out-dir", str(tmp_path / "out")])
@@ -40,7 +40,7 @@ def test_prepare_cli_names_the_culprit(tmp_path: Path, kind: str, capsys) -> Non
 
 
 def test_skip_policy_reports_instead_of_stopping(tmp_path: Path) -> None:
-    csv, images = make_nih_dataset(tmp_path / "user", num_patients=12, films=1)
+    csv, images = make_nih_dataset(tmp_path / "user", num_patients=16, films=1)
     break_dataset("truncated image", csv.parent)
     code = prepare_dataset.main([*stage_flags(csv, images, "--set", "dataset.on_bad_image=skip"), "--out-dir", str(tmp_path / "out")])
     assert code == 0
@@ -49,10 +49,11 @@ def test_skip_policy_reports_instead_of_stopping(tmp_path: Path) -> None:
 
 
 def test_16_bit_rgba_and_monochrome1_dicom_are_read_not_refused(tmp_path: Path) -> None:
-    csv, images = make_nih_dataset(tmp_path / "user", num_patients=12, films=1)
+    csv, images = make_nih_dataset(tmp_path / "user", num_patients=16, films=1)
     names = sorted(p.name for p in images.glob("*.png"))
     Image.fromarray((np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 2)).save(images / names[0])  # 16-bit
-    Image.new("RGBA", (40, 40), (90, 90, 90, 128)).save(images / names[1])
+    Image.fromarray(np.dstack([np.tile(np.arange(40, dtype=np.uint8) * 5, (40, 1))] * 3 + [np.full((40, 40), 128, np.uint8)]),
+                    "RGBA").save(images / names[1])
     write_dicom(tmp_path / "m1.dcm", monochrome1=True)
     write_dicom(tmp_path / "m2.dcm", monochrome1=False)
     inverted, plain = np.asarray(read_xray(tmp_path / "m1.dcm"), int), np.asarray(read_xray(tmp_path / "m2.dcm"), int)
@@ -68,7 +69,7 @@ def test_16_bit_rgba_and_monochrome1_dicom_are_read_not_refused(tmp_path: Path) 
 
 
 def test_verify_refuses_a_patient_in_two_splits(tmp_path: Path, capsys) -> None:
-    csv, images = make_nih_dataset(tmp_path / "user", num_patients=12, films=1)
+    csv, images = make_nih_dataset(tmp_path / "user", num_patients=16, films=1)
     out = tmp_path / "out"
     assert prepare_dataset.main([*stage_flags(csv, images), "--out-dir", str(out)]) == 0
     train, test = pd.read_csv(out / "train.csv", dtype=str), pd.read_csv(out / "test.csv", dtype=str)

@@ -66,7 +66,7 @@ CHEXPERT_VOCAB = ["Cardiomegaly", "Edema", "Pleural Effusion", "No Finding"]
 
 @pytest.mark.parametrize(("policy", "expected", "skipped"), [
     ("positive", [["Cardiomegaly", "Edema"], ["No Finding"], ["Edema"]], 0),
-    ("negative", [["Cardiomegaly"], ["No Finding"]], 1),  # patient 3 has no positive left
+    ("negative", [["Cardiomegaly"], ["No Finding"], ["No Finding"]], 0),  # patient 3: a negative, kept
     ("exclude", [["No Finding"]], 2),
 ])
 def test_chexpert_uncertain_policy_and_frontal_filter(tmp_path: Path, policy: str, expected, skipped: int) -> None:
@@ -90,15 +90,16 @@ def test_generic_csv_with_dicom_16bit_and_rgba_images(tmp_path: Path) -> None:
     images = tmp_path / "imgs"
     write_png(images / "a.png", 1)
     Image.fromarray(np.linspace(0, 4095, 40 * 40).astype(np.uint16).reshape(40, 40)).save(images / "b16.png")
-    Image.new("RGBA", (40, 40), (120, 120, 120, 255)).save(images / "c_rgba.png")
+    Image.fromarray(np.stack([np.tile(np.arange(40, dtype=np.uint8) * 6, (40, 1))] * 3 + [np.full((40, 40), 255, np.uint8)], -1),
+                    "RGBA").save(images / "c_rgba.png")
     write_dicom(images / "d.dcm", monochrome1=True)
     rows = ["file,findings,subject"] + [f"{name},Nodule;Fibrosis,p{i}" for i, name in enumerate(["a.png", "b16.png", "c_rgba.png", "d.dcm"])]
     rows += [f"a{i}.png,No Finding,q{i}" for i in range(6)]
     for i in range(6):
         write_png(images / f"a{i}.png", 10 + i)
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    config = make_config({"format": "csv", "csv": str(tmp_path / "labels.csv"), "images": str(images), "labels": VOCAB,
-                          "path_column": "file", "labels_column": "findings", "label_separator": ";", "patient_column": "subject"})
+    config = make_config({"format": "csv", "csv": str(tmp_path / "labels.csv"), "images": str(images),
+                          "labels": ["Nodule", "Fibrosis", "No Finding"], "path_column": "file", "labels_column": "findings", "label_separator": ";", "patient_column": "subject"})
     summary = prepare(config, tmp_path / "out")
     assert sum(summary["images"].values()) == 10
     everything = pd.concat([load_split(tmp_path / "out", split) for split in ("train", "val", "test")])
@@ -166,13 +167,13 @@ def test_prepare_writes_splits_with_prompts_and_never_touches_user_data(nih_conf
 
 
 def test_nested_nih_image_folders_are_found(tmp_path: Path) -> None:
-    csv, images = make_nih_dataset(tmp_path / "nih", num_patients=12, films=1)
+    csv, images = make_nih_dataset(tmp_path / "nih", num_patients=16, films=1)
     nested = images / "images_001" / "images"
     nested.mkdir(parents=True)
     for png in images.glob("*.png"):
         png.rename(nested / png.name)
     summary = prepare(make_config({"csv": str(csv), "images": str(images), "labels": VOCAB}), tmp_path / "out")
-    assert sum(summary["images"].values()) == 12
+    assert sum(summary["images"].values()) == 16
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -199,7 +200,7 @@ def test_cli_reports_error_without_traceback_and_exit_2(tmp_path: Path, capsys) 
 
 
 def test_skip_policy_leaves_bad_images_out_with_a_report(tmp_path: Path) -> None:
-    csv, images = make_nih_dataset(tmp_path / "nih", num_patients=12, films=2)
+    csv, images = make_nih_dataset(tmp_path / "nih", num_patients=16, films=2)
     victims = sorted(images.glob("*.png"))[:2]
     victims[0].unlink()
     victims[1].write_bytes(victims[1].read_bytes()[:100])
@@ -210,7 +211,7 @@ def test_skip_policy_leaves_bad_images_out_with_a_report(tmp_path: Path) -> None
     report = pd.read_csv(tmp_path / "out" / "skipped.csv")
     assert sorted(report["path"]) == sorted(v.name for v in victims)
     assert report["reason"].str.contains("not found").any() and report["reason"].str.contains("truncated|corrupt").any()
-    assert summary["skipped"] == 2 and sum(summary["images"].values()) == 22
+    assert summary["skipped"] == 2 and sum(summary["images"].values()) == 30
 
 
 def test_a_patient_in_two_splits_is_refused(tmp_path: Path, nih_config) -> None:

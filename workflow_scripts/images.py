@@ -20,7 +20,10 @@ Conversion rules
   MONOCHROME1 is inverted so it looks like MONOCHROME2, then scaled to 8 bits.
   When a window / VOI LUT is applied the 8-bit scale spans the window's output
   range (values outside the window saturate at 0/255); otherwise the data's own
-  min..max.  Multi-frame DICOM is rejected (not a single radiograph).
+  min..max.  Multi-frame DICOM and animated PNG are rejected (not a single radiograph).
+
+``check_image`` adds what a model needs on top of readability: both sides at least
+``min_side`` pixels, and not one constant grey (a blank or all-black placeholder).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-__all__ = ["BadImageError", "SUPPORTED_SUFFIXES", "is_dicom", "read_xray", "check_image"]
+__all__ = ["BadImageError", "MIN_SIDE", "SUPPORTED_SUFFIXES", "is_dicom", "read_xray", "check_image", "usability_problem"]
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 _PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -40,6 +43,7 @@ _DICOM_SUFFIXES = (".dcm", ".dicom")
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 _FIX_HINT = "re-export or re-download the file, or remove it from the input folder"
+MIN_SIDE = 32  # default of dataset.min_image_side
 
 
 class BadImageError(ValueError):
@@ -64,12 +68,26 @@ def is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def check_image(path: str | Path) -> str | None:
-    """None if ``read_xray`` succeeds, else the reason (the error message)."""
+def check_image(path: str | Path, min_side: int = MIN_SIDE) -> str | None:
+    """None if the file reads (``read_xray``) as an image a model can learn from, else the reason
+    (the error message)."""
     try:
-        read_xray(path)
+        image = read_xray(path)
     except BadImageError as err:
         return str(err)
+    return usability_problem(image, path, min_side)
+
+
+def usability_problem(image: Image.Image, path: str | Path, min_side: int = MIN_SIDE) -> str | None:
+    """Why a readable 8-bit image is no radiograph to train on (too small, one constant grey), or None."""
+    width, height = image.size
+    if min(width, height) < min_side:
+        return str(BadImageError(path, f"image is {width}x{height} px, smaller than the minimum side of {min_side} px "
+                                       "(dataset.min_image_side)", "use the full-size image, or remove the row"))
+    low, high = image.getextrema()
+    if low == high:
+        return str(BadImageError(path, f"constant image (every pixel is {low}): no anatomy to learn from",
+                                 "re-export the image; a blank placeholder is not a radiograph"))
     return None
 
 
@@ -124,9 +142,15 @@ def _read_pil(path: str | Path) -> Image.Image:
                 probe.verify()
             fh.seek(0)
             with Image.open(fh, formats=["PNG", "JPEG"]) as im:
+                frames = getattr(im, "n_frames", 1)
+                if im.format == "PNG" and frames > 1:  # APNG: PIL would silently give frame 0
+                    raise BadImageError(path, f"animated PNG ({frames} frames), not a single radiograph",
+                                        "export the single radiograph frame as its own file")
                 im.load()  # force full decode while the file is open
                 im = ImageOps.exif_transpose(im)
                 return _pil_to_l(im)
+    except BadImageError:
+        raise
     except UnidentifiedImageError as err:
         raise BadImageError(path, "corrupt or not a PNG/JPEG image (content not recognised)") from err
     except Image.DecompressionBombError as err:

@@ -5,7 +5,7 @@
 Loads the training split through `XrayPromptDataset` (the class training uses) and writes
 `verify_report.json`, a readable `verify_report.md` and `verify_contact_sheet.png` (samples
 captioned with their prompts). Exits non-zero with a clear message when the data cannot be used:
-a patient in two splits, an unreadable image, tensors of the wrong shape or range.
+a patient in two splits, one file listed twice, an unreadable image, tensors of the wrong shape or range.
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ from tqdm import tqdm
 
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
 from workflow_scripts.images import BadImageError
-from workflow_scripts.prepare_dataset import SPLITS, DataError, assert_patient_disjoint, label_counts, load_split
+from workflow_scripts.prepare_dataset import (
+    SPLITS,
+    DataError,
+    assert_files_disjoint,
+    assert_patient_disjoint,
+    label_counts,
+    load_split,
+)
 from workflow_scripts.xray_dataset import XrayPromptDataset
 
 
@@ -79,6 +86,7 @@ def verify(config: dict[str, Any], data_dir: Path) -> dict[str, Any]:
     resolution = config["model"]["resolution"]
     splits = {name: load_split(data_dir, name) for name in SPLITS}
     assert_patient_disjoint(splits)
+    assert_files_disjoint(splits)
     if splits["train"].empty:
         raise DataError(f"{data_dir / 'train.csv'}: no training images")
 

@@ -1,0 +1,291 @@
+"""Reading label files (NIH ChestX-ray14, CheXpert, generic CSV) into one checked frame.
+
+Every reader returns one row per image with `row` (the line in the user's file, header = line 1),
+`image` (the path as written), `labels` (list), `patient`, and `sex` / `age` where the source has
+them. Bad rows raise `DataError` naming the file, line and value at fault.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+SKIP_COLUMNS = ["source", "row", "path", "reason"]
+NIH_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
+NIH_DEMOGRAPHICS = ("Patient Gender", "Patient Age")
+CHEXPERT_DEMOGRAPHICS = ("Sex", "Age")
+CHEXPERT_PATIENT = re.compile(r"(patient\d+)")
+NIH_IMAGE_NAME = re.compile(r"^(\d+)_\d+\.png$", re.IGNORECASE)  # 00000075_000.png: patient 75, film 0
+DEMOGRAPHIC_COLUMNS = ("sex", "age")
+NO_FINDING = "No Finding"
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as it is; the message names the file and row at fault."""
+
+
+def note(message: str, notes: list[str] | None) -> None:
+    """A warning the user should see (stderr) and that the summary keeps."""
+    print(f"note: {message}", file=sys.stderr)
+    if notes is not None:
+        notes.append(message)
+
+
+# ----------------------------------------------------------------------------- CSV
+
+
+def read_csv_checked(
+    csv_path: Path, required: Sequence[str], what: str, hint: str = "", keep_blank_lines: bool = False
+) -> pd.DataFrame:
+    """A CSV as strings, refused with the file named when missing, a folder, empty, unreadable or
+    short of `required` columns (`hint` says which format was expected). With `keep_blank_lines`,
+    blank lines stay as rows of empty strings, so row i is line i + 2 of the file."""
+    if csv_path.is_dir():
+        raise DataError(f"{csv_path}: is a folder, not a CSV file ({what}); point it at the file itself")
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: {what} not found{hint}")
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skip_blank_lines=not keep_blank_lines)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{csv_path}: the file is empty (expected a header and one row per image)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise DataError(f"{csv_path}: not a readable CSV ({error})") from None
+    missing = [column for column in required if column not in frame.columns]
+    if missing:
+        raise DataError(f"{csv_path}: missing column(s) {missing}; found {list(frame.columns)}{hint}")
+    return frame
+
+
+def _read_label_file(csv_path: Path, required: Sequence[str], format_name: str, notes: list[str] | None) -> pd.DataFrame:
+    frame = read_csv_checked(csv_path, required, "label file (dataset.csv)",
+                             f". dataset.format '{format_name}' expects {list(required)}", keep_blank_lines=True)
+    # Line numbers as a user sees them in an editor (header is line 1), counted before blank lines
+    # are dropped so that messages point at the right line.
+    frame.insert(0, "row", np.arange(2, len(frame) + 2))
+    blank = (frame.drop(columns="row").apply(lambda column: column.str.strip()) == "").all(axis=1)
+    if blank.any():
+        inner = frame["row"][blank & (frame.index < np.flatnonzero(~blank).max(initial=-1))].tolist()
+        if inner:
+            note(f"{csv_path}: {len(inner)} blank line(s) ignored (first: line {inner[0]})", notes)
+        frame = frame[~blank].reset_index(drop=True)
+    if frame.empty:
+        raise DataError(f"{csv_path}: no rows below the header")
+    return frame
+
+
+def _split_labels(cell: str, separator: str) -> list[str]:
+    return [label.strip() for label in cell.split(separator) if label.strip()]
+
+
+# ----------------------------------------------------------------------------- demographics
+
+
+def normalise_sex(value: str) -> str:
+    """'M' / 'F' from M, F, Male, Female (any case); '' when unknown or anything else."""
+    value = str(value).strip().lower()
+    return {"m": "M", "male": "M", "f": "F", "female": "F"}.get(value, "")
+
+
+def normalise_age(value: str) -> str:
+    """Integer years as text ('68', from 68, 68.0 or NIH's older '068Y'); '' when unknown or out of
+    0..120 (the NIH file holds a few impossible ages such as 412)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*[yY]?\s*", str(value))
+    if not match:
+        return ""
+    years = int(float(match.group(1)))
+    return str(years) if 0 <= years <= 120 else ""
+
+
+def _demographics(frame: pd.DataFrame, sex_column: str | None, age_column: str | None) -> dict[str, list[str]]:
+    columns = {}
+    if sex_column and sex_column in frame.columns:
+        columns["sex"] = [normalise_sex(value) for value in frame[sex_column]]
+    if age_column and age_column in frame.columns:
+        columns["age"] = [normalise_age(value) for value in frame[age_column]]
+    return columns
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def _nih_patient(csv_path: Path, row: int, image: str, patient_id: str) -> str:
+    """The NIH patient id as a number without leading zeros (`00029548` and `29548` are one
+    patient), cross-checked with the patient number in the image name."""
+    if not re.fullmatch(r"\d+", patient_id):
+        raise DataError(f"{csv_path} line {row} ({image}): Patient ID {patient_id!r} is not a number; "
+                        "NIH patient ids are numeric")
+    patient = str(int(patient_id))
+    match = NIH_IMAGE_NAME.match(Path(image).name)
+    if match and str(int(match.group(1))) != patient:
+        raise DataError(f"{csv_path} line {row} ({image}): the image name says patient {int(match.group(1))} "
+                        f"but Patient ID is {patient_id}; correct the row")
+    return patient
+
+
+def read_nih(csv_path: Path, notes: list[str] | None = None) -> pd.DataFrame:
+    frame = _read_label_file(csv_path, NIH_COLUMNS, "nih", notes)
+    images = frame["Image Index"].str.strip()
+    return pd.DataFrame({
+        "row": frame["row"],
+        "image": images,
+        "labels": [_split_labels(cell, "|") for cell in frame["Finding Labels"]],
+        "patient": [_nih_patient(csv_path, row, image, patient.strip()) if patient.strip() else ""
+                    for row, image, patient in zip(frame["row"], images, frame["Patient ID"])],
+        **_demographics(frame, *NIH_DEMOGRAPHICS),
+    })
+
+
+def _chexpert_labels(
+    csv_path: Path, record: pd.Series, vocabulary: Sequence[str], uncertain_policy: str
+) -> tuple[list[str], list[str]]:
+    """(positive labels, uncertain labels) of one CheXpert row."""
+    values = {label: record[label].strip() for label in vocabulary}
+    bad = {label: value for label, value in values.items() if value not in ("", "1", "0", "-1", "1.0", "0.0", "-1.0")}
+    if bad:
+        raise DataError(f"{csv_path} line {record['row']}: unexpected value(s) {bad}; CheXpert uses 1, 0, -1 or blank")
+    positive = [label for label, value in values.items() if value in ("1", "1.0")]
+    uncertain = [label for label, value in values.items() if value in ("-1", "-1.0")]
+    if uncertain and uncertain_policy == "positive":
+        positive = [label for label in vocabulary if label in positive or label in uncertain]
+    if NO_FINDING in positive and len(positive) > 1:
+        positive.remove(NO_FINDING)  # a finding wins over a contradictory "No Finding"
+    return positive, uncertain
+
+
+def read_chexpert(
+    csv_path: Path, vocabulary: Sequence[str], uncertain_policy: str, frontal_only: bool,
+    notes: list[str] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """CheXpert: one column per observation, 1 positive, 0 negative, -1 uncertain, blank unmentioned.
+
+    An image with no positive label of the vocabulary is a negative: it keeps its place (in val and
+    test too) labelled "No Finding" when that label is in the vocabulary, and is skipped with a
+    report otherwise. Lateral views are left out by design with `frontal_only` (counted in a note)."""
+    frame = _read_label_file(csv_path, ["Path", *vocabulary], "chexpert", notes)
+    skipped = []
+    keep = np.ones(len(frame), dtype=bool)
+    if frontal_only and "Frontal/Lateral" in frame.columns:
+        keep &= (frame["Frontal/Lateral"].str.strip().str.lower() == "frontal").to_numpy()
+        if (~keep).any():
+            note(f"{csv_path}: {int((~keep).sum())} of {len(frame)} rows are lateral views, left out "
+                 "(dataset.frontal_only: true)", notes)
+    if not keep.any():
+        raise DataError(f"{csv_path}: all {len(frame)} rows are lateral views (column Frontal/Lateral) and "
+                        "dataset.frontal_only is true, so no image is left; set dataset.frontal_only: false "
+                        "or use a label file with frontal views")
+    labels_per_row = []
+    for index, record in frame.iterrows():
+        positive, uncertain = _chexpert_labels(csv_path, record, vocabulary, uncertain_policy)
+        if uncertain and uncertain_policy == "exclude" and keep[index]:
+            keep[index] = False
+            skipped.append((record["row"], record["Path"], f"uncertain label(s) {uncertain} (dataset.uncertain_policy: exclude)"))
+        if not positive and NO_FINDING in vocabulary:
+            positive = [NO_FINDING]  # a negative for every label of the vocabulary
+        if not positive and keep[index]:
+            keep[index] = False
+            skipped.append((record["row"], record["Path"], "no positive label in dataset.labels and 'No Finding' "
+                                                           "is not in dataset.labels (add it to keep negatives)"))
+        labels_per_row.append(positive)
+    paths = frame["Path"].str.strip()
+    matches = [CHEXPERT_PATIENT.search(path) for path in paths]
+    orphans = [row for row, match, kept in zip(frame["row"], matches, keep) if kept and not match]
+    if orphans:
+        note(f"{csv_path}: {len(orphans)} path(s) have no patientNNNNN folder (first: line {orphans[0]}); each "
+             "counts as its own patient, so follow-up films of one patient may land in different splits", notes)
+    result = pd.DataFrame({
+        "row": frame["row"],
+        "image": paths,
+        "labels": labels_per_row,
+        "patient": [match.group(1) if match else path for match, path in zip(matches, paths)],
+        **_demographics(frame, *CHEXPERT_DEMOGRAPHICS),
+    })[keep].reset_index(drop=True)
+    return result, skip_frame(csv_path, skipped)
+
+
+def read_generic_csv(csv_path: Path, dataset: dict[str, Any], notes: list[str] | None = None) -> pd.DataFrame:
+    path_column, labels_column, patient_column = dataset["path_column"], dataset["labels_column"], dataset["patient_column"]
+    if patient_column is None and not dataset["allow_missing_patient"]:
+        raise DataError(
+            f"{csv_path}: dataset.patient_column is null, so films of one patient could land in both train "
+            "and test. Name the patient id column in dataset.patient_column, or set "
+            "dataset.allow_missing_patient: true to count every image as its own patient"
+        )
+    optional = [dataset[key] for key in ("sex_column", "age_column") if dataset.get(key)]
+    required = [path_column, labels_column] + ([patient_column] if patient_column else []) + optional
+    frame = _read_label_file(csv_path, required, "csv", notes)
+    if patient_column is None:
+        note("dataset.allow_missing_patient: every image counts as its own patient, so follow-up films "
+             "of one patient may land in different splits", notes)
+    images = frame[path_column].str.strip()
+    return pd.DataFrame({
+        "row": frame["row"],
+        "image": images,
+        "labels": [_split_labels(cell, dataset["label_separator"]) for cell in frame[labels_column]],
+        "patient": frame[patient_column].str.strip() if patient_column else images,
+        **_demographics(frame, dataset.get("sex_column"), dataset.get("age_column")),
+    })
+
+
+def skip_frame(csv_path: Path, skipped: list[tuple[Any, str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [(str(csv_path), row, path, reason) for row, path, reason in skipped], columns=SKIP_COLUMNS
+    )
+
+
+def read_dataset(dataset: dict[str, Any], notes: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The configured label file as (frame with row, image, labels, patient[, sex, age]; rows
+    skipped by policy). An empty result raises with the count of skipped rows."""
+    csv_path = Path(dataset["csv"])
+    skipped = skip_frame(csv_path, [])
+    if dataset["format"] == "nih":
+        frame = read_nih(csv_path, notes)
+    elif dataset["format"] == "chexpert":
+        frame, skipped = read_chexpert(csv_path, dataset["labels"], dataset["uncertain_policy"],
+                                       dataset["frontal_only"], notes)
+    else:
+        frame = read_generic_csv(csv_path, dataset, notes)
+    return frame, skipped
+
+
+# ----------------------------------------------------------------------------- row checks
+
+
+def check_rows(frame: pd.DataFrame, vocabulary: Sequence[str], csv_path: Path) -> pd.DataFrame:
+    """Labels in the vocabulary and in vocabulary order, no empty fields, no image listed twice."""
+    known = set(vocabulary)
+    order = {label: position for position, label in enumerate(vocabulary)}
+    for record in frame.itertuples():
+        where = f"{csv_path} line {record.row} ({record.image or 'no image name'})"
+        if not record.image:
+            raise DataError(f"{where}: empty image path")
+        if not record.patient:
+            raise DataError(f"{where}: empty patient id")
+        if not record.labels:
+            raise DataError(f"{where}: no label (use 'No Finding' for normal images if it is in dataset.labels)")
+        unknown = [label for label in record.labels if label not in known]
+        if unknown:
+            raise DataError(
+                f"{where}: unknown label(s) {unknown}; dataset.labels is {list(vocabulary)}. "
+                "Add the label to dataset.labels or correct the row"
+            )
+        if NO_FINDING in record.labels and len(record.labels) > 1:
+            raise DataError(f"{where}: 'No Finding' together with findings {record.labels}")
+        if len(set(record.labels)) != len(record.labels):
+            raise DataError(f"{where}: a label is repeated: {record.labels}")
+    duplicated = frame[frame["image"].duplicated(keep=False)]
+    if not duplicated.empty:
+        first = duplicated.iloc[0]["image"]
+        rows = duplicated[duplicated["image"] == first]["row"].tolist()
+        raise DataError(
+            f"{csv_path}: image {first} is listed more than once (lines {rows}); "
+            f"{duplicated['image'].nunique()} image(s) are duplicated. Keep one row per image"
+        )
+    frame = frame.copy()
+    frame["labels"] = [sorted(labels, key=order.__getitem__) for labels in frame["labels"]]
+    return frame
