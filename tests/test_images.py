@@ -73,7 +73,28 @@ def test_png_8bit_roundtrip_exact(tmp_path: Path) -> None:
     im = read_xray(p)
     assert im.mode == "L"
     np.testing.assert_array_equal(np.asarray(im), arr)
-    assert check_image(p) is None
+    assert check_image(p, min_side=16) is None
+    assert "16x16 px, smaller than the minimum side of 32 px" in check_image(p)
+
+
+@pytest.mark.parametrize(("pixels", "reason"), [
+    (np.zeros((64, 64), np.uint8), "constant image (every pixel is 0)"),
+    (np.full((64, 64), 255, np.uint8), "constant image (every pixel is 255)"),
+    (np.arange(64 * 8, dtype=np.uint16).reshape(8, 64).astype(np.uint8), "64x8 px, smaller than the minimum side"),
+])
+def test_check_image_refuses_what_a_model_cannot_learn_from(tmp_path: Path, pixels: np.ndarray, reason: str) -> None:
+    p = tmp_path / "x.png"
+    Image.fromarray(pixels).save(p)
+    read_xray(p)  # readable, but not a radiograph to train on
+    assert reason in check_image(p)
+
+
+def test_animated_png_is_refused_not_read_as_its_first_frame(tmp_path: Path) -> None:
+    p = tmp_path / "anim.png"
+    frames = [Image.fromarray(np.full((40, 40), value, np.uint8)) for value in (10, 200)]
+    frames[0].save(p, save_all=True, append_images=frames[1:])
+    with pytest.raises(BadImageError, match="animated PNG \\(2 frames\\)"):
+        read_xray(p)
 
 
 def test_png_16bit_rescaled_monotone(tmp_path: Path) -> None:
