@@ -142,11 +142,11 @@ def test_nih_name_found_in_two_nested_folders_is_refused_with_the_candidates(tmp
     assert str(twin) in err and str(images / "images_001" / "images" / name) in err
 
 
-@pytest.mark.parametrize("alias", ["./{name}", "link-{name}"])
+@pytest.mark.parametrize("alias", ["./{name}", "{folder}/../{name}", "link-{name}"])
 def test_one_file_under_two_names_is_refused(tmp_path: Path, capsys, alias: str) -> None:
     csv = generic_copy(tmp_path / "user", real_rows())
-    first = csv.read_text().splitlines()[1].split(",")[0]
-    other = alias.format(name=first)
+    first, second = (line.split(",")[0] for line in csv.read_text().splitlines()[1:3])
+    other = alias.format(name=first, folder=Path(second).parent)
     if other.startswith("link-"):
         other = f"link-{Path(first).parent.name}.png"
         (tmp_path / "user" / other).symlink_to(tmp_path / "user" / first)
@@ -274,12 +274,15 @@ def test_label_file_or_images_folder_of_the_wrong_kind(tmp_path: Path, capsys) -
     assert code == 2 and f"{csv}: is a file, not a folder" in err
 
 
-def test_snakemake_refuses_images_at_the_filesystem_root(tmp_path: Path) -> None:
-    csv, _, _ = nih_copy(tmp_path / "user", real_rows({"Mass": 1}))
+@pytest.mark.parametrize("case", ["images at /", "csv is a folder"])
+def test_snakemake_refuses_paths_of_the_wrong_kind(tmp_path: Path, case: str) -> None:
+    csv, images, _ = nih_copy(tmp_path / "user", real_rows({"Mass": 1}))
+    dataset, message = ((f"{{csv: {csv}, images: /}}", "dataset.images: '/' is the filesystem root") if case == "images at /"
+                        else (f"{{csv: {csv.parent}, images: {images}}}", f"dataset.csv: {csv.parent} is a folder"))
     result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-                             "--configfile", str(REPO / "config" / "config.yaml"),
-                             "--config", f"dataset={{csv: {csv}, images: /}}"], capture_output=True, text=True)
-    assert result.returncode != 0 and "dataset.images: '/' is the filesystem root" in result.stdout + result.stderr
+                             "--configfile", str(REPO / "config" / "config.yaml"), "--config", f"dataset={dataset}"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and message in result.stdout + result.stderr
 
 
 def test_line_numbers_count_blank_lines(tmp_path: Path, capsys) -> None:
@@ -307,6 +310,7 @@ def test_all_images_missing_writes_the_skip_report(tmp_path: Path, capsys) -> No
         png.unlink()
     code, err = run(tmp_path, capsys, csv, images, "dataset.on_bad_image=skip")
     assert code == 2 and f"all {2 * SINGLE_FILM_PATIENTS} images unusable" in err and "first reasons: line 2 " in err
+    assert f"By reason: file not found x {2 * SINGLE_FILM_PATIENTS}." in err
     assert len(pd.read_csv(tmp_path / "out" / "skipped.csv")) == 2 * SINGLE_FILM_PATIENTS
 
 

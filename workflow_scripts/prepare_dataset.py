@@ -181,10 +181,13 @@ def _all_unusable(skipped: pd.DataFrame, out_dir: Path) -> DataError:
     skipped.to_csv(out_dir / "skipped.csv", index=False)
     first = "; ".join(f"line {row} {path}: {reason}" for row, path, reason in
                       skipped[["row", "path", "reason"]].head(3).itertuples(index=False))
+    # Reasons without the file name in front and the hint behind, counted: "file not found x 371".
+    kinds = Counter(str(reason).rsplit(" -- ", 1)[0].split(": ", 1)[-1] for reason in skipped["reason"])
     hint = " (none was found: check dataset.images, the folder the label file's paths are relative to)" \
         if (skipped["reason"] == NOT_FOUND).all() else ""
-    return DataError(f"all {len(skipped)} images unusable{hint}: first reasons: {first}. "
-                     f"Every reason is in {out_dir / 'skipped.csv'}")
+    return DataError(f"all {len(skipped)} images unusable{hint}: first reasons: {first}. By reason: "
+                     + ", ".join(f"{kind} x {count}" for kind, count in kinds.most_common(5))
+                     + f". Every reason is in {out_dir / 'skipped.csv'}")
 
 
 def check_label_coverage(splits: dict[str, pd.DataFrame], everything: pd.DataFrame, vocabulary: Sequence[str],
