@@ -12,12 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO, SHARED_DATA, tree_checksum
 from PIL import Image
 
-from conftest import REPO, SHARED_DATA, tree_checksum
 from workflow_scripts import prepare_dataset, verify_dataset
 from workflow_scripts.resolve import find_bad_images
 

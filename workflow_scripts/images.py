@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-__all__ = ["BadImageError", "MIN_SIDE", "SUPPORTED_SUFFIXES", "is_dicom", "read_xray", "check_image", "usability_problem"]
+__all__ = ["MIN_SIDE", "SUPPORTED_SUFFIXES", "BadImageError", "check_image", "is_dicom", "read_xray", "usability_problem"]
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 _PIL_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -189,8 +189,8 @@ def read_chexpert(
             positive = [NO_FINDING]  # a negative for every label of the vocabulary
         if not positive and keep[index]:
             keep[index] = False
-            skipped.append((record["row"], record["Path"], "no positive label in dataset.labels and 'No Finding' "
-                                                           "is not in dataset.labels (add it to keep negatives)"))
+            reason = "no positive label in dataset.labels and 'No Finding' is not in dataset.labels (add it to keep negatives)"
+            skipped.append((record["row"], record["Path"], reason))
         labels_per_row.append(positive)
     paths = frame["Path"].str.strip()
     matches = [CHEXPERT_PATIENT.search(path) for path in paths]
