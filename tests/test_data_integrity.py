@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, SHARED_DATA, tree_checksum
 from PIL import Image
 
+from conftest import REPO, SHARED_DATA, tree_checksum
 from workflow_scripts import prepare_dataset, verify_dataset
 from workflow_scripts.resolve import find_bad_images
 
