@@ -330,6 +330,12 @@ def test_demographics_are_carried_into_the_splits(tmp_path: Path, capsys) -> Non
     assert {name: (kept.loc[name, "sex"], kept.loc[name, "age"]) for name in expected} == expected
     summary = json.loads((tmp_path / "out" / "prepare_summary.json").read_text())
     assert summary["demographics"] == ["sex", "age"]
+    sets = ("model.resolution=32", "verify.max_images=4", "verify.contact_sheet_images=2")
+    assert run(tmp_path, capsys, csv, images, *sets, command=verify_dataset.main)[0] == 0
+    report = json.loads((tmp_path / "out" / "verify_report.json").read_text())
+    assert sum(report["demographics"][name]["sex"]["M"] for name in prepare_dataset.SPLITS) == 6
+    assert sum(report["demographics"][name]["age"]["known"] for name in prepare_dataset.SPLITS) == 6
+    assert "## Demographics (images)" in (tmp_path / "out" / "verify_report.md").read_text()
 
 
 def test_chexpert_and_generic_demographics(tmp_path: Path, capsys) -> None:

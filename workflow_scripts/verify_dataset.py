@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -107,9 +108,25 @@ def verify(config: dict[str, Any], data_dir: Path) -> dict[str, Any]:
         "sample_prompts": [dataset.frame["prompt"].iloc[i] for i in evenly_spaced(10, len(dataset))],
         "contact_sheet": "verify_contact_sheet.png",
     }
+    if "sex" in splits["train"].columns or "age" in splits["train"].columns:
+        report["demographics"] = {name: demographics(frame) for name, frame in splits.items()}
     (data_dir / "verify_report.json").write_text(json.dumps(report, indent=2) + "\n")
     (data_dir / "verify_report.md").write_text(render_markdown(report, config["dataset"]["labels"]))
     return report
+
+
+def demographics(frame: pd.DataFrame) -> dict[str, Any]:
+    """Images per sex (M, F, unknown) and the age distribution of one split, where the splits carry them."""
+    result: dict[str, Any] = {}
+    if "sex" in frame.columns:
+        sex = frame["sex"].replace("", "unknown")
+        result["sex"] = {key: int((sex == key).sum()) for key in ("M", "F", "unknown")}
+    if "age" in frame.columns:
+        ages = pd.to_numeric(frame["age"], errors="coerce").dropna()
+        result["age"] = {"known": len(ages), "unknown": int(len(frame) - len(ages)),
+                         "median": float(ages.median()) if len(ages) else None,
+                         "min": int(ages.min()) if len(ages) else None, "max": int(ages.max()) if len(ages) else None}
+    return result
 
 
 def render_markdown(report: dict[str, Any], vocabulary: list[str]) -> str:
@@ -129,6 +146,14 @@ def render_markdown(report: dict[str, Any], vocabulary: list[str]) -> str:
         lines.append(f"| {label} | " + " | ".join(str(report["label_counts"][name].get(label, 0)) for name in SPLITS) + " |")
     lines += ["", "## Label combinations (training split)", "", "| labels | images |", "|---|---:|"]
     lines += [f"| {combo.replace('|', ' + ')} | {count} |" for combo, count in report["label_combination_counts"]["train"].items()]
+    if "demographics" in report:
+        lines += ["", "## Demographics (images)", "", "| split | M | F | sex unknown | age median [min, max] | age unknown |",
+                  "|---|---:|---:|---:|---|---:|"]
+        for name in SPLITS:
+            sex, age = report["demographics"][name].get("sex", {}), report["demographics"][name].get("age", {})
+            ages = f"{age['median']:g} [{age['min']}, {age['max']}]" if age.get("known") else "n/a"
+            lines.append(f"| {name} | {sex.get('M', 'n/a')} | {sex.get('F', 'n/a')} | {sex.get('unknown', 'n/a')} | "
+                         f"{ages} | {age.get('unknown', 'n/a')} |")
     lines += ["", "## Sample prompts", ""] + [f"- {prompt}" for prompt in report["sample_prompts"]]
     lines += ["", f"![contact sheet]({report['contact_sheet']})", ""]
     return "\n".join(lines)
