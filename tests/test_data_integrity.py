@@ -227,13 +227,21 @@ def test_degenerate_images_are_refused_or_skipped_with_their_reason(tmp_path: Pa
     assert code == 0 and skipped["path"].tolist() == [name] and reason in skipped["reason"].iloc[0]
 
 
-def test_parallel_image_check_gives_the_serial_result(tmp_path: Path) -> None:
-    _, images, rows = nih_copy(tmp_path / "user")
+def test_parallel_image_check_gives_the_serial_result(tmp_path: Path, capsys) -> None:
+    csv, images, rows = nih_copy(tmp_path / "user")
     paths = [images / name for name in rows["Image Index"]]
     _one_pixel(paths[1]), _all_black(paths[5]), paths[7].write_bytes(paths[7].read_bytes()[:500])
     serial = find_bad_images(paths, decode=True, workers=1)
     assert find_bad_images(paths, decode=True, workers=2) == serial
     assert [i for i, reason in enumerate(serial) if reason] == [1, 5, 7]
+    outputs = {}
+    for workers in ("1", "2"):
+        code, err = run(tmp_path, capsys, csv, images, extra=("--workers", workers))
+        assert code == 2 and f"line 3: image {rows['Image Index'][1]}" in err
+        outputs[workers] = err
+        assert run(tmp_path, capsys, csv, images, "dataset.on_bad_image=skip", extra=("--workers", workers))[0] == 0
+        outputs[workers] += "".join((tmp_path / "out" / f"{name}.csv").read_text() for name in ("train", "val", "test", "skipped"))
+    assert outputs["1"] == outputs["2"]
 
 
 # ----------------------------------------------------------------------------- refusals that name their cause
