@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="results/data", type=Path, help="where the split CSVs go")
     args = parser.parse_args(argv)
     try:
-        summary = prepare(config_from_args(args), args.out_dir)
+        summary = prepare(config_from_args(args, "prepare_dataset"), args.out_dir)
     except (DataError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
