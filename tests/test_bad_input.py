@@ -51,7 +51,7 @@ def test_skip_policy_reports_instead_of_stopping(tmp_path: Path) -> None:
 def test_16_bit_rgba_and_monochrome1_dicom_are_read_not_refused(tmp_path: Path) -> None:
     csv, images = make_nih_dataset(tmp_path / "user", num_patients=12, films=1)
     names = sorted(p.name for p in images.glob("*.png"))
-    Image.fromarray((np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 2)).save(images / names[0])  # 16-bit
+    Image.fromarray(np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 2).save(images / names[0])  # 16-bit
     Image.new("RGBA", (40, 40), (90, 90, 90, 128)).save(images / names[1])
     write_dicom(tmp_path / "m1.dcm", monochrome1=True)
     write_dicom(tmp_path / "m2.dcm", monochrome1=False)

@@ -137,7 +137,7 @@ def test_split_is_patient_disjoint_deterministic_and_covers_rare_labels(nih_conf
     # Every label carried by at least 3 patients as their rarest label reaches the test split.
     test_labels = {label for labels in frame[splits == "test"]["labels"] for label in labels}
     assert {"Pneumonia", "Fibrosis"} & test_labels
-    shares = Counter(splits) 
+    shares = Counter(splits)
     assert shares["train"] > shares["test"] > 0 and shares["val"] > 0
 
 
