@@ -10,7 +10,7 @@ from snakemake.exceptions import WorkflowError
 sys.path.insert(0, workflow.basedir)
 shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from workflow_scripts.config import STAGE_CONFIG, stage_config, validate_config
+from workflow_scripts.config import STAGE_CONFIG, stage_config, validate_config, write_stage_config
 
 # Friendly messages for every bad key, then snakemake.utils.validate fills in the defaults.
 validate_config(config)
@@ -19,7 +19,7 @@ DEMO_CSV = "results/demo_data/Data_Entry_2017.csv"  # made by the demo_dataset r
 if config["dataset"]["csv"] != DEMO_CSV and not os.path.isfile(config["dataset"]["csv"]):
     raise WorkflowError(
         f"dataset.csv: {config['dataset']['csv']} not found. Point dataset.csv and dataset.images at your "
-        "dataset (README: 'Using a real dataset'), or run the demo with the default config/config.yaml."
+        "dataset (docs/data.md), or run the demo: no --configfile."
     )
 
 
@@ -28,27 +28,6 @@ def stage_config_file(stage):
     (STAGE_CONFIG in workflow_scripts/config.py), written by write_stage_config. The stage reads
     only this file, and the job re-runs exactly when its content changes."""
     return f"results/config/{stage}.yaml"
-
-
-rule write_stage_config:
-    output:
-        "results/config/{stage}.yaml",
-    params:
-        # The declared part itself is the params value: Snakemake re-runs this job, and so the
-        # stage's job, when it changes, and only then.
-        declared=lambda wildcards: stage_config(config, wildcards.stage),
-    log:
-        "logs/write_stage_config/{stage}.log",
-    run:
-        import yaml
-
-        with open(output[0], "w") as handle:
-            handle.write(f"# The configuration stage {wildcards.stage} reads (written by Snakemake).\n")
-            yaml.safe_dump(params.declared, handle, sort_keys=False)
-
-
-localrules:
-    write_stage_config,
 
 
 def base_model_input(wildcards):

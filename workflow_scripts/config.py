@@ -78,6 +78,13 @@ def stage_config(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
     return json.loads(json.dumps(part, sort_keys=True))
 
 
+def write_stage_config(path: str | Path, stage: str, declared: Mapping[str, Any]) -> None:
+    """results/config/<stage>.yaml: what `stage_config` gave, as the file the stage then reads."""
+    with open(path, "w") as handle:
+        handle.write(f"# The configuration stage {stage} reads (STAGE_CONFIG in workflow_scripts/config.py).\n")
+        yaml.safe_dump(dict(declared), handle, sort_keys=False)
+
+
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     """Merge `update` into a copy of `base` the way Snakemake merges config files (dicts
     recursively, everything else replaced)."""
