@@ -5,10 +5,15 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# Defaults live in config/schema.yaml (SD 1.5). The demo overlay applies only when no
+# --configfile is given, so a real-data config stands alone.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 include: "rules/common.smk"
+include: "rules/config.smk"
 include: "rules/data.smk"
 include: "rules/lora.smk"
 include: "rules/generation.smk"

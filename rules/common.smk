@@ -1,4 +1,4 @@
-# Shared helpers: config validation and how each stage's command line gets the configuration.
+# Shared helpers: config validation, the per-stage config files, input functions.
 import os
 import shlex
 import sys
@@ -10,7 +10,7 @@ from snakemake.exceptions import WorkflowError
 sys.path.insert(0, workflow.basedir)
 shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from workflow_scripts.config import load_config, overrides_between, validate_config
+from workflow_scripts.config import STAGE_CONFIG, stage_config, validate_config, write_stage_config
 
 # Friendly messages for every bad key, then snakemake.utils.validate fills in the defaults.
 validate_config(config)
@@ -23,28 +23,15 @@ if os.path.realpath(config["dataset"]["images"]) == os.path.sep:  # Snakemake wo
 if config["dataset"]["csv"] != DEMO_CSV and not os.path.isfile(config["dataset"]["csv"]):
     raise WorkflowError(
         f"dataset.csv: {config['dataset']['csv']} not found. Point dataset.csv and dataset.images at your "
-        "dataset (README: 'Using a real dataset'), or run the demo with the default config/config.yaml."
+        "dataset (docs/data.md), or run the demo: no --configfile."
     )
 
 
-def stage_config_args():
-    """`--config FILE... [--set KEY=VALUE...]` giving a stage exactly this run's configuration:
-    the config files in Snakemake's merge order plus any `snakemake --config` overrides."""
-    from_command_line = list(workflow.overwrite_configfiles or [])
-    files = [f for f in workflow.configfiles if f not in from_command_line] + from_command_line
-    overrides = overrides_between(load_config(files), config)
-    return " ".join(
-        ["--config", *map(shlex.quote, map(str, files))]
-        + [f"--set {shlex.quote(item)}" for item in overrides]
-    )
-
-
-STAGE_CONFIG = stage_config_args()
-
-
-def config_sections(*names):
-    """Config sections as a params value, so that Snakemake re-runs a job when they change."""
-    return {name: config[name] for name in names}
+def stage_config_file(stage):
+    """results/config/<stage>.yaml: the part of this run's configuration that `stage` declares
+    (STAGE_CONFIG in workflow_scripts/config.py), written by write_stage_config. The stage reads
+    only this file, and the job re-runs exactly when its content changes."""
+    return f"results/config/{stage}.yaml"
 
 
 def base_model_input(wildcards):
@@ -61,6 +48,7 @@ def python_launcher(wildcards, resources):
 
 
 wildcard_constraints:
+    stage="|".join(STAGE_CONFIG),
     label=r"[A-Za-z0-9_]+(\+[A-Za-z0-9_]+)*",
     ratio=r"\d+",
     seed=r"\d+",

@@ -6,7 +6,6 @@ rule demo_dataset:
         csv="results/demo_data/Data_Entry_2017.csv",
         images=directory("results/demo_data/images"),
     params:
-        settings=config_sections("demo"),
         out_dir=lambda wildcards, output: os.path.dirname(output.csv),
         num_patients=config["demo"]["num_patients"],
         size=config["demo"]["size"],
@@ -24,6 +23,7 @@ rule demo_dataset:
 
 rule prepare_dataset:
     input:
+        config=stage_config_file("prepare_dataset"),
         csv=config["dataset"]["csv"],
         images=config["dataset"]["images"],
     output:
@@ -33,8 +33,6 @@ rule prepare_dataset:
         skipped="results/data/skipped.csv",
         summary="results/data/prepare_summary.json",
     params:
-        settings=config_sections("dataset", "split", "balance", "prompt"),
-        stage_config=STAGE_CONFIG,
         out_dir=lambda wildcards, output: os.path.dirname(output.train),
     threads: workflow.cores  # image decoding runs in this many processes (Snakemake caps it at --cores)
     log:
@@ -44,7 +42,7 @@ rule prepare_dataset:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.prepare_dataset {params.stage_config} --out-dir {params.out_dir}"
+        "python -m workflow_scripts.prepare_dataset --config {input.config} --out-dir {params.out_dir}"
         " --workers {threads} > {log} 2>&1"
 
 
@@ -53,13 +51,12 @@ rule verify_dataset:
         rules.prepare_dataset.output.train,
         rules.prepare_dataset.output.val,
         rules.prepare_dataset.output.test,
+        config=stage_config_file("verify_dataset"),
     output:
         report_json="results/data/verify_report.json",
         report_md=report("results/data/verify_report.md", category="Data"),
         contact_sheet=report("results/data/verify_contact_sheet.png", category="Data"),
     params:
-        settings={"resolution": config["model"]["resolution"], **config_sections("verify")},
-        stage_config=STAGE_CONFIG,
         data_dir=lambda wildcards, input: os.path.dirname(input[0]),
     log:
         "logs/verify_dataset/verify_dataset.log",
@@ -68,4 +65,4 @@ rule verify_dataset:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.verify_dataset {params.stage_config} --data-dir {params.data_dir} > {log} 2>&1"
+        "python -m workflow_scripts.verify_dataset --config {input.config} --data-dir {params.data_dir} > {log} 2>&1"

@@ -4,13 +4,12 @@
 rule train_classifier:
     input:
         unpack(classifier_inputs),
+        config=stage_config_file("train_classifier"),
     output:
         metrics="results/classifier/ratio{ratio}_seed{seed}/metrics.json",
         predictions="results/classifier/ratio{ratio}_seed{seed}/predictions.csv",
         model="results/classifier/ratio{ratio}_seed{seed}/model.pt",
     params:
-        settings=config_sections("dataset", "classifier"),
-        stage_config=STAGE_CONFIG,
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
         synthetic=lambda wildcards, input: f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else "",
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
@@ -23,7 +22,7 @@ rule train_classifier:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.train_classifier {params.stage_config} --data-dir {params.data_dir}"
+        "python -m workflow_scripts.train_classifier --config {input.config} --data-dir {params.data_dir}"
         " {params.synthetic} --ratio {wildcards.ratio} --seed {wildcards.seed} --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -31,17 +30,14 @@ rule evaluate_fidelity:
     input:
         train=rules.prepare_dataset.output.train,
         synthetic=rules.merge_generation.output.results,
-        classifier=expand(
-            "results/classifier/ratio0_seed{seed}/model.pt", seed=config["classifier"]["seeds"][0]
-        ),
+        classifier=expand("results/classifier/ratio0_seed{seed}/model.pt", seed=config["classifier"]["seeds"][0]),
+        config=stage_config_file("evaluate_fidelity"),
     output:
         fidelity=report("results/evaluation/fidelity.csv", category="Fidelity"),
         fidelity_json="results/evaluation/fidelity.json",
         audit="results/evaluation/audit.csv",
         audit_summary="results/evaluation/audit_summary.json",
     params:
-        settings=config_sections("dataset", "evaluation"),
-        stage_config=STAGE_CONFIG,
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
         out_dir=lambda wildcards, output: os.path.dirname(output.fidelity),
     resources:
@@ -53,7 +49,7 @@ rule evaluate_fidelity:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.evaluate_fidelity {params.stage_config} --data-dir {params.data_dir}"
+        "python -m workflow_scripts.evaluate_fidelity --config {input.config} --data-dir {params.data_dir}"
         " --synthetic {input.synthetic} --classifier {input.classifier} --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -69,6 +65,7 @@ rule compare:
         lora=rules.train_lora.output.final,
         synthetic=rules.merge_generation.output.results,
         train=rules.prepare_dataset.output.train,
+        config=stage_config_file("compare"),
     output:
         table_md=report("results/comparison.md", category="Comparison"),
         table_csv=report("results/comparison.csv", category="Comparison"),
@@ -76,8 +73,6 @@ rule compare:
         fidelity_plot=report("results/plots/fidelity_per_label.png", category="Fidelity"),
         grid=report("results/plots/real_vs_synthetic.png", category="Fidelity"),
     params:
-        settings=config_sections("classifier", "generation", "model"),
-        stage_config=STAGE_CONFIG,
         classifier_dir=lambda wildcards, input: os.path.dirname(os.path.dirname(input.metrics[0])),
         evaluation_dir=lambda wildcards, input: os.path.dirname(input.fidelity),
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
@@ -89,6 +84,6 @@ rule compare:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.compare {params.stage_config} --classifier-dir {params.classifier_dir}"
+        "python -m workflow_scripts.compare --config {input.config} --classifier-dir {params.classifier_dir}"
         " --evaluation-dir {params.evaluation_dir} --lora-summary {input.lora}/training_summary.json"
         " --data-dir {params.data_dir} --synthetic {input.synthetic} --out-dir {params.out_dir} > {log} 2>&1"

@@ -4,18 +4,17 @@
 checkpoint plan_generation:
     input:
         train=rules.prepare_dataset.output.train,
+        config=stage_config_file("plan_generation"),
     output:
         plan="results/synthetic/plan.csv",
     params:
-        settings=config_sections("dataset", "prompt", "generation"),
-        stage_config=STAGE_CONFIG,
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
     log:
         "logs/plan_generation/plan_generation.log",
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.generate_xrays {params.stage_config} --data-dir {params.data_dir}"
+        "python -m workflow_scripts.generate_xrays --config {input.config} --data-dir {params.data_dir}"
         " --write-plan {output.plan} > {log} 2>&1"
 
 
@@ -24,13 +23,12 @@ rule generate_label:
         plan="results/synthetic/plan.csv",
         lora=rules.train_lora.output.final,
         base_model=base_model_input,
+        config=stage_config_file("generate_label"),
     output:
         # Images are not declared one by one: after a failure they stay, and the re-run makes only
         # the missing ones (each is written atomically, so none is ever truncated).
         results="results/synthetic/{label}/generation_results.csv",
     params:
-        settings=config_sections("model", "prompt", "generation", "hardware"),
-        stage_config=STAGE_CONFIG,
         output_dir=lambda wildcards, output: os.path.dirname(os.path.dirname(output.results)),
     resources:
         gpu=1,
@@ -41,23 +39,23 @@ rule generate_label:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.generate_xrays {params.stage_config} --label {wildcards.label}"
+        "python -m workflow_scripts.generate_xrays --config {input.config} --label {wildcards.label}"
         " --plan {input.plan} --checkpoint {input.lora} --tiny-dir results/models/tiny-sd"
         " --output-dir {params.output_dir} > {log} 2>&1"
 
 
 rule merge_generation:
     input:
-        planned_generation_results,
+        results=planned_generation_results,
+        config=stage_config_file("merge_generation"),
     output:
         results="results/synthetic/generation_results.csv",
     params:
-        stage_config=STAGE_CONFIG,
         output_dir=lambda wildcards, output: os.path.dirname(output.results),
     log:
         "logs/merge_generation/merge_generation.log",
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.generate_xrays {params.stage_config} --merge {input}"
+        "python -m workflow_scripts.generate_xrays --config {input.config} --merge {input.results}"
         " --output-dir {params.output_dir} > {log} 2>&1"

@@ -21,13 +21,12 @@ rule train_lora:
         train=rules.prepare_dataset.output.train,
         verified=rules.verify_dataset.output.report_json,
         base_model=base_model_input,
+        config=stage_config_file("train_lora"),
     output:
         # Only the final adapter is declared: checkpoints/ survives a failed or re-run job and the
         # next run resumes from its latest checkpoint.
         final=directory("results/lora/final"),
     params:
-        settings=config_sections("dataset", "split", "balance", "prompt", "model", "training", "hardware"),
-        stage_config=STAGE_CONFIG,
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
         output_dir=lambda wildcards, output: os.path.dirname(output.final),
         launcher=python_launcher,
@@ -40,5 +39,5 @@ rule train_lora:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "{params.launcher} -m workflow_scripts.train_lora {params.stage_config} --data-dir {params.data_dir}"
+        "{params.launcher} -m workflow_scripts.train_lora --config {input.config} --data-dir {params.data_dir}"
         " --output-dir {params.output_dir} --tiny-dir results/models/tiny-sd > {log} 2>&1"

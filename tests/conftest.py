@@ -94,7 +94,7 @@ def break_dataset(kind: str, dataset_dir: Path) -> str:
         return "no rows"
     if kind == "duplicate rows":
         csv.write_text("\n".join(lines + [lines[5]]) + "\n")
-        return r"listed more than once \(lines \[6, " 
+        return r"listed more than once \(lines \[6, "
     raise AssertionError(kind)
 
 

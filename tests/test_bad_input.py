@@ -51,7 +51,7 @@ def test_skip_policy_reports_instead_of_stopping(tmp_path: Path) -> None:
 def test_16_bit_rgba_and_monochrome1_dicom_are_read_not_refused(tmp_path: Path) -> None:
     csv, images = make_nih_dataset(tmp_path / "user", num_patients=16, films=1)
     names = sorted(p.name for p in images.glob("*.png"))
-    Image.fromarray((np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 2)).save(images / names[0])  # 16-bit
+    Image.fromarray(np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 2).save(images / names[0])  # 16-bit
     Image.fromarray(np.dstack([np.tile(np.arange(40, dtype=np.uint8) * 5, (40, 1))] * 3 + [np.full((40, 40), 128, np.uint8)]),
                     "RGBA").save(images / names[1])
     write_dicom(tmp_path / "m1.dcm", monochrome1=True)

@@ -61,8 +61,8 @@ def write_inputs(root: Path, ratios: list[int], seeds: list[int], identical: boo
                                                           "pretrained_weights": "none (classifier.pretrained: false)", "versions": {}}))
     evaluation = root / "evaluation"
     evaluation.mkdir()
-    rows = [{"label": label, "n_real": 5, "n_synthetic": 4, "fid": "unavailable: no Inception weights", "kid_mean": "unavailable: no Inception weights",
-             "kid_std": "", "domain_fd": 12.5, "notes": ""} for label in LABELS] + [
+    rows = [{"label": label, "n_real": 5, "n_synthetic": 4, "fid": "unavailable: no Inception weights",
+             "kid_mean": "unavailable: no Inception weights", "kid_std": "", "domain_fd": 12.5, "notes": ""} for label in LABELS] + [
         {"label": "overall", "n_real": 14, "n_synthetic": 16, "fid": "unavailable: no Inception weights",
          "kid_mean": "unavailable: no Inception weights", "kid_std": "", "domain_fd": 9.0, "notes": ""}]
     pd.DataFrame(rows).to_csv(evaluation / "fidelity.csv", index=False)

@@ -1,21 +1,33 @@
-"""Configuration: every shipped config validates, bad values are refused by key, overrides round-trip."""
+"""Configuration: shipped configs stand alone on the schema's SD 1.5 defaults, bad values are refused by
+key, overrides of lists are coerced, and each stage sees only the configuration it declares."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 from conftest import REPO
-from workflow_scripts.config import ConfigError, apply_overrides, load_config, overrides_between
+from workflow_scripts.config import (
+    STAGE_CONFIG,
+    ConfigError,
+    apply_overrides,
+    load_config,
+    load_stage_config,
+    stage_config,
+    validate_config,
+)
 
 SHIPPED = sorted((REPO / "config").glob("*.yaml"))
+REAL_DATA = ["nih_chestxray14.yaml", "chexpert.yaml", "generic_csv.yaml"]
 
 
 @pytest.mark.parametrize("path", [p for p in SHIPPED if p.name != "schema.yaml"], ids=lambda p: p.name)
 def test_shipped_configs_validate_and_keep_the_seed_knob_names(path: Path) -> None:
-    config = load_config([REPO / "config" / "config.yaml", path])
+    config = load_config([path])  # each config stands alone on the schema's defaults
     for section, key in [("model", "lora_rank"), ("model", "lora_alpha"), ("training", "train_batch_size"),
                          ("training", "gradient_accumulation_steps"), ("training", "gradient_checkpointing"),
                          ("training", "mixed_precision"), ("training", "use_8bit_adam"), ("training", "num_train_epochs"),
@@ -26,10 +38,10 @@ def test_shipped_configs_validate_and_keep_the_seed_knob_names(path: Path) -> No
 
 
 def test_real_data_configs_use_sd15_at_512_and_their_vocabularies() -> None:
-    nih = load_config([REPO / "config" / "config.yaml", REPO / "config" / "nih_chestxray14.yaml"])
+    nih = load_config([REPO / "config" / "nih_chestxray14.yaml"])
     assert nih["model"]["resolution"] == 512 and "stable-diffusion-v1-5" in nih["model"]["pretrained"]
     assert len(nih["dataset"]["labels"]) == 15 and "Pleural_Thickening" in nih["dataset"]["labels"]
-    chexpert = load_config([REPO / "config" / "config.yaml", REPO / "config" / "chexpert.yaml"])
+    chexpert = load_config([REPO / "config" / "chexpert.yaml"])
     assert "Pleural Effusion" in chexpert["dataset"]["labels"] and chexpert["dataset"]["format"] == "chexpert"
 
 
@@ -77,14 +89,11 @@ def test_missing_and_malformed_config_files(tmp_path: Path) -> None:
         load_config([tmp_path / "bad.yaml"])
 
 
-def test_overrides_between_reproduces_the_effective_config() -> None:
+def test_overrides_are_yaml_values() -> None:
     base = load_config([REPO / "config" / "config.yaml"])
-    effective = apply_overrides(base, ["split.seed=7", "dataset.labels=[A, B]", "training.max_train_steps=12"])
-    assert apply_overrides(base, ["training.learning_rate=5e-3"])["training"]["learning_rate"] == 0.005
-    flags = overrides_between(base, effective)
-    assert sorted(flags) == ['dataset.labels=["A", "B"]', "split.seed=7", "training.max_train_steps=12"]
-    assert apply_overrides(base, flags) == effective
-    assert overrides_between(base, base) == []
+    effective = apply_overrides(base, ["split.seed=7", "dataset.labels=[A, B]", "training.learning_rate=5e-3"])
+    assert effective["split"]["seed"] == 7 and effective["dataset"]["labels"] == ["A", "B"]
+    assert effective["training"]["learning_rate"] == 0.005 and base["split"]["seed"] == 42
 
 
 def test_schema_documents_a_default_for_every_leaf() -> None:
@@ -101,11 +110,87 @@ def test_string_scalars_from_snakemake_overrides_are_coerced_by_schema_type() ->
     config["balance"]["max_per_label"] = "null"
     config["training"]["gradient_checkpointing"] = "true"
     config["training"]["mixed_precision"] = "no"  # an enum of strings: must stay the string "no"
-    from workflow_scripts.config import validate_config
-
     validate_config(config)
     assert config["split"]["seed"] == 7 and config["balance"]["max_per_label"] is None
     assert config["training"]["gradient_checkpointing"] is True and config["training"]["mixed_precision"] == "no"
     config["split"]["seed"] = "seven"
     with pytest.raises(ConfigError, match="split.seed: 'seven' is not of type 'integer'"):
         validate_config(config)
+
+
+def test_list_and_nested_overrides_are_coerced_like_scalars() -> None:
+    # `snakemake --config 'classifier={seeds: [0, 1]}'` delivers list items as strings too.
+    config = load_config([REPO / "config" / "config.yaml"])
+    config["classifier"]["seeds"] = ["0", "1"]
+    config["classifier"]["ratios"] = ["0", "25"]
+    config["training"]["validation_prompts"] = ["7"]  # a list of strings stays strings
+    validate_config(config)
+    assert config["classifier"]["seeds"] == [0, 1] and config["classifier"]["ratios"] == [0, 25]
+    assert config["training"]["validation_prompts"] == ["7"]
+    config["classifier"]["seeds"] = ["0", "x"]
+    with pytest.raises(ConfigError, match="classifier.seeds.1: 'x' is not of type 'integer'"):
+        validate_config(config)
+
+
+def test_effective_lora_settings_of_every_shipped_config(capsys: pytest.CaptureFixture[str]) -> None:
+    keys = [("model", "lora_rank"), ("model", "lora_alpha"), ("training", "learning_rate"), ("model", "resolution"),
+            ("model", "pretrained")]
+    with capsys.disabled():
+        print("\nconfig: " + ", ".join(f"{section}.{key}" for section, key in keys))
+        for path in SHIPPED:
+            if path.name != "schema.yaml":
+                config = load_config([path])
+                print(f"  {path.name}: " + ", ".join(str(config[section][key]) for section, key in keys))
+    for name in REAL_DATA:
+        config = load_config([REPO / "config" / name])
+        assert [config[section][key] for section, key in keys] == [
+            4, 4, 1.0e-4, 512, "stable-diffusion-v1-5/stable-diffusion-v1-5"], name
+
+
+def test_real_data_configs_hold_only_what_they_mean() -> None:
+    # Training, generation and evaluation settings come from the schema, so a change of recipe is made once.
+    for name in REAL_DATA:
+        sections = set(yaml.safe_load((REPO / "config" / name).read_text()))
+        assert sections <= {"dataset", "split", "balance"}, (name, sections)
+
+
+def test_a_stage_sees_only_what_it_declares() -> None:
+    config = load_stage_config([REPO / "config" / "config.yaml"], "plan_generation")
+    assert config["classifier"]["ratios"] == [0, 10, 25, 50] and config["generation"]["plan"] == "fixed"
+    with pytest.raises(ConfigError, match=r"stage plan_generation reads config 'classifier.epochs', which it does not "
+                                          r"declare.*STAGE_CONFIG\['plan_generation'\]"):
+        config["classifier"]["epochs"]
+    with pytest.raises(ConfigError, match="stage plan_generation reads config 'training'"):
+        config.get("training")
+    assert set(stage_config(load_config([REPO / "config" / "config.yaml"]), "merge_generation")) == set()
+
+
+def test_a_stage_reading_an_undeclared_section_fails(tmp_path: Path) -> None:
+    from workflow_scripts.generate_xrays import generation_plan
+
+    train = pd.DataFrame({"labels": ["Mass", "Effusion"]})
+    declared = load_stage_config([REPO / "config" / "config.yaml"], "plan_generation")
+    assert generation_plan(declared, train)["count"].sum() > 0
+    # The same function handed the classifier's configuration reads `generation`, which it lacks.
+    with pytest.raises(ConfigError, match="stage train_classifier reads config 'generation'"):
+        generation_plan(load_stage_config([REPO / "config" / "config.yaml"], "train_classifier"), train)
+
+
+def test_every_rule_gets_its_own_stage_config() -> None:
+    """A rule that runs a stage reads results/config/<its name>.yaml, and each declared stage has a rule."""
+    rules = {}
+    for smk in (REPO / "rules").glob("*.smk"):
+        for block in re.split(r"^(?=(?:rule|checkpoint) )", smk.read_text(), flags=re.M)[1:]:
+            rules[re.match(r"\w+ (\w+):", block).group(1)] = block
+    for name, block in rules.items():
+        if "--config" in block:
+            assert f'stage_config_file("{name}")' in block and "--config {input.config}" in block, name
+    assert set(STAGE_CONFIG) <= set(rules)
+
+
+def test_committed_config_reference_is_up_to_date() -> None:
+    from workflow_scripts.config import reference_markdown
+
+    committed = (REPO / "docs" / "config-reference.md").read_text()
+    assert committed == reference_markdown(), "regenerate: python -m workflow_scripts.config --reference > docs/config-reference.md"
+    assert "| `model.lora_rank` | integer, ≥ 1, ≤ 256 | `4` |" in committed

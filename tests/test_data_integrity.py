@@ -104,7 +104,7 @@ def test_missing_file_is_missing_not_a_namesake_of_another_patient(tmp_path: Pat
     victim = sorted((tmp_path / "user").glob("p*/film0.png"))[0]
     victim.unlink()
     name = f"{victim.parent.name}/film0.png"
-    line = csv.read_text().splitlines().index(next(l for l in csv.read_text().splitlines() if l.startswith(name))) + 1
+    line = csv.read_text().splitlines().index(next(row for row in csv.read_text().splitlines() if row.startswith(name))) + 1
     code, err = run(tmp_path, capsys, csv, tmp_path / "user", fmt="csv")
     assert code == 2 and f"line {line}: image {name} " in err and "file not found" in err
     code, err = run(tmp_path, capsys, csv, tmp_path / "user", "dataset.on_bad_image=skip", fmt="csv")

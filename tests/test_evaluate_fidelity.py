@@ -354,7 +354,8 @@ def test_cli_uses_the_classifier_features(prepared: dict, tmp_path: Path, empty_
     assert calls == [len(prepared["train"]), len(prepared["synthetic"])]
     assert (out / "fidelity.csv").is_file() and "Inception: unavailable" in capsys.readouterr().out
 
-    missing = ef.main(["--config", str(REPO / "config" / "config.yaml"), str(config_file), "--data-dir", str(prepared["data_dir"]), "--synthetic", str(tmp_path / "none.csv"),
+    missing = ef.main(["--config", str(REPO / "config" / "config.yaml"), str(config_file),
+                       "--data-dir", str(prepared["data_dir"]), "--synthetic", str(tmp_path / "none.csv"),
                        "--classifier", str(classifier), "--out-dir", str(out)])
     assert missing == 2 and "none.csv" in capsys.readouterr().err
 

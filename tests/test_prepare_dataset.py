@@ -99,7 +99,8 @@ def test_generic_csv_with_dicom_16bit_and_rgba_images(tmp_path: Path) -> None:
         write_png(images / f"a{i}.png", 10 + i)
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     config = make_config({"format": "csv", "csv": str(tmp_path / "labels.csv"), "images": str(images),
-                          "labels": ["Nodule", "Fibrosis", "No Finding"], "path_column": "file", "labels_column": "findings", "label_separator": ";", "patient_column": "subject"})
+                          "labels": ["Nodule", "Fibrosis", "No Finding"], "path_column": "file",
+                          "labels_column": "findings", "label_separator": ";", "patient_column": "subject"})
     summary = prepare(config, tmp_path / "out")
     assert sum(summary["images"].values()) == 10
     everything = pd.concat([load_split(tmp_path / "out", split) for split in ("train", "val", "test")])
@@ -138,7 +139,7 @@ def test_split_is_patient_disjoint_deterministic_and_covers_rare_labels(nih_conf
     # Every label carried by at least 3 patients as their rarest label reaches the test split.
     test_labels = {label for labels in frame[splits == "test"]["labels"] for label in labels}
     assert {"Pneumonia", "Fibrosis"} & test_labels
-    shares = Counter(splits) 
+    shares = Counter(splits)
     assert shares["train"] > shares["test"] > 0 and shares["val"] > 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 
 import yaml
 
@@ -36,3 +37,12 @@ def test_no_weights_data_or_results_are_tracked() -> None:
     heavy = [f for f in tracked if f.endswith((".safetensors", ".ckpt", ".pth", ".bin", ".png", ".jpg", ".dcm"))]
     assert heavy == []
     assert [f for f in tracked if f.startswith("results/")] in ([], ["results/.gitkeep"])
+
+
+def test_code_passes_ruff_and_snakefmt() -> None:
+    # Settings in pyproject.toml; fix with `ruff check --fix .` and `snakefmt Snakefile rules`.
+    ruff = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO, capture_output=True, text=True)
+    assert ruff.returncode == 0, ruff.stdout + ruff.stderr
+    snakefmt = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "--diff", "Snakefile", "rules"],
+                              cwd=REPO, capture_output=True, text=True)
+    assert snakefmt.returncode == 0, snakefmt.stdout + snakefmt.stderr

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -114,6 +115,32 @@ def test_rerunning_one_target_is_a_no_op_then_forced(demo_run: Path) -> None:
 def test_changed_split_settings_rerun_the_data_stage(demo_run: Path) -> None:
     result = snakemake(demo_run, "--cores", "1", "--config", "split={seed: 8}", "-n")
     assert "prepare_dataset" in result.stdout
+
+
+def _scheduled(result: subprocess.CompletedProcess) -> set[str]:
+    """Rule names in a dry run's job stats table."""
+    stats = result.stdout.split("Job stats:")[-1].split("Reasons:")[0]
+    return {line.split()[0] for line in stats.splitlines()[3:] if line.strip() and line.split()[0] != "total"}
+
+
+def test_a_classifier_override_reruns_only_the_classifier_fidelity_and_table(demo_run: Path) -> None:
+    # `seeds: [0, 1]` is the micro config's value, given as a list override: coerced, so it changes nothing.
+    result = snakemake(demo_run, "-n", "--config", "split={seed: 7}", "classifier={epochs: 2, seeds: [0, 1]}")
+    assert _scheduled(result) == {"write_stage_config", "train_classifier", "evaluate_fidelity", "compare", "all"}
+    assert "results/config/train_classifier.yaml" in result.stdout and "results/config/train_lora.yaml" not in result.stdout
+
+
+def test_a_generation_override_does_not_retrain_the_lora(demo_run: Path) -> None:
+    result = snakemake(demo_run, "-n", "--config", "split={seed: 7}", "generation={num_inference_steps: 3}")
+    scheduled = _scheduled(result)
+    assert "plan_generation" in scheduled and "compare" in scheduled
+    assert not scheduled & {"train_lora", "prepare_dataset", "verify_dataset", "build_tiny_model"}
+
+
+def test_each_stage_gets_only_its_declared_config(demo_run: Path) -> None:
+    written = yaml.safe_load((demo_run / "results" / "config" / "plan_generation.yaml").read_text())
+    assert set(written) == {"classifier", "dataset", "generation", "prompt"} and set(written["classifier"]) == {"ratios"}
+    assert yaml.safe_load((demo_run / "results" / "config" / "prepare_dataset.yaml").read_text())["split"]["seed"] == 7
 
 
 def test_dry_run_and_lint_of_the_default_config_are_clean() -> None:

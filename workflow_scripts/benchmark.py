@@ -507,7 +507,7 @@ class RssSampler:
     def __init__(self, interval: float = 0.002):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self.baseline = current_rss() or 0
         self.peak = self.baseline
         self._thread = threading.Thread(target=self._poll, daemon=True)

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
     try:
-        table = compare(config_from_args(args), args.classifier_dir, args.evaluation_dir, args.lora_summary,
+        table = compare(config_from_args(args, "compare"), args.classifier_dir, args.evaluation_dir, args.lora_summary,
                         args.data_dir, args.synthetic, args.out_dir)
     except (ConfigError, DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """Loading and validating the workflow configuration, shared by Snakemake and the command line.
 
-Snakemake validates `config` in rules/common.smk and hands each stage the same files plus any
-`--config` overrides (as `--set` flags), so a stage run by a rule and one run at the terminal see
-the same effective configuration.
+Defaults live in config/schema.yaml (Stable Diffusion 1.5 values); config files overlay them.
+Each stage declares the configuration it reads in STAGE_CONFIG. Snakemake writes exactly that part
+to results/config/<stage>.yaml (rules/common.smk), so a job re-runs exactly when it changes, and the
+stage reads it back restricted to the same declaration: reading anything else fails by name.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import copy
 import hashlib
 import json
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,64 @@ SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
 
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
+
+
+# What each stage reads: whole sections, or single keys as "section.key". The rule of the same name
+# gets exactly this (and re-runs when it changes); the stage cannot read anything else.
+STAGE_CONFIG: dict[str, tuple[str, ...]] = {
+    "prepare_dataset": ("dataset", "split", "balance", "prompt"),
+    "verify_dataset": ("dataset", "verify", "model.resolution"),
+    "train_lora": ("dataset", "split", "balance", "prompt", "model", "training", "hardware"),
+    "plan_generation": ("dataset", "prompt", "generation", "classifier.ratios"),
+    "generate_label": ("dataset", "prompt", "model", "generation", "hardware", "training.mixed_precision",
+                       "classifier.ratios"),
+    "merge_generation": (),
+    "train_classifier": ("dataset", "classifier"),
+    "evaluate_fidelity": ("dataset", "evaluation"),
+    "compare": ("dataset", "split", "model", "generation", "classifier"),
+}
+
+
+class DeclaredConfig(dict):
+    """A stage's configuration holding only what the stage declares. Reading anything else would be
+    a value whose change does not re-run the stage's rule, so it fails, naming the key and stage."""
+
+    def __init__(self, values: Mapping[str, Any], stage: str, prefix: str = "") -> None:
+        super().__init__()
+        self.stage, self.prefix = stage, prefix
+        for key, value in values.items():
+            self[key] = DeclaredConfig(value, stage, f"{prefix}{key}.") if isinstance(value, Mapping) else value
+
+    def __missing__(self, key: str) -> Any:
+        raise ConfigError(
+            f"stage {self.stage} reads config '{self.prefix}{key}', which it does not declare: add it to "
+            f"STAGE_CONFIG[{self.stage!r}] in workflow_scripts/config.py (its rule then re-runs when it changes)"
+        )
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key]  # every declared key is present (the schema fills defaults): no default applies
+
+
+def stage_config(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """The part of a validated `config` that `stage` declares in STAGE_CONFIG, as plain data."""
+    if stage not in STAGE_CONFIG:
+        raise ConfigError(f"unknown stage {stage!r}; the stages are {', '.join(STAGE_CONFIG)}")
+    part: dict[str, Any] = {}
+    for item in STAGE_CONFIG[stage]:
+        section, _, key = item.partition(".")
+        if key:
+            part.setdefault(section, {})[key] = copy.deepcopy(config[section][key])
+        else:
+            part[section] = copy.deepcopy(dict(config[section]))
+    # Keys sorted, so that the order of keys in a config file never counts as a change.
+    return json.loads(json.dumps(part, sort_keys=True))
+
+
+def write_stage_config(path: str | Path, stage: str, declared: Mapping[str, Any]) -> None:
+    """results/config/<stage>.yaml: what `stage_config` gave, as the file the stage then reads."""
+    with open(path, "w") as handle:
+        handle.write(f"# The configuration stage {stage} reads (STAGE_CONFIG in workflow_scripts/config.py).\n")
+        yaml.safe_dump(dict(declared), handle, sort_keys=False)
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -69,55 +129,39 @@ def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict
     return result
 
 
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def overrides_between(base: Mapping[str, Any], effective: Mapping[str, Any]) -> list[str]:
-    """The `--set KEY=VALUE` flags that turn `base` into `effective` (keys only added or changed;
-    Snakemake overrides never remove keys). Values are written as JSON, which YAML reads back."""
-    base_flat, effective_flat = _flatten(base), _flatten(effective)
-    return [
-        f"{key}={json.dumps(value)}"
-        for key, value in sorted(effective_flat.items())
-        if key not in base_flat or base_flat[key] != value
-    ]
-
-
 def _load_schema() -> dict[str, Any]:
     with open(SCHEMA_PATH) as handle:
         return yaml.safe_load(handle)
 
 
-def coerce_scalars(config: dict[str, Any], schema: Mapping[str, Any]) -> None:
-    """Turn strings into the numbers, booleans or nulls the schema asks for, in place.
+def _coerce(value: Any, spec: Mapping[str, Any]) -> Any:
+    """`value` as the number, boolean or null the schema `spec` asks for, where it is a string that
+    reads as one; lists item by item and mappings key by key; anything else unchanged."""
+    if isinstance(value, dict):
+        coerce_scalars(value, spec)
+        return value
+    if isinstance(value, list):
+        return [_coerce(item, spec.get("items", {})) for item in value]
+    types = spec.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if not isinstance(value, str) or not types or "string" in types:
+        return value
+    parsed = parse_scalar(value)
+    if isinstance(parsed, bool):
+        accepted = "boolean" in types
+    else:
+        accepted = (isinstance(parsed, int) and "integer" in types) or (
+            isinstance(parsed, (int, float)) and "number" in types) or (parsed is None and "null" in types)
+    return parsed if accepted else value
 
-    `snakemake --config 'split={seed: 7}'` parses nested values with YAML's BaseLoader, which
-    keeps every scalar a string; without this such an override would be refused as '7'."""
+
+def coerce_scalars(config: dict[str, Any], schema: Mapping[str, Any]) -> None:
+    """Turn strings into the numbers, booleans or nulls the schema asks for, in place, also inside
+    lists: `snakemake --config 'classifier={seeds: [0, 1]}'` parses nested values with YAML's
+    BaseLoader, which keeps every scalar a string; without this '0' would be refused."""
     for key, spec in schema.get("properties", {}).items():
-        value = config.get(key)
-        if isinstance(value, dict):
-            coerce_scalars(value, spec)
-            continue
-        types = spec.get("type", [])
-        types = [types] if isinstance(types, str) else types
-        if not isinstance(value, str) or not types or "string" in types:
-            continue
-        parsed = parse_scalar(value)
-        if isinstance(parsed, bool):
-            accepted = "boolean" in types
-        else:
-            accepted = (isinstance(parsed, int) and "integer" in types) or (
-                isinstance(parsed, (int, float)) and "number" in types) or (parsed is None and "null" in types)
-        if accepted:
-            config[key] = parsed
+        if key in config:
+            config[key] = _coerce(config[key], spec)
 
 
 def config_errors(config: Mapping[str, Any]) -> list[str]:
@@ -186,5 +230,71 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return load_config(args.config, args.overrides)
+def load_stage_config(paths: Iterable[str | Path], stage: str, overrides: Iterable[str] = ()) -> DeclaredConfig:
+    """`load_config`, restricted to what `stage` declares (see STAGE_CONFIG)."""
+    return DeclaredConfig(stage_config(load_config(paths, overrides), stage), stage)
+
+
+def config_from_args(args: argparse.Namespace, stage: str) -> DeclaredConfig:
+    return load_stage_config(args.config, stage, args.overrides)
+
+
+# ----------------------------------------------------------------------------- key reference
+
+
+def _type_text(spec: Mapping[str, Any]) -> str:
+    if "enum" in spec:
+        return " \\| ".join(f"`{value}`" for value in spec["enum"])
+    types = spec.get("type", "")
+    text = " or ".join(types) if isinstance(types, list) else types
+    if text == "array" and "items" in spec:
+        text = f"list of {spec['items'].get('type', 'values')}"
+    limits = [f"{word} {spec[key]}" for key, word in [("minimum", "≥"), ("exclusiveMinimum", ">"),
+                                                       ("maximum", "≤"), ("exclusiveMaximum", "<"),
+                                                       ("multipleOf", "multiple of")] if key in spec]
+    return ", ".join([text, *limits])
+
+
+def reference_markdown(schema: Mapping[str, Any] | None = None) -> str:
+    """docs/config-reference.md: every key of the schema with its type, default and meaning."""
+    schema = schema or _load_schema()
+    lines = ["# Configuration reference", "",
+             "Generated from `config/schema.yaml` by `python -m workflow_scripts.config --reference`; do not edit.",
+             "Defaults are the values for Stable Diffusion 1.5 at 512 px on one GPU; `config/config.yaml` (the demo)",
+             "overrides some of them. Which stage reads which section: `STAGE_CONFIG` in `workflow_scripts/config.py`.",
+             ""]
+    stages = {section: [stage for stage, items in STAGE_CONFIG.items() if any(i.split(".")[0] == section for i in items)]
+              for section in schema["properties"]}
+    for section, body in schema["properties"].items():
+        lines += [f"## `{section}`", "", " ".join(body.get("description", "").split())]
+        if stages[section]:
+            lines[-1] += f" Read by: {', '.join(stages[section])}."
+        lines += ["", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, spec in body["properties"].items():
+            default = json.dumps(spec.get("default"), ensure_ascii=False)
+            meaning = " ".join(str(spec.get("description", "")).split()).replace("|", "\\|")
+            lines.append(f"| `{section}.{key}` | {_type_text(spec)} | `{default}` | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Configuration tools.")
+    parser.add_argument("--reference", action="store_true", help="print the per-key reference (docs/config-reference.md)")
+    add_config_arguments(parser)
+    parser.add_argument("--stage", choices=list(STAGE_CONFIG), help="print the part of the config this stage reads")
+    args = parser.parse_args(argv)
+    try:
+        if args.reference:
+            print(reference_markdown(), end="")
+        else:
+            config = load_config(args.config, args.overrides)
+            print(yaml.safe_dump(stage_config(config, args.stage) if args.stage else config, sort_keys=False), end="")
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -663,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
                              "as pytorch-fid does (checked against the published hash either way)")
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, "evaluate_fidelity")
         try:
             from workflow_scripts.train_classifier import extract_features, load_classifier
         except ImportError as error:

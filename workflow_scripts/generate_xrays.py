@@ -277,14 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=Path("results/synthetic"))
     args = parser.parse_args(argv)
     try:
-        return run(args, config_from_args(args))
+        stage = "plan_generation" if args.write_plan else "merge_generation" if args.merge is not None else "generate_label"
+        return run(args, config_from_args(args, stage))
     except (ConfigError, DataError, GenerationError, ModelNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
 
 def run(args: argparse.Namespace, config: dict[str, Any]) -> int:
-    vocabulary, settings = config["dataset"]["labels"], config["generation"]
     if args.merge is not None:
         merged = merge_results(args.merge, args.output_dir / "generation_results.csv")
         print(f"merged {len(merged)} images from {len(args.merge)} label(s) into {args.output_dir / 'generation_results.csv'}")
@@ -297,6 +297,7 @@ def run(args: argparse.Namespace, config: dict[str, Any]) -> int:
         return 0
 
     lora_checkpoint(args.checkpoint)  # a folder without LoRA weights fails first, before any data is read
+    vocabulary, settings = config["dataset"]["labels"], config["generation"]
 
     # Which keys, with what prompt and count.
     if args.prompt:

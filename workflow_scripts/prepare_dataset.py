@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers: {args.workers} is less than 1")
     try:
-        summary = prepare(config_from_args(args), args.out_dir, args.workers)
+        summary = prepare(config_from_args(args, "prepare_dataset"), args.out_dir, args.workers)
     except (DataError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, required=True, help="e.g. results/classifier/ratio25_seed0")
     args = parser.parse_args(argv)
     try:
-        metrics = train_classifier(config_from_args(args), args.data_dir, args.synthetic, args.ratio, args.seed, args.out_dir)
+        metrics = train_classifier(config_from_args(args, "train_classifier"), args.data_dir, args.synthetic, args.ratio, args.seed, args.out_dir)
     except (ConfigError, DataError, BadImageError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default="latest", help="latest (default), none, or a checkpoint-N folder")
     args = parser.parse_args(argv)
     try:
-        summary = train(config_from_args(args), args.data_dir, args.output_dir, args.tiny_dir, args.resume)
+        summary = train(config_from_args(args, "train_lora"), args.data_dir, args.output_dir, args.tiny_dir, args.resume)
     except (ConfigError, DataError, BadImageError, ModelNotFoundError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

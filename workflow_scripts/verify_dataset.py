@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="results/data", type=Path, help="folder with the split CSVs")
     args = parser.parse_args(argv)
     try:
-        report = verify(config_from_args(args), args.data_dir)
+        report = verify(config_from_args(args, "verify_dataset"), args.data_dir)
     except (DataError, ConfigError, BadImageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
