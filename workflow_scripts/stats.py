@@ -1,0 +1,235 @@
+"""Statistics for the augmentation study: AUROC, a two-level bootstrap, Holm, the verdict rule.
+
+Every table of the project takes its intervals from here, so the calibration tests in
+tests/test_stats.py vouch for all of them.
+
+The estimate of an arm is its AUROC averaged over training seeds, measured on one real test set.
+It varies for two independent reasons: which patients happened to land in the test set, and
+which training runs happened to be drawn. The bootstrap resamples both (a hierarchical bootstrap,
+Saravanan, Berman & Sober 2020, "Application of the hierarchical bootstrap to multi-level data in
+neuroscience", Neurons, Behavior, Data analysis and Theory 3(5)), with seeds and patients crossed:
+
+1. test patients are drawn with replacement (every film of a drawn patient comes along, so films
+   of one patient are never treated as independent); the SAME patient draw serves every arm, so
+   a difference between arms is paired on the test set;
+2. within each arm its training seeds are drawn with replacement, independently of other arms
+   (runs of different arms are separate trainings). With S seeds the plain bootstrap of a mean
+   shrinks its variance by (S - 1) / S, so each seed's deviation from the arm mean is scaled by
+   sqrt(S / (S - 1)) (the usual small-sample correction); an arm with one seed carries no seed
+   variance and the report says so.
+
+AUROC on a resample is computed from bootstrap counts used as weights, with every score column
+sorted once, and all resamples of a chunk handled in one array operation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import norm, rankdata
+from scipy.stats import t as student_t
+
+LEVEL = 0.95  # two-sided interval level; alpha = 1 - LEVEL for the verdict
+GAIN, LOSS, NO_DIFFERENCE = "gain", "loss", "no measurable difference"
+CHUNK_ELEMENTS = 4_000_000  # resamples x images handled at once (bounds memory at ~100 MB)
+
+
+def auroc_columns(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUROC of every column at once (Mann-Whitney with average ranks); NaN where a column lacks a class."""
+    positives = targets.sum(axis=0)
+    negatives = targets.shape[0] - positives
+    rank_sum = (rankdata(scores, axis=0) * targets).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+    return np.where((positives > 0) & (negatives > 0), auc, np.nan)
+
+
+@dataclass(frozen=True)
+class SortedColumn:
+    """One score column sorted once: the order, where each run of tied scores starts, and the
+    targets in that order. Reused for every resample."""
+
+    order: np.ndarray
+    tie_starts: np.ndarray | None  # None when all scores differ
+    positive: np.ndarray  # float 0/1, sorted
+
+    @classmethod
+    def of(cls, target: np.ndarray, score: np.ndarray) -> SortedColumn:
+        order = np.argsort(score, kind="stable")
+        ordered = score[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        return cls(order, None if len(starts) == len(score) else starts, target[order].astype(float))
+
+    def auroc(self, weights: np.ndarray) -> np.ndarray:
+        """AUROC under each row of `weights` (resamples x images, bootstrap counts): the weighted
+        share of (positive, negative) pairs ranked correctly, ties counting one half."""
+        w = weights[:, self.order]
+        pos = w * self.positive
+        neg = w - pos
+        if self.tie_starts is not None:
+            pos = np.add.reduceat(pos, self.tie_starts, axis=1)
+            neg = np.add.reduceat(neg, self.tie_starts, axis=1)
+        below = np.cumsum(neg, axis=1) - neg
+        pairs = pos.sum(axis=1) * neg.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(axis=1) / pairs, np.nan)
+
+
+def weighted_auroc_columns(targets: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC of every column under every row of `weights` -> (resamples, columns)."""
+    return np.stack([SortedColumn.of(targets[:, k], scores[:, k]).auroc(weights) for k in range(targets.shape[1])], axis=1)
+
+
+@dataclass
+class ArmBootstrap:
+    """One arm: per-label AUROC of each seed on the whole test set, their mean (the estimate) and
+    the bootstrap distribution of that mean (resamples x labels)."""
+
+    seed_values: np.ndarray  # (seeds, labels)
+    samples: np.ndarray  # (resamples, labels)
+
+    @property
+    def estimate(self) -> np.ndarray:
+        return np.nanmean(self.seed_values, axis=0) if np.isfinite(self.seed_values).any() else self.seed_values[0]
+
+
+def cluster_weights(clusters: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap counts per image (n_boot x images): clusters drawn with replacement, every image
+    of a drawn cluster weighted by how often its cluster was drawn."""
+    codes, index = np.unique(clusters, return_inverse=True)
+    counts = rng.multinomial(len(codes), np.full(len(codes), 1 / len(codes)), size=n_boot)
+    return counts[:, index].astype(float)
+
+
+def seed_scale(n_seeds: int, level: float = LEVEL) -> float:
+    """Factor on each seed's deviation from the arm mean: sqrt(S / (S - 1)) makes the bootstrap
+    variance of the seed mean unbiased, and t / z widens it to Student-t width for the 2 (S - 1)
+    degrees of freedom of a difference between two arms of S seeds (with few seeds, normal-width
+    intervals would cover too rarely)."""
+    quantile = 1 - (1 - level) / 2
+    return float(np.sqrt(n_seeds / (n_seeds - 1)) * student_t.ppf(quantile, 2 * (n_seeds - 1)) / norm.ppf(quantile))
+
+
+def seed_resample(values: np.ndarray, n_boot: int, rng: np.random.Generator, inflate: bool = True) -> np.ndarray:
+    """Seed-level bootstrap of the seed mean. `values` is (seeds, resamples, labels), the AUROC of
+    each seed on each patient resample; returns (resamples, labels). Deviations from the seed mean
+    are scaled by sqrt(S / (S - 1)) so the bootstrap variance of the mean is unbiased."""
+    n_seeds = values.shape[0]
+    mean = values.mean(axis=0)
+    if n_seeds == 1:
+        return mean
+    counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_boot)  # (resamples, seeds)
+    scale = seed_scale(n_seeds) if inflate else 1.0
+    deviation = values - mean
+    return mean + scale * np.einsum("bs,sbl->bl", counts / n_seeds, deviation)
+
+
+def hierarchical_bootstrap(targets: np.ndarray, clusters: np.ndarray, arms: Mapping[str, np.ndarray], n_boot: int,
+                           seed: int, resample_seeds: bool = True) -> dict[str, ArmBootstrap]:
+    """Paired two-level bootstrap of every arm's seed-mean AUROC per label.
+
+    targets: (images, labels) 0/1; clusters: (images,) patient ids; arms: name -> scores of shape
+    (seeds, images, labels), all on the same images in the same order. The same patient resamples
+    serve every arm (paired); seeds are resampled per arm. `resample_seeds=False` averages the
+    seeds inside each resample instead (no seed variance; kept to show, in the calibration test,
+    how much too narrow that is)."""
+    targets = np.asarray(targets, dtype=float)
+    rng = np.random.default_rng(seed)
+    weights_all = cluster_weights(np.asarray(clusters), n_boot, rng)
+    sorted_columns = {name: [[SortedColumn.of(targets[:, k], run[:, k]) for k in range(targets.shape[1])] for run in scores]
+                      for name, scores in arms.items()}
+    per_seed = {name: np.empty((len(scores), n_boot, targets.shape[1])) for name, scores in arms.items()}
+    chunk = max(1, CHUNK_ELEMENTS // max(1, targets.shape[0]))
+    for start in range(0, n_boot, chunk):
+        weights = weights_all[start:start + chunk]
+        for name, runs in sorted_columns.items():
+            for s, columns in enumerate(runs):
+                per_seed[name][s, start:start + chunk] = np.stack([column.auroc(weights) for column in columns], axis=1)
+    result = {}
+    for name, scores in arms.items():
+        seed_values = np.stack([auroc_columns(targets, run) for run in scores])
+        samples = seed_resample(per_seed[name], n_boot, rng) if resample_seeds else per_seed[name].mean(axis=0)
+        result[name] = ArmBootstrap(seed_values, samples)
+    return result
+
+
+def macro(values: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    """Mean over the chosen label columns (last axis), ignoring labels undefined in a resample."""
+    chosen = values if labels is None else values[..., labels]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample where every label is undefined -> NaN
+        return np.nanmean(chosen, axis=-1)
+
+
+def interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """Percentile interval of the finite bootstrap values (NaN, NaN when none are finite)."""
+    samples = np.asarray(samples)[np.isfinite(samples)]
+    if not len(samples):
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_p_value(delta_samples: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of "no difference": twice the smaller share of resampled
+    differences on either side of 0, each counted with the +1 of Davison & Hinkley (1997), so it
+    is never 0 and is below 1 - LEVEL about when the percentile interval excludes 0."""
+    delta_samples = np.asarray(delta_samples)[np.isfinite(delta_samples)]
+    if not len(delta_samples):
+        return float("nan")
+    n = len(delta_samples)
+    below = (1 + np.sum(delta_samples <= 0)) / (n + 1)
+    above = (1 + np.sum(delta_samples >= 0)) / (n + 1)
+    return float(min(1.0, 2 * min(below, above)))
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjustment (Holm 1979): controls the family-wise error rate over the
+    compared arms without assuming independence. NaN p-values stay NaN and are not counted."""
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def verdict(delta: float, adjusted_p: float, alpha: float = 1 - LEVEL) -> str:
+    """Gain / loss when the Holm-adjusted p-value is below alpha (the sign of Δ decides which),
+    otherwise "no measurable difference" (which is not evidence of equality)."""
+    if not np.isfinite(adjusted_p) or adjusted_p >= alpha or delta == 0:
+        return NO_DIFFERENCE
+    return GAIN if delta > 0 else LOSS
+
+
+@dataclass(frozen=True)
+class Difference:
+    delta: float
+    low: float
+    high: float
+    p: float
+    p_holm: float
+    verdict: str
+
+
+def differences(results: Mapping[str, ArmBootstrap], reference: str, compared: Sequence[str],
+                labels: np.ndarray | None = None) -> dict[str, Difference]:
+    """Macro-AUROC difference of each compared arm from `reference`: estimate, paired bootstrap
+    interval, p-value, Holm-adjusted p over `compared` (one family) and the verdict."""
+    ref_samples = macro(results[reference].samples, labels)
+    ref_estimate = float(macro(results[reference].estimate, labels))
+    rows = {}
+    for name in compared:
+        delta_samples = macro(results[name].samples, labels) - ref_samples
+        rows[name] = (float(macro(results[name].estimate, labels)) - ref_estimate, *interval(delta_samples),
+                      bootstrap_p_value(delta_samples))
+    adjusted = holm([row[3] for row in rows.values()])
+    return {name: Difference(*row, float(p_holm), verdict(row[0], p_holm)) for (name, row), p_holm in zip(rows.items(), adjusted)}
