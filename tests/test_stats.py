@@ -8,8 +8,19 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from workflow_scripts.stats import (
-    GAIN, LOSS, NO_DIFFERENCE, auroc_columns, bootstrap_p_value, cluster_weights, differences, hierarchical_bootstrap,
-    holm, interval, verdict, weighted_auroc_columns)
+    GAIN,
+    LOSS,
+    NO_DIFFERENCE,
+    auroc_columns,
+    bootstrap_p_value,
+    cluster_weights,
+    differences,
+    hierarchical_bootstrap,
+    holm,
+    interval,
+    verdict,
+    weighted_auroc_columns,
+)
 
 
 def test_auroc_columns_match_sklearn_including_ties_and_missing_classes() -> None:

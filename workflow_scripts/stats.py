@@ -93,7 +93,7 @@ class ArmBootstrap:
 
     @property
     def estimate(self) -> np.ndarray:
-        return np.nanmean(self.seed_values, axis=0) if np.isfinite(self.seed_values).any() else self.seed_values[0]
+        return self.seed_values.mean(axis=0)  # seeds share the test set, so a label is undefined in all or none
 
 
 def cluster_weights(clusters: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -116,7 +116,7 @@ def seed_scale(n_seeds: int, level: float = LEVEL) -> float:
 def seed_resample(values: np.ndarray, n_boot: int, rng: np.random.Generator, inflate: bool = True) -> np.ndarray:
     """Seed-level bootstrap of the seed mean. `values` is (seeds, resamples, labels), the AUROC of
     each seed on each patient resample; returns (resamples, labels). Deviations from the seed mean
-    are scaled by sqrt(S / (S - 1)) so the bootstrap variance of the mean is unbiased."""
+    are widened by `seed_scale`; results are kept within AUROC's range [0, 1]."""
     n_seeds = values.shape[0]
     mean = values.mean(axis=0)
     if n_seeds == 1:
@@ -124,7 +124,8 @@ def seed_resample(values: np.ndarray, n_boot: int, rng: np.random.Generator, inf
     counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_boot)  # (resamples, seeds)
     scale = seed_scale(n_seeds) if inflate else 1.0
     deviation = values - mean
-    return mean + scale * np.einsum("bs,sbl->bl", counts / n_seeds, deviation)
+    # the widened seed term can step past AUROC's bounds; an AUROC outside [0, 1] is not a possible value
+    return np.clip(mean + scale * np.einsum("bs,sbl->bl", counts / n_seeds, deviation), 0.0, 1.0)
 
 
 def hierarchical_bootstrap(targets: np.ndarray, clusters: np.ndarray, arms: Mapping[str, np.ndarray], n_boot: int,
