@@ -13,7 +13,7 @@ from workflow_scripts.stats import (
     NO_DIFFERENCE,
     auroc_columns,
     bootstrap_p_value,
-    cluster_weights,
+    cluster_counts,
     differences,
     hierarchical_bootstrap,
     holm,
@@ -36,21 +36,21 @@ def test_auroc_columns_match_sklearn_including_ties_and_missing_classes() -> Non
 
 def test_weighted_auroc_matches_sklearn_sample_weight_for_every_resample() -> None:
     rng = np.random.default_rng(1)
-    targets = rng.integers(0, 2, (50, 2)).astype(float)
-    scores = np.column_stack([np.round(rng.random(50), 1), rng.random(50)])  # with and without ties
-    weights = cluster_weights(np.repeat(np.arange(25), 2), 6, rng)
-    got = weighted_auroc_columns(targets, scores, weights)
+    targets = rng.integers(0, 2, (50, 3)).astype(float)
+    scores = np.column_stack([np.round(rng.random(50), 1), rng.random(50), np.round(rng.random(50), 1)])  # with and without ties
+    targets[:, 2] = scores[:, 2] > 0.5  # ties across the classes at every level, highest and lowest scores of each class
+    index, counts = cluster_counts(np.repeat(np.arange(25), 2), 6, rng)
+    got = weighted_auroc_columns(targets, scores, index, counts)
     for b in range(6):
-        for k in range(2):
-            assert got[b, k] == pytest.approx(roc_auc_score(targets[:, k], scores[:, k], sample_weight=weights[b]))
+        for k in range(3):
+            assert got[b, k] == pytest.approx(roc_auc_score(targets[:, k], scores[:, k], sample_weight=counts[b, index]))
+    assert np.isnan(weighted_auroc_columns(np.zeros((50, 1)), scores[:, :1], index, counts)).all()
 
 
-def test_cluster_weights_keep_the_films_of_a_patient_together() -> None:
-    clusters = np.array([7, 7, 7, 3, 9, 9])
-    weights = cluster_weights(clusters, 100, np.random.default_rng(0))
-    assert (weights[:, 0] == weights[:, 1]).all() and (weights[:, 0] == weights[:, 2]).all() and (weights[:, 4] == weights[:, 5]).all()
-    assert (weights[:, [0, 3, 4]].sum(axis=1) == 3).all()  # three patients drawn each time
-    assert weights[:, 0].std() > 0
+def test_cluster_counts_keep_the_films_of_a_patient_together() -> None:
+    index, counts = cluster_counts(np.array([7, 7, 7, 3, 9, 9]), 100, np.random.default_rng(0))
+    assert index.tolist() == [1, 1, 1, 0, 2, 2]
+    assert (counts.sum(axis=1) == 3).all() and counts.std(axis=0).min() > 0  # three patients drawn each time
 
 
 def test_holm_matches_the_textbook_example() -> None:
