@@ -13,10 +13,11 @@ neuroscience", Neurons, Behavior, Data analysis and Theory 3(5)), with seeds and
    of one patient are never treated as independent); the SAME patient draw serves every arm, so
    a difference between arms is paired on the test set;
 2. within each arm its training seeds are drawn with replacement, independently of other arms
-   (runs of different arms are separate trainings). With S seeds the plain bootstrap of a mean
-   shrinks its variance by (S - 1) / S, so each seed's deviation from the arm mean is scaled by
-   sqrt(S / (S - 1)) (the usual small-sample correction); an arm with one seed carries no seed
-   variance and the report says so.
+   (runs of different arms are separate trainings): each seed's deviation from the arm mean is
+   drawn with replacement, scaled to an unbiased variance and to Student-t width for few seeds
+   (`seed_scale`), less the part of the seed spread the patient level already carries (seeds and
+   patients are crossed, `seed_resample`). An arm with one seed carries no seed variance, and the
+   report says so.
 
 AUROC on a resample is computed from the bootstrap counts of the patients: every score column is
 sorted once into a sparse patients-to-segments matrix, and all resamples go through one sparse
@@ -124,19 +125,32 @@ def seed_scale(n_seeds: int, level: float = LEVEL) -> float:
     return float(np.sqrt(n_seeds / (n_seeds - 1)) * student_t.ppf(quantile, 2 * (n_seeds - 1)) / norm.ppf(quantile))
 
 
-def seed_resample(values: np.ndarray, n_boot: int, rng: np.random.Generator, inflate: bool = True) -> np.ndarray:
-    """Seed-level bootstrap of the seed mean. `values` is (seeds, resamples, labels), the AUROC of
-    each seed on each patient resample; returns (resamples, labels). Deviations from the seed mean
-    are widened by `seed_scale`; results are kept within AUROC's range [0, 1]."""
+def seed_resample(values: np.ndarray, full: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """The seed level of the bootstrap. `values` (seeds, resamples, labels) holds each seed's AUROC
+    on each patient resample, `full` (seeds, labels) each seed's AUROC on the whole test set.
+
+    Returns (resamples, labels): the seed mean on the patient resample plus a resampled seed term,
+    the seeds' deviations from their mean drawn with replacement and widened by `seed_scale`.
+    Seeds and patients are crossed, not nested: the patient level already carries the part of the
+    seed-to-seed spread that comes from seeds ranking individual films differently (their
+    interaction), about (mean single-seed bootstrap variance - bootstrap variance of the mean) *
+    S / (S - 1). The seed term is shrunk by that part so it is not counted twice (counted twice the
+    interval covers far above its nominal rate when seeds differ little)."""
     n_seeds = values.shape[0]
     mean = values.mean(axis=0)
     if n_seeds == 1:
         return mean
+    deviation = full - full.mean(axis=0)
+    spread = deviation.var(axis=0, ddof=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # labels undefined in some resamples
+        interaction = (np.nanvar(values, axis=1).mean(axis=0) - np.nanvar(mean, axis=0)) * n_seeds / (n_seeds - 1)
+    share = np.divide(spread - interaction, spread, out=np.zeros_like(spread), where=spread > 0)
+    shrink = np.sqrt(np.clip(np.nan_to_num(share), 0.0, 1.0))
     counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_boot)  # (resamples, seeds)
-    scale = seed_scale(n_seeds) if inflate else 1.0
-    deviation = values - mean
+    term = (counts / n_seeds) @ deviation * (seed_scale(n_seeds) * shrink)
     # the widened seed term can step past AUROC's bounds; an AUROC outside [0, 1] is not a possible value
-    return np.clip(mean + scale * np.einsum("bs,sbl->bl", counts / n_seeds, deviation), 0.0, 1.0)
+    return np.clip(mean + term, 0.0, 1.0)
 
 
 def hierarchical_bootstrap(targets: np.ndarray, clusters: np.ndarray, arms: Mapping[str, np.ndarray], n_boot: int,
@@ -158,7 +172,7 @@ def hierarchical_bootstrap(targets: np.ndarray, clusters: np.ndarray, arms: Mapp
     result = {}
     for name, scores in arms.items():
         seed_values = np.stack([auroc_columns(targets, run) for run in scores])
-        samples = seed_resample(per_seed[name], n_boot, rng) if resample_seeds else per_seed[name].mean(axis=0)
+        samples = seed_resample(per_seed[name], seed_values, n_boot, rng) if resample_seeds else per_seed[name].mean(axis=0)
         result[name] = ArmBootstrap(seed_values, samples)
     return result
 
