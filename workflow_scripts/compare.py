@@ -35,6 +35,7 @@ from workflow_scripts.config import (
     config_from_args,
     config_hash,
 )
+from workflow_scripts.images import BadImageError
 from workflow_scripts.prepare_dataset import (
     LABEL_JOIN,
     DataError,
@@ -127,8 +128,8 @@ def group_arms(runs: list[Run]) -> dict[str, Arm]:
     arms: dict[str, Arm] = {}
     for run in runs:
         m = run.metrics
-        arm = arms.setdefault(m["arm"], Arm(m["arm"], m["arm_kind"], int(m["ratio"])))
-        if (arm.kind, arm.ratio) != (m["arm_kind"], int(m["ratio"])):
+        arm = arms.setdefault(m["arm"], Arm(m["arm"], m["arm_kind"], int(m["ratio"] or 0)))
+        if (arm.kind, arm.ratio) != (m["arm_kind"], int(m["ratio"] or 0)):
             raise DataError(f"{run.path}: arm {arm.name} is {m['arm_kind']} at {m['ratio']}% here but {arm.kind} at {arm.ratio}% "
                             f"in {arm.runs[0].path}")
         if any(other.metrics["seed"] == m["seed"] for other in arm.runs):
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         table = compare(config_from_args(args), args.runs, args.evaluation_dir, args.lora_summary, args.data_dir,
                         args.synthetic, args.out_dir)
-    except (ConfigError, DataError, FileNotFoundError) as error:
+    except (ConfigError, DataError, BadImageError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     shown = ["arm", "seeds", "macro_auroc_mean", "delta_vs_ratio0", "p_holm_vs_ratio0", "verdict_vs_ratio0"]
