@@ -70,10 +70,9 @@ rule compare:
         table_md=report("results/comparison.md", category="Comparison"),
         table_csv=report("results/comparison.csv", category="Comparison"),
         auroc_plot=report("results/plots/auroc_vs_ratio.png", category="Comparison"),
-        fidelity_plot=report("results/plots/fidelity_per_label.png", category="Fidelity"),
         grid=report("results/plots/real_vs_synthetic.png", category="Fidelity"),
     params:
-        classifier_dir=lambda wildcards, input: os.path.dirname(os.path.dirname(input.metrics[0])),
+        runs=lambda wildcards, input: " ".join(sorted({os.path.dirname(path) for path in input.metrics})),
         evaluation_dir=lambda wildcards, input: os.path.dirname(input.fidelity),
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
         out_dir=lambda wildcards, output: os.path.dirname(output.table_csv),
@@ -84,6 +83,6 @@ rule compare:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.compare --config {input.config} --classifier-dir {params.classifier_dir}"
+        "python -m workflow_scripts.compare --config {input.config} --runs {params.runs}"
         " --evaluation-dir {params.evaluation_dir} --lora-summary {input.lora}/training_summary.json"
         " --data-dir {params.data_dir} --synthetic {input.synthetic} --out-dir {params.out_dir} > {log} 2>&1"

@@ -1,4 +1,5 @@
-"""The final table: AUROC math, paired deltas, rows and columns, rare labels, honest caveats."""
+"""The final table from fixture run folders (no classifier training): arms and controls as rows,
+refusal of mismatched runs, n/a below the positives floor, rarity with ties, verdicts, subgroups."""
 
 from __future__ import annotations
 
@@ -8,121 +9,200 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-from sklearn.metrics import roc_auc_score
-
 from conftest import REPO
-from workflow_scripts.compare import auroc_columns, compare, rare_labels
+from PIL import Image
+
+from workflow_scripts.compare import compare, main, rare_labels
 from workflow_scripts.config import load_config
+from workflow_scripts.prepare_dataset import DataError
 
 LABELS = ["Effusion", "Mass", "Pneumonia", "No Finding"]
 CLASSES = LABELS[:3]
+ARMS = {"ratio0": ("real", 0), "ratio10": ("synthetic", 10), "ratio50": ("synthetic", 50),
+        "rebalanced": ("control_rebalanced", 0), "noise": ("control_noise", 50)}
+SEEDS = (0, 1, 2)
 
 
-def test_auroc_columns_match_sklearn_including_ties_and_missing_classes() -> None:
-    rng = np.random.default_rng(0)
-    targets = rng.integers(0, 2, (60, 3)).astype(float)
-    scores = np.round(rng.random((60, 3)), 1)  # many ties
-    targets[:, 2] = 0  # no positive: undefined
-    got = auroc_columns(targets, scores)
-    for k in range(2):
-        assert got[k] == pytest.approx(roc_auc_score(targets[:, k], scores[:, k]))
-    assert np.isnan(got[2])
-
-
-def test_rare_labels_are_the_third_with_fewest_training_images() -> None:
-    train = pd.DataFrame({"labels": ["Effusion"] * 9 + ["Mass"] * 5 + ["Pneumonia"] + ["No Finding"] * 4})
-    assert rare_labels(train, CLASSES) == ["Pneumonia"]
-
-
-def write_inputs(root: Path, ratios: list[int], seeds: list[int], identical: bool) -> dict[str, Path]:
-    """Everything compare reads, as the earlier stages would have written it."""
+def write_study(root: Path, arms: dict[str, tuple[str, int]] = ARMS, quality: dict[str, float] | None = None,
+                demographics: bool = False, metric_overrides: dict[str, dict] | None = None) -> dict[str, Path]:
+    """Everything compare reads, as the earlier stages would have written it. `quality`: per arm, how
+    strongly its scores separate positives (1 = as the reference); `metric_overrides`: run -> metrics keys."""
     rng = np.random.default_rng(1)
+    quality, metric_overrides = quality or {}, metric_overrides or {}
     data = root / "data"
     data.mkdir(parents=True)
     image = root / "img.png"
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
-    train_labels = ["Effusion"] * 6 + ["Mass"] * 4 + ["Pneumonia"] + ["No Finding"] * 3
+    # balanced training split: Effusion and Mass tie, as max_per_label makes them; before balancing they differ
+    train_labels = ["Effusion"] * 5 + ["Mass"] * 5 + ["Pneumonia"] * 2 + ["No Finding"] * 3
     pd.DataFrame({"path": str(image), "labels": train_labels, "prompt": "p", "patient": range(len(train_labels)), "split": "train"}
                  ).to_csv(data / "train.csv", index=False)
-    test_labels = ["Effusion", "Mass|Effusion", "Pneumonia", "No Finding", "Mass", "Pneumonia", "No Finding", "Effusion"] * 5
-    truth = np.array([[c in labels.split("|") for c in CLASSES] for labels in test_labels], float)
-    for ratio in ratios:
-        for seed in seeds:
-            run = root / "classifier" / f"ratio{ratio}_seed{seed}"
+    (data / "prepare_summary.json").write_text(json.dumps(
+        {"label_counts_before_balance": {"train": {"Effusion": 900, "Mass": 40, "Pneumonia": 40, "No Finding": 2000}}}))
+    # 60 patients, 2 films each; Pneumonia has only 3 positive films
+    n = 120
+    labels = np.array(["Effusion", "Mass", "Mass|Effusion", "No Finding"] * (n // 4), dtype=object)
+    labels[[5, 50, 95]] = "Pneumonia"
+    test = pd.DataFrame({"path": [f"t{i:03d}.png" for i in range(n)], "labels": labels, "prompt": "p",
+                         "patient": [f"p{i // 2}" for i in range(n)], "split": "test"})
+    if demographics:
+        test["sex"] = np.where(np.arange(n) // 2 % 2 == 0, "F", "M")
+        test["age"] = np.array([25, 45, 70])[np.arange(n) // 2 % 3]
+    test.to_csv(data / "test.csv", index=False)
+    truth = np.array([[c in cell.split("|") for c in CLASSES] for cell in labels], float)
+    runs = []
+    for arm, (kind, ratio) in arms.items():
+        for seed in SEEDS:
+            run = root / "classifier" / f"{arm}_seed{seed}"
             run.mkdir(parents=True)
-            noise = 0.0 if identical else rng.normal(0, 0.3 + ratio / 100, truth.shape)
-            probs = np.clip(truth * 0.6 + 0.2 + noise, 0, 1)
-            frame = pd.DataFrame({"path": [f"t{i}.png" for i in range(len(test_labels))], "labels": test_labels})
+            probs = truth * quality.get(arm, 1.0) + rng.normal(0, 0.6, truth.shape)
+            frame = pd.DataFrame({"path": test["path"], "labels": labels})
             for k, label in enumerate(CLASSES):
                 frame[f"prob_{label}"] = probs[:, k]
-            frame.to_csv(run / "predictions.csv", index=False)
-            (run / "metrics.json").write_text(json.dumps({"n_real_train": 14, "n_synthetic_train": round(14 * ratio / (100 - ratio)),
-                                                          "pretrained_weights": "none (classifier.pretrained: false)", "versions": {}}))
+            frame.sample(frac=1, random_state=seed).to_csv(run / "predictions.csv", index=False)  # row order must not matter
+            n_syn = round(15 * ratio / (100 - ratio))
+            metrics = {"arm": arm, "arm_kind": kind, "ratio": ratio, "seed": seed, "optimizer_steps": 40, "config_hash": "abc123",
+                       "pretrained_weights": "none (classifier.pretrained: false)", "classes": CLASSES, "n_real_train": 15,
+                       "n_synthetic_train": n_syn, "versions": {}}
+            metrics.update(metric_overrides.get(run.name, {}))
+            (run / "metrics.json").write_text(json.dumps(metrics))
+            pd.DataFrame({"label": CLASSES, "real_positives": [5, 5, 2], "synthetic_positives": [n_syn // 3, n_syn // 3, n_syn - 2 * (n_syn // 3)],
+                          "effective_positives": [5, 5, 2]}).to_csv(run / "composition.csv", index=False)
+            runs.append(run)
     evaluation = root / "evaluation"
     evaluation.mkdir()
-    rows = [{"label": label, "n_real": 5, "n_synthetic": 4, "fid": "unavailable: no Inception weights",
-             "kid_mean": "unavailable: no Inception weights", "kid_std": "", "domain_fd": 12.5, "notes": ""} for label in LABELS] + [
-        {"label": "overall", "n_real": 14, "n_synthetic": 16, "fid": "unavailable: no Inception weights",
-         "kid_mean": "unavailable: no Inception weights", "kid_std": "", "domain_fd": 9.0, "notes": ""}]
-    pd.DataFrame(rows).to_csv(evaluation / "fidelity.csv", index=False)
-    (evaluation / "fidelity.json").write_text(json.dumps({"settings": {"tool": "pytorch-fid 0.3.0", "dims": 2048, "resize": "bilinear 299",
-                                                                      "inception_status": "unavailable: no Inception weights"}}))
+    reason = "unavailable: no Inception weights"
+    pd.DataFrame([{"label": label, "n_real": 5, "n_synthetic": 4, "fid": reason, "kid_mean": reason, "kid_std": "",
+                   "domain_fd": 12.5, "notes": ""} for label in [*LABELS, "overall"]]).to_csv(evaluation / "fidelity.csv", index=False)
+    (evaluation / "fidelity.json").write_text(json.dumps({"settings": {"tool": "pytorch-fid 0.3.0", "dims": 2048, "resize": "bilinear 299"}}))
     (evaluation / "audit_summary.json").write_text(json.dumps({"n": 16, "flagged": 1, "thresholds": {
         "feature_cosine_distance": 0.02, "pixel_mean_abs_difference": 0.03}}))
     lora = root / "lora_summary.json"
     lora.write_text(json.dumps({"steps": 10, "epochs": 1, "train_images": 14, "train_seconds": 3.5, "images_per_second": 40.0,
                                 "device": "cpu", "base_model": "results/models/tiny-sd", "lora_rank": 4}))
     synthetic = root / "generation_results.csv"
-    pd.DataFrame({"file": [str(image)] * 4, "labels": CLASSES + ["No Finding"]}).to_csv(synthetic, index=False)
-    return {"data": data, "classifier": root / "classifier", "evaluation": evaluation, "lora": lora, "synthetic": synthetic}
+    pd.DataFrame({"file": [str(image)] * 4, "labels": LABELS}).to_csv(synthetic, index=False)
+    return {"data": data, "runs": runs, "evaluation": evaluation, "lora": lora, "synthetic": synthetic}
 
 
-def run_compare(tmp_path: Path, identical: bool = False, ratios=(0, 10, 25, 50), seeds=(0, 1, 2)) -> tuple[pd.DataFrame, Path]:
-    paths = write_inputs(tmp_path / "in", list(ratios), list(seeds), identical)
-    config = load_config([REPO / "config" / "config.yaml"], [f"dataset.labels={LABELS}", f"classifier.ratios={list(ratios)}",
-                                                            f"classifier.seeds={list(seeds)}", "classifier.bootstrap_samples=50"])
+def run_compare(tmp_path: Path, min_positives: int = 5, **study) -> tuple[pd.DataFrame, str, Path]:
+    paths = write_study(tmp_path / "in", **study)
+    config = load_config([REPO / "config" / "config.yaml"], [f"dataset.labels={LABELS}", "classifier.bootstrap_samples=200",
+                                                            f"classifier.min_test_positives={min_positives}"])
     out = tmp_path / "out"
-    table = compare(config, paths["classifier"], paths["evaluation"], paths["lora"], paths["data"], paths["synthetic"], out)
-    return table, out
+    table = compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["synthetic"], out)
+    return table, (out / "comparison.md").read_text(), out
 
 
-def test_table_has_a_row_per_ratio_and_the_promised_columns(tmp_path: Path) -> None:
-    table, out = run_compare(tmp_path)
-    assert table["synthetic_percent"].tolist() == [0, 10, 25, 50]
-    for column in ("macro_auroc_mean", "macro_auroc_std", "macro_auroc_ci_low", "macro_auroc_ci_high", "delta_vs_0",
-                   "delta_ci_low", "delta_ci_high", "auroc_Effusion", "auroc_Mass", "auroc_Pneumonia (rare)",
-                   "fid_overall", "kid_overall", "domain_fd_overall", "audit_flagged", "lora_train_seconds", "lora_images_per_second"):
-        assert column in table.columns, column
-    assert table["delta_vs_0"].iloc[0] == 0.0
-    assert (table["macro_auroc_ci_low"] <= table["macro_auroc_mean"] + 0.05).all()
-    assert (table["macro_auroc_ci_high"] >= table["macro_auroc_ci_low"]).all()
-    assert table["audit_flagged"].iloc[0] == "1/16" and table["fid_overall"].iloc[0].startswith("unavailable")
-    assert pd.read_csv(out / "comparison.csv").shape == table.shape
-    for plot in ("auroc_vs_ratio.png", "fidelity_per_label.png", "real_vs_synthetic.png"):
-        assert (out / "plots" / plot).stat().st_size > 5_000
+def test_one_row_per_arm_ratio_arms_then_controls_with_control_deltas(tmp_path: Path) -> None:
+    table, page, out = run_compare(tmp_path)
+    assert table["arm"].tolist() == ["ratio0", "ratio10", "ratio50", "rebalanced", "noise"]
+    assert table["seeds"].tolist() == [3] * 5 and (table["test_images"] == 120).all() and (table["test_patients"] == 60).all()
+    assert table["n_synthetic_train"].tolist() == [0, 2, 15, 0, 15]
+    synthetic = table["arm_kind"] == "synthetic"
+    for column in ("delta_vs_noise", "delta_vs_rebalanced", "verdict_vs_noise", "p_holm_vs_rebalanced"):
+        assert table.loc[synthetic, column].notna().all() and (table.loc[synthetic, column] != "").all(), column
+    assert table.loc[~synthetic, "delta_vs_noise"].isna().all()  # controls are not compared with themselves
+    assert np.isnan(table["delta_vs_ratio0"].iloc[0]) and table["delta_vs_ratio0"].iloc[1:].notna().all()
+    assert (table["macro_auroc_ci_low"] < table["macro_auroc_ci_high"]).all()
+    saved = pd.read_csv(out / "comparison.csv")
+    assert saved.shape == table.shape and saved["arm"].tolist() == table["arm"].tolist()
+    assert {p.name for p in (out / "plots").iterdir()} == {"auroc_vs_ratio.png", "real_vs_synthetic.png"}
+    assert (out / "plots" / "auroc_vs_ratio.png").stat().st_size > 5_000
+    assert "control: noise for synthetic" in page and "| rebalanced |" in page
+    assert "Saravanan" in page and "200 resamples" in page and "Holm" in page  # the page says how intervals were made
+    # label composition per arm
+    assert "| Pneumonia † | 40 | 2 + 0 | 2 + 2 | 2 + 5 | 2 + 0 | 2 + 5 |" in page
 
 
-def test_identical_runs_give_a_zero_delta_with_a_zero_width_paired_ci(tmp_path: Path) -> None:
-    table, _ = run_compare(tmp_path, identical=True)
-    assert np.allclose(table["delta_vs_0"], 0) and np.allclose(table["delta_ci_low"], 0) and np.allclose(table["delta_ci_high"], 0)
-    assert np.allclose(table["macro_auroc_std"], 0)
+@pytest.mark.parametrize("key, value", [("config_hash", "other"), ("pretrained_weights", "timm/resnet18.a1_in1k"),
+                                        ("optimizer_steps", 80)])
+def test_runs_that_differ_in_weights_config_or_steps_are_refused_by_name(tmp_path: Path, key: str, value) -> None:
+    with pytest.raises(DataError, match=rf"{key} differs: .*ratio50_seed1"):
+        run_compare(tmp_path, metric_overrides={"ratio50_seed1": {key: value}})
 
 
-def test_markdown_says_what_the_numbers_are_and_are_not(tmp_path: Path) -> None:
-    _, out = run_compare(tmp_path)
-    page = (out / "comparison.md").read_text()
-    assert "random weights" in page and "phantoms" in page  # the demo's figures are labelled as such
-    assert "unavailable: no Inception weights" in page  # the reason, stated once above the tables
+def test_the_cli_refuses_with_a_message_and_status_2(tmp_path: Path, capsys) -> None:
+    paths = write_study(tmp_path / "in", metric_overrides={"noise_seed0": {"config_hash": "zzz"}})
+    status = main(["--config", str(REPO / "config" / "config.yaml"), "--set", f"dataset.labels={LABELS}",
+                   "--runs", *map(str, paths["runs"]), "--data-dir", str(paths["data"]),
+                   "--evaluation-dir", str(paths["evaluation"]), "--out-dir", str(tmp_path / "out")])
+    assert status == 2
+    assert "config_hash differs" in capsys.readouterr().err and not (tmp_path / "out" / "comparison.md").exists()
+
+
+def test_labels_below_the_positives_floor_read_na_and_leave_the_macro(tmp_path: Path) -> None:
+    table, page, _ = run_compare(tmp_path, min_positives=5)
+    assert table["auroc_Pneumonia"].isna().all() and table["auroc_Mass"].notna().all()
+    assert (table["test_positives_Pneumonia"] == 3).all()
+    assert "Macro AUROC over Effusion, Mass (2 of 3 labels; left out, fewer than 5 test positives: Pneumonia (3))" in page
+    assert page.count("n/a (3 positives)") == len(table)
+    shown, page, _ = run_compare(tmp_path / "low", min_positives=3)
+    assert shown["auroc_Pneumonia"].notna().all() and "Macro AUROC over Effusion, Mass, Pneumonia (3 of 3 labels)" in page
+
+
+def _read(root: Path) -> str:
+    return (root / "out" / "comparison.md").read_text()
+
+
+def test_rarity_ties_are_not_broken_by_name() -> None:
+    classes = ["Atelectasis", "Hernia", "Mass", "Zebra", "Effusion", "Nodule"]
+    counts = {"Atelectasis": 40, "Hernia": 10, "Mass": 40, "Zebra": 40, "Effusion": 500, "Nodule": 300}
+    # two rare slots (a third of six): Hernia, then a three-way tie at 40 that all share the mark
+    assert rare_labels(counts, classes) == ["Atelectasis", "Hernia", "Mass", "Zebra"]
+    assert rare_labels({**counts, "Atelectasis": 41, "Zebra": 39}, classes) == ["Hernia", "Zebra"]
+
+
+def test_rarity_comes_from_the_counts_before_balancing(tmp_path: Path) -> None:
+    # after balancing Effusion and Mass tie at 5; before, Mass (40) and Pneumonia (40) are the rare ones
+    _, page, _ = run_compare(tmp_path)
+    assert "Mass † (" in page and "Pneumonia † (" in page and "Effusion † (" not in page
+
+
+def test_verdict_words_follow_the_planted_differences(tmp_path: Path) -> None:
+    table, page, _ = run_compare(tmp_path, quality={"ratio10": 1.0, "ratio50": 3.0, "noise": 0.2, "rebalanced": 1.0})
+    verdicts = dict(zip(table["arm"], table["verdict_vs_ratio0"]))
+    assert verdicts["ratio50"] == "gain" and verdicts["noise"] == "loss"
+    assert verdicts["ratio10"] == "no measurable difference"
+    assert dict(zip(table["arm"], table["verdict_vs_noise"]))["ratio50"] == "gain"
+    holm = table.set_index("arm")["p_holm_vs_ratio0"]
+    raw = table.set_index("arm")["p_vs_ratio0"]
+    assert (holm.dropna() >= raw.dropna()).all()  # Holm never lowers a p-value
+    assert "| gain |" in page and "| loss |" in page
+
+
+def test_subgroups_by_sex_and_age_only_when_the_test_split_has_them(tmp_path: Path) -> None:
+    _, page, _ = run_compare(tmp_path / "with", demographics=True)
+    assert "## Subgroups" in page
+    for group in ("| sex F |", "| sex M |", "| age <40 |", "| age 40-59 |", "| age >=60 |"):
+        assert group in page, group
+    assert "best synthetic arm (ratio" in page
+    _, page, _ = run_compare(tmp_path / "without")
+    assert "Subgroups" not in page
+
+
+def test_fidelity_and_audit_are_shown_once_and_fidelity_md_wins(tmp_path: Path) -> None:
+    _, page, _ = run_compare(tmp_path / "csv")
     assert page.count("unavailable: no Inception weights") == 1 and "| unavailable (see note) |" in page
-    assert "mean absolute pixel difference 0.03" in page
-    assert "Pneumonia †" in page
-    assert sum(line.startswith("| 50% |") for line in page.splitlines()) == 1
-    assert '"seeds": [\n      0,\n      1,\n      2\n    ]' in page  # provenance block
+    assert "mean absolute pixel difference 0.03" in page and page.count("## Memorization audit") == 1
+    assert "random weights" in page and "phantoms" in page  # the demo honesty banner
+    paths = write_study(tmp_path / "md" / "in")
+    (paths["evaluation"] / "fidelity.md").write_text("## Fidelity\n\nFID written by the fidelity stage: 42.0\n")
+    config = load_config([REPO / "config" / "config.yaml"], [f"dataset.labels={LABELS}", "classifier.min_test_positives=5"])
+    compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["synthetic"], tmp_path / "md" / "out")
+    page = _read(tmp_path / "md")
+    assert "FID written by the fidelity stage: 42.0" in page and "unavailable: no Inception weights" not in page
 
 
-def test_ratios_without_zero_are_refused_by_the_schema() -> None:
-    from workflow_scripts.config import ConfigError
+def test_a_run_scored_on_other_images_is_refused(tmp_path: Path) -> None:
+    paths = write_study(tmp_path / "in")
+    predictions = paths["runs"][4] / "predictions.csv"
+    pd.read_csv(predictions).iloc[1:].to_csv(predictions, index=False)
+    config = load_config([REPO / "config" / "config.yaml"], [f"dataset.labels={LABELS}", "classifier.min_test_positives=5"])
+    with pytest.raises(DataError, match="ratio10_seed1.*not those of the test split"):
+        compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["synthetic"], tmp_path / "out")
 
-    with pytest.raises(ConfigError, match="classifier.ratios"):
-        load_config([REPO / "config" / "config.yaml"], ["classifier.ratios=[10, 25]"])
+
+def test_ratio0_is_required(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="ratio0"):
+        run_compare(tmp_path, arms={"ratio50": ("synthetic", 50)})

@@ -1,13 +1,17 @@
-"""The final comparison: do synthetic X-rays help a classifier, and do they look real?
+"""The final comparison: do synthetic X-rays help a classifier, beyond what noise or rebalancing give?
 
-    python -m workflow_scripts.compare --config config/config.yaml --out-dir results
+    python -m workflow_scripts.compare --config config/config.yaml \\
+        --runs results/classifier/*_seed* --out-dir results
 
-One row per synthetic ratio: macro AUROC on the real, patient-disjoint test split (mean ± std over
-seeds; 95% CI by bootstrap over test images), its difference from 0% synthetic (paired bootstrap:
-the same resampled test images for both), AUROC per label with the rare labels marked, and beside
-them the fidelity figures (FID, KID, domain distance), the memorization audit's flagged count and
-the LoRA's training time and speed. Writes `comparison.csv`, `comparison.md` and plots under
-`plots/`. Every figure names its source files, seeds and settings at the bottom of the page.
+Reads the classifier runs given with `--runs` (each a folder with metrics.json, predictions.csv and
+composition.csv), refuses to mix runs whose starting weights, config hash or optimizer steps
+differ, and writes one row per arm (ratio arms, then controls): macro AUROC with its 95% interval,
+the difference from the real-only arm `ratio0` (and, for synthetic arms, from the noise and
+rebalanced controls) with interval, Holm-adjusted p and a verdict in words, per-label AUROC where
+the test split has enough positives, each arm's label composition, subgroups by sex and age where
+the test split records them, and fidelity and audit once. Intervals: workflow_scripts.stats (a
+paired bootstrap over test patients and training seeds). Outputs: comparison.csv, comparison.md,
+plots/auroc_vs_ratio.png, plots/real_vs_synthetic.png under --out-dir.
 """
 
 from __future__ import annotations
@@ -17,269 +21,342 @@ import json
 import math
 import sys
 import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
-from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, label_counts, load_split
+from workflow_scripts import stats
+from workflow_scripts.config import (
+    ConfigError,
+    add_config_arguments,
+    config_from_args,
+    config_hash,
+)
+from workflow_scripts.images import BadImageError
+from workflow_scripts.prepare_dataset import (
+    LABEL_JOIN,
+    DataError,
+    label_counts,
+    load_split,
+)
 from workflow_scripts.train_classifier import class_names
 
 DEMO_CSV = "results/demo_data/Data_Entry_2017.csv"
+REFERENCE = "ratio0"  # the real-only arm every other arm is compared with
+KIND_ORDER = ("real", "synthetic", "control_rebalanced", "control_noise", "control_pretrain")
+CONTROL_REFERENCES = {"noise": "control_noise", "rebalanced": "control_rebalanced"}  # column name -> arm_kind
+REQUIRED_METRICS = ("arm", "arm_kind", "ratio", "seed", "optimizer_steps", "config_hash", "pretrained_weights", "classes",
+                    "n_real_train", "n_synthetic_train")
+MATCHED = ("pretrained_weights", "config_hash", "optimizer_steps")  # must be equal across all runs of a study
+AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 200, ">=60"))
+BOOTSTRAP_SEED = 0
 
 
-def auroc_columns(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """AUROC of every column at once (Mann-Whitney via average ranks); NaN where a column lacks a class."""
-    positives = targets.sum(axis=0)
-    negatives = targets.shape[0] - positives
-    ranks = rankdata(scores, axis=0)
-    rank_sum = (ranks * targets).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
-    return np.where((positives > 0) & (negatives > 0), auc, np.nan)
+@dataclass
+class Run:
+    path: Path
+    metrics: dict[str, Any]
+    images: list[str]
+    scores: np.ndarray  # (images, classes), rows in the order of `images`
+    composition: pd.DataFrame
 
 
-def macro(aurocs: np.ndarray) -> float:
-    return float(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else float("nan")
+@dataclass
+class Arm:
+    name: str
+    kind: str
+    ratio: int
+    runs: list[Run] = field(default_factory=list)
+
+    def counts(self, key: str) -> int | str:
+        """One figure for the arm; "a-b" if its seeds differ (they should not)."""
+        values = sorted({int(run.metrics[key]) for run in self.runs})
+        return values[0] if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
-def load_run(run_dir: Path, classes: list[str]) -> dict[str, Any]:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    predictions = pd.read_csv(run_dir / "predictions.csv", dtype={"labels": str}, keep_default_na=False).sort_values("path")
-    targets = np.array([[label in labels.split(LABEL_JOIN) for label in classes] for labels in predictions["labels"]], dtype=float)
-    scores = predictions[[f"prob_{label}" for label in classes]].to_numpy(dtype=float)
-    return {"metrics": metrics, "paths": predictions["path"].tolist(), "targets": targets, "scores": scores}
+# ----------------------------------------------------------------------------- reading
 
 
-def bootstrap_ratios(runs: dict[int, list[dict[str, Any]]], n_boot: int, seed: int) -> dict[int, np.ndarray]:
-    """Per ratio: the seed-averaged macro AUROC on `n_boot` resamples of the test images, the same
-    resamples for every ratio so that differences are paired."""
-    first = next(iter(runs.values()))[0]
-    for ratio_runs in runs.values():
-        for run in ratio_runs:
-            if run["paths"] != first["paths"]:
-                raise DataError("the classifier runs were evaluated on different test images; re-run them")
-    n = len(first["paths"])
-    rng = np.random.default_rng(seed)
-    samples = {ratio: np.empty(n_boot) for ratio in runs}
-    for b in range(n_boot):
-        index = rng.integers(0, n, n)
-        for ratio, ratio_runs in runs.items():
-            samples[ratio][b] = np.mean([macro(auroc_columns(run["targets"][index], run["scores"][index])) for run in ratio_runs])
-    return samples
+def load_run(run_dir: Path, classes: list[str]) -> Run:
+    """One run folder, checked: the metrics keys the table needs, a probability column per class."""
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise DataError(f"{metrics_path}: not found; is {run_dir} a classifier run folder?")
+    metrics = json.loads(metrics_path.read_text())
+    missing = [key for key in REQUIRED_METRICS if key not in metrics]
+    if missing:
+        raise DataError(f"{metrics_path}: missing {', '.join(missing)}; re-run the classifier with this version")
+    if metrics["arm_kind"] not in KIND_ORDER:
+        raise DataError(f"{metrics_path}: arm_kind {metrics['arm_kind']!r} is not one of {', '.join(KIND_ORDER)}")
+    if list(metrics["classes"]) != classes:
+        raise DataError(f"{metrics_path}: classes {metrics['classes']} differ from dataset.labels without 'No Finding' {classes}")
+    predictions_path = run_dir / "predictions.csv"
+    if not predictions_path.is_file():
+        raise DataError(f"{predictions_path}: not found")
+    predictions = pd.read_csv(predictions_path, dtype={"path": str, "labels": str}, keep_default_na=False)
+    columns = [f"prob_{label}" for label in classes]
+    absent = [c for c in ["path", *columns] if c not in predictions.columns]
+    if absent:
+        raise DataError(f"{predictions_path}: missing columns {', '.join(absent)}")
+    predictions = predictions.sort_values("path", kind="stable")
+    composition_path = run_dir / "composition.csv"
+    if not composition_path.is_file():
+        raise DataError(f"{composition_path}: not found (label composition of the run's training set)")
+    composition = pd.read_csv(composition_path)
+    return Run(run_dir, metrics, predictions["path"].tolist(), predictions[columns].to_numpy(dtype=float), composition)
 
 
-def percentile_ci(values: np.ndarray) -> tuple[float, float]:
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return float("nan"), float("nan")
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
+def check_matched(runs: list[Run]) -> None:
+    """Refuse a study whose runs started from different weights, configs or step budgets."""
+    problems = []
+    for key in MATCHED:
+        groups: dict[str, list[str]] = {}
+        for run in runs:
+            groups.setdefault(json.dumps(run.metrics[key]), []).append(str(run.path))
+        if len(groups) > 1:
+            problems.append(f"{key} differs: " + "; ".join(f"{value} in {', '.join(paths)}" for value, paths in groups.items()))
+    if problems:
+        raise DataError("these runs are not one study (an arm's Δ would mix in other differences); re-run them with one "
+                        "configuration:\n  " + "\n  ".join(problems))
 
 
-def rare_labels(train: pd.DataFrame, classes: list[str]) -> list[str]:
-    """The third of the classes with the fewest real training images (at least one)."""
-    counts = label_counts(train)
-    ordered = sorted(classes, key=lambda label: (counts.get(label, 0), label))
-    return ordered[:max(1, math.ceil(len(classes) / 3))]
+def group_arms(runs: list[Run]) -> dict[str, Arm]:
+    """Runs by arm, in table order (real, ratio arms by share, then the controls); one run per seed."""
+    arms: dict[str, Arm] = {}
+    for run in runs:
+        m = run.metrics
+        arm = arms.setdefault(m["arm"], Arm(m["arm"], m["arm_kind"], int(m["ratio"] or 0)))
+        if (arm.kind, arm.ratio) != (m["arm_kind"], int(m["ratio"] or 0)):
+            raise DataError(f"{run.path}: arm {arm.name} is {m['arm_kind']} at {m['ratio']}% here but {arm.kind} at {arm.ratio}% "
+                            f"in {arm.runs[0].path}")
+        if any(other.metrics["seed"] == m["seed"] for other in arm.runs):
+            raise DataError(f"{run.path}: arm {arm.name} seed {m['seed']} given twice")
+        arm.runs.append(run)
+    if REFERENCE not in arms:
+        raise DataError(f"no run of the real-only arm {REFERENCE} among --runs; every arm is compared with it")
+    for arm in arms.values():
+        arm.runs.sort(key=lambda run: run.metrics["seed"])
+    return dict(sorted(arms.items(), key=lambda item: (KIND_ORDER.index(item[1].kind), item[1].ratio, item[0])))
 
 
-def number_or_text(value: Any, digits: int = 2) -> str:
-    """A number rounded, or a status text shortened for a table cell (the reason is given once, above it)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        text = str(value)
-        return "unavailable (see note)" if text.startswith("unavailable") else text
-    return "–" if math.isnan(number) else f"{number:.{digits}f}"
+def align_test_split(runs: list[Run], test: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The test rows in the runs' (sorted) order and their 0/1 targets; every run must have scored
+    exactly the images of the test split."""
+    expected = sorted(test["path"])
+    for run in runs:
+        if run.images != expected:
+            extra = sorted(set(run.images) - set(expected))[:3]
+            lacking = sorted(set(expected) - set(run.images))[:3]
+            raise DataError(f"{run.path / 'predictions.csv'}: its images are not those of the test split (not in it: {extra}; "
+                            f"not scored: {lacking}); re-run the classifier on the current split")
+    test = test.set_index("path").loc[expected].reset_index()
+    targets = np.array([[label in labels.split(LABEL_JOIN) for label in classes] for labels in test["labels"]], dtype=float)
+    return test, targets
 
 
-def comparison_table(runs: dict[int, list[dict[str, Any]]], classes: list[str], rare: list[str],
-                     samples: dict[int, np.ndarray], fidelity: pd.DataFrame, audit: dict[str, Any],
-                     lora: dict[str, Any]) -> pd.DataFrame:
-    overall = fidelity[fidelity["label"] == "overall"].iloc[0]
-    # AUROC per label of every run on the whole test set, computed once.
-    aurocs = {ratio: np.array([auroc_columns(run["targets"], run["scores"]) for run in ratio_runs]) for ratio, ratio_runs in runs.items()}
-    seed_macros = {ratio: np.array([macro(row) for row in values]) for ratio, values in aurocs.items()}
+def training_counts(data_dir: Path, classes: list[str]) -> tuple[dict[str, int], str]:
+    """Real training images per label before balancing (from prepare_summary.json), and where from."""
+    summary_path = data_dir / "prepare_summary.json"
+    if summary_path.is_file():
+        before = json.loads(summary_path.read_text()).get("label_counts_before_balance", {}).get("train")
+        if before is not None:
+            return {label: int(before.get(label, 0)) for label in classes}, "before balancing"
+    counts = label_counts(load_split(data_dir, "train"))
+    return {label: counts.get(label, 0) for label in classes}, "after balancing (prepare_summary.json has no pre-balance counts)"
+
+
+def rare_labels(counts: dict[str, int], classes: list[str]) -> list[str]:
+    """The third of the classes with the fewest real training images; a label tied with the last
+    of them is rare too (ties are never broken by name)."""
+    ordered = sorted(counts[label] for label in classes)
+    threshold = ordered[max(1, math.ceil(len(classes) / 3)) - 1]
+    return [label for label in classes if counts[label] <= threshold]
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+@dataclass
+class Study:
+    arms: dict[str, Arm]
+    classes: list[str]
+    positives: np.ndarray  # test positives per class
+    evaluated: np.ndarray  # bool per class: enough test positives to be shown and averaged
+    boot: dict[str, stats.ArmBootstrap]
+    diffs: dict[str, dict[str, stats.Difference]]  # reference column -> arm -> difference
+    references: dict[str, str]  # reference column -> arm name
+    n_images: int
+    n_patients: int
+
+
+def scores_of(arm: Arm, keep: np.ndarray | None = None) -> np.ndarray:
+    scores = np.stack([run.scores for run in arm.runs])
+    return scores if keep is None else scores[:, keep]
+
+
+def analyse(arms: dict[str, Arm], targets: np.ndarray, patients: np.ndarray, classes: list[str], min_positives: int,
+            n_boot: int) -> Study:
+    positives = targets.sum(axis=0).astype(int)
+    evaluated = positives >= min_positives
+    if not evaluated.any():
+        raise DataError(f"no label has {min_positives} or more positives in the test split (counts: "
+                        f"{dict(zip(classes, positives.tolist()))}); lower classifier.min_test_positives or use more data")
+    boot = stats.hierarchical_bootstrap(targets, patients, {name: scores_of(arm) for name, arm in arms.items()}, n_boot,
+                                        seed=BOOTSTRAP_SEED)
+    references = {"ratio0": REFERENCE}
+    diffs = {"ratio0": stats.differences(boot, REFERENCE, [name for name in arms if name != REFERENCE], evaluated)}
+    synthetic = [name for name, arm in arms.items() if arm.kind in ("synthetic", "control_pretrain")]
+    for column, kind in CONTROL_REFERENCES.items():
+        control = next((name for name, arm in arms.items() if arm.kind == kind), None)
+        if control is not None and synthetic:
+            references[column] = control
+            diffs[column] = stats.differences(boot, control, synthetic, evaluated)
+    return Study(arms, classes, positives, evaluated, boot, diffs, references, len(targets), len(np.unique(patients)))
+
+
+def comparison_table(study: Study) -> pd.DataFrame:
     rows = []
-    for ratio in sorted(runs):
-        ratio_runs = runs[ratio]
-        per_label = np.nanmean(aurocs[ratio], axis=0)
-        ci_low, ci_high = percentile_ci(samples[ratio])
-        delta_low, delta_high = percentile_ci(samples[ratio] - samples[0])
-        row = {
-            "synthetic_percent": ratio,
-            "seeds": len(ratio_runs),
-            "real_train_images": ratio_runs[0]["metrics"]["n_real_train"],
-            "synthetic_train_images": ratio_runs[0]["metrics"]["n_synthetic_train"],
-            "macro_auroc_mean": float(seed_macros[ratio].mean()),
-            "macro_auroc_std": float(seed_macros[ratio].std(ddof=1)) if len(ratio_runs) > 1 else 0.0,
-            "macro_auroc_ci_low": ci_low,
-            "macro_auroc_ci_high": ci_high,
-            "delta_vs_0": float(seed_macros[ratio].mean() - seed_macros[0].mean()),
-            "delta_ci_low": delta_low,
-            "delta_ci_high": delta_high,
+    for name, arm in study.arms.items():
+        result = study.boot[name]
+        seed_macros = stats.macro(result.seed_values, study.evaluated)
+        low, high = stats.interval(stats.macro(result.samples, study.evaluated))
+        row: dict[str, Any] = {
+            "arm": name, "arm_kind": arm.kind, "ratio": arm.ratio, "seeds": len(arm.runs),
+            "n_real_train": arm.counts("n_real_train"), "n_synthetic_train": arm.counts("n_synthetic_train"),
+            "optimizer_steps": arm.runs[0].metrics["optimizer_steps"],
+            "test_images": study.n_images, "test_patients": study.n_patients,
+            "macro_auroc_mean": float(np.mean(seed_macros)),
+            "macro_auroc_sd": float(np.std(seed_macros, ddof=1)) if len(seed_macros) > 1 else float("nan"),
+            "macro_auroc_ci_low": low, "macro_auroc_ci_high": high,
         }
-        row.update({f"auroc_{label}" + (" (rare)" if label in rare else ""): float(value) for label, value in zip(classes, per_label)})
-        row.update({
-            "fid_overall": overall["fid"], "kid_overall": overall["kid_mean"], "domain_fd_overall": overall["domain_fd"],
-            "audit_flagged": f"{audit['flagged']}/{audit['n']}",
-            "lora_train_seconds": lora.get("train_seconds"), "lora_images_per_second": lora.get("images_per_second"),
-        })
+        for column, diffs in [("ratio0", study.diffs["ratio0"]), *[(c, study.diffs[c]) for c in CONTROL_REFERENCES if c in study.diffs]]:
+            d = diffs.get(name)
+            row.update({f"delta_vs_{column}": d.delta if d else float("nan"),
+                        f"delta_vs_{column}_ci_low": d.low if d else float("nan"),
+                        f"delta_vs_{column}_ci_high": d.high if d else float("nan"),
+                        f"p_vs_{column}": d.p if d else float("nan"), f"p_holm_vs_{column}": d.p_holm if d else float("nan"),
+                        f"verdict_vs_{column}": d.verdict if d else ""})
+        for k, label in enumerate(study.classes):
+            shown = bool(study.evaluated[k])
+            label_low, label_high = stats.interval(result.samples[:, k]) if shown else (float("nan"), float("nan"))
+            row.update({f"auroc_{label}": float(result.estimate[k]) if shown else float("nan"),
+                        f"auroc_{label}_ci_low": label_low, f"auroc_{label}_ci_high": label_high,
+                        f"test_positives_{label}": int(study.positives[k])})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def caveats(config: dict[str, Any], runs: dict[int, list[dict[str, Any]]], fidelity_settings: dict[str, Any]) -> list[str]:
-    notes = []
-    if config["model"]["pretrained"] == "tiny":
-        notes.append("**The generator is the offline tiny model with random weights**: its images are noise-like, so every "
-                     "figure here exercises the pipeline and says nothing about real synthetic X-rays. Set `model.pretrained` "
-                     "to Stable Diffusion 1.5 for real results.")
-    if config["dataset"]["csv"] == DEMO_CSV:
-        notes.append("**The data are the embedded phantoms**, drawings for trying the pipeline, not medical images.")
-    weights = {run["metrics"]["pretrained_weights"] for ratio_runs in runs.values() for run in ratio_runs}
-    notes += [f"Classifier initial weights: {w}." for w in sorted(weights)]
-    notes.append(f"FID/KID: {fidelity_settings.get('tool', 'pytorch-fid')}, {fidelity_settings.get('dims')} dims, "
-                 f"{fidelity_settings.get('resize', '')}; Inception weights: {fidelity_settings.get('inception_status', '?')}.")
-    return notes
+def composition_table(arms: dict[str, Arm], classes: list[str]) -> pd.DataFrame:
+    """Real and synthetic training positives per label and arm ("a-b" where seeds differ)."""
+    rows = []
+    for name, arm in arms.items():
+        for label in classes:
+            row: dict[str, Any] = {"arm": name, "label": label}
+            for column in ("real_positives", "synthetic_positives"):
+                values = set()
+                for run in arm.runs:
+                    match = run.composition.loc[run.composition["label"] == label, column] if column in run.composition else []
+                    if len(match) != 1:
+                        raise DataError(f"{run.path / 'composition.csv'}: no single row with label {label!r} and column {column!r}")
+                    values.add(int(match.iloc[0]))
+                row[column] = min(values) if len(values) == 1 else f"{min(values)}-{max(values)}"
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
-def render_markdown(table: pd.DataFrame, classes: list[str], rare: list[str], fidelity: pd.DataFrame, audit: dict[str, Any],
-                    lora: dict[str, Any], notes: list[str], provenance: dict[str, Any]) -> str:
-    label_columns = [c for c in table.columns if c.startswith("auroc_")]
-    lines = ["# Do synthetic chest X-rays help a classifier?", ""]
-    lines += [f"> {note}" for note in notes] + [""]
-    lines += ["## Classifier on real test patients", "",
-              "Macro AUROC over " + ", ".join(classes) + f" (mean ± std over {int(table['seeds'].iloc[0])} seeds; "
-              "95% CI: bootstrap over test images; Δ: paired bootstrap against 0%). † rare label (fewest training images).", "",
-              "| synthetic | real + synthetic images | macro AUROC | 95% CI | Δ vs 0% | Δ 95% CI | "
-              + " | ".join(c.removeprefix("auroc_").replace(" (rare)", " †") for c in label_columns) + " |",
-              "|---:|---:|---:|---|---:|---|" + "---:|" * len(label_columns)]
-    for values in table.to_dict("records"):
-        lines.append(
-            f"| {values['synthetic_percent']}% | {values['real_train_images']} + {values['synthetic_train_images']} | "
-            f"{values['macro_auroc_mean']:.3f} ± {values['macro_auroc_std']:.3f} | "
-            f"[{values['macro_auroc_ci_low']:.3f}, {values['macro_auroc_ci_high']:.3f}] | {values['delta_vs_0']:+.3f} | "
-            f"[{values['delta_ci_low']:+.3f}, {values['delta_ci_high']:+.3f}] | "
-            + " | ".join(number_or_text(values[c], 3) for c in label_columns) + " |")
-    lines += ["", "## Do the synthetic images look real?", "",
-              "Synthetic images of a label against the real training images of that label. Domain distance: Fréchet "
-              "distance in the penultimate features of the real-only classifier.", "",
-              "| label | real | synthetic | FID | KID | domain distance | notes |", "|---|---:|---:|---|---|---:|---|"]
-    for row in fidelity.itertuples(index=False):
-        marker = " †" if row.label in rare else ""
-        lines.append(f"| {row.label}{marker} | {row.n_real} | {row.n_synthetic} | {number_or_text(row.fid)} | "
-                     f"{number_or_text(row.kid_mean, 4)} | {number_or_text(row.domain_fd)} | {row.notes if isinstance(row.notes, str) else ''} |")
-    thresholds = audit.get("thresholds", {})
-    lines += ["", "## Memorization audit", "",
-              f"{audit['flagged']} of {audit['n']} synthetic images lie closer to a real training image than the thresholds "
-              f"(cosine distance of classifier features {thresholds.get('feature_cosine_distance', '?')}, "
-              f"mean absolute pixel difference {thresholds.get('pixel_mean_abs_difference', '?')}); "
-              "each flagged pair is saved side by side in `results/evaluation/audit_pairs/`. Do not share flagged images.", "",
-              "## LoRA training", "",
-              f"{lora.get('steps')} steps ({lora.get('epochs')} epochs) on {lora.get('train_images')} images in "
-              f"{number_or_text(lora.get('train_seconds'), 1)} s, {number_or_text(lora.get('images_per_second'), 1)} images/s on "
-              f"{lora.get('device')}; base model `{lora.get('base_model')}`, LoRA rank {lora.get('lora_rank')}.", "",
-              "![AUROC vs synthetic share](plots/auroc_vs_ratio.png)", "", "![fidelity per label](plots/fidelity_per_label.png)", "",
-              "![real vs synthetic](plots/real_vs_synthetic.png)", "", "## Provenance", "", "```",
-              json.dumps(provenance, indent=2), "```", ""]
-    return "\n".join(lines)
+def subgroups(test: pd.DataFrame) -> list[tuple[str, str, np.ndarray]]:
+    """(variable, group, mask) for sex (M/F) and age bands, where the test split has those columns."""
+    groups = []
+    if "sex" in test.columns:
+        sex = test["sex"].astype(str).str.strip().str.upper()
+        groups += [("sex", value, (sex == value).to_numpy()) for value in ("F", "M")]
+    if "age" in test.columns:
+        age = pd.to_numeric(test["age"], errors="coerce").to_numpy()
+        groups += [("age", name, (age >= low) & (age < high)) for low, high, name in AGE_BANDS]
+    return groups
 
 
-def make_plots(table: pd.DataFrame, classes: list[str], rare: list[str], fidelity: pd.DataFrame, train: pd.DataFrame,
-               synthetic: pd.DataFrame, plot_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from workflow_scripts.images import read_xray
-
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    x = table["synthetic_percent"].to_numpy()
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for column in [c for c in table.columns if c.startswith("auroc_")]:
-        label = column.removeprefix("auroc_")
-        axis.plot(x, table[column], marker="o", alpha=0.6, linestyle="--" if "(rare)" in label else "-", label=label)
-    axis.plot(x, table["macro_auroc_mean"], color="black", linewidth=2.5, marker="s", label="macro (95% CI)")
-    axis.fill_between(x, table["macro_auroc_ci_low"], table["macro_auroc_ci_high"], color="black", alpha=0.12)
-    axis.set(xlabel="synthetic share of the training set (%)", ylabel="test AUROC", xticks=x, title="AUROC vs synthetic share")
-    axis.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
-    figure.savefig(plot_dir / "auroc_vs_ratio.png", dpi=110)
-    plt.close(figure)
-
-    per_label = fidelity[fidelity["label"] != "overall"]
-    figure, axis = plt.subplots(figsize=(7, 4))
-    values = pd.to_numeric(per_label["domain_fd"], errors="coerce")
-    axis.bar(per_label["label"], values, color=["tab:red" if label in rare else "tab:blue" for label in per_label["label"]])
-    axis.set(ylabel="domain Fréchet distance (lower = closer to real)", title="Fidelity per label (red: rare)")
-    axis.tick_params(axis="x", rotation=45)
-    figure.tight_layout()
-    figure.savefig(plot_dir / "fidelity_per_label.png", dpi=110)
-    plt.close(figure)
-
-    shown = [label for label in [*classes, "No Finding"] if label in set(per_label["label"])]
-    figure, axes = plt.subplots(len(shown), 6, figsize=(9, 1.6 * len(shown)), squeeze=False)
-    for row, label in enumerate(shown):
-        real = train[train["labels"].str.split(LABEL_JOIN).map(lambda labels, label=label: label in labels)]["path"].head(3).tolist()
-        fake = synthetic[synthetic["labels"].str.split(LABEL_JOIN).map(lambda labels, label=label: label in labels)]["file"].head(3).tolist()
-        for column, path in enumerate(real + [None] * (3 - len(real)) + fake + [None] * (3 - len(fake))):
-            axis = axes[row][column]
-            axis.axis("off")
-            if path is not None:
-                axis.imshow(read_xray(path), cmap="gray")
-        axes[row][0].set_title(label, fontsize=8, loc="left")
-    axes[0][1].set_title("real", fontsize=8)
-    axes[0][4].set_title("synthetic", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(plot_dir / "real_vs_synthetic.png", dpi=90)
-    plt.close(figure)
+def subgroup_table(study: Study, test: pd.DataFrame, targets: np.ndarray, patients: np.ndarray, min_positives: int,
+                   n_boot: int) -> tuple[pd.DataFrame, str | None]:
+    """Macro AUROC of ratio0 and the best synthetic arm within each sex and age band (descriptive:
+    intervals from the same bootstrap restricted to the group, no multiplicity correction)."""
+    groups = subgroups(test)
+    others = [name for name, arm in study.arms.items() if arm.kind == "synthetic"] or [n for n in study.arms if n != REFERENCE]
+    if not groups or not others:
+        return pd.DataFrame(), None
+    best = max(others, key=lambda name: float(stats.macro(study.boot[name].estimate, study.evaluated)))
+    rows = []
+    for variable, group, mask in groups:
+        positives = targets[mask].sum(axis=0)
+        labels = study.evaluated & (positives >= min_positives)
+        row: dict[str, Any] = {"variable": variable, "group": group, "test_images": int(mask.sum()),
+                               "test_patients": int(len(np.unique(patients[mask]))), "labels_averaged": int(labels.sum())}
+        if labels.any():
+            arms = {name: scores_of(study.arms[name], mask) for name in (REFERENCE, best)}
+            boot = stats.hierarchical_bootstrap(targets[mask], patients[mask], arms, n_boot, seed=BOOTSTRAP_SEED)
+            for name, prefix in ((REFERENCE, "ratio0"), (best, "best")):
+                row[f"{prefix}_auroc"] = float(stats.macro(boot[name].estimate, labels))
+                row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"] = stats.interval(stats.macro(boot[name].samples, labels))
+            d = stats.differences(boot, REFERENCE, [best], labels)[best]
+            row.update({"delta": d.delta, "delta_ci_low": d.low, "delta_ci_high": d.high})
+        rows.append(row)
+    return pd.DataFrame(rows), best
 
 
-def compare(config: dict[str, Any], classifier_dir: Path, evaluation_dir: Path, lora_summary: Path, data_dir: Path,
+# ----------------------------------------------------------------------------- the stage
+
+
+def compare(config: dict[str, Any], run_dirs: list[Path], evaluation_dir: Path, lora_summary: Path, data_dir: Path,
             synthetic_csv: Path, out_dir: Path) -> pd.DataFrame:
+    from workflow_scripts import compare_report as report
+
     classes = class_names(config["dataset"]["labels"])
     settings = config["classifier"]
-    runs = {ratio: [load_run(classifier_dir / f"ratio{ratio}_seed{seed}", classes) for seed in settings["seeds"]]
-            for ratio in sorted(settings["ratios"])}
-    if 0 not in runs:
-        raise ConfigError("classifier.ratios must include 0: every ratio is compared with the real-only classifier")
-    train = load_split(data_dir, "train")
-    rare = rare_labels(train, classes)
-    samples = bootstrap_ratios(runs, settings["bootstrap_samples"], seed=0)
-    fidelity = pd.read_csv(evaluation_dir / "fidelity.csv", keep_default_na=False)
-    fidelity_settings = json.loads((evaluation_dir / "fidelity.json").read_text()).get("settings", {})
-    audit = json.loads((evaluation_dir / "audit_summary.json").read_text())
-    lora = json.loads(lora_summary.read_text())
-    table = comparison_table(runs, classes, rare, samples, fidelity, audit, lora)
+    if not run_dirs:
+        raise ConfigError("--runs: give the classifier run folders to compare (e.g. results/classifier/*_seed*)")
+    runs = [load_run(Path(path), classes) for path in run_dirs]
+    check_matched(runs)
+    arms = group_arms(runs)
+    test, targets = align_test_split(runs, load_split(data_dir, "test"), classes)
+    patients = test["patient"].astype(str).to_numpy()
+    min_positives, n_boot = settings["min_test_positives"], settings["bootstrap_samples"]
+    study = analyse(arms, targets, patients, classes, min_positives, n_boot)
+    table = comparison_table(study)
+    counts, counted = training_counts(data_dir, classes)
+    rare = rare_labels(counts, classes)
+    groups, best = subgroup_table(study, test, targets, patients, min_positives, n_boot)
 
     provenance = {
         "config_hash": config_hash(config),
-        "classifier": {"model": settings["model"], "ratios": settings["ratios"], "seeds": settings["seeds"],
-                       "bootstrap_samples": settings["bootstrap_samples"], "runs": str(classifier_dir)},
+        "runs_config_hash": runs[0].metrics["config_hash"],
+        "optimizer_steps": runs[0].metrics["optimizer_steps"],
+        "runs": [str(run.path) for run in runs],
+        "bootstrap": {"resamples": n_boot, "seed": BOOTSTRAP_SEED, "level": stats.LEVEL},
+        "classifier": {"model": settings["model"], "min_test_positives": min_positives},
         "split_seed": config["split"]["seed"], "generation_seed": config["generation"]["seed"],
-        "lora": {"summary": str(lora_summary), "seed": lora.get("seed"), "config_hash": lora.get("config_hash"),
-                 "versions": lora.get("versions")},
-        "fidelity": {"file": str(evaluation_dir / "fidelity.json"), **{k: fidelity_settings.get(k) for k in ("tool", "dims", "resize")}},
-        "classifier_versions": runs[0][0]["metrics"].get("versions"),
+        "lora_summary": str(lora_summary),
+        "classifier_versions": runs[0].metrics.get("versions"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "comparison.csv", index=False)
-    notes = caveats(config, runs, fidelity_settings)
-    (out_dir / "comparison.md").write_text(render_markdown(table, classes, rare, fidelity, audit, lora, notes, provenance))
-    make_plots(table, classes, rare, fidelity, train, pd.read_csv(synthetic_csv, dtype={"labels": str}), out_dir / "plots")
+    page = report.render_page(report.PageInputs(
+        config=config, study=study, table=table, rare=rare, counts=counts, counted=counted,
+        composition=composition_table(arms, classes), subgroups=groups, best=best, evaluation_dir=evaluation_dir,
+        lora_summary=lora_summary, provenance=provenance))
+    (out_dir / "comparison.md").write_text(page)
+    synthetic = pd.read_csv(synthetic_csv, dtype={"labels": str}) if synthetic_csv.is_file() else None
+    report.make_plots(table, classes, rare, load_split(data_dir, "train"), synthetic, out_dir / "plots")
     return table
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--classifier-dir", type=Path, default=Path("results/classifier"))
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, metavar="DIR",
+                        help="classifier run folders (metrics.json, predictions.csv, composition.csv), all arms and seeds")
     parser.add_argument("--evaluation-dir", type=Path, default=Path("results/evaluation"))
     parser.add_argument("--lora-summary", type=Path, default=Path("results/lora/final/training_summary.json"))
     parser.add_argument("--data-dir", type=Path, default=Path("results/data"))
@@ -287,12 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
     try:
-        table = compare(config_from_args(args, "compare"), args.classifier_dir, args.evaluation_dir, args.lora_summary,
-                        args.data_dir, args.synthetic, args.out_dir)
-    except (ConfigError, DataError, FileNotFoundError) as error:
+        table = compare(config_from_args(args, "compare"), args.runs, args.evaluation_dir, args.lora_summary, args.data_dir,
+                        args.synthetic, args.out_dir)
+    except (ConfigError, DataError, BadImageError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(textwrap.indent(table[["synthetic_percent", "macro_auroc_mean", "macro_auroc_std", "delta_vs_0"]].to_string(index=False), "  "))
+    shown = ["arm", "seeds", "macro_auroc_mean", "delta_vs_ratio0", "p_holm_vs_ratio0", "verdict_vs_ratio0"]
+    print(textwrap.indent(table[shown].to_string(index=False), "  "))
     print(f"table: {args.out_dir / 'comparison.md'}")
     return 0
 

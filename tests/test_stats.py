@@ -1,0 +1,143 @@
+"""The statistics every table uses: AUROC against scikit-learn, Holm, the verdict, and the
+calibration test that proves the intervals are honest (and that the old ones were not)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from workflow_scripts.stats import (
+    GAIN,
+    LOSS,
+    NO_DIFFERENCE,
+    auroc_columns,
+    bootstrap_p_value,
+    cluster_counts,
+    differences,
+    hierarchical_bootstrap,
+    holm,
+    interval,
+    verdict,
+    weighted_auroc_columns,
+)
+
+
+def test_auroc_columns_match_sklearn_including_ties_and_missing_classes() -> None:
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, (60, 3)).astype(float)
+    scores = np.round(rng.random((60, 3)), 1)  # many ties
+    targets[:, 2] = 0  # no positive: undefined
+    got = auroc_columns(targets, scores)
+    for k in range(2):
+        assert got[k] == pytest.approx(roc_auc_score(targets[:, k], scores[:, k]))
+    assert np.isnan(got[2])
+
+
+def test_weighted_auroc_matches_sklearn_sample_weight_for_every_resample() -> None:
+    rng = np.random.default_rng(1)
+    targets = rng.integers(0, 2, (50, 3)).astype(float)
+    scores = np.column_stack([np.round(rng.random(50), 1), rng.random(50), np.round(rng.random(50), 1)])  # with and without ties
+    targets[:, 2] = scores[:, 2] > 0.5  # ties across the classes at every level, highest and lowest scores of each class
+    index, counts = cluster_counts(np.repeat(np.arange(25), 2), 6, rng)
+    got = weighted_auroc_columns(targets, scores, index, counts)
+    for b in range(6):
+        for k in range(3):
+            assert got[b, k] == pytest.approx(roc_auc_score(targets[:, k], scores[:, k], sample_weight=counts[b, index]))
+    assert np.isnan(weighted_auroc_columns(np.zeros((50, 1)), scores[:, :1], index, counts)).all()
+
+
+def test_cluster_counts_keep_the_films_of_a_patient_together() -> None:
+    index, counts = cluster_counts(np.array([7, 7, 7, 3, 9, 9]), 100, np.random.default_rng(0))
+    assert index.tolist() == [1, 1, 1, 0, 2, 2]
+    assert (counts.sum(axis=1) == 3).all() and counts.std(axis=0).min() > 0  # three patients drawn each time
+
+
+def test_holm_matches_the_textbook_example() -> None:
+    # p = (0.01, 0.04, 0.03, 0.005): sorted 0.005*4, 0.01*3, 0.03*2, 0.04*1, then running maxima
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adjusted = holm([0.2, float("nan"), 0.6])
+    assert adjusted[0] == pytest.approx(0.4) and np.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.6)
+
+
+def test_verdict_words() -> None:
+    assert verdict(0.02, 0.01) == GAIN
+    assert verdict(-0.02, 0.01) == LOSS
+    assert verdict(0.02, 0.2) == NO_DIFFERENCE == verdict(-0.02, float("nan"))
+
+
+def test_p_value_and_interval_agree_and_are_never_zero() -> None:
+    assert bootstrap_p_value(np.full(99, 0.1)) == pytest.approx(0.02)
+    assert bootstrap_p_value(np.zeros(50)) == 1.0
+    samples = np.random.default_rng(0).normal(0.5, 0.1, 4000)
+    assert interval(samples) == pytest.approx((0.5 - 1.96 * 0.1, 0.5 + 1.96 * 0.1), abs=0.01)
+
+
+def test_identical_arms_give_a_zero_difference_with_zero_width() -> None:
+    rng = np.random.default_rng(2)
+    targets = rng.integers(0, 2, (40, 2)).astype(float)
+    scores = rng.random((3, 40, 2))
+    result = hierarchical_bootstrap(targets, np.arange(40) // 2, {"a": scores, "b": scores.copy()}, 50, seed=0)
+    assert result["a"].samples.shape == (50, 2)
+    # seeds are resampled per arm, so identical arms differ only when their seeds differ: with one seed they cannot
+    single = hierarchical_bootstrap(targets, np.arange(40) // 2, {"a": scores[:1], "b": scores[:1].copy()}, 50, seed=0)
+    d = differences(single, "a", ["b"])["b"]
+    assert (d.delta, d.low, d.high, d.p, d.verdict) == (0.0, 0.0, 0.0, 1.0, NO_DIFFERENCE)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def simulate(rng: np.random.Generator, effect: float = 0.0, n_patients: int = 120, n_seeds: int = 5, n_labels: int = 2,
+             seed_sd: float = 0.6) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A test set clustered by patient (3.6 films per patient on average, as in NIH; a patient random
+    effect raises both the chance of a finding and the scores of all their films), and two arms whose
+    seeds differ in quality (a seed-level random effect on the score gap between positives and
+    negatives) and in per-film noise. `effect` plants a true difference in the second arm."""
+    patient = np.repeat(np.arange(n_patients), 1 + rng.poisson(2.6, n_patients))
+    n = len(patient)
+    u = rng.normal(0, 1, (n_patients, n_labels))[patient]
+    targets = (rng.random((n, n_labels)) < 1 / (1 + np.exp(0.5 - u))).astype(float)
+    base = targets + u + rng.normal(0, 1, (n, n_labels))
+    arms = {}
+    for name, planted in (("reference", 0.0), ("arm", effect)):
+        quality = rng.normal(0, seed_sd, (n_seeds, 1, n_labels))
+        arms[name] = base[None] + (planted + quality) * targets[None] + rng.normal(0, 0.5, (n_seeds, n, n_labels))
+    return targets, patient, arms
+
+
+def run_study(repeats: int, effect: float = 0.0, todays_method: bool = False, seed_sd: float = 0.6) -> tuple[float, float]:
+    """Share of repeats whose 95% Δ interval covers 0, and share with the verdict "gain"."""
+    rng = np.random.default_rng(1)
+    covered = gains = 0
+    for repeat in range(repeats):
+        targets, patient, arms = simulate(rng, effect, seed_sd=seed_sd)
+        if todays_method:  # image-level bootstrap, seeds averaged inside each resample
+            result = hierarchical_bootstrap(targets, np.arange(len(patient)), arms, 200, seed=repeat, resample_seeds=False)
+        else:
+            result = hierarchical_bootstrap(targets, patient, arms, 200, seed=repeat)
+        d = differences(result, "reference", ["arm"])["arm"]
+        covered += d.low <= 0 <= d.high
+        gains += d.verdict == GAIN
+    return covered / repeats, gains / repeats
+
+
+@pytest.mark.parametrize("seed_sd", [0.6, 0.0])
+def test_calibration_no_true_difference_covers_zero_at_the_nominal_rate(seed_sd: float) -> None:
+    # seeds of very different quality, and seeds that only rank single films differently (where
+    # counting their spread at both levels would cover far above 95%). 200 repeats: the binomial
+    # standard error at 95% is 1.5 points, so [0.90, 0.99] is about 3 SE either side
+    coverage, false_gains = run_study(200, seed_sd=seed_sd)
+    assert 0.90 <= coverage <= 0.99, coverage
+    assert false_gains <= 0.05
+
+
+def test_calibration_todays_image_level_seed_averaged_bootstrap_is_too_narrow() -> None:
+    # the same simulation with the old method: patients and seeds ignored, the interval misses 0 far too often
+    coverage, false_gains = run_study(100, todays_method=True)
+    assert coverage < 0.80, coverage
+    assert false_gains > 0.1
+
+
+def test_calibration_a_planted_difference_is_detected() -> None:
+    coverage, gains = run_study(40, effect=1.0)
+    assert gains >= 0.9 and coverage <= 0.1
