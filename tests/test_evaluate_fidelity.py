@@ -94,6 +94,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
 # ----------------------------------------------------------------------------- distances
 
 
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")
 def test_fid_equals_pytorch_fid_and_is_na_below_the_feature_dims() -> None:
     from pytorch_fid.fid_score import calculate_frechet_distance
 

@@ -146,10 +146,11 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
         x = np.arange(len(labels))
         width = 0.8 / max(len(series), 1)
         for k, (name, values, errors) in enumerate(series):
-            heights = [v if v is not None else 0.0 for v in values]
+            missing = [v is None or not math.isfinite(v) for v in values]
+            heights = [0.0 if gap else v for v, gap in zip(values, missing)]
             ax.bar(x + k * width, heights, width, yerr=errors, label=name, capsize=2)
-            for xi, v in zip(x + k * width, values):
-                if v is None:
+            for xi, gap in zip(x + k * width, missing):
+                if gap:
                     ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
         ax.set_xticks(x + width * (len(series) - 1) / 2, labels, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)
@@ -158,8 +159,10 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
     for extractor in dict.fromkeys(fidelity["extractor"]):
         mine = fidelity[(fidelity["extractor"] == extractor)]
         syn, flo = mine[mine["comparison"] == SYNTHETIC], mine[mine["comparison"] == FLOOR]
-        if syn["kid_mean"].map(_num).notna().sum() == 0:
-            continue  # unavailable extractor: nothing to plot
+        reliable = (syn["kid_mean"].map(_num).notna().to_numpy() & flo["kid_mean"].map(_num).notna().to_numpy())
+        syn, flo = syn[reliable], flo[reliable]  # labels with n < 2 (or an unavailable extractor): not plotted
+        if syn.empty:
+            continue
         labels = [f"{label}\n(n={int(n)})" for label, n in zip(syn["label"], syn["n"])]
         fid_ok = syn["fid"].map(_num).notna().any()
         figure, axes = plt.subplots(1, 2 if fid_ok else 1, figsize=(11 if fid_ok else 7, 4), squeeze=False)
