@@ -191,6 +191,11 @@ def save_pair(left: torch.Tensor, right: torch.Tensor, captions: tuple[str, str]
     return out_path
 
 
+def _draw(n: int, k: int, seed: int) -> np.ndarray:
+    """k of range(n) without replacement (all when k >= n), sorted."""
+    return np.arange(n) if k >= n else np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+
+
 def _quantiles(values: np.ndarray) -> dict[str, float]:
     return {f"q{q}": float(np.percentile(values, q)) for q in QUANTILES} if len(values) else {}
 
@@ -230,8 +235,12 @@ def audit(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | Pat
     originals = torch.stack([ModelImages(train["path"].tolist(), resolution)[i] for i in control_rows]) \
         if len(control_rows) else torch.empty((0, 1, resolution, resolution))
     copies, notes = planted_copies(originals, seed)
-    queries = {"val": thumbs(val["path"].tolist()), "synthetic": thumbs(synthetic["path"].tolist()),
-               "copies": thumbnails_from_images(copies, size), "test": thumbs(test["path"].tolist())}
+    # Calibration on (at most audit_calibration_images) val images, the negative control on as
+    # many test images as there are planted copies: the search costs n_queries x n_train.
+    val_rows = _draw(len(val), int(evaluation["audit_calibration_images"]), seed + 1)
+    test_rows = _draw(len(test), int(evaluation["audit_controls"]), seed + 2)
+    queries = {"val": thumbs(val["path"].iloc[val_rows].tolist()), "synthetic": thumbs(synthetic["path"].tolist()),
+               "copies": thumbnails_from_images(copies, size), "test": thumbs(test["path"].iloc[test_rows].tolist())}
     # One pass over the training thumbnails for every query set.
     index, distance = nearest_aligned(torch.cat(list(queries.values())), train_t, max_shift, device=device)
     bounds = np.cumsum([0] + [len(q) for q in queries.values()])
