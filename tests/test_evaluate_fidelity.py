@@ -365,3 +365,10 @@ def test_alignment_undoes_shift_and_intensity_changes() -> None:
     assert index.tolist() == [0, 1, 2, 3, 4] and distance.max() < 1e-4
     _, unaligned = audit.nearest_aligned(shifted[:, 0, 4:-4, 4:-4].contiguous(), base[:, 0, 4:-4, 4:-4].contiguous(), 0)
     assert unaligned.min() > 10 * distance.max()
+
+
+def test_audit_cli_names_a_missing_input(prepared: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = audit.main(["--config", str(REPO / "config" / "config.yaml"), "--data-dir", str(prepared["data_dir"]),
+                       "--synthetic", str(tmp_path / "missing.csv"), "--out-dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 2 and "missing.csv" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "audit_summary.json").exists()
