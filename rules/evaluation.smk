@@ -26,17 +26,49 @@ rule train_classifier:
         " {params.synthetic} --ratio {wildcards.ratio} --seed {wildcards.seed} --out-dir {params.out_dir} > {log} 2>&1"
 
 
+rule audit_memorization:
+    input:
+        train=rules.prepare_dataset.output.train,
+        val=rules.prepare_dataset.output.val,
+        test=rules.prepare_dataset.output.test,
+        synthetic=rules.merge_generation.output.results,
+        config=stage_config_file("audit_memorization"),
+    output:
+        flagged="results/evaluation/audit/flagged.csv",
+        audit="results/evaluation/audit/audit.csv",
+        pairs="results/evaluation/audit/pairs.csv",
+        summary="results/evaluation/audit_summary.json",
+    params:
+        data_dir=lambda wildcards, input: os.path.dirname(input.train),
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+    resources:
+        gpu=1,
+    log:
+        "logs/audit_memorization/audit_memorization.log",
+    benchmark:
+        "benchmarks/audit_memorization/audit_memorization.tsv"
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "python -m workflow_scripts.fidelity.audit --config {input.config} --data-dir {params.data_dir}"
+        " --synthetic {input.synthetic} --out-dir {params.out_dir} > {log} 2>&1"
+
+
 rule evaluate_fidelity:
     input:
         train=rules.prepare_dataset.output.train,
+        val=rules.prepare_dataset.output.val,
         synthetic=rules.merge_generation.output.results,
         classifier=expand("results/classifier/ratio0_seed{seed}/model.pt", seed=config["classifier"]["seeds"][0]),
+        audit_summary=rules.audit_memorization.output.summary,
         config=stage_config_file("evaluate_fidelity"),
     output:
         fidelity=report("results/evaluation/fidelity.csv", category="Fidelity"),
         fidelity_json="results/evaluation/fidelity.json",
-        audit="results/evaluation/audit.csv",
-        audit_summary="results/evaluation/audit_summary.json",
+        fidelity_md="results/evaluation/fidelity.md",
+        diversity="results/evaluation/diversity.csv",
+        adherence="results/evaluation/adherence.csv",
+        plots=directory("results/evaluation/plots"),
     params:
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
         out_dir=lambda wildcards, output: os.path.dirname(output.fidelity),
@@ -50,7 +82,8 @@ rule evaluate_fidelity:
         "../envs/cxr-synth.yaml"
     shell:
         "python -m workflow_scripts.evaluate_fidelity --config {input.config} --data-dir {params.data_dir}"
-        " --synthetic {input.synthetic} --classifier {input.classifier} --out-dir {params.out_dir} > {log} 2>&1"
+        " --synthetic {input.synthetic} --classifier {input.classifier} --audit-summary {input.audit_summary}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule compare:
@@ -61,7 +94,7 @@ rule compare:
             seed=config["classifier"]["seeds"],
         ),
         fidelity=rules.evaluate_fidelity.output.fidelity,
-        audit=rules.evaluate_fidelity.output.audit_summary,
+        audit=rules.audit_memorization.output.summary,
         lora=rules.train_lora.output.final,
         synthetic=rules.merge_generation.output.results,
         train=rules.prepare_dataset.output.train,

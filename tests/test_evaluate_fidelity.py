@@ -1,16 +1,12 @@
-"""Fidelity stage: Fréchet distance and KID maths, pytorch-fid's Inception loading offline (random
-weights stand in for the FID weights), the weights check, the memorization audit and the whole
-stage with a stand-in feature extractor."""
+"""Fidelity stage: distances against the libraries, each extractor's loading path with random
+weights (never used for a reported number), the held-out reference with its real-vs-real floor,
+prompt adherence, and the calibrated memorization audit with planted copies."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
-import math
-import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -21,26 +17,37 @@ import torchvision
 from PIL import Image
 
 from tests.conftest import REPO, make_config
-from workflow_scripts import evaluate_fidelity as ef
+from workflow_scripts import evaluate_fidelity as cli
 from workflow_scripts.demo_dataset import make_demo_dataset
+from workflow_scripts.fidelity import audit, distances, features
+from workflow_scripts.fidelity.evaluate import FLOOR, SYNTHETIC, adherence_rows, evaluate, label_sets
 from workflow_scripts.prepare_dataset import load_split, prepare
 
 FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
+GENERATION_COLUMNS = dict(prompt="A chest X-ray", seed=0, steps=1, guidance=7.5, scheduler="ddim", checkpoint="final")
 
 
-# ----------------------------------------------------------------------------- helpers and fixtures
+# ----------------------------------------------------------------------------- fixtures
 
 
-def pixel_features(paths: list[str]) -> np.ndarray:
-    """Stand-in for the classifier: 8x8 thumbnails, mean removed."""
-    x = ef.load_pixels(paths, size=8).astype(np.float64)
-    return x - x.mean(axis=1, keepdims=True)
+@pytest.fixture
+def empty_homes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No weights anywhere: torch hub, torchxrayvision and Hugging Face caches all empty."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("TORCH_HOME", str(home / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    import torchxrayvision as xrv
+
+    monkeypatch.setattr(xrv.utils, "get_cache_dir", lambda: str(home / "xrv") + "/")
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    return home
 
 
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A state dict of pytorch-fid's FID Inception architecture with random weights: its own
-    `fid_inception_v3()` with the download and the load skipped."""
+    """pytorch-fid's FID Inception architecture with random weights (its download and load skipped)."""
     import pytorch_fid.inception as fid_inception
 
     patch = pytest.MonkeyPatch()
@@ -56,322 +63,310 @@ def random_inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def empty_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "torch_home"
-    home.mkdir()
-    monkeypatch.setenv("TORCH_HOME", str(home))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # get_dir() follows TORCH_HOME
-    return home
+def write_generation_csv(path: Path, files: list[str], labels: list[str]) -> Path:
+    pd.DataFrame({"file": files, "labels": labels}).assign(**GENERATION_COLUMNS).to_csv(path, index=False)
+    return path
 
 
-@pytest.fixture
-def torch_home_with_random_weights(empty_torch_home: Path, random_inception_weights: Path) -> Path:
-    """Random weights placed where pytorch-fid looks: <TORCH_HOME>/hub/checkpoints/<FID file>."""
-    target = empty_torch_home / "hub" / "checkpoints" / FID_FILE
-    target.parent.mkdir(parents=True)
-    shutil.copyfile(random_inception_weights, target)
-    return target
+def save_gray(tensor: torch.Tensor, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((tensor.squeeze().clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(path)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Demo phantoms prepared into splits; synthetic set = other phantoms + one exact copy of a train image."""
+    """Demo phantoms (64 px) split into train/val/test, and a config for small, fast evaluation."""
     root = tmp_path_factory.mktemp("fidelity")
-    make_demo_dataset(root / "demo", 12, 64, 0)
+    make_demo_dataset(root / "demo", 60, 64, 0)
     config = make_config({"format": "nih", "csv": str(root / "demo" / "Data_Entry_2017.csv"),
-                          "images": str(root / "demo" / "images")})
+                          "images": str(root / "demo" / "images")},
+                         "split.val_fraction=0.3", "split.test_fraction=0.3", "evaluation.kid_subsets=5",
+                         "evaluation.diversity_pairs=20", "evaluation.diversity_images=8", "evaluation.audit_controls=40",
+                         "evaluation.audit_top_k=3", "evaluation.extractors=[pixels]")
     prepare(config, root / "data")
-    train = load_split(root / "data", "train")
-
-    other = make_demo_dataset(root / "other", 10, 64, 1)
-    rows = [{"file": str(root / "other" / "images" / name), "labels": labels}
-            for name, labels in zip(other["Image Index"], other["Finding Labels"])][:12]
-    copy = root / "other" / "images" / "copy_of_train.png"
-    shutil.copyfile(train["path"].iloc[0], copy)
-    rows.append({"file": str(copy), "labels": train["labels"].iloc[0]})
-    synthetic = pd.DataFrame(rows)
-    synthetic = synthetic.assign(prompt="A chest X-ray", seed=range(len(rows)), steps=20, guidance=7.5,
-                                 scheduler="ddim", checkpoint="final")
-    synthetic_csv = root / "other" / "generation_results.csv"
-    synthetic.to_csv(synthetic_csv, index=False)
-    return {"config": config, "data_dir": root / "data", "train": train, "synthetic_csv": synthetic_csv,
-            "synthetic": synthetic, "copy": str(copy), "copied": train["path"].iloc[0]}
+    splits = {name: load_split(root / "data", name) for name in ("train", "val", "test")}
+    return {"root": root, "config": config, "data_dir": root / "data", **splits}
 
 
-def write_images(folder: Path) -> list[str]:
-    """Small PNGs of mixed sizes and depths (8-bit 40 px, 8-bit 52 px, 16-bit 40 px)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for index, (size, dtype) in enumerate([(40, np.uint8), (52, np.uint8), (40, np.uint16), (40, np.uint8)]):
-        high = 256 if dtype == np.uint8 else 4096
-        pixels = rng.integers(0, high, (size, size)).astype(dtype)
-        path = folder / f"image_{index}.png"
-        Image.fromarray(pixels).save(path)
-        paths.append(str(path))
-    return paths
-
-
-# ----------------------------------------------------------------------------- maths
-
-
-def test_frechet_distance_closed_form_for_diagonal_gaussians() -> None:
-    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.5, 0.0])
-    var1, var2 = np.array([1.0, 4.0, 0.25]), np.array([2.0, 1.0, 0.25])
-    expected = np.sum((mu1 - mu2) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
-    assert ef.frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected, rel=1e-9)
-    # 1-D: (mu1 - mu2)^2 + (sigma1 - sigma2)^2
-    assert ef.frechet_distance(np.array([0.0]), np.array([[4.0]]), np.array([3.0]), np.array([[1.0]])) == pytest.approx(9 + 1)
-    assert ef.frechet_distance(mu1, np.diag(var1), mu1, np.diag(var1)) == pytest.approx(0.0, abs=1e-9)
+# ----------------------------------------------------------------------------- distances
 
 
 @pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")
-def test_frechet_distance_equals_pytorch_fid_on_random_data() -> None:
+def test_fid_equals_pytorch_fid_and_is_na_below_the_feature_dims() -> None:
     from pytorch_fid.fid_score import calculate_frechet_distance
 
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(60, 8)), rng.normal(0.3, 1.5, size=(70, 8)) @ rng.normal(size=(8, 8))
-    stats = (*ef.gaussian_stats(a), *ef.gaussian_stats(b))
-    assert ef.frechet_distance(*stats) == pytest.approx(calculate_frechet_distance(*stats), rel=1e-10)
-    value, notes = ef.feature_frechet_distance(a, b)
+    value, notes = distances.fid(a, b)
+    stats = (*distances.gaussian_stats(a), *distances.gaussian_stats(b))
     assert value == pytest.approx(calculate_frechet_distance(*stats), rel=1e-10) and notes == []
+    # 1-D closed form: (mu1 - mu2)² + (sigma1 - sigma2)²
+    assert distances.frechet_distance_with_notes(np.array([0.0]), np.array([[4.0]]), np.array([3.0]), np.array([[1.0]]))[0] \
+        == pytest.approx(10.0)
+    assert distances.fid(rng.normal(size=(10, 20)), rng.normal(size=(30, 20))) == ("n/a (n < d: 10 < 20)", [])
 
 
-def test_frechet_distance_survives_singular_covariances() -> None:
-    rng = np.random.default_rng(2)
-    value, _ = ef.feature_frechet_distance(rng.normal(size=(5, 40)), rng.normal(size=(6, 40)))  # n < d
-    assert math.isfinite(value) and value > 0
-
-
-def test_kid_near_zero_for_one_distribution_and_positive_for_shifted() -> None:
-    rng = np.random.default_rng(3)
-    real, same, shifted = rng.normal(size=(300, 16)), rng.normal(size=(300, 16)), rng.normal(1.0, 1.0, size=(300, 16))
-    same_mean, same_std, m = ef.kernel_inception_distance(real, same, 100, 20)
-    shifted_mean, shifted_std, _ = ef.kernel_inception_distance(real, shifted, 100, 20)
-    assert m == 100
-    assert abs(same_mean) < 3 * same_std + 0.01
-    assert shifted_mean > 10 * max(abs(same_mean), same_std) and shifted_mean > 0.3
-    # fixed seed: the same numbers every time
-    assert ef.kernel_inception_distance(real, shifted, 100, 20) == (shifted_mean, shifted_std, 100)
-
-
-def test_kid_equals_direct_computation_on_a_small_case() -> None:
+def test_kid_is_torchmetrics_unbiased_mmd_and_tells_same_from_shifted() -> None:
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(6, 3)), rng.normal(0.5, 1.0, size=(6, 3))
 
     def k(a: np.ndarray, b: np.ndarray) -> float:
         return (float(np.dot(a, b)) / 3 + 1) ** 3
 
-    n = 6
-    within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in itertools.permutations(range(n), 2)) / (n * (n - 1))
-    cross = sum(k(x[i], y[j]) for i in range(n) for j in range(n)) / (n * n)
-    direct = within - 2 * cross
-    # subsets of the whole set are permutations of it: every subset gives the same value
-    mean, std, m = ef.kernel_inception_distance(x, y, subset_size=50, subsets=5)
-    assert m == 6 and mean == pytest.approx(direct, rel=1e-10) and std == pytest.approx(0.0, abs=1e-10)
-    assert ef.mmd2_unbiased(y, x) == pytest.approx(direct, rel=1e-10)
+    within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in itertools.permutations(range(6), 2)) / 30
+    direct = within - 2 * sum(k(x[i], y[j]) for i in range(6) for j in range(6)) / 36
+    assert distances.kid(x, y, subset_size=50, subsets=5) == (pytest.approx(direct, rel=1e-9), 0.0, 6)
+    real, same, shifted = rng.normal(size=(300, 16)), rng.normal(size=(300, 16)), rng.normal(1.0, 1.0, size=(300, 16))
+    same_mean, same_std, m = distances.kid(real, same, 100, 20)
+    shifted_mean, _, _ = distances.kid(real, shifted, 100, 20)
+    assert m == 100 and abs(same_mean) < 3 * same_std + 0.01 and shifted_mean > 0.3
     with pytest.raises(ValueError, match="at least 2"):
-        ef.kernel_inception_distance(x[:1], y, 10, 1)
+        distances.kid(x[:1], y, 10, 1)
 
 
-# ----------------------------------------------------------------------------- Inception, offline
-
-
-def test_inception_features_load_through_pytorch_fid_offline(
-    tmp_path: Path, torch_home_with_random_weights: Path, random_inception_weights: Path
-) -> None:
-    paths = write_images(tmp_path / "images")
-    assert ef.default_weights_path() == torch_home_with_random_weights
-    from_hub = ef.inception_features(paths, dims=64, batch_size=4, device="cpu")  # one batch of mixed sizes
-    assert from_hub.shape == (4, 64) and np.isfinite(from_hub).all() and from_hub.std() > 0
-
-    # an explicit file elsewhere is loaded through a temporary hub dir; nothing is written beside it
-    elsewhere = tmp_path / "user_weights" / "my_inception.pth"
-    elsewhere.parent.mkdir()
-    shutil.copyfile(random_inception_weights, elsewhere)
-    hub_before = torch.hub.get_dir()
-    explicit = ef.inception_features(paths, dims=64, weights_path=elsewhere, batch_size=1)
-    assert torch.hub.get_dir() == hub_before
-    assert sorted(p.name for p in elsewhere.parent.iterdir()) == ["my_inception.pth"]
-    # batch of mixed sizes == one image at a time (the per-image resize matches the network's)
-    np.testing.assert_allclose(explicit, from_hub, rtol=1e-4, atol=1e-6)
-
-
-def test_inception_features_fail_without_weights_and_no_network(tmp_path: Path, empty_torch_home: Path) -> None:
-    with pytest.raises(FileNotFoundError):
-        ef.inception_features(write_images(tmp_path / "images")[:1], dims=64, weights_path=tmp_path / "none.pth")
-
-
-def test_weights_status_missing(tmp_path: Path, empty_torch_home: Path) -> None:
-    path, status = ef.inception_weights_status(None)
-    expected = empty_torch_home / "hub" / "checkpoints" / FID_FILE
-    assert path is None and status.startswith("unavailable: Inception weights not found at ")
-    assert str(expected) in status and ef.FID_WEIGHTS_URL in status and "evaluation.inception_weights" in status
-    assert not expected.exists()  # no download attempted by default
-
-    path, status = ef.inception_weights_status(str(tmp_path / "nowhere" / "w.pth"))
-    assert path is None and str(tmp_path / "nowhere" / "w.pth") in status and status.startswith("unavailable:")
-
-
-def test_weights_status_checks_the_hash(
-    torch_home_with_random_weights: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path, status = ef.inception_weights_status(None)
-    assert path is None
-    assert status.startswith(f"unavailable: {torch_home_with_random_weights} is not the published FID Inception weights (SHA-256 ")
-    path, status = ef.inception_weights_status(str(torch_home_with_random_weights))
-    assert path is None and "not the published" in status
-
-    digest = hashlib.sha256(torch_home_with_random_weights.read_bytes()).hexdigest()
-    monkeypatch.setattr(ef, "FID_WEIGHTS_SHA256_PREFIX", digest[:8])
-    assert ef.inception_weights_status(None) == (torch_home_with_random_weights, f"ok: {torch_home_with_random_weights}")
-    assert ef.FID_WEIGHTS_SHA256_PREFIX != "6726825d" and digest[:8] != "6726825d"
-
-
-def test_expected_hash_prefix_is_torch_hubs_file_name_convention() -> None:
-    assert ef.FID_WEIGHTS_FILE == FID_FILE and ef.FID_WEIGHTS_SHA256_PREFIX == "6726825d"
-
-
-# ----------------------------------------------------------------------------- audit
-
-
-def test_audit_flags_exactly_the_planted_copy(prepared: dict, tmp_path: Path) -> None:
-    train_paths = prepared["train"]["path"].tolist()
-    synthetic = prepared["synthetic"]
-    syn_paths = synthetic["file"].tolist()
-    audit, summary = ef.memorization_audit(
-        syn_paths, synthetic["labels"].tolist(), train_paths, pixel_features(syn_paths), pixel_features(train_paths),
-        tmp_path, feature_threshold=0.0, pixel_threshold=0.02)
-
-    assert list(audit.columns) == ef.AUDIT_COLUMNS and len(audit) == len(syn_paths)
-    flagged = audit[audit["flagged"]]
-    assert flagged["synthetic_file"].tolist() == [prepared["copy"]]
-    copy_row = flagged.iloc[0]
-    assert copy_row["nearest_real_pixel"] == prepared["copied"] and copy_row["pixel_distance"] == 0.0
-    assert copy_row["nearest_real_feature"] == prepared["copied"] and copy_row["feature_distance"] < 1e-9
-    assert audit.loc[~audit["flagged"], "pixel_distance"].min() > 0.02  # other phantoms are clearly different
-
-    assert summary["n"] == len(syn_paths) and summary["flagged"] == 1 and summary["flagged_by_pixel"] == 1
-    assert set(summary["pixel_distance_quantiles"]) == {"q0", "q5", "q25", "q50", "q75", "q100"}
-    assert "centred on the real training mean" in summary["feature_space"]
-    pair = Path(summary["pairs"][0]["pair_png"])
-    assert pair.parent == tmp_path / "audit_pairs" and pair.is_file()
-    assert list(tmp_path.joinpath("audit_pairs").iterdir()) == [pair]
-    with Image.open(pair) as image:
-        assert image.size == (2 * 256, 256 + 34)  # synthetic | real, caption strip below
-    on_disk = pd.read_csv(tmp_path / "audit.csv")
-    assert list(on_disk.columns) == ef.AUDIT_COLUMNS and on_disk["flagged"].sum() == 1
-    assert json.loads((tmp_path / "audit_summary.json").read_text())["thresholds"]["pixel_mean_abs_difference"] == 0.02
-
-
-def test_nearest_neighbours_match_brute_force() -> None:
+def test_prdc_from_the_prdc_package() -> None:
     rng = np.random.default_rng(5)
-    query, reference = rng.random((7, 20)), rng.random((30, 20))
-    index, distance = ef.nearest_mean_abs(query, reference, chunk=3)
-    brute = np.abs(query[:, None, :] - reference[None, :, :]).mean(axis=2)
-    np.testing.assert_array_equal(index, brute.argmin(axis=1))
-    np.testing.assert_allclose(distance, brute.min(axis=1), rtol=1e-5)
-    index, distance = ef.nearest_cosine(query, reference, chunk=4)
-    cos = 1 - (query @ reference.T) / np.linalg.norm(query, axis=1)[:, None] / np.linalg.norm(reference, axis=1)[None]
-    np.testing.assert_array_equal(index, cos.argmin(axis=1))
-    np.testing.assert_allclose(distance, cos.min(axis=1), atol=1e-12)
+    real = rng.normal(size=(50, 4))
+    same = distances.prdc(real, real.copy(), 5)
+    assert same["precision"] == 1.0 and same["recall"] == 1.0 and same["coverage"] == 1.0
+    far = distances.prdc(real, real + 100.0, 5)
+    assert far["precision"] == 0.0 and far["coverage"] == 0.0 and far["density"] == 0.0
+    assert distances.prdc(real[:6], real[:6], 5) == "n/a (n <= k + 1: 6 <= 6)"
+    assert isinstance(distances.prdc(real[:7], real[:7], 5), dict)
+
+
+def test_ms_ssim_diversity_sees_mode_collapse() -> None:
+    rng = torch.Generator().manual_seed(0)
+    varied = torch.rand((6, 1, 64, 64), generator=rng)
+    collapsed = varied[:1].repeat(6, 1, 1, 1)
+    assert distances.pairwise_ms_ssim(collapsed, 100, 0)["ms_ssim"] == pytest.approx(1.0, abs=1e-5)
+    result = distances.pairwise_ms_ssim(varied, 100, 0)
+    assert result["pairs"] == 15 and result["ms_ssim"] < 0.2 and result["window"] == 3
+    assert distances.pairwise_ms_ssim(varied, 4, 0)["pairs"] == 4
+    assert distances.ms_ssim_window(512) == 11 and distances.ms_ssim_window(32) is None
+    assert distances.pairwise_ms_ssim(varied[:1], 10, 0)["note"].startswith("n/a")
+
+
+# ----------------------------------------------------------------------------- extractors
+
+
+def test_without_weights_every_extractor_says_what_to_download(empty_homes: Path) -> None:
+    built = {e.name: e for e in features.build_extractors(make_config()["evaluation"], "cpu", allow_download=False)}
+    assert list(built) == ["pixels", "inception", "xrv", "rad_dino"] and built["pixels"].available
+    for name, words in (("inception", [features.FID_WEIGHTS_URL, str(empty_homes / "torch")]),
+                        ("xrv", ["github.com/mlmed/torchxrayvision", str(empty_homes / "xrv"), "evaluation.xrv_weights_dir"]),
+                        ("rad_dino", ["huggingface-cli download microsoft/rad-dino", "evaluation.rad_dino"])):
+        assert not built[name].available and built[name].status.startswith("unavailable: ")
+        assert all(word in built[name].status for word in words), built[name].status
+
+
+def test_inception_path_with_random_weights(random_inception_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluation = {"fid_dims": 64, "inception_weights": str(random_inception_weights)}
+    assert not features.build_inception(evaluation, "cpu").available  # random weights fail the hash check
+    digest = hashlib.sha256(random_inception_weights.read_bytes()).hexdigest()
+    monkeypatch.setattr(features, "FID_WEIGHTS_SHA256_PREFIX", digest[:8])  # pretend they are the published ones
+    extractor = features.build_inception(evaluation, "cpu")
+    images = torch.rand((2, 1, 64, 64))
+    out = extractor.embed(images)
+    assert extractor.status.startswith("ok: ") and out.shape == (2, 64) and torch.isfinite(out).all()
+    # one resize only: an image already at 299 px goes through unchanged
+    at_input = features.resize_antialiased(images, 299)
+    assert torch.allclose(extractor.embed(at_input), out, atol=1e-5)
+
+
+def test_weights_status_checks_the_hash_and_reports_download_failure(
+    empty_homes: Path, random_inception_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, status = features.inception_weights_status(str(random_inception_weights))
+    assert path is None and "not the published FID Inception weights" in status
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("no route")))
+    path, status = features.inception_weights_status(None, allow_download=True)
+    assert path is None and "download failed: OSError: no route" in status
+    assert features.FID_WEIGHTS_SHA256_PREFIX == "6726825d"
+
+
+def test_xrv_densenet_loads_through_torchxrayvision(tmp_path: Path, empty_homes: Path) -> None:
+    import torchxrayvision as xrv
+
+    torch.manual_seed(0)
+    random_model = xrv.models.DenseNet(weights=None, num_classes=18)  # architecture only
+    path, url = features.xrv_weights_path(tmp_path / "xrv")
+    path.parent.mkdir()
+    torch.save(random_model, path)  # torchxrayvision's file holds the pickled model
+    extractor = features.build_xrv({"xrv_weights_dir": str(path.parent)}, "cpu")
+    assert extractor.status == f"ok: {path}" and url.endswith(path.name)
+    out = extractor.embed(torch.rand((2, 1, 64, 64)))
+    assert out.shape == (2, 1024) and torch.isfinite(out).all()
+    path.write_bytes(b"truncated")
+    assert features.build_xrv({"xrv_weights_dir": str(path.parent)}, "cpu").status.startswith("unavailable: ")
+
+
+def test_rad_dino_loads_a_local_dinov2_folder(tmp_path: Path) -> None:
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          image_size=56, patch_size=14)
+    folder = tmp_path / "rad-dino"
+    Dinov2Model(config).save_pretrained(folder)
+    BitImageProcessor(crop_size={"height": 56, "width": 56}, image_mean=[0.53] * 3, image_std=[0.26] * 3).save_pretrained(folder)
+    extractor = features.build_rad_dino({"rad_dino": str(folder)}, "cpu")
+    assert extractor.status == f"ok: {folder}" and extractor.input_size == 56 and extractor.dims == 32
+    out = extractor.embed(torch.rand((3, 1, 64, 64)))
+    assert out.shape == (3, 32) and torch.isfinite(out).all()
+    assert features.build_rad_dino({"rad_dino": str(tmp_path / "none")}, "cpu").status.startswith("unavailable: ")
+
+
+def test_one_preprocessing_for_real_and_synthetic(tmp_path: Path) -> None:
+    """A real film at native size and its model-resolution version (what the generator outputs)
+    reach the extractors as the same tensor."""
+    rng = np.random.default_rng(0)
+    smooth = torch.nn.functional.interpolate(torch.tensor(rng.random((1, 1, 12, 16)), dtype=torch.float32),
+                                             size=(96, 128), mode="bilinear", align_corners=False)
+    real = save_gray(smooth, tmp_path / "real.png")  # non-square, larger than the model resolution
+    as_model = save_gray(features.load_model_image(real, 48), tmp_path / "synthetic.png")
+    a, b = features.load_model_image(real, 48), features.load_model_image(as_model, 48)
+    assert a.shape == b.shape == (1, 48, 48) and float((a - b).abs().max()) <= 1 / 255 + 1e-6
 
 
 # ----------------------------------------------------------------------------- the stage
 
 
-def _check_table(out_dir: Path, prepared: dict) -> pd.DataFrame:
-    table = pd.read_csv(out_dir / "fidelity.csv", keep_default_na=False)
-    assert list(table.columns) == ef.FIDELITY_COLUMNS
-    vocabulary = prepared["config"]["dataset"]["labels"]
-    present = {label for cell in prepared["synthetic"]["labels"] for label in cell.split("|")}
-    assert table["label"].tolist() == [label for label in vocabulary if label in present] + ["overall"]
-    overall = table.iloc[-1]
-    assert overall["n_real"] == len(prepared["train"]) and overall["n_synthetic"] == len(prepared["synthetic"])
-    for _, row in table.iterrows():
-        if min(row["n_real"], row["n_synthetic"]) >= 2:
-            assert math.isfinite(float(row["domain_fd"])) and float(row["domain_fd"]) >= 0
-        else:
-            assert "fewer than 2 images" in row["notes"]
-    return table
+def test_noise_is_far_above_the_floor_and_a_second_real_sample_sits_on_it(prepared: dict, tmp_path: Path) -> None:
+    config, train, test = prepared["config"], prepared["train"], prepared["test"]
+    noise = [save_gray(torch.rand((1, 64, 64), generator=torch.Generator().manual_seed(i)), tmp_path / "noise" / f"{i}.png")
+             for i in range(len(train))]
+    runs = {}
+    for name, files, labels in (("noise", noise, train["labels"].tolist()),
+                                ("real", test["path"].tolist(), test["labels"].tolist())):
+        csv = write_generation_csv(tmp_path / f"{name}.csv", files, labels)
+        runs[name] = evaluate(config, prepared["data_dir"], csv, tmp_path / name, [features.pixel_extractor()])
+    for name in runs:
+        table = pd.read_csv(tmp_path / name / "fidelity.csv")
+        assert set(table["comparison"]) == {SYNTHETIC, FLOOR} and (tmp_path / name / "fidelity.md").is_file()
+
+    def overall(run: dict, comparison: str) -> dict:
+        return next(r for r in run["rows"] if r["label"] == "overall" and r["comparison"] == comparison)
+
+    noise_syn, noise_floor = overall(runs["noise"], SYNTHETIC), overall(runs["noise"], FLOOR)
+    real_syn, real_floor = overall(runs["real"], SYNTHETIC), overall(runs["real"], FLOOR)
+    assert noise_syn["n"] == noise_floor["n"] == min(len(prepared["val"]), len(train))
+    assert noise_syn["kid_mean"] > 20 * max(noise_floor["kid_mean"], 1e-3)
+    assert noise_syn["coverage"] < 0.1 < noise_floor["coverage"]
+    assert real_syn["n"] == min(len(prepared["val"]), len(test))
+    assert abs(real_syn["kid_mean"] - real_floor["kid_mean"]) < 3 * max(real_floor["kid_mean"], 1e-3)
+    assert all(isinstance(r["fid"], str) and r["fid"].startswith("n/a") for r in runs["noise"]["rows"])  # n < 256 dims
+    # per label: equal n in both comparisons, the smallest of the three sets
+    sets = {"syn": label_sets(train["labels"]), "val": label_sets(prepared["val"]["labels"])}
+    for row in runs["noise"]["rows"]:
+        if row["label"] != "overall":
+            expected = min(sum(row["label"] in s for s in sets["syn"]), sum(row["label"] in s for s in sets["val"]))
+            assert row["n"] == expected
+    diversity = pd.read_csv(tmp_path / "noise" / "diversity.csv")
+    over = diversity[diversity["label"] == "overall"].set_index("set")["ms_ssim"]
+    assert over["synthetic"] < 0.2 < over["real val"]  # noise is diverse; phantoms look alike
+    md = (tmp_path / "noise" / "fidelity.md").read_text()
+    for heading in ("### Fidelity", "### Diversity", "### Prompt adherence", "### Memorization audit"):
+        assert md.count(heading) == 1
+    assert (tmp_path / "noise" / "plots" / "fidelity_pixels.png").is_file()
 
 
-def test_evaluate_without_inception_weights(prepared: dict, tmp_path: Path, empty_torch_home: Path) -> None:
-    out = tmp_path / "evaluation"
-    result = ef.evaluate(prepared["config"], prepared["data_dir"], prepared["synthetic_csv"], pixel_features, out,
-                         device="cpu")
-    table = _check_table(out, prepared)
-    assert table["fid"].str.startswith("unavailable: Inception weights not found").all()
-    assert table["kid_mean"].str.startswith("unavailable:").all()
-    assert sum(math.isfinite(float(value or "nan")) for value in table["domain_fd"]) >= 2  # overall and at least one label
-    saved = json.loads((out / "fidelity.json").read_text())
-    settings = saved["settings"]
-    assert settings["tool"] == "pytorch-fid 0.3.0" and settings["resize"] == "bilinear 299 (pytorch-fid)"
-    assert settings["dims"] == 2048 and settings["inception_status"].startswith("unavailable:")
-    assert settings["n"] == {"real_train": len(prepared["train"]), "synthetic": len(prepared["synthetic"])}
-    assert settings["seeds"]["kid"] == ef.KID_SEED and len(saved["rows"]) == len(table)
-    assert result["audit"]["flagged"] >= 1  # the planted copy (the 0.02 cosine threshold may flag more)
-    assert (out / "audit.csv").is_file() and (out / "audit_summary.json").is_file()
-    assert not any((empty_torch_home).rglob("*.pth"))
+def test_adherence_auroc_per_prompted_label() -> None:
+    classes = ["Mass", "Nodule"]
+    syn_labels = ["Mass", "Nodule", "Mass|Nodule", "No Finding"] * 10
+    sets = {"synthetic": label_sets(syn_labels), "val": label_sets(syn_labels)}
+    y = np.array([[("Mass" in s), ("Nodule" in s)] for s in sets["synthetic"]], dtype=float)
+    rng = np.random.default_rng(0)
+    shows = y + 0.1 * rng.random(y.shape)  # images that show their prompt
+    blind = rng.random(y.shape)             # images that show nothing
+    rows = adherence_rows(blind, shows, classes, sets, ["Mass", "Nodule", "No Finding", "overall"], 50, 0)
+    assert [(r["label"], r["set"][:4]) for r in rows] == [("Mass", "synt"), ("Mass", "real"), ("Nodule", "synt"), ("Nodule", "real")]
+    assert all(r["auroc"] == 1.0 for r in rows if r["set"].startswith("real"))
+    assert all(0.25 < r["auroc"] < 0.75 for r in rows if r["set"].startswith("synthetic"))
+    assert rows[0]["positives"] == 20 and rows[0]["negatives"] == 20
 
 
-def test_evaluate_with_verified_weights_reports_numbers(
-    prepared: dict, tmp_path: Path, torch_home_with_random_weights: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    digest = hashlib.sha256(torch_home_with_random_weights.read_bytes()).hexdigest()
-    monkeypatch.setattr(ef, "FID_WEIGHTS_SHA256_PREFIX", digest[:8])  # pretend the random file is the published one
-    config = {**prepared["config"], "evaluation": {**prepared["config"]["evaluation"], "fid_dims": 64,
-                                                  "kid_subset_size": 10, "kid_subsets": 5}}
-    out = tmp_path / "evaluation"
-    ef.evaluate(config, prepared["data_dir"], prepared["synthetic_csv"], pixel_features, out, device="cpu")
-    table = _check_table(out, prepared)
-    for _, row in table.iterrows():
-        if min(row["n_real"], row["n_synthetic"]) >= 2:
-            assert float(row["fid"]) >= 0 and math.isfinite(float(row["kid_mean"])) and float(row["kid_std"]) >= 0
-            assert ef.UNRELIABLE in row["notes"]  # far fewer images than 64 dims
-        else:
-            assert row["fid"].startswith("unavailable: fewer than 2 images")
-    assert json.loads((out / "fidelity.json").read_text())["settings"]["inception_status"].startswith("ok: ")
+def test_cli_with_the_real_only_classifier(prepared: dict, tmp_path: Path, empty_homes: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    import timm
 
-
-def test_cli_uses_the_classifier_features(prepared: dict, tmp_path: Path, empty_torch_home: Path,
-                                          monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    calls = []
-    fake = types.ModuleType("workflow_scripts.train_classifier")
-    fake.load_classifier = lambda path: (torch.nn.Linear(1, 1), {"path": str(path)})
-    fake.extract_features = lambda model, meta, paths, batch_size=64: calls.append(len(paths)) or pixel_features(paths)
-    monkeypatch.setitem(sys.modules, "workflow_scripts.train_classifier", fake)
+    classes = ["Cardiomegaly", "Effusion", "Nodule", "Mass", "Pneumothorax", "Fibrosis", "Pneumonia"]
+    model = timm.create_model("resnet18", pretrained=False, num_classes=len(classes))
     classifier = tmp_path / "model.pt"
-    classifier.write_bytes(b"stand-in")
+    torch.save({"state_dict": model.state_dict(), "model": "resnet18", "classes": classes, "image_size": 32,
+                "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear"}, classifier)
+    test = prepared["test"]
+    csv = write_generation_csv(tmp_path / "gen.csv", test["path"].tolist(), test["labels"].tolist())
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(json.dumps({key: prepared["config"][key] for key in ("dataset",)}))
-    out = tmp_path / "evaluation"
-    code = ef.main(["--config", str(REPO / "config" / "config.yaml"), str(config_file),
-                    "--data-dir", str(prepared["data_dir"]), "--synthetic", str(prepared["synthetic_csv"]),
-                    "--classifier", str(classifier), "--out-dir", str(out), "--device", "cpu"])
-    assert code == 0, capsys.readouterr().err
-    assert calls == [len(prepared["train"]), len(prepared["synthetic"])]
-    assert (out / "fidelity.csv").is_file() and "Inception: unavailable" in capsys.readouterr().out
+    config_file.write_text(json.dumps({"dataset": prepared["config"]["dataset"], "split": prepared["config"]["split"],
+                                       "evaluation": {"extractors": ["pixels", "xrv"], "kid_subsets": 2,
+                                                      "diversity_pairs": 5, "diversity_images": 4}}))
+    args = ["--config", str(REPO / "config" / "config.yaml"), str(config_file), "--data-dir", str(prepared["data_dir"]),
+            "--synthetic", str(csv), "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--no-download"]
+    assert cli.main(args + ["--classifier", str(classifier)]) == 0, capsys.readouterr().err
+    assert "xrv: unavailable:" in capsys.readouterr().out
+    adherence = pd.read_csv(tmp_path / "out" / "adherence.csv")
+    assert set(adherence["label"]) <= set(classes) and adherence["auroc"].notna().any()
+    assert "unavailable" in (tmp_path / "out" / "fidelity.md").read_text()
+    assert cli.main(args[:5] + ["--synthetic", str(tmp_path / "none.csv"), "--out-dir", str(tmp_path / "x")]) == 2
+    assert "none.csv" in capsys.readouterr().err
 
-    missing = ef.main(["--config", str(REPO / "config" / "config.yaml"), str(config_file),
-                       "--data-dir", str(prepared["data_dir"]), "--synthetic", str(tmp_path / "none.csv"),
-                       "--classifier", str(classifier), "--out-dir", str(out)])
-    assert missing == 2 and "none.csv" in capsys.readouterr().err
+
+# ----------------------------------------------------------------------------- memorization audit
 
 
-def test_weights_download_failure_is_reported_not_raised(empty_torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = {}
+def test_planted_copies_are_caught_with_the_thresholds_the_pipeline_computes(prepared: dict, tmp_path: Path) -> None:
+    """Perturbed copies of training images (shift, brightness, gamma, crop) among synthetic images
+    are flagged (>= 95 %); real images of other patients are not (<= 5 %)."""
+    config, train, test = prepared["config"], prepared["train"], prepared["test"]
+    resolution = int(config["model"]["resolution"])
+    originals = torch.stack([features.load_model_image(path, resolution) for path in train["path"]])
+    copies, notes = audit.planted_copies(originals, seed=123)
+    copy_files = [save_gray(copy, tmp_path / "copies" / f"copy_{i:03d}.png") for i, copy in enumerate(copies)]
+    files = copy_files + test["path"].tolist()
+    csv = write_generation_csv(tmp_path / "generation_results.csv", files, train["labels"].tolist() + test["labels"].tolist())
 
-    def no_network(url: str, dst: str, hash_prefix: str | None = None, progress: bool = True) -> None:
-        seen.update(url=url, dst=dst, hash_prefix=hash_prefix)
-        raise OSError("no route to host")
+    summary = audit.audit(config, prepared["data_dir"], csv, tmp_path / "evaluation")
+    table = pd.read_csv(tmp_path / "evaluation" / "audit" / "audit.csv")
+    assert table["file"].tolist() == files
+    is_copy = table["file"].isin(copy_files)
+    assert table.loc[is_copy, "flagged"].mean() >= 0.95, table.loc[is_copy & ~table["flagged"]]
+    for kind in audit.CONTROL_KINDS:
+        assert table.loc[is_copy, "flagged"][[note.startswith(kind) for note in notes]].mean() >= 0.95, kind
+    assert table.loc[~is_copy, "flagged"].mean() <= 0.05
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    path, status = ef.inception_weights_status(None, allow_download=True)
-    assert path is None and "download failed: OSError: no route to host" in status and ef.FID_WEIGHTS_URL in status
-    assert seen == {"url": ef.FID_WEIGHTS_URL, "dst": str(ef.default_weights_path()), "hash_prefix": "6726825d"}
-    # a configured path is never downloaded to
-    seen.clear()
-    ef.inception_weights_status(str(empty_torch_home / "mine.pth"), allow_download=True)
-    assert seen == {}
+    flagged = pd.read_csv(tmp_path / "evaluation" / "audit" / "flagged.csv")
+    assert set(flagged["file"]) == set(table.loc[table["flagged"], "file"]) and "distance" in flagged.columns
+    saved = json.loads((tmp_path / "evaluation" / "audit_summary.json").read_text())
+    assert saved["thresholds"]["distance"] == pytest.approx(saved["real_floor_quantiles"]["q1"])  # computed, not set
+    assert saved["thresholds"]["distance"] == summary["thresholds"]["distance"]
+    assert saved["positive_control"]["rate"] >= 0.95 and saved["negative_control"]["rate"] <= 0.05
+    pairs = sorted((tmp_path / "evaluation" / "audit" / "pairs").iterdir())
+    assert len(pairs) == 3 and all(p.suffix == ".png" for p in pairs)
+
+
+def test_a_second_sample_of_real_images_scores_at_the_floor(prepared: dict, tmp_path: Path) -> None:
+    test = prepared["test"]
+    csv = write_generation_csv(tmp_path / "generation_results.csv", test["path"].tolist(), test["labels"].tolist())
+    summary = audit.audit(prepared["config"], prepared["data_dir"], csv, tmp_path / "evaluation")
+    assert summary["flagged"] / summary["n"] <= 0.05
+    floor, synthetic = summary["real_floor_quantiles"], summary["synthetic_quantiles"]
+    assert synthetic["q50"] == pytest.approx(floor["q50"], rel=0.5)
+
+
+def test_alignment_undoes_shift_and_intensity_changes() -> None:
+    rng = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.interpolate(torch.rand((5, 1, 8, 8), generator=rng), size=(64, 64), mode="bilinear")
+    shifted = torch.roll(base, shifts=(2, -1), dims=(2, 3)) * 0.9
+    index, distance = audit.nearest_aligned(shifted[:, 0, 4:-4, 4:-4].contiguous(), base[:, 0, 4:-4, 4:-4].contiguous(), 3)
+    assert index.tolist() == [0, 1, 2, 3, 4] and distance.max() < 1e-4
+    _, unaligned = audit.nearest_aligned(shifted[:, 0, 4:-4, 4:-4].contiguous(), base[:, 0, 4:-4, 4:-4].contiguous(), 0)
+    assert unaligned.min() > 10 * distance.max()
+
+
+def test_audit_cli_names_a_missing_input(prepared: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = audit.main(["--config", str(REPO / "config" / "config.yaml"), "--data-dir", str(prepared["data_dir"]),
+                       "--synthetic", str(tmp_path / "missing.csv"), "--out-dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 2 and "missing.csv" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "audit_summary.json").exists()

@@ -38,7 +38,8 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
                        "classifier.ratios"),
     "merge_generation": (),
     "train_classifier": ("dataset", "classifier"),
-    "evaluate_fidelity": ("dataset", "evaluation"),
+    "audit_memorization": ("dataset", "model", "evaluation"),
+    "evaluate_fidelity": ("dataset", "model", "evaluation", "classifier"),
     "compare": ("dataset", "split", "model", "generation", "classifier"),
 }
 

@@ -1,0 +1,218 @@
+"""fidelity.md (ready to include in results/comparison.md) and the fidelity plots.
+
+Plots show only reliable values: KID (unbiased at any n >= 2), FID only where n >= feature dims,
+MS-SSIM and AUROC where defined.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from workflow_scripts.fidelity.evaluate import FLOOR, SYNTHETIC
+
+
+def _num(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    number = _num(value)
+    if number is None:
+        return str(value) if isinstance(value, str) and value else "n/a"
+    return f"{number:.{digits}g}" if abs(number) < 1000 else f"{number:.0f}"
+
+
+def _pair(syn: Any, floor: Any, digits: int = 3) -> str:
+    if _num(syn) is None and _num(floor) is None:
+        return _fmt(syn, digits)  # one reason is enough
+    return f"{_fmt(syn, digits)} ({_fmt(floor, digits)})"
+
+
+def _fidelity_tables(result: dict[str, Any]) -> list[str]:
+    rows = pd.DataFrame(result["rows"])
+    lines: list[str] = []
+    for name, info in result["settings"]["extractors"].items():
+        if not info["status"].startswith("ok"):
+            lines += [f"**{name}**: {info['status']}", ""]
+            continue
+        lines += [f"**{name}** ({info['description']}; input {info['input_size']} px). "
+                  "Each cell: synthetic vs real val (floor: real train vs real val, same n).", "",
+                  "| label | n | KID | FID | precision | recall | density | coverage |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        mine = rows[rows["extractor"] == name]
+        for label in dict.fromkeys(mine["label"]):
+            syn = mine[(mine["label"] == label) & (mine["comparison"] == SYNTHETIC)].iloc[0]
+            flo = mine[(mine["label"] == label) & (mine["comparison"] == FLOOR)].iloc[0]
+            spread = f" ± {_fmt(syn.get('kid_std'), 2)}" if (_num(syn.get("kid_std")) or 0) > 0 else ""
+            kid = (f"{_fmt(syn.get('kid_mean'))}{spread} ({_fmt(flo.get('kid_mean'))})"
+                   if _num(syn.get("kid_mean")) is not None else _fmt(syn.get("fid")))
+            cells = [label, str(int(syn["n"])), kid, _pair(syn.get("fid"), flo.get("fid"), 4)]
+            cells += [_pair(syn.get(key), flo.get(key)) for key in ("precision", "recall", "density", "coverage")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def render_markdown(result: dict[str, Any], plots: list[Path], out_dir: Path) -> str:
+    settings = result["settings"]
+    lines = ["## Fidelity, diversity, prompt adherence and memorization", "",
+             f"Reference: {settings['reference']}. Floor: {settings['floor']}: what real radiographs score. "
+             f"Preprocessing, for real and synthetic alike: {settings['preprocessing']}. "
+             "n: per label, every set subsampled to the smallest of synthetic, real val and real train. "
+             f"KID: {settings['kid']['implementation']}, subsets of min({settings['kid']['subset_size']}, n); "
+             "FID only where n >= feature dims, else n/a (n < d); precision/recall/density/coverage: "
+             f"{settings['prdc']['implementation']}, k = {settings['prdc']['k']}.", "",
+             "### Fidelity", ""]
+    lines += _fidelity_tables(result)
+
+    lines += ["### Diversity", "",
+              f"{settings['diversity']}: lower = more diverse; a synthetic value far above the real one means "
+              "the generator repeats itself (mode collapse).", "",
+              "| label | images | pairs | MS-SSIM synthetic | MS-SSIM real val |", "|---|---:|---:|---:|---:|"]
+    diversity = pd.DataFrame(result["diversity"])
+    for label in dict.fromkeys(diversity["label"]) if len(diversity) else []:
+        syn = diversity[(diversity["label"] == label) & (diversity["set"] == "synthetic")].iloc[0]
+        real = diversity[(diversity["label"] == label) & (diversity["set"] == "real val")].iloc[0]
+        lines.append(f"| {label} | {syn['images']} | {syn['pairs']} | {_fmt(syn['ms_ssim'] if syn['ms_ssim'] is not None else syn['notes'])} "
+                     f"| {_fmt(real['ms_ssim'] if real['ms_ssim'] is not None else real['notes'])} |")
+    lines.append("")
+
+    lines += ["### Prompt adherence", "",
+              f"Scored by: {settings['adherence']} (trained on real images only, it never saw synthetic ones). Per label, the AUROC of its score "
+              "for that label: prompted label vs the rest on synthetic images, true label vs the rest on real val images "
+              "(95% bootstrap CI). 0.5 = the synthetic images do not show what they were asked to show.", ""]
+    adherence = pd.DataFrame(result["adherence"])
+    if len(adherence):
+        lines += ["| label | synthetic: n pos / neg | AUROC synthetic | real val: n pos / neg | AUROC real val |",
+                  "|---|---:|---:|---:|---:|"]
+        for label in dict.fromkeys(adherence["label"]):
+            syn = adherence[(adherence["label"] == label) & adherence["set"].str.startswith("synthetic")].iloc[0]
+            real = adherence[(adherence["label"] == label) & adherence["set"].str.startswith("real")].iloc[0]
+
+            def auroc(row: pd.Series) -> str:
+                if _num(row["auroc"]) is None:
+                    return row["notes"] or "n/a"
+                ci = f" [{_fmt(row['ci_low'], 2)}, {_fmt(row['ci_high'], 2)}]" if _num(row["ci_low"]) is not None else ""
+                return f"{_fmt(row['auroc'], 3)}{ci}"
+
+            lines.append(f"| {label} | {syn['positives']} / {syn['negatives']} | {auroc(syn)} | "
+                         f"{real['positives']} / {real['negatives']} | {auroc(real)} |")
+    else:
+        lines.append(settings["adherence"])
+    lines.append("")
+
+    lines += ["### Memorization audit", ""]
+    audit = result.get("audit")
+    if audit:
+        positive, negative = audit["positive_control"], audit["negative_control"]
+        lines += [f"{audit['flagged']} of {audit['n']} synthetic images flagged as possible copies of a training image "
+                  f"(listed in `{audit['files']['flagged']}`; the closest {len(audit['pairs'])} pairs side by side in "
+                  f"`{audit['files']['pairs']}/`). Similarity: {audit['similarity']}. Threshold "
+                  f"{audit['thresholds']['distance']:.4g}: the {audit['thresholds']['calibration']}.",
+                  "",
+                  "| check | n | flagged |", "|---|---:|---:|",
+                  f"| synthetic images | {audit['n']} | {audit['flagged']} |",
+                  f"| planted perturbed copies of training images (must be caught) | {positive['n']} | {positive['flagged']} |",
+                  f"| real test images, other patients (must not be) | {negative['n']} | {negative['flagged']} |", ""]
+    else:
+        lines += ["unavailable: no audit_summary.json given", ""]
+
+    if plots:
+        lines += [f"![{plot.stem}]({plot.relative_to(out_dir.parent) if out_dir.parent in plot.parents else plot})" for plot in plots]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.DataFrame, plot_dir: Path) -> list[Path]:
+    """KID (and FID where reliable) per label and extractor beside the floor; MS-SSIM; AUROC."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def bars(ax, labels: list[str], series: list[tuple[str, list[float | None], list[float] | None]], ylabel: str) -> None:
+        x = np.arange(len(labels))
+        width = 0.8 / max(len(series), 1)
+        for k, (name, values, errors) in enumerate(series):
+            missing = [v is None or not math.isfinite(v) for v in values]
+            heights = [0.0 if gap else v for v, gap in zip(values, missing)]
+            ax.bar(x + k * width, heights, width, yerr=errors, label=name, capsize=2)
+            for xi, gap in zip(x + k * width, missing):
+                if gap:
+                    ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+        ax.set_xticks(x + width * (len(series) - 1) / 2, labels, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+
+    for extractor in dict.fromkeys(fidelity["extractor"]):
+        mine = fidelity[(fidelity["extractor"] == extractor)]
+        syn, flo = mine[mine["comparison"] == SYNTHETIC], mine[mine["comparison"] == FLOOR]
+        reliable = (syn["kid_mean"].map(_num).notna().to_numpy() & flo["kid_mean"].map(_num).notna().to_numpy())
+        syn, flo = syn[reliable], flo[reliable]  # labels with n < 2 (or an unavailable extractor): not plotted
+        if syn.empty:
+            continue
+        labels = [f"{label}\n(n={int(n)})" for label, n in zip(syn["label"], syn["n"])]
+        fid_ok = syn["fid"].map(_num).notna().any()
+        figure, axes = plt.subplots(1, 2 if fid_ok else 1, figsize=(11 if fid_ok else 7, 4), squeeze=False)
+        def kid(frame):
+            return list(frame["kid_mean"].map(_num)), list(frame["kid_std"].map(lambda v: _num(v) or 0.0))
+
+        bars(axes[0][0], labels, [("synthetic vs real val", *kid(syn)), ("floor: real train vs real val", *kid(flo))], "KID")
+        axes[0][0].set_title(f"KID, {extractor} features")
+        if fid_ok:
+            bars(axes[0][1], labels, [("synthetic", list(syn["fid"].map(_num)), None), ("floor", list(flo["fid"].map(_num)), None)], "FID")
+            axes[0][1].set_title(f"FID, {extractor} (only where n >= dims)")
+        figure.tight_layout()
+        path = plot_dir / f"fidelity_{extractor}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+
+    if len(diversity) and diversity["ms_ssim"].map(_num).notna().any():
+        syn, real = diversity[diversity["set"] == "synthetic"], diversity[diversity["set"] == "real val"]
+        figure, ax = plt.subplots(figsize=(7, 4))
+        bars(ax, [f"{label}\n({int(n)} img)" for label, n in zip(syn["label"], syn["images"])],
+             [("synthetic", list(syn["ms_ssim"].map(_num)), None), ("real val", list(real["ms_ssim"].map(_num)), None)],
+             "mean pairwise MS-SSIM (lower = more diverse)")
+        figure.tight_layout()
+        path = plot_dir / "diversity_ms_ssim.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+
+    if len(adherence) and adherence["auroc"].map(_num).notna().any():
+        syn, real = adherence[adherence["set"].str.startswith("synthetic")], adherence[adherence["set"].str.startswith("real")]
+        figure, ax = plt.subplots(figsize=(7, 4))
+
+        def errors(frame: pd.DataFrame) -> np.ndarray:
+            value = frame["auroc"].map(lambda v: _num(v) or 0.0).to_numpy()
+            low = frame["ci_low"].map(lambda v: _num(v)).to_numpy(dtype=float)
+            high = frame["ci_high"].map(lambda v: _num(v)).to_numpy(dtype=float)
+            return np.nan_to_num(np.vstack([value - low, high - value]), nan=0.0).clip(min=0)
+
+        x = np.arange(len(syn))
+        for k, (name, frame) in enumerate((("synthetic (prompted label)", syn), ("real val (true label)", real))):
+            ax.bar(x + 0.4 * k, frame["auroc"].map(lambda v: _num(v) or 0.0), 0.4, yerr=errors(frame), capsize=2, label=name)
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
+        ax.set_xticks(x + 0.2, syn["label"], rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("AUROC of the real-only classifier")
+        ax.legend(fontsize=8)
+        figure.tight_layout()
+        path = plot_dir / "prompt_adherence.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
