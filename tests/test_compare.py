@@ -71,12 +71,8 @@ def write_study(root: Path, arms: dict[str, tuple[str, int]] = ARMS, quality: di
             runs.append(run)
     evaluation = root / "evaluation"
     evaluation.mkdir()
-    reason = "unavailable: no Inception weights"
-    pd.DataFrame([{"label": label, "n_real": 5, "n_synthetic": 4, "fid": reason, "kid_mean": reason, "kid_std": "",
-                   "domain_fd": 12.5, "notes": ""} for label in [*LABELS, "overall"]]).to_csv(evaluation / "fidelity.csv", index=False)
-    (evaluation / "fidelity.json").write_text(json.dumps({"settings": {"tool": "pytorch-fid 0.3.0", "dims": 2048, "resize": "bilinear 299"}}))
-    (evaluation / "audit_summary.json").write_text(json.dumps({"n": 16, "flagged": 1, "thresholds": {
-        "feature_cosine_distance": 0.02, "pixel_mean_abs_difference": 0.03}}))
+    (evaluation / "fidelity.md").write_text("## Do the synthetic images look real?\n\nKID (n=4): 0.1 (floor 0.01)\n\n"
+                                            "## Memorization audit\n\n1 of 16 synthetic images flagged.\n")
     lora = root / "lora_summary.json"
     lora.write_text(json.dumps({"steps": 10, "epochs": 1, "train_images": 14, "train_seconds": 3.5, "images_per_second": 40.0,
                                 "device": "cpu", "base_model": "results/models/tiny-sd", "lora_rank": 4}))
@@ -181,17 +177,15 @@ def test_subgroups_by_sex_and_age_only_when_the_test_split_has_them(tmp_path: Pa
     assert "Subgroups" not in page
 
 
-def test_fidelity_and_audit_are_shown_once_and_fidelity_md_wins(tmp_path: Path) -> None:
-    _, page, _ = run_compare(tmp_path / "csv")
-    assert page.count("unavailable: no Inception weights") == 1 and "| unavailable (see note) |" in page
-    assert "mean absolute pixel difference 0.03" in page and page.count("## Memorization audit") == 1
+def test_fidelity_and_audit_are_included_once_from_the_fidelity_stage(tmp_path: Path) -> None:
+    _, page, _ = run_compare(tmp_path / "md")
+    assert page.count("KID (n=4): 0.1 (floor 0.01)") == 1 and page.count("## Memorization audit") == 1
     assert "random weights" in page and "phantoms" in page  # the demo honesty banner
-    paths = write_study(tmp_path / "md" / "in")
-    (paths["evaluation"] / "fidelity.md").write_text("## Fidelity\n\nFID written by the fidelity stage: 42.0\n")
+    paths = write_study(tmp_path / "none" / "in")
+    (paths["evaluation"] / "fidelity.md").unlink()
     config = load_config([REPO / "config" / "config.yaml"], [f"dataset.labels={LABELS}", "classifier.min_test_positives=5"])
-    compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["synthetic"], tmp_path / "md" / "out")
-    page = _read(tmp_path / "md")
-    assert "FID written by the fidelity stage: 42.0" in page and "unavailable: no Inception weights" not in page
+    with pytest.raises(DataError, match="fidelity.md not found"):
+        compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["synthetic"], tmp_path / "none" / "out")
 
 
 def test_a_run_scored_on_other_images_is_refused(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from workflow_scripts.compare import (
     REFERENCE,
     Study,
 )
-from workflow_scripts.prepare_dataset import LABEL_JOIN
+from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError
 
 KIND_NAMES = {"real": "real only", "synthetic": "real + synthetic", "control_rebalanced": "control: real, rebalanced",
               "control_noise": "control: noise for synthetic", "control_pretrain": "synthetic pre-training, real fine-tuning"}
@@ -172,38 +172,13 @@ def subgroup_lines(inputs: PageInputs) -> list[str]:
     return lines + [""]
 
 
-def fidelity_lines(evaluation_dir: Path, rare: list[str]) -> list[str]:
-    """fidelity.md verbatim where the evaluation stage wrote it; else fidelity.csv and the audit, once."""
+def fidelity_lines(evaluation_dir: Path) -> list[str]:
+    """The fidelity stage's own section (fidelity, diversity, adherence and the audit, each once,
+    with its n and its real-vs-real floor), included verbatim."""
     page = evaluation_dir / "fidelity.md"
-    if page.is_file():
-        return [page.read_text().rstrip(), ""]
-    lines = ["## Do the synthetic images look real?", ""]
-    table_path, settings_path, audit_path = (evaluation_dir / name for name in ("fidelity.csv", "fidelity.json", "audit_summary.json"))
-    if table_path.is_file():
-        fidelity = pd.read_csv(table_path, keep_default_na=False)
-        settings = json.loads(settings_path.read_text()).get("settings", {}) if settings_path.is_file() else {}
-        reasons = sorted({str(v) for v in fidelity[["fid", "kid_mean"]].to_numpy().ravel() if str(v).startswith("unavailable")})
-        lines += [(f"FID/KID: {settings.get('tool', '?')}, {settings.get('dims', '?')} dims, {settings.get('resize', '?')}. "
-                  "Domain distance: Fréchet distance in the penultimate features of the real-only classifier.")]
-        lines += [f"> {reason}" for reason in reasons]
-        lines += ["", "| label | real | synthetic | FID | KID | domain distance | notes |", "|---|---:|---:|---|---|---:|---|"]
-        for row in fidelity.itertuples(index=False):
-            lines.append(f"| {row.label}{' †' if row.label in rare else ''} | {row.n_real} | {row.n_synthetic} | "
-                         f"{number_or_text(row.fid)} | {number_or_text(row.kid_mean, 4)} | {number_or_text(row.domain_fd)} | "
-                         f"{row.notes if isinstance(row.notes, str) else ''} |")
-    else:
-        lines.append(f"unavailable: {table_path} not found.")
-    lines += ["", "## Memorization audit", ""]
-    if audit_path.is_file():
-        audit = json.loads(audit_path.read_text())
-        thresholds = audit.get("thresholds", {})
-        lines.append(f"{audit['flagged']} of {audit['n']} synthetic images lie closer to a real training image than the thresholds "
-                     f"(cosine distance of classifier features {thresholds.get('feature_cosine_distance', '?')}, mean absolute "
-                     f"pixel difference {thresholds.get('pixel_mean_abs_difference', '?')}); each flagged pair is saved side by "
-                     f"side in `{evaluation_dir / 'audit_pairs'}/`. Do not share flagged images.")
-    else:
-        lines.append(f"unavailable: {audit_path} not found.")
-    return lines + [""]
+    if not page.is_file():
+        raise DataError(f"{page} not found: run the evaluate_fidelity stage first")
+    return [page.read_text().rstrip(), ""]
 
 
 def lora_lines(path: Path) -> list[str]:
@@ -232,7 +207,7 @@ def render_page(inputs: PageInputs) -> str:
     lines += ["## AUROC per label", ""] + per_label_table(inputs) + [""]
     lines += ["## Label composition of each arm", ""] + composition_lines(inputs) + [""]
     lines += subgroup_lines(inputs)
-    lines += fidelity_lines(inputs.evaluation_dir, inputs.rare)
+    lines += fidelity_lines(inputs.evaluation_dir)
     lines += lora_lines(inputs.lora_summary)
     lines += ["![AUROC vs synthetic share](plots/auroc_vs_ratio.png)", "", "![real vs synthetic](plots/real_vs_synthetic.png)", "",
               "## Provenance", "", "```", json.dumps(inputs.provenance, indent=2), "```", ""]
