@@ -11,6 +11,7 @@ sys.path.insert(0, workflow.basedir)
 shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 from workflow_scripts.config import load_config, overrides_between, validate_config
+from workflow_scripts.study import ARM_PATTERN, arm_names, parse_arm, study_settings
 
 # Friendly messages for every bad key, then snakemake.utils.validate fills in the defaults.
 validate_config(config)
@@ -60,6 +61,7 @@ wildcard_constraints:
     label=r"[A-Za-z0-9_]+(\+[A-Za-z0-9_]+)*",
     ratio=r"\d+",
     seed=r"\d+",
+    arm=ARM_PATTERN,
 
 
 def planned_generation_results(wildcards):
@@ -73,13 +75,27 @@ def planned_generation_results(wildcards):
 
 
 def classifier_inputs(wildcards):
-    """The splits, plus the synthetic images for ratios above 0 (the real-only baseline does not
-    wait for generation)."""
+    """The splits, plus the synthetic pool the arm draws from: the generated images (synthetic arms,
+    the pretrain control, and the rebalanced control, which mirrors their labels with real images)
+    or the noise images (noise control). The real-only baseline does not wait for generation."""
     inputs = {
         "train": rules.prepare_dataset.output.train,
         "val": rules.prepare_dataset.output.val,
         "test": rules.prepare_dataset.output.test,
     }
-    if int(wildcards.ratio) > 0:
+    pool = parse_arm(wildcards.arm, config).pool
+    if pool == "generated":
         inputs["synthetic"] = rules.merge_generation.output.results
+    elif pool == "noise":
+        inputs["synthetic"] = rules.make_noise_images.output.results
     return inputs
+
+
+def study_runs(arms=None):
+    """metrics.json of every seed of `arms` (default: every arm of the study, classifier.ratios then
+    classifier.controls)."""
+    return expand(
+        "results/classifier/{arm}_seed{seed}/metrics.json",
+        arm=arms if arms is not None else arm_names(config),
+        seed=config["classifier"]["seeds"],
+    )

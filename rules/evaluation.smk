@@ -1,15 +1,19 @@
-# Evaluation stage: classifiers at each synthetic ratio and seed -> fidelity and audit -> the table.
+# Evaluation stage: classifiers for every arm of the study (ratios and controls) and seed -> fidelity and audit
+# -> the table.
 
 
 rule train_classifier:
     input:
         unpack(classifier_inputs),
     output:
-        metrics="results/classifier/ratio{ratio}_seed{seed}/metrics.json",
-        predictions="results/classifier/ratio{ratio}_seed{seed}/predictions.csv",
-        model="results/classifier/ratio{ratio}_seed{seed}/model.pt",
+        metrics="results/classifier/{arm}_seed{seed}/metrics.json",
+        predictions="results/classifier/{arm}_seed{seed}/predictions.csv",
+        model="results/classifier/{arm}_seed{seed}/model.pt",
+        composition="results/classifier/{arm}_seed{seed}/composition.csv",
     params:
-        settings=config_sections("dataset", "classifier"),
+        # What every run of the study computes (hashed into metrics.json's config_hash): a change
+        # re-runs all arms, while adding a seed or a control leaves the runs already made alone.
+        study=study_settings(config),
         stage_config=STAGE_CONFIG,
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
         synthetic=lambda wildcards, input: f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else "",
@@ -17,14 +21,31 @@ rule train_classifier:
     resources:
         gpu=1,
     log:
-        "logs/train_classifier/ratio{ratio}_seed{seed}.log",
+        "logs/train_classifier/{arm}_seed{seed}.log",
     benchmark:
-        "benchmarks/train_classifier/ratio{ratio}_seed{seed}.tsv"
+        "benchmarks/train_classifier/{arm}_seed{seed}.tsv"
     conda:
         "../envs/cxr-synth.yaml"
     shell:
         "python -m workflow_scripts.train_classifier {params.stage_config} --data-dir {params.data_dir}"
-        " {params.synthetic} --ratio {wildcards.ratio} --seed {wildcards.seed} --out-dir {params.out_dir} > {log} 2>&1"
+        " {params.synthetic} --arm {wildcards.arm} --seed {wildcards.seed} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# Each control is its own target (`snakemake train_noise_control`), run by `all` when listed in
+# classifier.controls and skipped otherwise.
+rule train_rebalanced_control:
+    input:
+        study_runs(["rebalanced"]),
+
+
+rule train_noise_control:
+    input:
+        study_runs(["noise"]),
+
+
+rule train_pretrain_control:
+    input:
+        study_runs(["pretrain"]),
 
 
 rule evaluate_fidelity:
@@ -59,11 +80,7 @@ rule evaluate_fidelity:
 
 rule compare:
     input:
-        metrics=expand(
-            "results/classifier/ratio{ratio}_seed{seed}/metrics.json",
-            ratio=config["classifier"]["ratios"],
-            seed=config["classifier"]["seeds"],
-        ),
+        metrics=study_runs(),
         fidelity=rules.evaluate_fidelity.output.fidelity,
         audit=rules.evaluate_fidelity.output.audit_summary,
         lora=rules.train_lora.output.final,
@@ -78,7 +95,7 @@ rule compare:
     params:
         settings=config_sections("classifier", "generation", "model"),
         stage_config=STAGE_CONFIG,
-        classifier_dir=lambda wildcards, input: os.path.dirname(os.path.dirname(input.metrics[0])),
+        runs=lambda wildcards, input: " ".join(os.path.dirname(path) for path in input.metrics),
         evaluation_dir=lambda wildcards, input: os.path.dirname(input.fidelity),
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
         out_dir=lambda wildcards, output: os.path.dirname(output.table_csv),
@@ -89,6 +106,6 @@ rule compare:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.compare {params.stage_config} --classifier-dir {params.classifier_dir}"
+        "python -m workflow_scripts.compare {params.stage_config} --runs {params.runs}"
         " --evaluation-dir {params.evaluation_dir} --lora-summary {input.lora}/training_summary.json"
         " --data-dir {params.data_dir} --synthetic {input.synthetic} --out-dir {params.out_dir} > {log} 2>&1"

@@ -7,7 +7,7 @@ checkpoint plan_generation:
     output:
         plan="results/synthetic/plan.csv",
     params:
-        settings=config_sections("dataset", "prompt", "generation"),
+        settings=config_sections("dataset", "prompt", "generation", "classifier"),
         stage_config=STAGE_CONFIG,
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
     log:
@@ -61,3 +61,26 @@ rule merge_generation:
     shell:
         "python -m workflow_scripts.generate_xrays {params.stage_config} --merge {input}"
         " --output-dir {params.output_dir} > {log} 2>&1"
+
+
+rule make_noise_images:
+    # The noise control's null generator: one noise image per generated image, same size and labels.
+    input:
+        synthetic=rules.merge_generation.output.results,
+        train=rules.prepare_dataset.output.train,
+    output:
+        results="results/synthetic_noise/generation_results.csv",
+        summary="results/synthetic_noise/noise_summary.json",
+    params:
+        stage_config=STAGE_CONFIG,
+        data_dir=lambda wildcards, input: os.path.dirname(input.train),
+        output_dir=lambda wildcards, output: os.path.dirname(output.results),
+    log:
+        "logs/make_noise_images/make_noise_images.log",
+    benchmark:
+        "benchmarks/make_noise_images/make_noise_images.tsv"
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "python -m workflow_scripts.noise_images {params.stage_config} --synthetic {input.synthetic}"
+        " --data-dir {params.data_dir} --output-dir {params.output_dir} > {log} 2>&1"
