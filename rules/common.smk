@@ -11,7 +11,7 @@ sys.path.insert(0, workflow.basedir)
 shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 from workflow_scripts.config import load_config, overrides_between, validate_config
-from workflow_scripts.study import ARM_PATTERN, arm_names, parse_arm, study_settings
+from workflow_scripts.study import ARM_PATTERN, arm_names, parse_arm, plan_settings, study_settings
 
 # Friendly messages for every bad key, then snakemake.utils.validate fills in the defaults.
 validate_config(config)

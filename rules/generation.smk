@@ -7,7 +7,8 @@ checkpoint plan_generation:
     output:
         plan="results/synthetic/plan.csv",
     params:
-        settings=config_sections("dataset", "prompt", "generation", "classifier"),
+        settings=config_sections("dataset", "prompt", "generation"),
+        classifier=plan_settings(config),  # the largest ratio and the headroom set the pool size
         stage_config=STAGE_CONFIG,
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
     log:

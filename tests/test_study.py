@@ -20,6 +20,7 @@ from workflow_scripts.study import (
     drop_excluded,
     parse_arm,
     phase_steps,
+    plan_settings,
     pool_size_needed,
     stratified_draw,
     study_hash,
@@ -82,6 +83,9 @@ def test_the_study_hash_is_one_per_study() -> None:
     assert study_hash(cfg) == study_hash(config(seeds=[0, 1, 2, 3, 4, 5], controls=["pretrain"], num_workers=7))
     assert study_hash(cfg) != study_hash(config(train_steps=17))
     assert study_hash(cfg) != study_hash(config(ratios=[0, 25]))
+    # The plan (and so every synthetic arm) is not redone for a new seed or control.
+    assert plan_settings(config(seeds=[0, 1, 2, 3, 4, 5], controls=["pretrain"])) == plan_settings(cfg)
+    assert plan_settings(config(pool_headroom=3.0)) != plan_settings(cfg)
 
 
 # ----------------------------------------------------------------------------- budgets

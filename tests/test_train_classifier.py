@@ -347,6 +347,11 @@ def test_e2e_errors(demo: dict, tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main([*base, "--synthetic", str(demo["synthetic_csv"]), "--exclude-synthetic", str(tmp_path / "flags.csv"),
                  "--arm", "ratio25", "--out-dir", str(tmp_path / "c")]) == 2
     assert "flags.csv: synthetic exclusion list" in capsys.readouterr().err
+    # The noise arm refuses the generated list (it would train on generated images), and vice versa.
+    assert main([*base, "--synthetic", str(demo["synthetic_csv"]), "--arm", "noise", "--out-dir", str(tmp_path / "e")]) == 2
+    assert "needs a noise image list" in capsys.readouterr().err
+    assert main([*base, "--synthetic", str(demo["noise_csv"]), "--arm", "ratio25", "--out-dir", str(tmp_path / "e")]) == 2
+    assert "needs a generated image list" in capsys.readouterr().err
     assert main([*base, "--arm", "ratio_x", "--out-dir", str(tmp_path / "d")]) == 2
     assert "expected ratio<percent>" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()

@@ -111,6 +111,11 @@ def load_pool(arm: Arm, synthetic_csv: str | Path | None, exclude_csv: str | Pat
         pool = pool.assign(path=pool["file"])
     else:
         pool = read_generation_results(synthetic_csv)
+    # The noise list names the generated image each noise image replaces; the two cannot be swapped.
+    if (arm.pool == "noise") != ("source_file" in pool.columns):
+        expected = ("a noise image list (results/synthetic_noise/generation_results.csv, made by make_noise_images)"
+                    if arm.pool == "noise" else "a generated image list (results/synthetic/generation_results.csv)")
+        raise DataError(f"--synthetic {synthetic_csv}: arm {arm.name} needs {expected}")
     excluded: list[str] = []
     if exclude_csv is not None:
         excluded = read_csv_checked(Path(exclude_csv), ["file"], "synthetic exclusion list (--exclude-synthetic)")["file"].tolist()
