@@ -13,7 +13,16 @@ from PIL import Image
 
 from workflow_scripts.config import ConfigError, load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
+from workflow_scripts.generate_xrays import read_generation_results
+from workflow_scripts.noise_images import make_noise_images
 from workflow_scripts.prepare_dataset import DataError, load_split, prepare
+from workflow_scripts.study import (
+    arm_training_set,
+    parse_arm,
+    synthetic_count,
+    train_steps,
+    validation_points,
+)
 from workflow_scripts.train_classifier import (
     OUTPUT_FILES,
     PROB_PREFIX,
@@ -32,9 +41,6 @@ from workflow_scripts.train_classifier import (
     preprocess,
     train_classifier,
 )
-from workflow_scripts.noise_images import make_noise_images
-from workflow_scripts.generate_xrays import read_generation_results
-from workflow_scripts.study import arm_training_set, parse_arm, synthetic_count, train_steps, validation_points
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = ["Cardiomegaly", "Effusion", "Nodule", "Mass", "Pneumothorax", "Fibrosis", "Pneumonia", "No Finding"]

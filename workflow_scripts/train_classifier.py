@@ -46,13 +46,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from workflow_scripts.base_model import hub_offline, hub_unreachable_reason
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
+from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
 from workflow_scripts.faults import maybe_fail
 from workflow_scripts.generate_xrays import read_generation_results
 from workflow_scripts.images import BadImageError, read_xray
 from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, load_split, read_csv_checked
 from workflow_scripts.study import (Arm, arm_training_set, batch_schedule, composition, drop_excluded, parse_arm,
-                                    phase_steps, study_hash, synthetic_count, train_steps, validation_points)
+                                    phase_steps, study_hash, train_steps, validation_points)
 
 NO_FINDING = "No Finding"
 PROB_PREFIX = "prob_"  # predictions.csv: one column prob_<class> per class
