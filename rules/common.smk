@@ -11,6 +11,7 @@ sys.path.insert(0, workflow.basedir)
 shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 from workflow_scripts.config import STAGE_CONFIG, stage_config, validate_config, write_stage_config
+from workflow_scripts.study import ARM_PATTERN, arm_names, parse_arm
 
 # Friendly messages for every bad key, then snakemake.utils.validate fills in the defaults.
 validate_config(config)
@@ -52,6 +53,7 @@ wildcard_constraints:
     label=r"[A-Za-z0-9_]+(\+[A-Za-z0-9_]+)*",
     ratio=r"\d+",
     seed=r"\d+",
+    arm=ARM_PATTERN,
 
 
 def planned_generation_results(wildcards):
@@ -65,13 +67,31 @@ def planned_generation_results(wildcards):
 
 
 def classifier_inputs(wildcards):
-    """The splits, plus the synthetic images for ratios above 0 (the real-only baseline does not
-    wait for generation)."""
+    """The splits, plus the synthetic pool the arm draws from: the generated images (synthetic arms,
+    the pretrain control, and the rebalanced control, which mirrors their labels with real images)
+    or the noise images (noise control). The real-only baseline does not wait for generation."""
     inputs = {
         "train": rules.prepare_dataset.output.train,
         "val": rules.prepare_dataset.output.val,
         "test": rules.prepare_dataset.output.test,
     }
-    if int(wildcards.ratio) > 0:
+    pool = parse_arm(wildcards.arm, config).pool
+    if pool == "generated":
         inputs["synthetic"] = rules.merge_generation.output.results
+    elif pool == "noise":
+        inputs["synthetic"] = rules.make_noise_images.output.results
+    if pool is not None:
+        # Near-copies of training images found by the memorization audit never reach a classifier
+        # (the noise pool drops the rows that mirror them, so the noise arm stays a mirror).
+        inputs["exclude"] = rules.audit_memorization.output.flagged
     return inputs
+
+
+def study_runs(arms=None):
+    """metrics.json of every seed of `arms` (default: every arm of the study, classifier.ratios then
+    classifier.controls)."""
+    return expand(
+        "results/classifier/{arm}_seed{seed}/metrics.json",
+        arm=arms if arms is not None else arm_names(config),
+        seed=config["classifier"]["seeds"],
+    )

@@ -1,4 +1,5 @@
-# Evaluation stage: classifiers at each synthetic ratio and seed -> fidelity and audit -> the table.
+# Evaluation stage: classifiers for every arm of the study (ratios and controls) and seed -> fidelity and audit
+# -> the table.
 
 
 rule train_classifier:
@@ -6,24 +7,43 @@ rule train_classifier:
         unpack(classifier_inputs),
         config=stage_config_file("train_classifier"),
     output:
-        metrics="results/classifier/ratio{ratio}_seed{seed}/metrics.json",
-        predictions="results/classifier/ratio{ratio}_seed{seed}/predictions.csv",
-        model="results/classifier/ratio{ratio}_seed{seed}/model.pt",
+        metrics="results/classifier/{arm}_seed{seed}/metrics.json",
+        predictions="results/classifier/{arm}_seed{seed}/predictions.csv",
+        model="results/classifier/{arm}_seed{seed}/model.pt",
+        composition="results/classifier/{arm}_seed{seed}/composition.csv",
     params:
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
         synthetic=lambda wildcards, input: f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else "",
+        exclude=lambda wildcards, input: f"--exclude-synthetic {input.exclude}" if "exclude" in input.keys() else "",
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     resources:
         gpu=1,
     log:
-        "logs/train_classifier/ratio{ratio}_seed{seed}.log",
+        "logs/train_classifier/{arm}_seed{seed}.log",
     benchmark:
-        "benchmarks/train_classifier/ratio{ratio}_seed{seed}.tsv"
+        "benchmarks/train_classifier/{arm}_seed{seed}.tsv"
     conda:
         "../envs/cxr-synth.yaml"
     shell:
         "python -m workflow_scripts.train_classifier --config {input.config} --data-dir {params.data_dir}"
-        " {params.synthetic} --ratio {wildcards.ratio} --seed {wildcards.seed} --out-dir {params.out_dir} > {log} 2>&1"
+        " {params.synthetic} {params.exclude} --arm {wildcards.arm} --seed {wildcards.seed} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# Each control is its own target (`snakemake train_noise_control`), run by `all` when listed in
+# classifier.controls and skipped otherwise.
+rule train_rebalanced_control:
+    input:
+        study_runs(["rebalanced"]),
+
+
+rule train_noise_control:
+    input:
+        study_runs(["noise"]),
+
+
+rule train_pretrain_control:
+    input:
+        study_runs(["pretrain"]),
 
 
 rule audit_memorization:
@@ -88,11 +108,7 @@ rule evaluate_fidelity:
 
 rule compare:
     input:
-        metrics=expand(
-            "results/classifier/ratio{ratio}_seed{seed}/metrics.json",
-            ratio=config["classifier"]["ratios"],
-            seed=config["classifier"]["seeds"],
-        ),
+        metrics=study_runs(),
         fidelity=rules.evaluate_fidelity.output.fidelity_md,
         lora=rules.train_lora.output.final,
         synthetic=rules.merge_generation.output.results,
@@ -104,7 +120,7 @@ rule compare:
         auroc_plot=report("results/plots/auroc_vs_ratio.png", category="Comparison"),
         grid=report("results/plots/real_vs_synthetic.png", category="Fidelity"),
     params:
-        runs=lambda wildcards, input: " ".join(sorted({os.path.dirname(path) for path in input.metrics})),
+        runs=lambda wildcards, input: " ".join(os.path.dirname(path) for path in input.metrics),
         evaluation_dir=lambda wildcards, input: os.path.dirname(input.fidelity),
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
         out_dir=lambda wildcards, output: os.path.dirname(output.table_csv),

@@ -59,3 +59,26 @@ rule merge_generation:
     shell:
         "python -m workflow_scripts.generate_xrays --config {input.config} --merge {input.results}"
         " --output-dir {params.output_dir} > {log} 2>&1"
+
+
+rule make_noise_images:
+    # The noise control's null generator: one noise image per generated image, same size and labels.
+    input:
+        synthetic=rules.merge_generation.output.results,
+        train=rules.prepare_dataset.output.train,
+        config=stage_config_file("make_noise_images"),
+    output:
+        results="results/synthetic_noise/generation_results.csv",
+        summary="results/synthetic_noise/noise_summary.json",
+    params:
+        data_dir=lambda wildcards, input: os.path.dirname(input.train),
+        output_dir=lambda wildcards, output: os.path.dirname(output.results),
+    log:
+        "logs/make_noise_images/make_noise_images.log",
+    benchmark:
+        "benchmarks/make_noise_images/make_noise_images.tsv"
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "python -m workflow_scripts.noise_images --config {input.config} --synthetic {input.synthetic}"
+        " --data-dir {params.data_dir} --output-dir {params.output_dir} > {log} 2>&1"

@@ -25,7 +25,7 @@ verify: {{max_images: 8, contact_sheet_images: 2}}
 training: {{train_batch_size: 4, max_train_steps: 8, save_steps: 2, validation_steps: 4, num_validation_images: 1,
            validation_inference_steps: 1, validation_prompts: [A chest X-ray with Mass]}}
 generation: {{images_per_label: 5, num_inference_steps: 2, batch_size: 2}}
-classifier: {{image_size: 32, epochs: 2, ratios: [0], seeds: [0], bootstrap_samples: 10, batch_size: 16}}
+classifier: {{image_size: 32, epochs: 2, ratios: [0], controls: [], seeds: [0], bootstrap_samples: 10, batch_size: 16}}
 """
 
 
@@ -104,7 +104,7 @@ def test_generation_killed_mid_label_makes_only_the_missing_images(uninterrupted
 def test_classifier_killed_mid_training_reruns_clean_to_the_same_result(tmp_path, user_data, uninterrupted) -> None:
     workdir = workdir_for(tmp_path, user_data)
     target = "results/classifier/ratio0_seed0/metrics.json"
-    result = snakemake(workdir, target, "classifier_epoch:1:KILL")
+    result = snakemake(workdir, target, "classifier_validation:1:KILL")
     assert result.returncode != 0 and not (workdir / target).exists()
     ok(snakemake(workdir, target))
     ours = json.loads((workdir / target).read_text())

@@ -20,6 +20,7 @@ from workflow_scripts.config import load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
 from workflow_scripts.generate_xrays import GenerationError, generation_plan, label_key, main, parse_labels
 from workflow_scripts.prepare_dataset import load_split, prepare
+from workflow_scripts.study import pool_size_needed
 from workflow_scripts.train_lora import train
 
 
@@ -80,9 +81,14 @@ def test_plan_covers_the_largest_classifier_ratio(trained) -> None:
     config = {**trained["config"], "generation": {**trained["config"]["generation"], "images_per_label": 1},
               "classifier": {**trained["config"]["classifier"], "ratios": [0, 50]}}
     plan = generation_plan(config, train_split)
-    assert plan["count"].sum() >= len(train_split)  # 50% synthetic needs as many synthetic as real images
+    # 50% synthetic needs as many synthetic as real images, times the headroom for different draws per seed.
+    needed = 2 * len(train_split)
+    assert config["classifier"]["pool_headroom"] == 2.0 and pool_size_needed(config, len(train_split)) == needed
+    assert plan["count"].sum() >= needed
     assert plan["count"].nunique() == 1  # the shortfall is spread evenly
-    assert plan["count"].iloc[0] - 1 == -(-(len(train_split) - len(plan)) // len(plan))
+    assert plan["count"].iloc[0] - 1 == -(-(needed - len(plan)) // len(plan))
+    more = generation_plan({**config, "classifier": {**config["classifier"], "pool_headroom": 3.0}}, train_split)
+    assert more["count"].sum() >= 3 * len(train_split) > plan["count"].sum()
 
 
 def test_files_csv_and_determinism(trained, tmp_path) -> None:

@@ -13,12 +13,22 @@ from PIL import Image
 
 from workflow_scripts.config import ConfigError, load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
+from workflow_scripts.generate_xrays import read_generation_results
+from workflow_scripts.noise_images import make_noise_images
 from workflow_scripts.prepare_dataset import DataError, load_split, prepare
+from workflow_scripts.study import (
+    arm_training_set,
+    parse_arm,
+    synthetic_count,
+    train_steps,
+    validation_points,
+)
 from workflow_scripts.train_classifier import (
     OUTPUT_FILES,
     PROB_PREFIX,
     TrainingError,
     _clean_out_dir,
+    _training_data,
     assert_no_leakage,
     auroc_with_ci,
     class_names,
@@ -28,9 +38,7 @@ from workflow_scripts.train_classifier import (
     load_classifier,
     macro_auroc_with_ci,
     main,
-    mix_training_set,
     preprocess,
-    synthetic_count,
     train_classifier,
 )
 
@@ -151,34 +159,9 @@ def _frames(n_real: int, n_syn: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     return real, synthetic
 
 
-@pytest.mark.parametrize(("ratio", "expected"), [(0, 0), (10, 11), (25, 33), (50, 100)])
-def test_mix_counts(ratio: int, expected: int) -> None:
-    real, synthetic = _frames(100, 150)
-    mix = mix_training_set(real, synthetic, ratio, seed=0)
-    assert synthetic_count(100, ratio) == expected
-    assert (mix["source"] == "real").sum() == 100 and (mix["source"] == "synthetic").sum() == expected
-    assert list(mix.columns) == ["path", "labels", "source"]
-    assert mix[mix["source"] == "real"]["path"].tolist() == real["path"].tolist()  # real part fixed
-    assert mix[mix["source"] == "synthetic"]["path"].str.startswith("syn/").all()
-    assert not mix["path"].duplicated().any()  # drawn without replacement
-
-
-def test_mix_ratio_zero_needs_no_synthetic_list() -> None:
-    real, _ = _frames(10, 0)
-    assert len(mix_training_set(real, None, 0, seed=0)) == 10
-
-
-def test_mix_is_deterministic_by_seed() -> None:
-    real, synthetic = _frames(100, 150)
-    first = mix_training_set(real, synthetic, 25, seed=3)
-    assert first.equals(mix_training_set(real, synthetic, 25, seed=3))
-    assert not first.equals(mix_training_set(real, synthetic, 25, seed=4))
-
-
-def test_too_small_pool_says_how_many_are_needed() -> None:
-    real, synthetic = _frames(100, 50)
-    with pytest.raises(DataError, match=r"needs 100 synthetic.*only 50.*images_per_label"):
-        mix_training_set(real, synthetic, 50, seed=0)
+def mix_training_set(real: pd.DataFrame, synthetic: pd.DataFrame, ratio: int, seed: int) -> pd.DataFrame:
+    config = {"classifier": {"ratios": [0, 10, 25, 50]}}  # parse_arm reads the ratios only
+    return arm_training_set(parse_arm(f"ratio{ratio}", config), real, synthetic, seed)[0]
 
 
 def test_held_out_path_in_mix_is_refused(tmp_path: Path) -> None:
@@ -229,9 +212,18 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     synthetic_csv = root / "synthetic" / "generation_results.csv"
     pd.DataFrame(rows).to_csv(synthetic_csv, index=False)
     out = root / "runs" / "ratio25_seed0"
-    metrics = train_classifier(config, data_dir, synthetic_csv, 25, 0, out, show_progress=False)
+    metrics = train_classifier(config, data_dir, synthetic_csv, "ratio25", 0, out, show_progress=False)
+    # The noise control's pool, and one run of each other kind of arm, for the matched budget.
+    noise, _ = make_noise_images(read_generation_results(synthetic_csv), load_split(data_dir, "train")["path"].tolist(),
+                                 root / "synthetic_noise", show_progress=False)
+    noise_csv = root / "synthetic_noise" / "generation_results.csv"
+    noise.to_csv(noise_csv, index=False)
+    arms = {"ratio25": metrics}
+    for arm in ("ratio0", "rebalanced", "noise"):  # pretrain's two phases: tests/test_study.py
+        pool = noise_csv if arm == "noise" else synthetic_csv
+        arms[arm] = train_classifier(config, data_dir, pool, arm, 0, root / "runs" / f"{arm}_seed0", show_progress=False)
     return {"root": root, "config": config, "overrides": overrides, "data_dir": data_dir,
-            "synthetic_csv": synthetic_csv, "out": out, "metrics": metrics}
+            "synthetic_csv": synthetic_csv, "noise_csv": noise_csv, "out": out, "metrics": metrics, "arms": arms}
 
 
 def test_e2e_outputs(demo: dict) -> None:
@@ -240,9 +232,9 @@ def test_e2e_outputs(demo: dict) -> None:
     assert not out.with_name(out.name + ".partial").exists()
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     classes = class_names(VOCAB)
-    for key in ("ratio", "seed", "model", "pretrained_weights", "classes", "n_real_train", "n_synthetic_train",
-                "achieved_synthetic_share", "best_epoch", "val_macro_auroc", "test", "n_test", "test_positives",
-                "seconds", "device", "versions", "config_hash"):
+    for key in ("arm", "arm_kind", "ratio", "seed", "optimizer_steps", "model", "pretrained_weights", "classes",
+                "n_real_train", "n_synthetic_train", "n_synthetic_excluded", "achieved_synthetic_share", "best_step",
+                "val_macro_auroc", "test", "n_test", "test_positives", "seconds", "device", "versions", "config_hash"):
         assert key in metrics, key
     assert metrics["classes"] == classes and metrics["model"] == "resnet18"
     weights = metrics["pretrained_weights"]
@@ -253,7 +245,8 @@ def test_e2e_outputs(demo: dict) -> None:
     assert metrics["n_test"] == len(test)
     assert set(metrics["versions"]) >= {"torch", "timm", "sklearn"}
     assert set(metrics["test"]["per_label"]) == set(classes) == set(metrics["test_positives"])
-    assert 1 <= metrics["best_epoch"] <= 2
+    assert metrics["best_step"] in metrics["validation_steps"]
+    assert (metrics["arm"], metrics["arm_kind"], metrics["ratio"], metrics["n_synthetic_excluded"]) == ("ratio25", "synthetic", 25, 0)
     macro = metrics["test"]["macro"]
     assert macro["auroc"] is None or 0.0 <= macro["auroc"] <= 1.0
 
@@ -263,13 +256,62 @@ def test_e2e_outputs(demo: dict) -> None:
     assert predictions[[PROB_PREFIX + c for c in classes]].stack().between(0, 1).all()
 
     log = pd.read_csv(out / "train_log.csv")
-    assert list(log.columns[:2]) == ["epoch", "train_loss"] and "val_macro_auroc" in log.columns
-    assert log["epoch"].tolist() == [1, 2]
+    assert list(log.columns[:2]) == ["step", "train_loss"] and "val_macro_auroc" in log.columns
+    assert log["step"].tolist() == validation_points(demo["config"], len(train)) == metrics["validation_steps"]
+    assert len(log) == 2  # one validation per real-only epoch
+
+    composition = pd.read_csv(out / "composition.csv")
+    assert list(composition.columns) == ["label", "real_positives", "synthetic_positives", "effective_positives"]
+    assert composition["label"].tolist() == VOCAB
+    assert (composition["effective_positives"] == composition["real_positives"] + composition["synthetic_positives"]).all()
+    assert composition["synthetic_positives"].sum() >= metrics["n_synthetic_train"] > 0
 
     mix = pd.read_csv(out / "training_set.csv")
     assert (mix["source"] == "synthetic").sum() == metrics["n_synthetic_train"]
     assert not set(mix["path"]) & (set(val["path"]) | set(test["path"]))  # val/test never trained on
     assert set(mix[mix["source"] == "real"]["path"]) == set(train["path"])
+
+
+def test_e2e_every_arm_takes_the_same_steps(demo: dict) -> None:
+    arms, train = demo["arms"], load_split(demo["data_dir"], "train")
+    steps = {name: metrics["optimizer_steps"] for name, metrics in arms.items()}
+    assert set(steps.values()) == {train_steps(demo["config"], len(train))}, steps
+    assert len({metrics["config_hash"] for metrics in arms.values()}) == 1
+    assert len({tuple(metrics["validation_steps"]) for metrics in arms.values()}) == 1
+    kinds = {name: (metrics["arm_kind"], metrics["ratio"]) for name, metrics in arms.items()}
+    assert kinds == {"ratio25": ("synthetic", 25), "ratio0": ("real", 0), "rebalanced": ("control_rebalanced", 0),
+                     "noise": ("control_noise", 50)}
+    for name, metrics in arms.items():  # each run's log has the same validation steps
+        log = pd.read_csv(demo["root"] / "runs" / ("ratio25_seed0" if name == "ratio25" else f"{name}_seed0") / "train_log.csv")
+        assert log["step"].tolist() == metrics["validation_steps"]
+
+
+def test_e2e_controls_train_on_what_they_claim(demo: dict) -> None:
+    runs = demo["root"] / "runs"
+    noise = pd.read_csv(runs / "noise_seed0" / "training_set.csv")
+    drawn = noise[noise["source"] == "noise"]
+    assert len(drawn) == synthetic_count(len(load_split(demo["data_dir"], "train")), 50) == demo["arms"]["noise"]["n_synthetic_train"]
+    assert drawn["path"].str.contains("synthetic_noise").all()
+    rebalanced = pd.read_csv(runs / "rebalanced_seed0" / "training_set.csv")
+    assert set(rebalanced["source"]) <= {"real", "oversampled"}
+    metrics = demo["arms"]["rebalanced"]
+    assert metrics["n_synthetic_train"] == 0 and metrics["n_oversampled_train"] + metrics["rebalance_shortfall"] == len(drawn)
+    composition = pd.read_csv(runs / "rebalanced_seed0" / "composition.csv")
+    assert (composition["effective_positives"] >= composition["real_positives"]).all()
+    assert composition["synthetic_positives"].sum() == 0
+
+
+def test_excluded_synthetic_images_are_not_trained_on(demo: dict, tmp_path: Path) -> None:
+    pool = pd.read_csv(demo["synthetic_csv"])
+    flagged = pool["file"].iloc[::4].tolist()  # a quarter of the pool: the noise arm (50%) still fits
+    exclude = tmp_path / "flagged.csv"
+    pd.DataFrame({"file": flagged, "reason": "memorized"}).to_csv(exclude, index=False)
+    for arm, csv in (("ratio25", demo["synthetic_csv"]), ("noise", demo["noise_csv"])):
+        data = _training_data(demo["config"], demo["data_dir"], csv, exclude, parse_arm(arm, demo["config"]), seed=0)
+        assert data["n_excluded"] == len(flagged), arm
+        drawn = data["mix"][data["mix"]["source"].isin(["synthetic", "noise"])]
+        assert len(drawn) == data["n_drawn"] > 0
+        assert not set(drawn["path"].str.replace("synthetic_noise", "synthetic")) & set(flagged)
 
 
 def test_e2e_features(demo: dict) -> None:
@@ -284,14 +326,14 @@ def test_e2e_rerun_through_cli_is_reproducible(demo: dict) -> None:
     out = demo["out"].with_name("cli_ratio25_seed0")
     argv = ["--config", str(REPO / "config" / "config.yaml"), *[f"--set={o}" for o in demo["overrides"]],
             "--data-dir", str(demo["data_dir"]), "--synthetic", str(demo["synthetic_csv"]),
-            "--ratio", "25", "--seed", "0", "--out-dir", str(out)]
+            "--arm", "ratio25", "--seed", "0", "--out-dir", str(out)]
     (out).mkdir(parents=True)
     (out / "metrics.json").write_text("{}")  # an old result: replaced
     assert main(argv) == 0
     again = json.loads((out / "metrics.json").read_text())
     first = demo["metrics"]
     assert again["test"]["macro"] == first["test"]["macro"]
-    assert again["val_macro_auroc"] == first["val_macro_auroc"] and again["best_epoch"] == first["best_epoch"]
+    assert again["val_macro_auroc"] == first["val_macro_auroc"] and again["best_step"] == first["best_step"]
     assert pd.read_csv(out / "training_set.csv").equals(pd.read_csv(demo["out"] / "training_set.csv"))
 
 
@@ -299,12 +341,23 @@ def test_e2e_errors(demo: dict, tmp_path: Path, capsys: pytest.CaptureFixture[st
     base = ["--config", str(REPO / "config" / "config.yaml"), *[f"--set={o}" for o in demo["overrides"]],
             "--data-dir", str(demo["data_dir"]), "--seed", "0"]
     # The synthetic list is needed for ratio > 0 only.
-    assert main([*base, "--synthetic", str(tmp_path / "none.csv"), "--ratio", "25", "--out-dir", str(tmp_path / "a")]) == 2
+    assert main([*base, "--synthetic", str(tmp_path / "none.csv"), "--arm", "ratio25", "--out-dir", str(tmp_path / "a")]) == 2
     assert "generation" in capsys.readouterr().err
     # A synthetic list that smuggles test images into training is refused before any training.
     test_paths = load_split(demo["data_dir"], "test")["path"].tolist()
     sneaky = tmp_path / "sneaky.csv"
     pd.DataFrame({"file": test_paths * 20, "labels": "No Finding"}).to_csv(sneaky, index=False)
-    assert main([*base, "--synthetic", str(sneaky), "--ratio", "50", "--out-dir", str(tmp_path / "b")]) == 2
+    assert main([*base, "--synthetic", str(sneaky), "--arm", "ratio50", "--out-dir", str(tmp_path / "b")]) == 2
     assert "test split" in capsys.readouterr().err
+    # A missing exclusion list is named.
+    assert main([*base, "--synthetic", str(demo["synthetic_csv"]), "--exclude-synthetic", str(tmp_path / "flags.csv"),
+                 "--arm", "ratio25", "--out-dir", str(tmp_path / "c")]) == 2
+    assert "flags.csv: synthetic exclusion list" in capsys.readouterr().err
+    # The noise arm refuses the generated list (it would train on generated images), and vice versa.
+    assert main([*base, "--synthetic", str(demo["synthetic_csv"]), "--arm", "noise", "--out-dir", str(tmp_path / "e")]) == 2
+    assert "needs a noise image list" in capsys.readouterr().err
+    assert main([*base, "--synthetic", str(demo["noise_csv"]), "--arm", "ratio25", "--out-dir", str(tmp_path / "e")]) == 2
+    assert "needs a generated image list" in capsys.readouterr().err
+    assert main([*base, "--arm", "ratio_x", "--out-dir", str(tmp_path / "d")]) == 2
+    assert "expected ratio<percent>" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()

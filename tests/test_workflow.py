@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,8 +91,14 @@ def test_the_whole_dag_ends_in_the_comparison_table(demo_run: Path) -> None:
     page = (results / "comparison.md").read_text()
     assert "random weights" in page and "| ratio50 |" in page
     assert "unavailable" in page  # no Inception weights offline: never a made-up number
-    for run in ("ratio0_seed0", "ratio0_seed1", "ratio50_seed0", "ratio50_seed1"):
-        assert (results / "classifier" / run / "metrics.json").is_file()
+    steps = set()
+    for arm in ("ratio0", "ratio50", "rebalanced", "noise"):
+        for seed in (0, 1):
+            run = results / "classifier" / f"{arm}_seed{seed}"
+            steps.add(json.loads((run / "metrics.json").read_text())["optimizer_steps"])
+            assert (run / "composition.csv").is_file()
+    assert len(steps) == 1  # every arm of the study trains for the same number of optimizer steps
+    assert (results / "synthetic_noise" / "generation_results.csv").is_file()
     assert (results / "evaluation" / "audit_summary.json").is_file()
     assert (results / "plots" / "auroc_vs_ratio.png").is_file()
 
@@ -150,6 +157,27 @@ def test_dry_run_and_lint_of_the_default_config_are_clean() -> None:
     assert dry.returncode == 0, dry.stderr
     lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
     assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+
+
+def _scheduled_runs(dry_run_output: str) -> set[str]:
+    return set(re.findall(r"results/classifier/(\w+_seed\d+)/metrics\.json", dry_run_output))
+
+
+def test_each_control_is_its_own_target_and_can_be_left_out(tmp_path: Path) -> None:
+    (tmp_path / "micro.yaml").write_text("classifier: {ratios: [0, 25], seeds: [0, 1]}\n")
+    default = snakemake(tmp_path, "-n", "--cores", "1")
+    assert _scheduled_runs(default.stdout) == {f"{arm}_seed{seed}" for arm in ("ratio0", "ratio25", "rebalanced", "noise")
+                                               for seed in (0, 1)}
+    assert "make_noise_images" in default.stdout
+    (tmp_path / "micro.yaml").write_text("classifier: {ratios: [0, 25], seeds: [0, 1], controls: []}\n")
+    without = snakemake(tmp_path, "-n", "--cores", "1")
+    assert _scheduled_runs(without.stdout) == {f"ratio{r}_seed{s}" for r in (0, 25) for s in (0, 1)}
+    assert "make_noise_images" not in without.stdout
+    only = snakemake(tmp_path, "-n", "--cores", "1", targets=("train_noise_control", "train_pretrain_control"))
+    assert _scheduled_runs(only.stdout) == {f"{arm}_seed{seed}" for arm in ("noise", "pretrain") for seed in (0, 1)}
+    assert "make_noise_images" in only.stdout
+    one = snakemake(tmp_path, "-n", "--cores", "1", targets=("results/classifier/rebalanced_seed7/metrics.json",))
+    assert _scheduled_runs(one.stdout) == {"rebalanced_seed7"} and "make_noise_images" not in one.stdout
 
 
 def test_missing_real_dataset_stops_snakemake_with_a_pointer(tmp_path: Path) -> None:

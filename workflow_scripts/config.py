@@ -33,13 +33,18 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "prepare_dataset": ("dataset", "split", "balance", "prompt"),
     "verify_dataset": ("dataset", "verify", "model.resolution"),
     "train_lora": ("dataset", "split", "balance", "prompt", "model", "training", "hardware"),
-    "plan_generation": ("dataset", "prompt", "generation", "classifier.ratios"),
+    "plan_generation": ("dataset", "prompt", "generation", "classifier.ratios", "classifier.pool_headroom"),
     "generate_label": ("dataset", "prompt", "model", "generation", "hardware", "training.mixed_precision",
-                       "classifier.ratios"),
+                       "classifier.ratios", "classifier.pool_headroom"),
     "merge_generation": (),
-    "train_classifier": ("dataset", "classifier"),
+    "make_noise_images": (),
+    # Every classifier key that changes what a run computes, and not seeds, controls or the pool
+    # headroom: adding a seed or a control leaves the runs already made alone.
+    "train_classifier": ("dataset", "split", "balance", *(f"classifier.{key}" for key in (
+        "model", "pretrained", "image_size", "epochs", "batch_size", "learning_rate", "weight_decay", "ratios",
+        "bootstrap_samples", "num_workers", "train_steps", "validation_every", "pretrain_fraction"))),
     "audit_memorization": ("dataset", "model", "evaluation"),
-    "evaluate_fidelity": ("dataset", "model", "evaluation", "classifier"),
+    "evaluate_fidelity": ("dataset", "model", "evaluation", "classifier.bootstrap_samples"),
     "compare": ("dataset", "split", "model", "generation", "classifier"),
 }
 

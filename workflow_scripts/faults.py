@@ -5,7 +5,7 @@
 Format `<point>:<n>[:TERM|KILL]` (default KILL). Unset, `maybe_fail` does nothing. Points:
 `train_step` (after an optimizer step), `checkpoint_save` (files of a checkpoint half written),
 `validation` (during validation sampling), `image_saved` (after a synthetic image is written),
-`classifier_epoch` (after a classifier epoch).
+`classifier_validation` (after a classifier validation point).
 """
 
 from __future__ import annotations

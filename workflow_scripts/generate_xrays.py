@@ -37,6 +37,7 @@ from workflow_scripts.base_model import ModelNotFoundError, load_pipeline
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
 from workflow_scripts.faults import maybe_fail
 from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, label_counts, load_split, make_prompt, read_csv_checked
+from workflow_scripts.study import pool_size_needed
 
 RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint"]
 PLAN_COLUMNS = ["key", "labels", "prompt", "count"]
@@ -76,7 +77,8 @@ def generation_plan(config: dict[str, Any], train: pd.DataFrame) -> pd.DataFrame
 
     `fixed`: `images_per_label` each. `balance`: enough that real + synthetic reaches
     `target_per_label`, so the rarest labels get the most. Either way the total covers the largest
-    of `classifier.ratios` (every label gets an equal share of any shortfall)."""
+    arm's draw times `classifier.pool_headroom` (study.pool_size_needed), so that every seed of that
+    arm draws a different subset; every label gets an equal share of any shortfall."""
     vocabulary, settings = config["dataset"]["labels"], config["generation"]
     groups = [[label] for label in vocabulary]
     if settings["all_label_combinations"]:
@@ -94,20 +96,12 @@ def generation_plan(config: dict[str, Any], train: pd.DataFrame) -> pd.DataFrame
         rows.append({"key": label_key(labels), "labels": LABEL_JOIN.join(labels),
                      "prompt": make_prompt(labels, config["prompt"]["template"]), "count": count})
     plan = pd.DataFrame(rows, columns=PLAN_COLUMNS)
-    # Enough images for the largest synthetic share the classifier study asks for, spread evenly.
-    needed = synthetic_count(len(train), max(config["classifier"]["ratios"]))
+    # Enough images for the largest synthetic arm, with headroom, spread evenly.
+    needed = pool_size_needed(config, len(train))
     shortfall = needed - int(plan["count"].sum())
     if shortfall > 0:
         plan["count"] += -(-shortfall // len(plan))
     return plan
-
-
-def synthetic_count(n_real: int, ratio: int) -> int:
-    """Synthetic images for a `ratio` percent synthetic share with `n_real` real ones:
-    round(n_real * ratio / (100 - ratio)), halves rounded up, in exact integer arithmetic."""
-    if not 0 <= ratio < 100:
-        raise ValueError(f"ratio must be a percentage in [0, 100); got {ratio}")
-    return (2 * n_real * ratio + (100 - ratio)) // (2 * (100 - ratio))
 
 
 def read_generation_results(csv_path: str | Path) -> pd.DataFrame:

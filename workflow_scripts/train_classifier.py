@@ -1,25 +1,27 @@
-"""The augmentation study's classifier: a timm model trained on real + synthetic chest X-rays.
+"""The augmentation study's classifier: one arm of the study (workflow_scripts.study) for one seed.
 
     python -m workflow_scripts.train_classifier --config config/config.yaml \\
         --data-dir results/data --synthetic results/synthetic/generation_results.csv \\
-        --ratio 25 --seed 0 --out-dir results/classifier/ratio25_seed0
+        --arm ratio25 --seed 0 --out-dir results/classifier/ratio25_seed0
 
 One run, read top to bottom:
-1. the real training images come only from `load_split(data_dir, "train")`; `--ratio` percent of the
-   training set is then drawn (without replacement, seeded) from the synthetic images listed in
-   generation_results.csv, the real part staying fixed. No val or test image may be in the mix;
+1. the real training images come only from `load_split(data_dir, "train")`; the arm adds its
+   synthetic draw (stratified by label, seeded; `--exclude-synthetic` images left out of the pool),
+   noise images (noise control) or oversampled real duplicates (rebalanced control). No val or test
+   image may be in the mix;
 2. a timm model (ImageNet weights where they can be had, else random init, recorded either way) is
    trained multi-label (BCE with logits; classes = dataset.labels without "No Finding", which is the
-   all-zero target) with AdamW; after every epoch the real val split's macro AUROC is measured and the
-   best epoch's weights are kept;
+   all-zero target) with AdamW for the study's step budget, the same for every arm; at the same
+   steps for every arm the real val split's macro AUROC is measured and the best step's weights kept;
 3. the best weights are scored once on the real, patient-disjoint test split: AUROC per label and
    macro, each with a percentile-bootstrap 95% CI over test images.
 Images: read_xray -> short side resized to classifier.image_size -> center crop -> 3 channels ->
 the model's ImageNet mean/std. No flips: left and right matter in a chest X-ray.
 
 Outputs (written to OUT.partial, then renamed to OUT): metrics.json, predictions.csv (test images:
-path, labels, prob_<class> per class), train_log.csv (epoch, train_loss, val_loss, val_macro_auroc),
-training_set.csv (the mix: path, labels, source) and model.pt, which `load_classifier` reads back;
+path, labels, prob_<class> per class), composition.csv (label, real_positives, synthetic_positives,
+effective_positives), train_log.csv (step, train_loss, val_loss, val_macro_auroc), training_set.csv
+(the mix: path, labels, source, phase) and model.pt, which `load_classifier` reads back;
 `extract_features` gives penultimate features for other stages.
 """
 
@@ -44,15 +46,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from workflow_scripts.base_model import hub_offline, hub_unreachable_reason
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
+from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
 from workflow_scripts.faults import maybe_fail
-from workflow_scripts.generate_xrays import read_generation_results, synthetic_count
+from workflow_scripts.generate_xrays import read_generation_results
 from workflow_scripts.images import BadImageError, read_xray
-from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, load_split
+from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, load_split, read_csv_checked
+from workflow_scripts.study import (Arm, arm_training_set, batch_schedule, composition, drop_excluded, parse_arm,
+                                    phase_steps, study_hash, train_steps, validation_points)
 
 NO_FINDING = "No Finding"
 PROB_PREFIX = "prob_"  # predictions.csv: one column prob_<class> per class
-OUTPUT_FILES = ("metrics.json", "predictions.csv", "train_log.csv", "training_set.csv", "model.pt")
+OUTPUT_FILES = ("metrics.json", "predictions.csv", "train_log.csv", "training_set.csv", "composition.csv", "model.pt")
 WEIGHTS_HINT = "place the timm weights in the Hugging Face cache (HF_HOME) to use them"
 
 
@@ -93,26 +97,29 @@ def encode_labels(labels: Sequence[str], classes: Sequence[str], where: str = ""
     return targets
 
 
-def mix_training_set(real: pd.DataFrame, synthetic: pd.DataFrame | None, ratio: int, seed: int) -> pd.DataFrame:
-    """All real training images plus round(n_real * ratio / (100 - ratio)) synthetic ones drawn
-    without replacement (np.random.default_rng(seed)), so synthetic images are `ratio` % of the result.
-
-    Columns: path, labels, source ("real" | "synthetic"); real rows first, in their order."""
-    n_syn = synthetic_count(len(real), ratio)
-    parts = [pd.DataFrame({"path": real["path"].astype(str).to_numpy(),
-                           "labels": real["labels"].astype(str).to_numpy(), "source": "real"})]
-    if n_syn:
-        pool = 0 if synthetic is None else len(synthetic)
-        if pool < n_syn:
-            raise DataError(
-                f"ratio {ratio}% with {len(real)} real training images needs {n_syn} synthetic images, "
-                f"but only {pool} are listed; raise generation.images_per_label (or lower the ratio)"
-            )
-        chosen = np.sort(np.random.default_rng(seed).choice(pool, size=n_syn, replace=False))
-        drawn = synthetic.iloc[chosen]
-        parts.append(pd.DataFrame({"path": drawn["path"].astype(str).to_numpy(),
-                                   "labels": drawn["labels"].astype(str).to_numpy(), "source": "synthetic"}))
-    return pd.concat(parts, ignore_index=True)
+def load_pool(arm: Arm, synthetic_csv: str | Path | None, exclude_csv: str | Path | None) -> tuple[pd.DataFrame | None, int]:
+    """The synthetic pool `arm` draws from (with a `path` column) minus the images listed in
+    `exclude_csv`, and how many were dropped. The rebalanced control reads only the labels (it
+    mirrors the largest arm's draw with real images), so its pool's image files are not opened."""
+    if arm.pool is None:
+        return None, 0
+    if synthetic_csv is None:
+        raise DataError(f"arm {arm.name} needs a synthetic image list (--synthetic)")
+    if arm.kind == "control_rebalanced":
+        pool = read_csv_checked(Path(synthetic_csv), ["file", "labels"], "synthetic image list",
+                                "; run the generation stage first")
+        pool = pool.assign(path=pool["file"])
+    else:
+        pool = read_generation_results(synthetic_csv)
+    # The noise list names the generated image each noise image replaces; the two cannot be swapped.
+    if (arm.pool == "noise") != ("source_file" in pool.columns):
+        expected = ("a noise image list (results/synthetic_noise/generation_results.csv, made by make_noise_images)"
+                    if arm.pool == "noise" else "a generated image list (results/synthetic/generation_results.csv)")
+        raise DataError(f"--synthetic {synthetic_csv}: arm {arm.name} needs {expected}")
+    excluded: list[str] = []
+    if exclude_csv is not None:
+        excluded = read_csv_checked(Path(exclude_csv), ["file"], "synthetic exclusion list (--exclude-synthetic)")["file"].tolist()
+    return drop_excluded(pool, excluded)
 
 
 def _canonical(path: str) -> str:
@@ -456,21 +463,20 @@ def _clean_out_dir(out_dir: Path) -> Path:
     return partial
 
 
-def train_classifier(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | Path | None,
-                     ratio: int, seed: int, out_dir: str | Path, show_progress: bool = True) -> dict[str, Any]:
-    """Train on real train + `ratio` % synthetic, select on real val, score on real test; write the
-    outputs to `out_dir` (atomically) and return metrics.json's content."""
+def train_classifier(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | Path | None, arm: str,
+                     seed: int, out_dir: str | Path, exclude_csv: str | Path | None = None,
+                     show_progress: bool = True) -> dict[str, Any]:
+    """Train one arm of the study (study.parse_arm) for the study's step budget, select on real val,
+    score on real test; write the outputs to `out_dir` (atomically) and return metrics.json's content."""
     started = time.time()
-    vocabulary = config["dataset"]["labels"]
-    if not 0 <= int(ratio) < 100:
-        raise ConfigError(f"--ratio {ratio}: expected a percentage in [0, 100), e.g. 0, 10, 25 or 50")
+    study_arm = parse_arm(arm, config)
     if seed < 0:
         raise ConfigError(f"--seed {seed}: expected a non-negative integer")
-    classes = class_names(vocabulary)
+    classes = class_names(config["dataset"]["labels"])
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     partial = _clean_out_dir(out_dir)
     try:
-        metrics = _run(config, data_dir, synthetic_csv, int(ratio), int(seed), classes, partial, show_progress)
+        metrics = _run(config, data_dir, synthetic_csv, exclude_csv, study_arm, int(seed), classes, partial, show_progress)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -480,127 +486,159 @@ def train_classifier(config: dict[str, Any], data_dir: str | Path, synthetic_csv
     return metrics
 
 
-def _run(config: dict[str, Any], data_dir: Path, synthetic_csv: str | Path | None, ratio: int, seed: int,
-         classes: list[str], partial: Path, show_progress: bool) -> dict[str, Any]:
+def _training_data(config: dict[str, Any], data_dir: Path, synthetic_csv: str | Path | None,
+                   exclude_csv: str | Path | None, arm: Arm, seed: int) -> dict[str, Any]:
+    """The real splits (only through load_split), the arm's mix and what went into it."""
+    real_train, val, test = (load_split(data_dir, split) for split in ("train", "val", "test"))
+    if real_train.empty or val.empty or test.empty:
+        raise DataError(f"{data_dir}: empty split (train {len(real_train)}, val {len(val)}, test {len(test)} images)")
+    pool, n_excluded = load_pool(arm, synthetic_csv, exclude_csv)
+    mix, info = arm_training_set(arm, real_train, pool, seed)
+    assert_no_leakage(mix, {"val": val, "test": test})
+    assert_no_leakage(mix[mix["source"].isin(["synthetic", "noise"])], {"train": real_train})
+    assert_files_exist(mix, "training")
+    return {"real_train": real_train, "val": val, "test": test, "mix": mix, "n_excluded": n_excluded, **info}
+
+
+def _fit(model: torch.nn.Module, train_loader: torch.utils.data.DataLoader, val_loader: torch.utils.data.DataLoader,
+         val_targets: np.ndarray, points: Sequence[int], settings: Mapping[str, Any], device: torch.device,
+         desc: str, show_progress: bool) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], int]:
+    """One optimizer step per batch of `train_loader`; validation on the real val split after each
+    step in `points`, keeping the best weights (val macro AUROC, earliest on ties; lowest val loss
+    where no val label has both classes). Returns the log, the best weights and their step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    log, best_key, best_state, best_step = [], None, None, 0
+    points, total, seen = set(points), 0.0, 0
+    progress = tqdm(total=len(train_loader), desc=desc, unit="step", disable=not show_progress, file=sys.stderr)
+    model.train()
+    for step, (images, targets) in enumerate(train_loader, start=1):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        loss = loss_fn(model(images).float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = float(loss.detach())
+        if not np.isfinite(value):
+            raise TrainingError(f"loss became {value} at step {step}; lower classifier.learning_rate")
+        total, seen = total + value, seen + 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{value:.4f}")
+        if step not in points:
+            continue
+        val_probs, val_loss = predict(model, val_loader, device)
+        model.train()
+        val_auroc = macro_auroc(val_targets, val_probs)
+        log.append({"step": step, "train_loss": total / seen, "val_loss": val_loss, "val_macro_auroc": val_auroc})
+        total, seen = 0.0, 0
+        maybe_fail("classifier_validation")
+        key = (val_auroc, -step) if val_auroc is not None else (float("-inf"), -val_loss, -step)
+        if best_key is None or key > best_key:
+            best_key, best_step = key, step
+            best_state = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+        if show_progress:
+            shown = f"{val_auroc:.4f}" if val_auroc is not None else "n/a"
+            progress.write(f"step {step}: train loss {log[-1]['train_loss']:.4f}, val loss {val_loss:.4f}, "
+                           f"val macro AUROC {shown}", file=sys.stderr)
+    progress.close()
+    return log, best_state, best_step
+
+
+def _run(config: dict[str, Any], data_dir: Path, synthetic_csv: str | Path | None, exclude_csv: str | Path | None,
+         arm: Arm, seed: int, classes: list[str], partial: Path, show_progress: bool) -> dict[str, Any]:
     import sklearn
     import timm
 
     settings = config["classifier"]
-
-    # Data: real splits only through load_split; synthetic only from the generation list.
-    real_train, val, test = (load_split(data_dir, split) for split in ("train", "val", "test"))
-    if real_train.empty or val.empty or test.empty:
-        raise DataError(f"{data_dir}: empty split (train {len(real_train)}, val {len(val)}, test {len(test)} images)")
-    synthetic = read_generation_results(synthetic_csv) if synthetic_count(len(real_train), ratio) else None
-    mix = mix_training_set(real_train, synthetic, ratio, seed)
-    assert_no_leakage(mix, {"val": val, "test": test})
-    assert_no_leakage(mix[mix["source"] == "synthetic"], {"train": real_train})
-    assert_files_exist(mix, "training")
+    data = _training_data(config, data_dir, synthetic_csv, exclude_csv, arm, seed)
+    mix, val, test = data["mix"], data["val"], data["test"]
     train_targets = encode_labels(mix["labels"].tolist(), classes, "training mix", mix["path"].tolist())
     val_targets = encode_labels(val["labels"].tolist(), classes, f"{data_dir / 'val.csv'}")
     test_targets = encode_labels(test["labels"].tolist(), classes, f"{data_dir / 'test.csv'}")
 
-    # Model.
+    # The study's budget: the same steps and validation points for every arm.
+    n_real = len(data["real_train"])
+    steps, points = train_steps(config, n_real), validation_points(config, n_real)
+    phases = phase_steps(arm, config, steps)
+    schedule = batch_schedule(mix["phase"].tolist(), phases, settings["batch_size"], seed)
+
     seed_everything(seed)
     model, pretrained_weights = create_model(settings["model"], settings["pretrained"], len(classes))
     data_config = model_data_config(model)
     device = pick_device()
     model.to(device)
-    size, batch_size, workers = settings["image_size"], settings["batch_size"], settings["num_workers"]
+    size, workers = settings["image_size"], settings["num_workers"]
 
     def dataset(paths: Sequence[str], targets: np.ndarray) -> XrayLabelDataset:
         return XrayLabelDataset(paths, targets, size, data_config["mean"], data_config["std"], data_config["interpolation"])
 
-    train_loader = make_loader(dataset(mix["path"].tolist(), train_targets), batch_size, workers, shuffle=True,
-                               seed=seed, drop_last=len(mix) % batch_size == 1)  # BatchNorm needs 2+ per batch
-    val_loader = make_loader(dataset(val["path"].tolist(), val_targets), batch_size, workers)
-    test_loader = make_loader(dataset(test["path"].tolist(), test_targets), batch_size, workers)
+    train_loader = torch.utils.data.DataLoader(
+        dataset(mix["path"].tolist(), train_targets), batch_sampler=schedule, num_workers=workers,
+        worker_init_fn=_seed_worker, pin_memory=torch.cuda.is_available())
+    val_loader = make_loader(dataset(val["path"].tolist(), val_targets), settings["batch_size"], workers)
+    test_loader = make_loader(dataset(test["path"].tolist(), test_targets), settings["batch_size"], workers)
+    log, best_state, best_step = _fit(model, train_loader, val_loader, val_targets, points, settings, device,
+                                      f"classifier {arm.name} seed {seed}", show_progress)
 
-    # Training with model selection on val.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    log, best_key, best_state, best_epoch = [], None, None, 0
-    progress = tqdm(total=settings["epochs"] * len(train_loader), desc=f"classifier ratio {ratio} seed {seed}",
-                    unit="batch", disable=not show_progress, file=sys.stderr)
-    for epoch in range(1, settings["epochs"] + 1):
-        model.train()
-        total, seen = 0.0, 0
-        for images, targets in train_loader:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            loss = loss_fn(model(images).float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = float(loss.detach())
-            if not np.isfinite(value):
-                raise TrainingError(f"loss became {value} at epoch {epoch}; lower classifier.learning_rate")
-            total += value * len(images)
-            seen += len(images)
-            progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{value:.4f}")
-        val_probs, val_loss = predict(model, val_loader, device)
-        val_auroc = macro_auroc(val_targets, val_probs)
-        log.append({"epoch": epoch, "train_loss": total / max(seen, 1), "val_loss": val_loss, "val_macro_auroc": val_auroc})
-        maybe_fail("classifier_epoch")
-        # Best val macro AUROC (earliest on ties); lowest val loss where no val label has both classes.
-        key = (val_auroc, -epoch) if val_auroc is not None else (float("-inf"), -val_loss, -epoch)
-        if best_key is None or key > best_key:
-            best_key, best_epoch = key, epoch
-            best_state = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
-        if show_progress:
-            shown = f"{val_auroc:.4f}" if val_auroc is not None else "n/a"
-            progress.write(f"epoch {epoch}: train loss {log[-1]['train_loss']:.4f}, val loss {val_loss:.4f}, "
-                           f"val macro AUROC {shown}", file=sys.stderr)
-    progress.close()
-
-    # Test with the best epoch's weights.
+    # Test with the best step's weights.
     model.load_state_dict(best_state)
     test_probs, _ = predict(model, test_loader, device)
     n_boot = settings["bootstrap_samples"]
     macro = macro_auroc_with_ci(test_targets, test_probs, n_boot, seed)
     macro["labels_used"] = [classes[j] for j in macro["labels_used"]]
     per_label = {label: auroc_with_ci(test_targets[:, j], test_probs[:, j], n_boot, seed) for j, label in enumerate(classes)}
+    best = next(row for row in log if row["step"] == best_step)
 
-    n_real = int((mix["source"] == "real").sum())
-    n_syn = int((mix["source"] == "synthetic").sum())
+    n_real_seen = int((mix["source"] == "real").sum())
+    n_syn = int(mix["source"].isin(["synthetic", "noise"]).sum())
     metrics = {
-        "ratio": int(ratio),
+        "arm": arm.name,
+        "arm_kind": arm.kind,
+        "ratio": arm.ratio,
         "seed": int(seed),
+        "optimizer_steps": steps,
+        "validation_steps": list(points),
+        "phases": [{"phase": phase, "steps": count} for phase, count in phases],
         "model": settings["model"],
         "pretrained_weights": pretrained_weights,
         "classes": classes,
-        "n_real_train": n_real,
+        "n_real_train": n_real_seen,
         "n_synthetic_train": n_syn,
-        "achieved_synthetic_share": round(n_syn / (n_real + n_syn), 6),
-        "epochs": settings["epochs"],
-        "best_epoch": best_epoch,
-        "selection": "val macro AUROC" if log[best_epoch - 1]["val_macro_auroc"] is not None
+        "n_oversampled_train": int((mix["source"] == "oversampled").sum()),
+        "n_synthetic_excluded": data["n_excluded"],
+        "achieved_synthetic_share": round(n_syn / len(mix), 6),
+        "rebalance_shortfall": data.get("rebalance_shortfall"),
+        "best_step": best_step,
+        "selection": "val macro AUROC" if best["val_macro_auroc"] is not None
                      else "val loss (no val label has both positive and negative images)",
-        "val_macro_auroc": log[best_epoch - 1]["val_macro_auroc"],
+        "val_macro_auroc": best["val_macro_auroc"],
         "n_val": len(val),
         "test": {"macro": macro, "per_label": per_label},
         "n_test": len(test),
         "test_positives": {label: int(test_targets[:, j].sum()) for j, label in enumerate(classes)},
         "bootstrap_samples": n_boot,
         "image_size": size,
+        "batch_size": settings["batch_size"],
         "seconds": None,
         "device": describe_device(device),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "sklearn": sklearn.__version__,
                      "python": platform.python_version()},
-        "config_hash": config_hash({key: config[key] for key in ("classifier", "dataset")}),
+        "config_hash": study_hash(config),
         "data_dir": str(data_dir),
-        "synthetic_csv": str(synthetic_csv) if synthetic is not None else None,
+        "synthetic_csv": str(synthetic_csv) if arm.pool else None,
+        "exclude_synthetic_csv": str(exclude_csv) if exclude_csv is not None else None,
     }
 
     predictions = pd.DataFrame({"path": test["path"].to_numpy(), "labels": test["labels"].to_numpy()})
     for j, label in enumerate(classes):
         predictions[PROB_PREFIX + label] = test_probs[:, j]
     predictions.to_csv(partial / "predictions.csv", index=False)
-    mix[["path", "labels", "source"]].to_csv(partial / "training_set.csv", index=False)
-    pd.DataFrame(log, columns=["epoch", "train_loss", "val_loss", "val_macro_auroc"]).to_csv(partial / "train_log.csv", index=False)
+    mix.to_csv(partial / "training_set.csv", index=False)
+    composition(mix, config["dataset"]["labels"]).to_csv(partial / "composition.csv", index=False)
+    pd.DataFrame(log, columns=["step", "train_loss", "val_loss", "val_macro_auroc"]).to_csv(partial / "train_log.csv", index=False)
     torch.save({"state_dict": best_state, "model": settings["model"], "classes": classes, "image_size": size,
-                **data_config, "pretrained_weights": pretrained_weights, "best_epoch": best_epoch,
-                "ratio": int(ratio), "seed": int(seed)}, partial / "model.pt")
+                **data_config, "pretrained_weights": pretrained_weights, "best_step": best_step,
+                "arm": arm.name, "ratio": arm.ratio, "seed": int(seed)}, partial / "model.pt")
     return metrics
 
 
@@ -611,23 +649,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--data-dir", type=Path, default=Path("results/data"), help="folder with train/val/test.csv")
-    parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"),
-                        help="generation_results.csv (not read for --ratio 0)")
-    parser.add_argument("--ratio", type=int, required=True, help="percent of the training set that is synthetic")
-    parser.add_argument("--seed", type=int, required=True, help="training seed (data draw, init, order)")
+    parser.add_argument("--arm", required=True, metavar="NAME",
+                        help="ratio<percent> (ratio0 = real only, ratio25, ...), rebalanced, noise or pretrain")
+    parser.add_argument("--synthetic", type=Path, default=None,
+                        help="the pool's generation_results.csv (default: results/synthetic/generation_results.csv, "
+                             "for --arm noise results/synthetic_noise/generation_results.csv; not read for ratio0)")
+    parser.add_argument("--exclude-synthetic", type=Path, default=None, metavar="CSV",
+                        help="CSV with a `file` column: synthetic images (as in generation_results.csv) left out of the pool")
+    parser.add_argument("--seed", type=int, required=True, help="training seed (synthetic draw, init, order)")
     parser.add_argument("--out-dir", type=Path, required=True, help="e.g. results/classifier/ratio25_seed0")
     args = parser.parse_args(argv)
+    synthetic = args.synthetic or Path("results/synthetic_noise/generation_results.csv" if args.arm == "noise"
+                                       else "results/synthetic/generation_results.csv")
     try:
-        metrics = train_classifier(config_from_args(args, "train_classifier"), args.data_dir, args.synthetic, args.ratio, args.seed, args.out_dir)
+        metrics = train_classifier(config_from_args(args, "train_classifier"), args.data_dir, synthetic, args.arm, args.seed, args.out_dir,
+                                   args.exclude_synthetic)
     except (ConfigError, DataError, BadImageError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     macro = metrics["test"]["macro"]
     shown = (f"{macro['auroc']:.3f} (95% CI {macro['ci_low']:.3f}-{macro['ci_high']:.3f})"
              if macro["auroc"] is not None and macro["ci_low"] is not None else str(macro["auroc"]))
-    print(f"ratio {metrics['ratio']}% seed {metrics['seed']}: {metrics['n_real_train']} real + "
-          f"{metrics['n_synthetic_train']} synthetic, best epoch {metrics['best_epoch']}, test macro AUROC {shown} "
-          f"in {metrics['seconds']:.0f} s; weights: {metrics['pretrained_weights']}; outputs in {args.out_dir}")
+    print(f"arm {metrics['arm']} seed {metrics['seed']}: {metrics['n_real_train']} real + {metrics['n_oversampled_train']} "
+          f"oversampled + {metrics['n_synthetic_train']} synthetic, {metrics['optimizer_steps']} steps, best step "
+          f"{metrics['best_step']}, test macro AUROC {shown} in {metrics['seconds']:.0f} s; weights: "
+          f"{metrics['pretrained_weights']}; outputs in {args.out_dir}")
     return 0
 
 

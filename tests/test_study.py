@@ -1,0 +1,211 @@
+"""The study design: arms, matched step budgets, stratified draws, and the controls' mirrors (pure, fast)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_config
+from workflow_scripts.config import ConfigError
+from workflow_scripts.prepare_dataset import DataError
+from workflow_scripts.study import (
+    allocate,
+    arm_names,
+    arm_training_set,
+    batch_schedule,
+    composition,
+    drop_excluded,
+    parse_arm,
+    phase_steps,
+    plan_settings,
+    pool_size_needed,
+    stratified_draw,
+    study_hash,
+    synthetic_count,
+    train_steps,
+    validation_points,
+)
+
+VOCAB = ["Effusion", "Mass", "Nodule", "No Finding"]
+ARMS = ["ratio0", "ratio10", "ratio50", "rebalanced", "noise", "pretrain"]
+
+
+def config(**classifier) -> dict:
+    base = make_config(None, "classifier.ratios=[0, 10, 50]", "classifier.batch_size=8", "classifier.epochs=3")
+    base["classifier"].update(classifier)
+    base["dataset"]["labels"] = VOCAB
+    return base
+
+
+def real_split(n: int = 60) -> pd.DataFrame:
+    cells = ["Effusion", "Mass", "No Finding", "Effusion|Mass", "No Finding", "Nodule"]
+    return pd.DataFrame({"path": [f"real/{i}.png" for i in range(n)], "labels": [cells[i % len(cells)] for i in range(n)]})
+
+
+def generated_pool(counts: dict[str, int]) -> pd.DataFrame:
+    rows = [(f"results/synthetic/{key}/{key}_{i:04d}.png", key.replace("+", "|").replace("_", " "))
+            for key, n in counts.items() for i in range(n)]
+    return pd.DataFrame({"file": [r[0] for r in rows], "path": [r[0] for r in rows], "labels": [r[1] for r in rows]})
+
+
+def noise_mirror(pool: pd.DataFrame) -> pd.DataFrame:
+    files = pool["file"].str.replace("results/synthetic/", "results/synthetic_noise/")
+    return pd.DataFrame({"file": files, "path": files, "labels": pool["labels"], "source_file": pool["file"]})
+
+
+POOL = generated_pool({"Effusion": 30, "Mass": 21, "Nodule": 9, "No_Finding": 40, "Effusion+Mass": 20})
+
+
+# ----------------------------------------------------------------------------- arms
+
+
+def test_arms_from_config_and_their_kinds() -> None:
+    cfg = config(controls=["rebalanced", "noise", "pretrain"])
+    assert arm_names(cfg) == ARMS
+    kinds = {name: parse_arm(name, cfg) for name in ARMS}
+    assert [kinds[name].kind for name in ARMS] == ["real", "synthetic", "synthetic", "control_rebalanced",
+                                                   "control_noise", "control_pretrain"]
+    assert kinds["noise"].ratio == 50 and kinds["noise"].pool == "noise"  # the largest arm, with noise
+    assert kinds["rebalanced"].ratio == 0 and kinds["rebalanced"].draw_ratio == 50
+    assert kinds["ratio0"].pool is None
+    assert arm_names(config(controls=[])) == ["ratio0", "ratio10", "ratio50"]
+    with pytest.raises(ConfigError, match="classifier.controls"):
+        parse_arm("noise", config(ratios=[0]))
+    with pytest.raises(ConfigError, match="expected ratio"):
+        parse_arm("ratio_x", config())
+
+
+def test_the_study_hash_is_one_per_study() -> None:
+    cfg = config()
+    assert study_hash(cfg) == study_hash(config(seeds=[0, 1, 2, 3, 4, 5], controls=["pretrain"], num_workers=7))
+    assert study_hash(cfg) != study_hash(config(train_steps=17))
+    assert study_hash(cfg) != study_hash(config(ratios=[0, 25]))
+    # The plan (and so every synthetic arm) is not redone for a new seed or control.
+    assert plan_settings(config(seeds=[0, 1, 2, 3, 4, 5], controls=["pretrain"])) == plan_settings(cfg)
+    assert plan_settings(config(pool_headroom=3.0)) != plan_settings(cfg)
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+def test_every_arm_takes_the_same_optimizer_steps_and_validates_at_the_same_points() -> None:
+    cfg = config(controls=["rebalanced", "noise", "pretrain"])
+    real = real_split(60)
+    total = train_steps(cfg, len(real))
+    assert total == 3 * math.ceil(60 / 8)  # epochs x steps per real-only epoch
+    assert validation_points(cfg, len(real)) == [8, 16, 24]
+    pools = {"generated": POOL, "noise": noise_mirror(POOL), None: None}
+    sizes = set()
+    for name in ARMS:
+        arm = parse_arm(name, cfg)
+        mix, _ = arm_training_set(arm, real, pools[arm.pool], seed=3)
+        sizes.add(len(mix))
+        schedule = batch_schedule(mix["phase"].tolist(), phase_steps(arm, cfg, total), 8, seed=3)
+        assert len(schedule) == total, name
+        assert all(len(batch) == 8 for batch in schedule)  # full batches: never a lone image for BatchNorm
+    assert len(sizes) > 2  # the arms' mixes differ in size, their budgets do not
+    assert train_steps(config(train_steps=11), 60) == 11
+    assert validation_points(config(train_steps=11, validation_every=4), 60) == [4, 8, 11]
+
+
+def test_a_pass_covers_every_row_once_and_pretrain_phases_are_ordered() -> None:
+    cfg = config(pretrain_fraction=0.25)
+    phases = ["finetune"] * 10 + ["pretrain"] * 6
+    plan = phase_steps(parse_arm("pretrain", cfg), cfg, 8)
+    assert plan == [("pretrain", 2), ("finetune", 6)]
+    schedule = batch_schedule(phases, plan, 3, seed=0)
+    assert all(i >= 10 for batch in schedule[:2] for i in batch)  # synthetic first
+    assert all(i < 10 for batch in schedule[2:] for i in batch)   # then real only
+    flat = [i for batch in schedule[2:] for i in batch]
+    assert sorted(flat[:10]) == list(range(10))  # one full pass before any repeat
+    assert batch_schedule(phases, plan, 3, seed=0) == schedule
+    assert batch_schedule(phases, plan, 3, seed=1) != schedule
+
+
+# ----------------------------------------------------------------------------- draws
+
+
+def test_largest_remainders() -> None:
+    assert allocate({"a": 30, "b": 21, "c": 9}, 20) == {"a": 10, "b": 7, "c": 3}
+    assert allocate({"a": 5, "b": 5, "c": 5}, 4) == {"a": 2, "b": 1, "c": 1}
+    counts = allocate({"a": 7, "b": 11, "c": 2, "d": 1}, 13)
+    assert sum(counts.values()) == 13
+    assert all(abs(counts[k] - 13 * s / 21) < 1 for k, s in {"a": 7, "b": 11, "c": 2, "d": 1}.items())
+
+
+def test_stratified_draws_control_the_composition_and_differ_by_seed() -> None:
+    n = 60  # the pool holds 120: headroom 2
+    expected = allocate(POOL["labels"].value_counts(sort=False).sort_index().to_dict(), n)
+    subsets = []
+    for seed in range(5):
+        chosen = stratified_draw(POOL, n, seed)
+        assert len(set(chosen)) == n  # without replacement
+        assert POOL["labels"].iloc[chosen].value_counts().to_dict() == {k: v for k, v in expected.items() if v}
+        subsets.append(frozenset(chosen))
+    assert len(set(subsets)) == 5  # every seed its own subset
+    assert np.array_equal(stratified_draw(POOL, n, 2), stratified_draw(POOL, n, 2))
+
+
+def test_synthetic_arm_keeps_the_real_part_and_draws_its_share() -> None:
+    real = real_split(60)
+    mix, info = arm_training_set(parse_arm("ratio10", config()), real, POOL, seed=0)
+    assert synthetic_count(60, 10) == 7 == info["n_drawn"]
+    assert mix[mix["source"] == "real"]["path"].tolist() == real["path"].tolist()
+    assert (mix["source"] == "synthetic").sum() == 7 and list(mix.columns) == ["path", "labels", "source", "phase"]
+    with pytest.raises(DataError, match=r"needs 60 synthetic.*only 10.*pool_headroom"):
+        arm_training_set(parse_arm("ratio50", config()), real, POOL.head(10), seed=0)
+
+
+def test_noise_arm_mirrors_the_largest_arm_row_for_row() -> None:
+    cfg, real = config(), real_split(60)
+    for seed in (0, 1):
+        largest, _ = arm_training_set(parse_arm("ratio50", cfg), real, POOL, seed)
+        noise, _ = arm_training_set(parse_arm("noise", cfg), real, noise_mirror(POOL), seed)
+        syn, fake = largest[largest["source"] == "synthetic"], noise[noise["source"] == "noise"]
+        assert len(fake) == len(syn) == 60
+        assert fake["labels"].tolist() == syn["labels"].tolist()
+        assert fake["path"].str.replace("synthetic_noise", "synthetic").tolist() == syn["path"].tolist()
+        assert composition(noise, VOCAB).drop(columns="label").equals(composition(largest, VOCAB).drop(columns="label"))
+
+
+def test_rebalanced_matches_the_largest_arms_positives_with_real_images() -> None:
+    cfg, real = config(), real_split(60)
+    largest, _ = arm_training_set(parse_arm("ratio50", cfg), real, POOL, seed=4)
+    rebalanced, info = arm_training_set(parse_arm("rebalanced", cfg), real, POOL, seed=4)
+    assert info["rebalance_shortfall"] == 0
+    assert set(rebalanced["source"]) == {"real", "oversampled"}
+    assert set(rebalanced["path"]) == set(real["path"])  # duplicates of real images only
+    ours, theirs = composition(rebalanced, VOCAB), composition(largest, VOCAB)
+    assert ours["effective_positives"].tolist() == theirs["effective_positives"].tolist()
+    assert ours["synthetic_positives"].sum() == 0 and ours["real_positives"].tolist() == theirs["real_positives"].tolist()
+    assert len(rebalanced) == len(largest)  # so the prevalence matches too
+    # Each duplicated real image is used as evenly as possible.
+    repeats = rebalanced[rebalanced["source"] == "oversampled"].groupby("labels")["path"].value_counts()
+    assert all(group.max() - group.min() <= 1 for _, group in repeats.groupby(level=0))
+
+
+def test_rebalanced_without_an_exact_real_match_uses_a_superset_or_reports_the_shortfall() -> None:
+    real = pd.DataFrame({"path": ["a", "b", "c"], "labels": ["Effusion|Mass", "No Finding", "Effusion"]})
+    pool = generated_pool({"Mass": 4, "Nodule": 4})
+    rebalanced, info = arm_training_set(parse_arm("rebalanced", config(ratios=[0, 50])), real, pool, seed=0)
+    duplicates = rebalanced[rebalanced["source"] == "oversampled"]
+    assert set(duplicates["labels"]) == {"Effusion|Mass"}  # holds Mass; no real image holds Nodule
+    assert info["rebalance_shortfall"] == len(real) - len(duplicates) > 0
+
+
+def test_excluded_images_leave_both_the_generated_and_the_noise_pool() -> None:
+    flagged = POOL["file"].iloc[[0, 5, 50]].tolist()
+    kept, dropped = drop_excluded(POOL, flagged + ["results/synthetic/never/listed.png"])
+    assert dropped == 3 and len(kept) == len(POOL) - 3 and not set(flagged) & set(kept["file"])
+    noise_kept, noise_dropped = drop_excluded(noise_mirror(POOL), flagged)
+    assert noise_dropped == 3 and noise_kept["source_file"].tolist() == kept["file"].tolist()
+    assert drop_excluded(POOL, [])[1] == 0
+
+
+def test_plan_headroom() -> None:
+    cfg = config(pool_headroom=2.0)
+    assert pool_size_needed(cfg, 60) == 2 * synthetic_count(60, 50) == 120
+    assert pool_size_needed(config(pool_headroom=1.5), 61) == math.ceil(1.5 * synthetic_count(61, 50))
