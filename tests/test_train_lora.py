@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from workflow_scripts import train_lora
+from workflow_scripts import lora_training, train_lora
 from workflow_scripts.base_model import build_tiny_pipeline, load_components
 from workflow_scripts.config import load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
@@ -174,7 +174,7 @@ def test_validation_images_and_scalars_reach_tensorboard(setup) -> None:
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup, monkeypatch) -> None:
     out = setup["root"] / "nan"
-    real_loss = train_lora.diffusion_loss
+    real_loss = lora_training.diffusion_loss
     calls = {"n": 0}
 
     def goes_nan(*args, **kwargs):
@@ -182,7 +182,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 2 else loss
 
-    monkeypatch.setattr(train_lora, "diffusion_loss", goes_nan)
+    monkeypatch.setattr(lora_training, "diffusion_loss", goes_nan)
     with pytest.raises(TrainingError, match=r"loss became nan by step 4.*last good checkpoint is .*checkpoint-2"):
         run(setup, out)
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
