@@ -137,7 +137,10 @@ def build_trainable_model(components, model_cfg: dict[str, Any], training: dict[
         if model_cfg["train_text_encoder"]:
             # Non-reentrant: the frozen embeddings do not require grad, and a reentrant checkpoint
             # would then cut the LoRA layers inside it off the graph.
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5.2 name
+                text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if levers["channels_last"]:
         unet.to(memory_format=torch.channels_last)
     if levers["compile_unet"]:
