@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -317,12 +318,18 @@ class Prompts:
               trained_encoder: bool, autocast) -> Prompts:
         unique = sorted(set(prompts))
         position = {prompt: i for i, prompt in enumerate(unique)}
-        ids = tokenize(tokenizer, unique).to(device)
+        return cls.from_ids([position[p] for p in prompts], tokenize(tokenizer, unique), text_encoder, device,
+                            weight_dtype, trained_encoder, autocast)
+
+    @classmethod
+    def from_ids(cls, index: list[int], ids: torch.Tensor, text_encoder, device: torch.device, weight_dtype: torch.dtype,
+                 trained_encoder: bool, autocast) -> Prompts:
+        ids = ids.to(device)
         embeds = None
         if not trained_encoder:
             with torch.no_grad(), autocast():
                 embeds = text_encoder(ids)[0].to(weight_dtype)
-        return cls(torch.tensor([position[p] for p in prompts], device=device), ids, embeds)
+        return cls(torch.tensor(index, device=device), ids, embeds)
 
 
 @dataclass
@@ -359,6 +366,11 @@ class LoraLoop:
     @property
     def batches_per_epoch(self) -> int:
         return len(self.cache) // (self.batch * self.world)
+
+    def with_batch_size(self, batch: int) -> LoraLoop:
+        """The same model, optimizer and cache, stepping at another batch size."""
+        return dataclasses.replace(self, training={**self.training, "train_batch_size": batch}, loss_sum=None,
+                                   loss_count=0, _order=None)
 
     def batch_indices(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's images of a micro-step, on the device and on the host. The epoch's order is
