@@ -302,7 +302,7 @@ def test_latent_cache_is_fp16_memory_mapped_and_host_mode_trains_like_device_mod
     assert lora_training.latent_bytes_per_image(512) == 64 * 2**10  # 62.5 MiB per 1,000 images at 512 px
     cache = lora_training.LatentCache(folder, torch.device("cpu"), budget_bytes=0)
     indices = torch.tensor([3, 0, 2])
-    mean, std = cache.gather(indices, indices)
+    mean, _ = cache.gather(indices, indices)
     assert mean.dtype == torch.float32 and torch.equal(mean, torch.from_numpy(np.array(array[[3, 0, 2], 0])).float())
 
 

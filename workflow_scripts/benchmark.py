@@ -5,7 +5,7 @@
     python -m workflow_scripts.benchmark --quick               # smallest settings (the test)
 
 What it measures, all on the same model, compute dtype, resolution and LoRA config (peft, rank 4,
-UNET_LORA_TARGETS, one shared AdamW from `train_lora.make_optimizer`):
+UNET_LORA_TARGETS, one shared AdamW from `lora_training.make_optimizer`):
 
 1. training images/s of two loops, alternated repeat by repeat (ours, reference, ours, ...) after
    warm-up steps; the speed-up is the median of the per-repeat ratios ours / reference:
@@ -634,7 +634,6 @@ def measure_generation(model: Model, bench: Bench, settings: Settings, progress:
 
     from workflow_scripts.generate_xrays import make_scheduler
 
-    device = settings.device
     unet = bench.accelerator.unwrap_model(bench.unet)
     with quiet_casts():
         cast(unet, settings.dtype)  # the LoRA too: the pipeline samples in the compute dtype
