@@ -56,7 +56,7 @@ rule verify_dataset:
         report_md=report("results/data/verify_report.md", category="Data"),
         contact_sheet=report("results/data/verify_contact_sheet.png", category="Data"),
     params:
-        settings={"resolution": config["model"]["resolution"], **config_sections("verify")},
+        settings={"resolution": config["model"]["resolution"], "crop": config["model"]["crop"], **config_sections("verify")},
         stage_config=STAGE_CONFIG,
         data_dir=lambda wildcards, input: os.path.dirname(input[0]),
     log:
