@@ -46,14 +46,11 @@ import datetime
 import gc
 import json
 import logging
-import math
 import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,16 +65,15 @@ from workflow_scripts.base_model import (NIH_LABELS, PROMPT_TEMPLATE, SD15_ARCH_
 from workflow_scripts.lora_training import (GIB, LOG_EVERY, UNET_LORA_TARGETS, LatentCache, LoraLoop, Prompts,
                                             build_trainable_model, compile_settings, encode_latent_cache, epoch_order,
                                             gpu_levers, hardware_settings, make_optimizer, tokenize)
+from workflow_scripts.bench_machine import (RssSampler, machine_info, matmul_peak_tflops,  # noqa: F401
+                                            register_cpu_attention_flops, release_host_memory, synchronize)
+from workflow_scripts.bench_report import GUIDANCE, REFERENCE_TFLOP_PER_IMAGE, SCHEDULER, finite, render, speedup_line
 from workflow_scripts.train_lora import library_versions
 
 SEED = 0
 LEARNING_RATE = 1e-4  # the diffusers example's default; the value does not change the speed
 MAX_GRAD_NORM = 1.0
-GUIDANCE = 7.5
-SCHEDULER = "dpmsolver++"
 NUM_PROMPTS = 8  # distinct prompts in the synthetic training set (the project has one per label set)
-# Model FLOPs per image of SD 1.5 at 512 px (shared/REFERENCES.md), for comparison with the count.
-REFERENCE_TFLOP_PER_IMAGE = {"ours": 1.6, "reference": 2.7}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -185,34 +181,6 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
                            "compile_unet": args.compile, "compile_sampling": args.compile_sampling}, device, False),
         cache_budget_gb=args.cache_budget_gb,
     )
-
-
-# ----------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": device.type, "gpu": None, "platform": platform.platform()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=torch.cuda.get_device_name(device), gpu_memory_bytes=props.total_memory,
-                    cuda=torch.version.cuda)
-    return info
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -460,91 +428,7 @@ def quiet_casts():
         logger.setLevel(level)
 
 
-def register_cpu_attention_flops() -> None:
-    """FlopCounterMode knows SDPA's CUDA kernels but not the CPU one: count it with the same formula."""
-    from torch.utils import flop_counter
-
-    aten = torch.ops.aten
-    pairs = [(getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None), flop_counter.sdpa_flop_count),
-             (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None),
-              flop_counter.sdpa_backward_flop_count)]
-    for op, formula in pairs:
-        if op is None or op in flop_counter.flop_registry:
-            continue
-
-        def shaped(*args, _formula=formula, out_shape=None, **kwargs):
-            return _formula(*args[:4 if _formula is flop_counter.sdpa_backward_flop_count else 3])
-
-        flop_counter.register_flop_formula(op)(shaped)
-
-
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int) -> dict[str, Any]:
-    """Achieved TFLOP/s of a large square matmul: the practical peak the training step is measured against."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        torch.matmul(a, b)
-    synchronize(device)
-    iterations, seconds = 0, 0.0
-    budget = 2.0 if device.type == "cuda" else 0.5
-    started = time.perf_counter()
-    while seconds < budget or iterations < 3:
-        torch.matmul(a, b)
-        iterations += 1
-        if device.type == "cuda" and iterations % 10:
-            continue
-        synchronize(device)
-        seconds = time.perf_counter() - started
-    synchronize(device)
-    seconds = time.perf_counter() - started
-    del a, b
-    return {"tflops": 2 * size**3 * iterations / seconds / 1e12, "size": size,
-            "dtype": str(dtype).removeprefix("torch."), "iterations": iterations}
-
-
 # ----------------------------------------------------------------------------- memory
-
-
-def current_rss() -> int | None:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def release_host_memory() -> None:
-    gc.collect()
-    try:  # hand freed heap memory back to the OS so the RSS baseline is the live set
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class RssSampler:
-    """Peak resident set size while a block runs, polled every few ms (short spikes can be missed)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def __enter__(self) -> "RssSampler":
-        self.baseline = current_rss() or 0
-        self.peak = self.baseline
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, current_rss() or 0)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, current_rss() or 0)
 
 
 def measure_memory(bench: Bench, settings: Settings, progress: tqdm) -> dict[str, Any]:
@@ -784,98 +668,6 @@ def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, devic
         with tqdm(total=total, desc="generation", unit="call", file=sys.stderr, dynamic_ncols=True) as progress:
             result["generation"] = measure_generation(model, bench, settings, progress)
     return result
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _mib(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / 2**20:,.1f} MiB"
-
-
-def _num(value: float) -> str:
-    return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.1f}"
-
-
-def render(result: dict[str, Any]) -> str:
-    machine, training, compute = result["machine"], result["training"], result["compute"]
-    lines = ["# LoRA training and sampling benchmark", "", "| | |", "|---|---|"]
-    device = machine["gpu"] if machine["gpu"] else f"CPU ({machine['torch_threads']} torch threads)"
-    facts = [("date", result["date"]), ("device", device), ("CPU", f"{machine['cpu']} ({machine['cpu_cores']} cores)"),
-             ("torch", result["versions"]["torch"]), ("diffusers", result["versions"]["diffusers"]),
-             ("model", f"{result['model']}: {result['model_source']}"),
-             ("parameters", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in result["parameters"].items())),
-             ("dtype", result["dtype"] + (" (autocast)" if result["autocast"] else "")),
-             ("resolution", f"{result['resolution']} px"), ("training batch size", result["batch_size"]),
-             ("LoRA", f"rank {result['lora']['rank']}, alpha {result['lora']['alpha']}, {'/'.join(result['lora']['targets'])}"),
-             ("levers", ", ".join(k for k, v in result["levers"].items() if v) or "none"),
-             ("latent cache", result["latent_cache_mode"] + " mode"),
-             ("timing", f"{training['steps_per_repeat']} steps x {training['repeats']} alternating repeats per loop, "
-                        f"{training['warmup_steps']} warm-up steps each")]
-    lines += [f"| {k} | {v} |" for k, v in facts]
-
-    peak = compute["matmul_peak"]
-    lines += ["", f"## Training (batch {result['batch_size']}, {result['resolution']} px, {result['dtype']})", "",
-              "| loop | images/s (median) | per repeat | s/step | TFLOP/image (counted) | achieved TFLOP/s | of matmul peak |",
-              "|---|---|---|---|---|---|---|"]
-    names = {"ours": "ours (cached latents + embeddings)", "reference": "reference (VAE + text encoder every step)"}
-    for loop in ("ours", "reference"):
-        row = training[loop]
-        lines.append(f"| {names[loop]} | {_num(row['images_per_second'])} | "
-                     + " ".join(_num(v) for v in row["per_repeat_images_per_second"])
-                     + f" | {row['seconds_per_step']:.4f} | {row['tflop_per_image']:.4g} | {row['achieved_tflops']:.4g} | "
-                     f"{100 * row['fraction_of_matmul_peak']:.1f}% |")
-    lines += ["", f"Speed-up ours / reference, median of per-repeat ratios: **{training['speedup']:.2f}x** "
-                  f"(ratios {' '.join(f'{r:.2f}' for r in training['per_repeat_ratios'])}). "
-                  f"Ours' one-time cache of {training['cached_images']} images took {training['one_time_cache_seconds']:.2f} s "
-                  "(not in the timed loop).",
-              f"Matmul peak: {peak['tflops']:.3g} TFLOP/s ({peak['size']}^3 {peak['dtype']} torch.matmul). "
-              f"FLOPs: {compute['flop_counter']}; shared/REFERENCES.md gives "
-              f"{REFERENCE_TFLOP_PER_IMAGE['ours']} (cached) and {REFERENCE_TFLOP_PER_IMAGE['reference']} (VAE every step) "
-              "TFLOP/image for SD 1.5 at 512 px."]
-
-    if "lever_sweep" in result:
-        sweep = result["lever_sweep"]
-        lines += ["", "## GPU levers (`hardware:` keys), one at a time, ours", "",
-                  f"Main run above: {_num(sweep['baseline_images_per_second'])} images/s.", "",
-                  "| lever | images/s | vs main run |", "|---|---|---|"]
-        for row in sweep["rows"]:
-            if row["images_per_second"] is None:
-                lines.append(f"| {row['lever']} | n/a | off on CPU |")
-            else:
-                lines.append(f"| {row['lever']} | {_num(row['images_per_second'])} | {row.get('speedup_vs_main', 1.0):.2f}x |")
-        lines += ["", f"Note: {sweep['note']}."]
-    if "generation" in result:
-        lines += ["", f"## Generation (CFG {GUIDANCE}, {SCHEDULER}, VAE decode included)", "",
-                  "| LoRA | steps | batch | images/s | s/batch |", "|---|---|---|---|---|"]
-        for row in result["generation"]:
-            lines.append(f"| {row['variant']} | {row['steps']} | {row['batch_size']} | {_num(row['images_per_second'])} | "
-                         f"{row['seconds_per_batch']:.3f} |")
-    if "memory" in result:
-        lines += ["", "## Peak memory of a training step (batch 1)", "",
-                  "| loop | gradient checkpointing | GPU peak allocated | GPU above resident | CPU RSS peak delta |",
-                  "|---|---|---|---|---|"]
-        for row in result["memory"]["rows"]:
-            lines.append(f"| {row['loop']} | {'on' if row['gradient_checkpointing'] else 'off'} | "
-                         f"{_mib(row['gpu_peak_allocated_bytes'])} | {_mib(row['gpu_peak_above_resident_bytes'])} | "
-                         f"{_mib(row['cpu_rss_peak_delta_bytes'])} |")
-        lines += ["", f"Note: {result['memory']['note']}."]
-    return "\n".join(lines)
-
-
-def finite(value: Any) -> Any:
-    """NaN and infinities (a diverged random-weight fp16 loss, say) as null: strict JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(item) for item in value]
-    return value
-
-
-def speedup_line(result: dict[str, Any]) -> str:
-    return f"train speed-up vs reference: {result['training']['speedup']:.2f}x"
 
 
 def main(argv: list[str] | None = None) -> int:
