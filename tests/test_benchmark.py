@@ -51,7 +51,9 @@ def test_training_rows_and_ratio(quick_run) -> None:
 
 def test_generation_rows_for_each_step_count(quick_run) -> None:
     rows = quick_run["json"]["generation"]
-    assert sorted(row["steps"] for row in rows) == GEN_STEPS
+    for variant in ("lora attached", "lora fused"):  # the old figure beside generate_xrays' fused LoRA
+        assert sorted(row["steps"] for row in rows if row["variant"] == variant) == GEN_STEPS
+    assert len(rows) == 2 * len(GEN_STEPS) and "| lora fused | 2 | 1 |" in quick_run["stdout"]
     for row in rows:
         assert row["batch_size"] == 1 and row["images_per_second"] > 0
         assert row["guidance"] == 7.5 and row["scheduler"] == "dpmsolver++" and row["vae_decode"]
@@ -80,12 +82,40 @@ def test_table_and_json_describe_the_run(quick_run) -> None:
     assert (quick_run["root"] / "tiny-sd" / "model_index.json").is_file()  # --tiny-dir: built there, kept
 
 
-def test_skips_and_reused_tiny_model(quick_run, capsys) -> None:
+def test_lever_rows_say_levers_are_off_on_cpu(quick_run) -> None:
+    sweep = quick_run["json"]["lever_sweep"]
+    assert [row["lever"] for row in sweep["rows"]] == ["allow_tf32", "cudnn_benchmark", "channels_last", "compile_unet"]
+    assert all(row["images_per_second"] is None and not row["applied"] for row in sweep["rows"])
+    assert "## GPU levers" in quick_run["stdout"] and "| allow_tf32 | n/a | off on CPU |" in quick_run["stdout"]
+    assert not any(quick_run["json"]["levers"].values())
+
+
+def test_ours_runs_the_training_code_and_keeps_the_epoch_order(quick_run, capsys, monkeypatch) -> None:
+    from workflow_scripts import lora_training
+
+    calls = {"micro_step": 0, "epoch_order": 0}
+    real_step, real_order = lora_training.LoraLoop.micro_step, lora_training.epoch_order
+
+    def counting_step(self, *args):
+        calls["micro_step"] += 1
+        return real_step(self, *args)
+
+    def counting_order(*args):
+        calls["epoch_order"] += 1
+        return real_order(*args)
+
+    monkeypatch.setattr(lora_training.LoraLoop, "micro_step", counting_step)
+    monkeypatch.setattr(lora_training, "epoch_order", counting_order)
+    monkeypatch.setattr(benchmark, "epoch_order", counting_order)
+    # Host-memory cache path (budget 0); 4 steps of batch 2 over 8 cached images: one epoch per loop.
     code = benchmark.main(["--quick", "--device", "cpu", "--threads", "1", "--tiny-dir", str(quick_run["root"] / "tiny-sd"),
-                           "--steps", "1", "--repeats", "1", "--warmup", "0", "--skip-generation", "--skip-memory"])
+                           "--steps", "4", "--repeats", "1", "--warmup", "0", "--skip-generation", "--skip-memory",
+                           "--skip-levers", "--cache-budget-gb", "0"])
     out = capsys.readouterr().out
-    assert code == 0
-    assert "## Generation" not in out and "## Peak memory" not in out
+    assert code == 0 and "| latent cache | host mode |" in out
+    assert calls["micro_step"] == 4  # ours is train_lora's step
+    assert calls["epoch_order"] == 2  # once per epoch and loop, not once per step
+    assert "## Generation" not in out and "## Peak memory" not in out and "## GPU levers" not in out
     assert re.fullmatch(r"train speed-up vs reference: \d+\.\d\dx", out.rstrip("\n").splitlines()[-1])
 
 

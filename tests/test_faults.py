@@ -111,3 +111,33 @@ def test_classifier_killed_mid_training_reruns_clean_to_the_same_result(tmp_path
     reference = json.loads((uninterrupted / target).read_text())
     assert ours["test"]["macro"]["auroc"] == pytest.approx(reference["test"]["macro"]["auroc"], abs=1e-9)
     assert not (workdir / "results" / "classifier" / "ratio0_seed0.partial").exists()
+
+
+def test_hard_kill_of_snakemake_itself_recovers_with_unlock_then_the_same_command(tmp_path, user_data) -> None:
+    """Power loss or a pre-empted allocation kills Snakemake and its jobs at once: the working directory
+    stays locked. `snakemake --unlock`, then the same command, finishes the run."""
+    import signal
+    import time
+
+    workdir = workdir_for(tmp_path, user_data)
+    target = "results/data/train.csv"
+    env = {key: value for key, value in os.environ.items() if key != ENV}
+    command = [sys.executable, "-m", "snakemake", target, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "1",
+               "--resources", "gpu=1", "--configfile", str(REPO / "config" / "config.yaml"), str(workdir / "micro.yaml")]
+    locks = workdir / ".snakemake" / "locks"
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (locks.is_dir() and any(locks.iterdir())):
+        assert process.poll() is None, "Snakemake ended before it could be killed"
+        assert time.monotonic() < deadline, "Snakemake never took its lock"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # Snakemake and every job it started, with no chance to clean up
+    process.wait()
+    assert any(locks.iterdir()) and not (workdir / target).exists()
+
+    again = snakemake(workdir, target)
+    assert again.returncode != 0 and "--unlock" in again.stdout + again.stderr  # what the user sees
+    unlock = subprocess.run([*command, "--unlock"], capture_output=True, text=True, env=env, timeout=300)
+    ok(unlock)
+    ok(snakemake(workdir, target))
+    assert (workdir / target).is_file() and not (locks.is_dir() and any(locks.iterdir()))

@@ -103,7 +103,9 @@ def test_files_csv_and_determinism(trained, tmp_path) -> None:
         assert np.array_equal(pixels(tmp_path / "a" / "Mass" / name), pixels(tmp_path / "b" / "Mass" / name))
         assert not np.array_equal(pixels(tmp_path / "a" / "Mass" / name), pixels(tmp_path / "c" / "Mass" / name))
     results = pd.read_csv(tmp_path / "a" / "Mass" / "generation_results.csv")
-    assert list(results.columns) == ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint"]
+    assert list(results.columns) == ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint",
+                                     "dtype", "device"]
+    assert set(results["dtype"]) == {"float32"} and set(results["device"]) == {"cpu"}  # same settings, same image: where
     assert set(results["prompt"]) == {"A chest X-ray with Mass"} and set(results["labels"]) == {"Mass"}
     assert set(results["steps"]) == {3} and set(results["guidance"]) == {7.5} and set(results["scheduler"]) == {"dpmsolver++"}
     assert results["seed"].nunique() == 3
@@ -144,6 +146,44 @@ def test_the_lora_is_really_applied(trained, tmp_path) -> None:
                  generator=torch.Generator().manual_seed(int(row["seed"]))).images[0]
     without_lora = generate_xrays.to_grayscale_uint8(image).astype(np.int16)
     assert np.abs(pixels(tmp_path / "Mass" / "Mass_0000.png") - without_lora).mean() > 1.0
+
+
+def test_the_lora_is_fused_and_samples_as_the_unfused_adapter(trained) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    final = trained["root"] / "lora" / "final"
+    fused, _, _ = generate_xrays.load_generator(final, None, trained["tiny"], "dpmsolver++", trained["config"]["hardware"],
+                                                torch.float32, torch.device("cpu"))
+    assert not any("lora" in name for name, _ in fused.unet.named_modules())  # no adapter call per UNet step
+    unfused = StableDiffusionPipeline.from_pretrained(trained["tiny"], safety_checker=None)
+    unfused.load_lora_weights(final)
+    unfused.scheduler = generate_xrays.make_scheduler("dpmsolver++", unfused.scheduler.config)
+    unfused.set_progress_bar_config(disable=True)
+
+    def sample(pipe):
+        return pipe("A chest X-ray with Mass", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    np.testing.assert_allclose(sample(fused), sample(unfused), atol=1e-4)
+
+
+def test_sampling_dtype_is_half_on_a_gpu_whatever_the_training_precision(monkeypatch) -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert generate_xrays.generation_dtype("auto", cpu) == torch.float32
+    assert generate_xrays.generation_dtype("fp16", cpu) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert generate_xrays.generation_dtype("auto", cuda) == torch.bfloat16
+    assert generate_xrays.generation_dtype("fp16", cuda) == torch.float16
+    assert generate_xrays.generation_dtype("fp32", cuda) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert generate_xrays.generation_dtype("auto", cuda) == torch.float16
+
+
+def test_real_configs_do_not_slow_a_gpu_with_vae_slicing() -> None:
+    for name in ("nih_chestxray14.yaml", "chexpert.yaml"):
+        config = load_config([REPO / "config" / "config.yaml", REPO / "config" / name])
+        assert config["hardware"]["enable_vae_slicing"] is False, name
+        assert config["generation"]["dtype"] == "auto", name
 
 
 def test_checkpoint_folder_records_its_base_model(trained, tmp_path) -> None:

@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from workflow_scripts import train_lora
+from workflow_scripts import lora_training, train_lora
 from workflow_scripts.base_model import build_tiny_pipeline, load_components
 from workflow_scripts.config import load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
@@ -142,7 +143,7 @@ def test_final_lora_loads_with_diffusers_and_changes_the_output(setup) -> None:
     from diffusers import StableDiffusionPipeline
 
     out = setup["root"] / "strong"
-    summary = run(setup, out, "training.learning_rate=5e-3")
+    summary = run(setup, out, "training.learning_rate=5e-3", "model.lora_alpha=8")  # alpha != rank (16)
     pipe = StableDiffusionPipeline.from_pretrained(setup["tiny"], safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
 
@@ -152,7 +153,15 @@ def test_final_lora_loads_with_diffusers_and_changes_the_output(setup) -> None:
 
     base = sample()
     pipe.load_lora_weights(out / "final")
-    assert abs(sample() - base).max() > 1e-3
+    with_lora = sample()
+    assert abs(with_lora - base).max() > 1e-3
+    # The kohya-format copy (WebUI / ComfyUI) holds the same LoRA: it converts back and samples alike.
+    kohya = load_file(out / "final" / lora_training.KOHYA_FILE)
+    assert kohya and all(key.startswith("lora_unet_") for key in kohya)
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(out / "final", weight_name=lora_training.KOHYA_FILE)
+    np.testing.assert_allclose(sample(), with_lora, atol=1e-5)
     recorded = json.loads((out / "final" / "training_summary.json").read_text())
     assert recorded == summary
     for key in ("steps", "epochs", "final_loss", "train_seconds", "images_per_second", "peak_memory_bytes", "seed", "versions", "config_hash"):
@@ -174,7 +183,7 @@ def test_validation_images_and_scalars_reach_tensorboard(setup) -> None:
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup, monkeypatch) -> None:
     out = setup["root"] / "nan"
-    real_loss = train_lora.diffusion_loss
+    real_loss = lora_training.diffusion_loss
     calls = {"n": 0}
 
     def goes_nan(*args, **kwargs):
@@ -182,7 +191,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 2 else loss
 
-    monkeypatch.setattr(train_lora, "diffusion_loss", goes_nan)
+    monkeypatch.setattr(lora_training, "diffusion_loss", goes_nan)
     with pytest.raises(TrainingError, match=r"loss became nan by step 4.*last good checkpoint is .*checkpoint-2"):
         run(setup, out)
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
@@ -243,3 +252,135 @@ def test_optional_text_encoder_lora_is_trained_saved_and_loaded(setup) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(setup["tiny"], safety_checker=None)
     pipe.load_lora_weights(out / "final")
     assert getattr(pipe.text_encoder, "peft_config", None)  # the text encoder got its LoRA back
+
+
+# ----------------------------------------------------------------------------- real size (issue 14)
+
+
+def test_every_result_changing_key_starts_fresh_and_only_listed_keys_resume(setup) -> None:
+    config = make_train_config(setup)
+    base = train_lora.resume_fingerprint(config, "src", "data", 1)
+    changed = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v * 2 + 1, str: lambda v: v + "x",
+               list: lambda v: [*v, "x"], type(None): lambda v: 3}
+    for section in ("model", "training"):
+        for key, value in config[section].items():
+            other = {**config, section: {**config[section], key: changed[type(value)](value)}}
+            moved = train_lora.resume_fingerprint(other, "src", "data", 1) != base
+            resumable = key in lora_training.RESUMABLE_TRAINING_KEYS or (section, key) == ("model", "pretrained")
+            assert moved != resumable, f"{section}.{key}"  # pretrained counts through the resolved source
+
+
+def test_changed_learning_rate_starts_fresh_and_a_longer_run_resumes(setup, capsys) -> None:
+    out = setup["root"] / "changed_lr"
+    run(setup, out, "training.max_train_steps=2", "training.learning_rate=1e-3")
+    fresh = run(setup, out, "training.max_train_steps=2", "training.learning_rate=5e-3", "training.adam_weight_decay=0.5")
+    assert fresh["resumed_from"] is None
+    err = capsys.readouterr().err
+    assert "made under another configuration" in err and "learning_rate: 0.001 -> 0.005" in err
+    assert "adam_weight_decay: 0.01 -> 0.5" in err
+    longer = run(setup, out, "training.max_train_steps=4", "training.learning_rate=5e-3", "training.adam_weight_decay=0.5",
+                 "training.save_steps=1", "training.validation_steps=3")
+    assert longer["resumed_from"].endswith("checkpoint-2")
+
+
+def test_latent_cache_is_fp16_memory_mapped_and_host_mode_trains_like_device_mode(setup, capsys) -> None:
+    device_run = setup["root"] / "cache_device"
+    host_run = setup["root"] / "cache_host"
+    a = run(setup, device_run, "training.max_train_steps=2")
+    b = run(setup, host_run, "training.max_train_steps=2", "hardware.latent_cache_device_budget_gb=0.00001")
+    err = capsys.readouterr().err
+    assert a["latent_cache"]["mode"] == "device" and b["latent_cache"]["mode"] == "host"
+    assert "device mode" in err and "host mode" in err  # the log says which was chosen
+    assert a["final_loss"] == b["final_loss"]
+    wa, wb = final_weights(device_run), final_weights(host_run)
+    assert all(torch.equal(wa[name], wb[name]) for name in wa)
+    # The cache: fp16 mean and std per image, memory-mapped from disk.
+    [folder] = (host_run / "cache").glob("latents-*")
+    array = np.load(folder / "latents.npy", mmap_mode="r")
+    assert isinstance(array, np.memmap) and array.dtype == np.float16 and array.shape[1] == 2
+    assert b["latent_cache"]["bytes"] == array.nbytes == len(array) * lora_training.latent_bytes_per_image(64, downscale=4)  # tiny VAE: 4x
+    assert lora_training.latent_bytes_per_image(512) == 64 * 2**10  # 62.5 MiB per 1,000 images at 512 px
+    cache = lora_training.LatentCache(folder, torch.device("cpu"), budget_bytes=0)
+    indices = torch.tensor([3, 0, 2])
+    mean, _ = cache.gather(indices, indices)
+    assert mean.dtype == torch.float32 and torch.equal(mean, torch.from_numpy(np.array(array[[3, 0, 2], 0])).float())
+
+
+def test_noising_is_fp32_so_sigma_at_t0_and_t1_is_exact(setup) -> None:
+    components = load_components("tiny", setup["tiny"])
+    scheduler = components.noise_scheduler
+    latents = torch.zeros(4096, 1, 1, 1, dtype=torch.bfloat16)  # what a bf16 run would hand over
+    noisy, target, timesteps = lora_training.noise_batch(scheduler, latents, torch.Generator().manual_seed(0), 0.0)
+    assert noisy.dtype == torch.float32
+    assert {0, 1} <= set(timesteps.tolist())
+    sigma = (1 - scheduler.alphas_cumprod.double()) ** 0.5
+    for t in (0, 1):
+        rows = timesteps == t
+        torch.testing.assert_close((noisy[rows] / target[rows]).double().flatten(),
+                                   sigma[t].expand(int(rows.sum())), rtol=1e-6, atol=0)
+    assert 0.02 < sigma[0] < 0.05  # not 0, as a bf16 schedule gives
+
+
+def test_text_encoder_gradient_checkpointing_really_runs(setup, monkeypatch) -> None:
+    calls = {"n": 0}
+    real_build = train_lora.build_trainable_model
+
+    def counting_build(*args, **kwargs):
+        trained = real_build(*args, **kwargs)
+        layer = next(module for name, module in trained["text_encoder"].named_modules() if name.endswith("layers.0.self_attn"))
+        layer.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + torch.is_grad_enabled()))
+        return trained
+
+    monkeypatch.setattr(train_lora, "build_trainable_model", counting_build)
+    run(setup, setup["root"] / "te_checkpointing", "model.train_text_encoder=true", "training.gradient_checkpointing=true",
+        "training.max_train_steps=1", "training.train_batch_size=2")
+    assert calls["n"] == 2  # forward, then recomputed in backward: checkpointing ran (1 without)
+
+
+def test_cuda_rng_state_is_restored(monkeypatch) -> None:
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": __import__("random").getstate(),
+           "cuda": ["sentinel"]}
+    train_lora.restore_rng(rng)
+    assert restored == [["sentinel"]]
+
+
+def test_deterministic_option_sets_deterministic_kernels_for_the_run_only(setup, monkeypatch) -> None:
+    seen = []
+    real_setup = train_lora.setup_run
+
+    def spy(*args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic))
+        return real_setup(*args, **kwargs)
+
+    monkeypatch.setattr(train_lora, "setup_run", spy)
+    summary = run(setup, setup["root"] / "deterministic", "training.deterministic=true", "training.max_train_steps=1")
+    assert seen == [(True, True)] and summary["deterministic"] is True
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_gpu_levers_follow_config_on_cuda_and_stay_off_on_cpu() -> None:
+    on = {"allow_tf32": True, "cudnn_benchmark": True, "channels_last": True, "compile_unet": True, "compile_sampling": True}
+    assert not any(lora_training.gpu_levers(on, torch.device("cpu"), False).values())
+    assert lora_training.gpu_levers(on, torch.device("cuda"), False) == on
+    assert lora_training.gpu_levers(on, torch.device("cuda"), True)["cudnn_benchmark"] is False
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
+    with lora_training.hardware_settings(lora_training.gpu_levers(on, torch.device("cuda"), False), False):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark) == before
+
+
+def test_pad_crop_keeps_the_whole_film(tmp_path) -> None:
+    from PIL import Image
+
+    from workflow_scripts.xray_dataset import to_model_tensor
+
+    film = np.zeros((100, 80), dtype=np.uint8)
+    film[:6] = 255  # an apex at the very top of a portrait film
+    image = Image.fromarray(film)
+    assert to_model_tensor(image, 32, "center").max() < 0  # centre-crop cut the top away
+    padded = to_model_tensor(image, 32, "pad")
+    assert padded.shape == (3, 32, 32) and padded[0, 0].max() > 0.9  # still there
+    assert padded[0, :, 0].max() == -1  # black bars left and right

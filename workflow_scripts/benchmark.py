@@ -5,21 +5,26 @@
     python -m workflow_scripts.benchmark --quick               # smallest settings (the test)
 
 What it measures, all on the same model, compute dtype, resolution and LoRA config (peft, rank 4,
-UNET_LORA_TARGETS, one shared AdamW from `train_lora.make_optimizer`):
+UNET_LORA_TARGETS, one shared AdamW from `lora_training.make_optimizer`):
 
 1. training images/s of two loops, alternated repeat by repeat (ours, reference, ours, ...) after
    warm-up steps; the speed-up is the median of the per-repeat ratios ours / reference:
-   - *ours*: the project's loop (`train_lora`): latents sampled from cached VAE distributions, cached
-     prompt embeddings, `train_lora.diffusion_loss`, per-step seeded generator, host sync every
-     LOG_EVERY steps;
+   - *ours*: the code that trains — `lora_training`'s phases as `train_lora` runs them
+     (`build_trainable_model`, the fp16 memory-mapped `LatentCache` in device or host mode,
+     `Prompts`, `LoraLoop.micro_step` under accelerate, `optimizer_step_done`, host sync every
+     LOG_EVERY steps);
    - *reference*: the diffusers example `train_text_to_image_lora.py`: every step encodes the batch's
      pixels with the VAE (`latent_dist.sample() * scaling_factor`) and its token ids with the text
      encoder, then noise / timestep / UNet / MSE / backward / clip / AdamW, and reads the loss back
      every step (`train_loss += avg_loss.item()`). Its pixels and token ids already sit on the device
-     (no data loading is timed), which favours the reference;
+     (no data loading is timed), which favours the reference. Both loops keep each epoch's order on
+     the device, as train_lora does;
+   then, beside these figures, ours with each GPU lever (`hardware:` keys allow_tf32,
+   cudnn_benchmark, channels_last, compile_unet) added alone (CUDA only; n/a on CPU);
 2. sampling images/s (classifier-free guidance 7.5, DPM-Solver++, VAE decode included) at several
-   step counts and batch sizes, with a StableDiffusionPipeline built from the same components (the
-   UNet keeps its LoRA attached, unfused, as `generate_xrays` samples);
+   step counts and batch sizes, with a StableDiffusionPipeline built from the same components: with
+   the LoRA attached (the old way), then fused as `generate_xrays` samples (and compiled with
+   `--compile-sampling` on CUDA);
 3. peak memory of a training step at batch 1 with and without gradient checkpointing
    (`torch.cuda.max_memory_allocated` on a GPU; on a CPU the sampled peak of the process RSS above
    its level before the step, which is approximate and says so);
@@ -41,14 +46,11 @@ import datetime
 import gc
 import json
 import logging
-import math
 import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,17 +62,18 @@ from tqdm import tqdm
 
 from workflow_scripts.base_model import (NIH_LABELS, PROMPT_TEMPLATE, SD15_ARCH_CANDIDATES, build_tiny_pipeline,
                                          load_components)
-from workflow_scripts.train_lora import (LOG_EVERY, UNET_LORA_TARGETS, add_lora, diffusion_loss, epoch_order,
-                                         library_versions, make_optimizer, step_generator, tokenize)
+from workflow_scripts.lora_training import (GIB, LOG_EVERY, UNET_LORA_TARGETS, LatentCache, LoraLoop, Prompts,
+                                            build_trainable_model, compile_settings, encode_latent_cache, epoch_order,
+                                            gpu_levers, hardware_settings, make_optimizer, tokenize)
+from workflow_scripts.bench_machine import (RssSampler, machine_info, matmul_peak_tflops,  # noqa: F401
+                                            register_cpu_attention_flops, release_host_memory, synchronize)
+from workflow_scripts.bench_report import GUIDANCE, REFERENCE_TFLOP_PER_IMAGE, SCHEDULER, finite, render, speedup_line
+from workflow_scripts.train_lora import library_versions
 
 SEED = 0
 LEARNING_RATE = 1e-4  # the diffusers example's default; the value does not change the speed
 MAX_GRAD_NORM = 1.0
-GUIDANCE = 7.5
-SCHEDULER = "dpmsolver++"
 NUM_PROMPTS = 8  # distinct prompts in the synthetic training set (the project has one per label set)
-# Model FLOPs per image of SD 1.5 at 512 px (shared/REFERENCES.md), for comparison with the count.
-REFERENCE_TFLOP_PER_IMAGE = {"ours": 1.6, "reference": 2.7}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -103,8 +106,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gen-repeats", type=int, help="timed pipeline calls per setting (default 2)")
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--channels-last", action="store_true", help="lever: channels-last UNet and VAE")
-    parser.add_argument("--compile", action="store_true", help="lever: torch.compile the UNet (slow warm-up)")
+    parser.add_argument("--tf32", action="store_true", help="lever hardware.allow_tf32 in the main figures (CUDA only)")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="lever hardware.cudnn_benchmark (CUDA only)")
+    parser.add_argument("--channels-last", action="store_true", help="lever hardware.channels_last (CUDA only)")
+    parser.add_argument("--compile", action="store_true", help="lever hardware.compile_unet: torch.compile the UNet (CUDA only)")
+    parser.add_argument("--compile-sampling", action="store_true", help="lever hardware.compile_sampling (CUDA only)")
+    parser.add_argument("--skip-levers", action="store_true", help="skip the one-lever-at-a-time training figures")
+    parser.add_argument("--cache-budget-gb", type=float, default=4.0,
+                        help="hardware.latent_cache_device_budget_gb (0: the host-memory path)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch during the run (default: torch's own)")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     parser.add_argument("--quick", action="store_true", help="smallest settings (for tests)")
@@ -137,8 +146,8 @@ class Settings:
     gen_repeats: int
     memory_steps: int
     matmul_size: int
-    channels_last: bool
-    compile: bool
+    levers: dict[str, bool]
+    cache_budget_gb: float
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
@@ -168,36 +177,10 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         gen_repeats=args.gen_repeats or (1 if quick else 2),
         memory_steps=1 if quick else 3,
         matmul_size=(8192 if gpu else 256 if quick else 1024),
-        channels_last=args.channels_last, compile=args.compile,
+        levers=gpu_levers({"allow_tf32": args.tf32, "cudnn_benchmark": args.cudnn_benchmark, "channels_last": args.channels_last,
+                           "compile_unet": args.compile, "compile_sampling": args.compile_sampling}, device, False),
+        cache_budget_gb=args.cache_budget_gb,
     )
-
-
-# ----------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": device.type, "gpu": None, "platform": platform.platform()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=torch.cuda.get_device_name(device), gpu_memory_bytes=props.total_memory,
-                    cuda=torch.version.cuda)
-    return info
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -265,27 +248,34 @@ def count_params(module: torch.nn.Module, trainable: bool = False) -> int:
 
 
 class Bench:
-    """One model, one optimizer, a synthetic training set, and a step function per loop."""
+    """One model, one optimizer, a synthetic training set, and a step function per loop. Ours is
+    `lora_training`'s code, the very phases `train_lora` runs; the reference is typed out below."""
 
-    def __init__(self, model: Model, settings: Settings):
+    def __init__(self, model: Model, settings: Settings, scratch: Path):
+        from accelerate import Accelerator
+        from diffusers.optimization import get_scheduler
+
         self.s = settings
         self.device, self.dtype = settings.device, settings.dtype
         self.unet, self.vae, self.text_encoder = model.unet, model.vae, model.text_encoder
         self.noise_scheduler = model.noise_scheduler
         self.scaling = self.vae.config.scaling_factor
         device, dtype = self.device, self.dtype
+        mixed = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
 
-        # Model as train_lora sets it up: frozen weights in the compute dtype, LoRA weights in fp32.
-        torch.manual_seed(SEED)
-        add_lora(self.unet, settings.lora_rank, settings.lora_rank, UNET_LORA_TARGETS)
-        cast(self.unet, device, dtype)
+        # 1. the trainable model, as train_lora builds it (levers applied later, after the FLOP count).
+        training = {"seed": SEED, "gradient_checkpointing": False, "use_8bit_adam": False, "learning_rate": LEARNING_RATE,
+                    "adam_weight_decay": 1e-2, "train_batch_size": settings.batch_size, "gradient_accumulation_steps": 1,
+                    "max_grad_norm": MAX_GRAD_NORM, "snr_gamma": None, "noise_offset": 0.0}
+        model_cfg = {"lora_rank": settings.lora_rank, "lora_alpha": settings.lora_rank, "train_text_encoder": False}
+        no_levers = dict.fromkeys(("allow_tf32", "cudnn_benchmark", "channels_last", "compile_unet", "compile_sampling"), False)
+        with quiet_casts():
+            trained = build_trainable_model(model, model_cfg, training, {"enable_xformers": False}, no_levers, device, dtype)
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
-        for param in self.params:
-            param.data = param.data.float()
-        cast(self.text_encoder.requires_grad_(False), device, dtype)
-        cast(self.vae.requires_grad_(False), device, torch.float32)  # fp32 for the one-time cache, as train_lora
-        self.optimizer = make_optimizer(self.params, {"use_8bit_adam": False, "learning_rate": LEARNING_RATE,
-                                                      "adam_weight_decay": 1e-2}, device)
+        self.optimizer = make_optimizer(self.params, training, device)
+        lr_scheduler = get_scheduler("constant", optimizer=self.optimizer)
+        unet, optimizer = self.accelerator.prepare(trained["unet"], self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
         # A synthetic training set: random pixels in [-1, 1] and a few distinct prompts.
@@ -299,30 +289,29 @@ class Bench:
             vocab = self.text_encoder.config.vocab_size
             prompt_ids = torch.randint(0, vocab, (NUM_PROMPTS, self.text_encoder.config.max_position_embeddings),
                                        generator=generator)
-        self.prompt_index = (torch.arange(self.pool) % len(prompt_ids)).to(device)
-        self.input_ids = prompt_ids.to(device)[self.prompt_index]  # what the reference's dataset yields per image
+        index = [i % len(prompt_ids) for i in range(self.pool)]
+        self.input_ids = prompt_ids.to(device)[torch.tensor(index, device=device)]  # what the reference's dataset yields
 
-        # Ours: the one-time caches (VAE latent distributions, one embedding per distinct prompt).
+        # 2. ours: the one-time caches (fp16 memory-mapped VAE latent distributions, one embedding per prompt).
         synchronize(device)
         started = time.perf_counter()
-        means, stds = [], []
-        with torch.no_grad():
-            for chunk in pixels.split(settings.batch_size):
-                dist = self.vae.encode(chunk.to(device)).latent_dist
-                means.append(dist.mean.float())
-                stds.append(dist.std.float())
-            with self.autocast():
-                self.cached_embeds = self.text_encoder(prompt_ids.to(device))[0].to(dtype)
-        self.latent_mean, self.latent_std = torch.cat(means), torch.cat(stds)
+        batches = ((chunk, [""] * len(chunk)) for chunk in pixels.split(settings.batch_size))
+        folder = encode_latent_cache(self.vae, batches, self.pool, scratch / "latents", device)
+        cache = LatentCache(folder, device, budget_bytes=settings.cache_budget_gb * GIB)
+        prompts = Prompts.from_ids(index, prompt_ids, self.text_encoder, device, dtype, False, self.accelerator.autocast)
         synchronize(device)
         self.cache_seconds = time.perf_counter() - started
+        self.cache_mode = cache.mode
+        # 3./4. the step and the optimizer-step phase train_lora runs.
+        self.loop = LoraLoop(self.accelerator, unet, self.text_encoder, self.noise_scheduler, {"unet": unet}, optimizer,
+                             lr_scheduler, cache, prompts, self.scaling, training)
+        self.loops = {settings.batch_size: self.loop}
 
         # The reference runs VAE and text encoder in the compute dtype every step (weight_dtype in the example).
         cast(self.vae, dtype)
         self.pixels = pixels.to(device, dtype)
         self.step_counts = {"ours": 0, "reference": 0}
-        self.loss_sum = torch.zeros((), device=device)
-        self.loss_count = 0
+        self.orders: dict[tuple[str, int], tuple[int, torch.Tensor]] = {}
         self.last_loss = float("nan")
 
     def autocast(self):
@@ -330,48 +319,40 @@ class Bench:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def apply_levers(self) -> None:
-        if self.s.channels_last:
+    def apply_levers(self, levers: dict[str, bool]) -> None:
+        """The training levers as train_lora applies them (`hardware:` keys); TF32 and cudnn.benchmark
+        are process flags set by the caller."""
+        if levers.get("channels_last"):
             cast(self.unet, memory_format=torch.channels_last)
             cast(self.vae, memory_format=torch.channels_last)
             self.pixels = self.pixels.contiguous(memory_format=torch.channels_last)
-        if self.s.compile:
-            import torch._dynamo as dynamo
-
-            # one graph per shape and dtype met (training batch, batch 1 with and without checkpointing,
-            # sampling batches): more than dynamo's default limit, past which it would fall back to eager
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(dynamo.config, name):
-                    setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
+        if levers.get("compile_unet"):
+            compile_settings()
             self.unet.compile()
 
+    def ours_loop(self, batch: int) -> LoraLoop:
+        if batch not in self.loops:
+            self.loops[batch] = self.loop.with_batch_size(batch)
+        return self.loops[batch]
+
     def indices(self, loop: str, batch: int) -> torch.Tensor:
-        """The batch of a step as train_lora picks it: a seeded permutation per epoch."""
+        """The reference's batch as train_lora picks it: a seeded permutation per epoch, kept on the device."""
         step = self.step_counts[loop]
-        per_epoch = self.pool // batch
-        epoch, slot = divmod(step, per_epoch)
-        return epoch_order(self.pool, SEED, epoch)[slot * batch:(slot + 1) * batch].to(self.device)
+        epoch, slot = divmod(step, self.pool // batch)
+        cached = self.orders.get((loop, batch))
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, epoch_order(self.pool, SEED, epoch).to(self.device))
+            self.orders[(loop, batch)] = cached
+        return cached[1][slot * batch:(slot + 1) * batch]
 
-    # -- ours: train_lora's step
-    def ours_loss(self, batch: int) -> torch.Tensor:
-        indices = self.indices("ours", batch)
-        generator = step_generator(SEED, self.step_counts["ours"], 0, self.device)
-        mean = self.latent_mean[indices]
-        latents = mean + self.latent_std[indices] * torch.randn(mean.shape, generator=generator, device=self.device)
-        latents = (latents * self.scaling).to(self.dtype)
-        with self.autocast():
-            embeds = self.cached_embeds[self.prompt_index[indices]]
-            return diffusion_loss(self.unet, self.noise_scheduler, latents, embeds, generator, None, 0.0)
-
+    # -- ours: train_lora's phases
     def ours_step(self, batch: int) -> None:
-        loss = self.ours_loss(batch)
-        self.optimize(loss, set_to_none=True)
-        self.loss_sum += loss.detach()
-        self.loss_count += 1
+        loop = self.ours_loop(batch)
+        loop.micro_step(self.step_counts["ours"])
+        loop.optimizer_step_done()
         self.step_counts["ours"] += 1
         if self.step_counts["ours"] % LOG_EVERY == 0:  # train_lora's host sync every LOG_EVERY steps
-            self.last_loss = (self.loss_sum / self.loss_count).item()
-            self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0
+            self.last_loss = loop.mean_loss()
 
     # -- reference: the diffusers example's step
     def reference_loss(self, batch: int) -> torch.Tensor:
@@ -394,10 +375,6 @@ class Bench:
     def reference_step(self, batch: int) -> None:
         loss = self.reference_loss(batch)
         self.last_loss = loss.detach().item()  # the example's `train_loss += avg_loss.item()` every step
-        self.optimize(loss, set_to_none=False)
-        self.step_counts["reference"] += 1
-
-    def optimize(self, loss: torch.Tensor, set_to_none: bool) -> None:
         if self.scaler is not None:  # fp16: loss scaling, as accelerate does
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -408,7 +385,8 @@ class Bench:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.optimizer.zero_grad(set_to_none=False)
+        self.step_counts["reference"] += 1
 
     def step(self, loop: str, batch: int) -> None:
         (self.ours_step if loop == "ours" else self.reference_step)(batch)
@@ -432,97 +410,25 @@ class Bench:
         register_cpu_attention_flops()
         self.unet.train()
         with FlopCounterMode(display=False) as counter:
-            loss = self.ours_loss(batch) if loop == "ours" else self.reference_loss(batch)
+            loss = self.ours_loop(batch).loss(self.step_counts["ours"]) if loop == "ours" else self.reference_loss(batch)
             loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
         return int(counter.get_total_flops())
 
 
-def register_cpu_attention_flops() -> None:
-    """FlopCounterMode knows SDPA's CUDA kernels but not the CPU one: count it with the same formula."""
-    from torch.utils import flop_counter
-
-    aten = torch.ops.aten
-    pairs = [(getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None), flop_counter.sdpa_flop_count),
-             (getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None),
-              flop_counter.sdpa_backward_flop_count)]
-    for op, formula in pairs:
-        if op is None or op in flop_counter.flop_registry:
-            continue
-
-        def shaped(*args, _formula=formula, out_shape=None, **kwargs):
-            return _formula(*args[:4 if _formula is flop_counter.sdpa_backward_flop_count else 3])
-
-        flop_counter.register_flop_formula(op)(shaped)
-
-
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int) -> dict[str, Any]:
-    """Achieved TFLOP/s of a large square matmul: the practical peak the training step is measured against."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        torch.matmul(a, b)
-    synchronize(device)
-    iterations, seconds = 0, 0.0
-    budget = 2.0 if device.type == "cuda" else 0.5
-    started = time.perf_counter()
-    while seconds < budget or iterations < 3:
-        torch.matmul(a, b)
-        iterations += 1
-        if device.type == "cuda" and iterations % 10:
-            continue
-        synchronize(device)
-        seconds = time.perf_counter() - started
-    synchronize(device)
-    seconds = time.perf_counter() - started
-    del a, b
-    return {"tflops": 2 * size**3 * iterations / seconds / 1e12, "size": size,
-            "dtype": str(dtype).removeprefix("torch."), "iterations": iterations}
+@contextlib.contextmanager
+def quiet_casts():
+    """diffusers logs a warning on every dtype cast of a model, even with nothing to keep in fp32."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # ----------------------------------------------------------------------------- memory
-
-
-def current_rss() -> int | None:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def release_host_memory() -> None:
-    gc.collect()
-    try:  # hand freed heap memory back to the OS so the RSS baseline is the live set
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class RssSampler:
-    """Peak resident set size while a block runs, polled every few ms (short spikes can be missed)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def __enter__(self) -> RssSampler:
-        self.baseline = current_rss() or 0
-        self.peak = self.baseline
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, current_rss() or 0)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, current_rss() or 0)
 
 
 def measure_memory(bench: Bench, settings: Settings, progress: tqdm) -> dict[str, Any]:
@@ -573,51 +479,101 @@ def measure_memory(bench: Bench, settings: Settings, progress: tqdm) -> dict[str
 # ----------------------------------------------------------------------------- generation
 
 
+TRAINING_LEVERS = ("allow_tf32", "cudnn_benchmark", "channels_last", "compile_unet")
+
+
+def measure_levers(bench: Bench, settings: Settings, baseline: float) -> dict[str, Any]:
+    """Ours' training images/s with each `hardware:` lever added alone to the main run's settings.
+    The levers apply on CUDA only (train_lora keeps them off on CPU), so a CPU run reports none."""
+    if settings.device.type != "cuda":
+        return {"rows": [{"lever": lever, "applied": False, "images_per_second": None} for lever in TRAINING_LEVERS],
+                "baseline_images_per_second": baseline,
+                "note": "n/a on CPU: the hardware levers apply on CUDA only and train_lora keeps them off on CPU"}
+    rows, batch = [], settings.batch_size
+    for lever in TRAINING_LEVERS:
+        if settings.levers[lever]:
+            rows.append({"lever": lever, "applied": True, "images_per_second": baseline, "note": "on in the main run"})
+            continue
+        levers = {**settings.levers, lever: True}
+        with hardware_settings(levers, False):
+            bench.apply_levers({lever: True})
+            synchronize(settings.device)
+            started = time.perf_counter()
+            bench.run("ours", batch, max(settings.warmup, 1))  # warm-up (autotuning, compilation)
+            warmup_seconds = time.perf_counter() - started
+            seconds = bench.run("ours", batch, settings.steps)
+            if lever == "channels_last":
+                cast(bench.unet, memory_format=torch.contiguous_format)
+                cast(bench.vae, memory_format=torch.contiguous_format)
+        rows.append({"lever": lever, "applied": True, "images_per_second": batch * settings.steps / seconds,
+                     "speedup_vs_main": batch * settings.steps / seconds / baseline, "warmup_seconds": warmup_seconds})
+    return {"rows": rows, "baseline_images_per_second": baseline,
+            "note": "each lever added alone to the main run's settings; compile_unet measured last and left applied"}
+
+
 def measure_generation(model: Model, bench: Bench, settings: Settings, progress: tqdm) -> list[dict[str, Any]]:
+    """Sampling with the LoRA attached (as before), then fused as generate_xrays samples (and, where
+    hardware.compile_sampling applies, compiled)."""
     from diffusers import StableDiffusionPipeline
 
     from workflow_scripts.generate_xrays import make_scheduler
 
-    device = settings.device
-    unet = bench.unet
-    cast(unet, settings.dtype)  # the LoRA too: generate_xrays loads the whole pipeline in the compute dtype
+    unet = bench.accelerator.unwrap_model(bench.unet)
+    with quiet_casts():
+        cast(unet, settings.dtype)  # the LoRA too: the pipeline samples in the compute dtype
     unet.eval()
     pipe = StableDiffusionPipeline(vae=bench.vae, text_encoder=bench.text_encoder, tokenizer=model.tokenizer,
                                    unet=unet, scheduler=make_scheduler(SCHEDULER, model.noise_scheduler.config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     prompt = PROMPT_TEMPLATE.format(label=NIH_LABELS[0])
+    variants = ["lora attached", "lora fused"] + (["lora fused, compiled"] if settings.levers["compile_sampling"] else [])
     rows = []
-    for batch in settings.gen_batch_sizes:
-        if model.tokenizer is not None:
-            inputs: dict[str, Any] = {"prompt": [prompt] * batch, "negative_prompt": [""] * batch}
-        else:  # no tokenizer for SD 1.5 here: embeddings of random token ids (a text encoder pass is ~0.1% of the work)
-            with torch.inference_mode():
-                embeds = bench.text_encoder(bench.input_ids[:1])[0]
-            inputs = {"prompt_embeds": embeds.expand(batch, -1, -1).clone(),
-                      "negative_prompt_embeds": torch.zeros_like(embeds).expand(batch, -1, -1).clone()}
+    for variant in variants:
+        if variant == "lora fused":
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()  # generate_xrays: fused weights, no adapter layers
+        elif variant.endswith("compiled"):
+            compile_settings()
+            pipe.unet.compile()
+        for batch in settings.gen_batch_sizes:
+            rows += time_sampling(pipe, bench, model, settings, batch, variant, prompt, progress)
+    return rows
 
-        def call(steps: int) -> None:
-            generators = [torch.Generator(device=device).manual_seed(SEED + i) for i in range(batch)]
-            with torch.inference_mode():
-                pipe(**inputs, num_inference_steps=steps, guidance_scale=GUIDANCE, height=settings.resolution,
-                     width=settings.resolution, generator=generators, output_type="np")
 
-        call(2)  # warm-up at this batch size (allocator, autotuning, compile)
-        for steps in settings.gen_steps:
-            times = []
-            for _ in range(settings.gen_repeats):
-                synchronize(device)
-                started = time.perf_counter()
-                call(steps)
-                synchronize(device)
-                times.append(time.perf_counter() - started)
-                progress.update(1)
-            seconds = statistics.median(times)
-            rows.append({"steps": steps, "batch_size": batch, "images_per_second": batch / seconds,
-                         "seconds_per_batch": seconds, "per_repeat_seconds": times, "guidance": GUIDANCE,
-                         "scheduler": SCHEDULER, "vae_decode": True,
-                         "prompt_input": "prompt text" if model.tokenizer is not None else "prompt_embeds"})
+def time_sampling(pipe, bench: Bench, model: Model, settings: Settings, batch: int, variant: str, prompt: str,
+                  progress: tqdm) -> list[dict[str, Any]]:
+    device = settings.device
+    if model.tokenizer is not None:
+        inputs: dict[str, Any] = {"prompt": [prompt] * batch, "negative_prompt": [""] * batch}
+    else:  # no tokenizer for SD 1.5 here: embeddings of random token ids (a text encoder pass is ~0.1% of the work)
+        with torch.inference_mode():
+            embeds = bench.text_encoder(bench.input_ids[:1])[0]
+        inputs = {"prompt_embeds": embeds.expand(batch, -1, -1).clone(),
+                  "negative_prompt_embeds": torch.zeros_like(embeds).expand(batch, -1, -1).clone()}
+
+    def call(steps: int) -> None:
+        generators = [torch.Generator(device=device).manual_seed(SEED + i) for i in range(batch)]
+        with torch.inference_mode():
+            pipe(**inputs, num_inference_steps=steps, guidance_scale=GUIDANCE, height=settings.resolution,
+                 width=settings.resolution, generator=generators, output_type="np")
+
+    call(2)  # warm-up at this batch size (allocator, autotuning, compile)
+    rows = []
+    for steps in settings.gen_steps:
+        times = []
+        for _ in range(settings.gen_repeats):
+            synchronize(device)
+            started = time.perf_counter()
+            call(steps)
+            synchronize(device)
+            times.append(time.perf_counter() - started)
+            progress.update(1)
+        seconds = statistics.median(times)
+        rows.append({"variant": variant, "steps": steps, "batch_size": batch, "images_per_second": batch / seconds,
+                     "seconds_per_batch": seconds, "per_repeat_seconds": times, "guidance": GUIDANCE,
+                     "scheduler": SCHEDULER, "vae_decode": True, "dtype": str(settings.dtype).removeprefix("torch."),
+                     "prompt_input": "prompt text" if model.tokenizer is not None else "prompt_embeds"})
     return rows
 
 
@@ -630,13 +586,14 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="benchmark-"))
     try:
         model = load_model(args, settings, scratch)
-        return _benchmark(args, settings, model, device)
+        with hardware_settings(settings.levers, False):
+            return _benchmark(args, settings, model, device, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, device: torch.device) -> dict[str, Any]:
-    bench = Bench(model, settings)
+def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, device: torch.device, scratch: Path) -> dict[str, Any]:
+    bench = Bench(model, settings, scratch)
     batch = settings.batch_size
     result: dict[str, Any] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -652,12 +609,13 @@ def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, devic
         "resolution": settings.resolution,
         "batch_size": batch,
         "lora": {"rank": settings.lora_rank, "alpha": settings.lora_rank, "targets": UNET_LORA_TARGETS},
-        "levers": {"channels_last": settings.channels_last, "compile": settings.compile},
+        "levers": settings.levers,
+        "latent_cache_mode": bench.cache_mode,
     }
 
     # FLOPs of one step of each loop, counted eagerly before any lever changes the model.
     flops = {loop: bench.count_flops(loop, batch) for loop in ("ours", "reference")}
-    bench.apply_levers()
+    bench.apply_levers(settings.levers)
 
     # 1. training: warm-up, then alternating repeats.
     total = 2 * settings.warmup + 2 * settings.steps * settings.repeats
@@ -700,91 +658,16 @@ def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, devic
         with tqdm(total=4, desc="memory (batch 1)", unit="setting", file=sys.stderr, dynamic_ncols=True) as progress:
             result["memory"] = measure_memory(bench, settings, progress)
 
-    # 2. generation (last: it casts the LoRA weights to the compute dtype).
+    # The GPU levers one at a time beside the figures above (after memory: compile stays applied).
+    if not args.skip_levers:
+        result["lever_sweep"] = measure_levers(bench, settings, training["ours"]["images_per_second"])
+
+    # 2. generation (last: it casts the LoRA weights to the compute dtype, then fuses them).
     if not args.skip_generation:
-        total = len(settings.gen_batch_sizes) * len(settings.gen_steps) * settings.gen_repeats
+        total = len(settings.gen_batch_sizes) * len(settings.gen_steps) * settings.gen_repeats * (3 if settings.levers["compile_sampling"] else 2)
         with tqdm(total=total, desc="generation", unit="call", file=sys.stderr, dynamic_ncols=True) as progress:
             result["generation"] = measure_generation(model, bench, settings, progress)
     return result
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _mib(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / 2**20:,.1f} MiB"
-
-
-def _num(value: float) -> str:
-    return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.1f}"
-
-
-def render(result: dict[str, Any]) -> str:
-    machine, training, compute = result["machine"], result["training"], result["compute"]
-    lines = ["# LoRA training and sampling benchmark", "", "| | |", "|---|---|"]
-    device = machine["gpu"] if machine["gpu"] else f"CPU ({machine['torch_threads']} torch threads)"
-    facts = [("date", result["date"]), ("device", device), ("CPU", f"{machine['cpu']} ({machine['cpu_cores']} cores)"),
-             ("torch", result["versions"]["torch"]), ("diffusers", result["versions"]["diffusers"]),
-             ("model", f"{result['model']}: {result['model_source']}"),
-             ("parameters", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in result["parameters"].items())),
-             ("dtype", result["dtype"] + (" (autocast)" if result["autocast"] else "")),
-             ("resolution", f"{result['resolution']} px"), ("training batch size", result["batch_size"]),
-             ("LoRA", f"rank {result['lora']['rank']}, alpha {result['lora']['alpha']}, {'/'.join(result['lora']['targets'])}"),
-             ("levers", ", ".join(k for k, v in result["levers"].items() if v) or "none"),
-             ("timing", f"{training['steps_per_repeat']} steps x {training['repeats']} alternating repeats per loop, "
-                        f"{training['warmup_steps']} warm-up steps each")]
-    lines += [f"| {k} | {v} |" for k, v in facts]
-
-    peak = compute["matmul_peak"]
-    lines += ["", f"## Training (batch {result['batch_size']}, {result['resolution']} px, {result['dtype']})", "",
-              "| loop | images/s (median) | per repeat | s/step | TFLOP/image (counted) | achieved TFLOP/s | of matmul peak |",
-              "|---|---|---|---|---|---|---|"]
-    names = {"ours": "ours (cached latents + embeddings)", "reference": "reference (VAE + text encoder every step)"}
-    for loop in ("ours", "reference"):
-        row = training[loop]
-        lines.append(f"| {names[loop]} | {_num(row['images_per_second'])} | "
-                     + " ".join(_num(v) for v in row["per_repeat_images_per_second"])
-                     + f" | {row['seconds_per_step']:.4f} | {row['tflop_per_image']:.4g} | {row['achieved_tflops']:.4g} | "
-                     f"{100 * row['fraction_of_matmul_peak']:.1f}% |")
-    lines += ["", f"Speed-up ours / reference, median of per-repeat ratios: **{training['speedup']:.2f}x** "
-                  f"(ratios {' '.join(f'{r:.2f}' for r in training['per_repeat_ratios'])}). "
-                  f"Ours' one-time cache of {training['cached_images']} images took {training['one_time_cache_seconds']:.2f} s "
-                  "(not in the timed loop).",
-              f"Matmul peak: {peak['tflops']:.3g} TFLOP/s ({peak['size']}^3 {peak['dtype']} torch.matmul). "
-              f"FLOPs: {compute['flop_counter']}; shared/REFERENCES.md gives "
-              f"{REFERENCE_TFLOP_PER_IMAGE['ours']} (cached) and {REFERENCE_TFLOP_PER_IMAGE['reference']} (VAE every step) "
-              "TFLOP/image for SD 1.5 at 512 px."]
-
-    if "generation" in result:
-        lines += ["", f"## Generation (CFG {GUIDANCE}, {SCHEDULER}, VAE decode included, LoRA attached)", "",
-                  "| steps | batch | images/s | s/batch |", "|---|---|---|---|"]
-        for row in result["generation"]:
-            lines.append(f"| {row['steps']} | {row['batch_size']} | {_num(row['images_per_second'])} | {row['seconds_per_batch']:.3f} |")
-    if "memory" in result:
-        lines += ["", "## Peak memory of a training step (batch 1)", "",
-                  "| loop | gradient checkpointing | GPU peak allocated | GPU above resident | CPU RSS peak delta |",
-                  "|---|---|---|---|---|"]
-        for row in result["memory"]["rows"]:
-            lines.append(f"| {row['loop']} | {'on' if row['gradient_checkpointing'] else 'off'} | "
-                         f"{_mib(row['gpu_peak_allocated_bytes'])} | {_mib(row['gpu_peak_above_resident_bytes'])} | "
-                         f"{_mib(row['cpu_rss_peak_delta_bytes'])} |")
-        lines += ["", f"Note: {result['memory']['note']}."]
-    return "\n".join(lines)
-
-
-def finite(value: Any) -> Any:
-    """NaN and infinities (a diverged random-weight fp16 loss, say) as null: strict JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(item) for item in value]
-    return value
-
-
-def speedup_line(result: dict[str, Any]) -> str:
-    return f"train speed-up vs reference: {result['training']['speedup']:.2f}x"
 
 
 def main(argv: list[str] | None = None) -> int:

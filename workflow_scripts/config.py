@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 # gets exactly this (and re-runs when it changes); the stage cannot read anything else.
 STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "prepare_dataset": ("dataset", "split", "balance", "prompt"),
-    "verify_dataset": ("dataset", "verify", "model.resolution"),
+    "verify_dataset": ("dataset", "verify", "model.resolution", "model.crop"),
     "train_lora": ("dataset", "split", "balance", "prompt", "model", "training", "hardware"),
     "plan_generation": ("dataset", "prompt", "generation", "classifier.ratios", "classifier.pool_headroom"),
     "generate_label": ("dataset", "prompt", "model", "generation", "hardware", "training.mixed_precision",

@@ -8,7 +8,9 @@
 (`--pretrained-model` overrides). Images go to `<output-dir>/<key>/<key>_<0000>.png` (8-bit grayscale
 at the model resolution), where key is the label (`No_Finding`) or combination (`Effusion+Mass`),
 with `generation_results.csv` beside them: file, prompt, labels, seed, steps, guidance, scheduler,
-checkpoint. Every image has its own recorded seed, so any one image can be regenerated alone, and
+checkpoint, dtype, device (the same settings give the same image on the same kind of device and
+dtype). The LoRA is fused into the base weights (in fp32, then cast to the sampling dtype), so
+sampling costs what the base model costs. Every image has its own recorded seed, so any one image can be regenerated alone, and
 a re-run makes only the images that are missing. Sampling settings default to the config's
 `generation:` section; flags override them.
 """
@@ -39,7 +41,7 @@ from workflow_scripts.faults import maybe_fail
 from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, label_counts, load_split, make_prompt, read_csv_checked
 from workflow_scripts.study import pool_size_needed
 
-RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint"]
+RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint", "dtype", "device"]
 PLAN_COLUMNS = ["key", "labels", "prompt", "count"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KEY_JOIN = "+"
@@ -155,19 +157,24 @@ def make_scheduler(name: str, config: dict[str, Any]):
 
 def load_generator(checkpoint: Path, pretrained: str | None, tiny_dir: Path, scheduler: str,
                    hardware: dict[str, Any], dtype: torch.dtype, device: torch.device):
-    """The base pipeline with the LoRA applied; refuses a LoRA that does not fit the base model."""
+    """The base pipeline with the LoRA fused into its weights; refuses a LoRA that does not fit the base model.
+
+    Loaded and fused in fp32 (the LoRA delta added once to full-precision weights), then cast to
+    the sampling dtype, and the adapter layers removed: no LoRA call per UNet step."""
     lora_dir, recorded_base = lora_checkpoint(checkpoint)
     base = pretrained or recorded_base
     if base is None:
         raise GenerationError(f"{lora_dir} does not record its base model; pass --pretrained-model")
-    pipe = load_pipeline(base, tiny_dir, dtype)
+    pipe = load_pipeline(base, tiny_dir, torch.float32)
     try:
-        pipe.load_lora_weights(lora_dir)
+        pipe.load_lora_weights(lora_dir, weight_name=LORA_FILE)
     except (ValueError, RuntimeError, KeyError) as error:
         raise GenerationError(f"the LoRA in {lora_dir} (trained on {recorded_base}) does not fit base model {base}: "
                               f"{str(error).splitlines()[0][:300]}") from None
     if not getattr(pipe.unet, "peft_config", None):
         raise GenerationError(f"no weight of the LoRA in {lora_dir} matched base model {base}: it was trained on {recorded_base}")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if hardware["enable_attention_slicing"]:
         pipe.enable_attention_slicing()
@@ -176,13 +183,28 @@ def load_generator(checkpoint: Path, pretrained: str | None, tiny_dir: Path, sch
     if hardware["enable_xformers"]:
         pipe.enable_xformers_memory_efficient_attention()
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), base, lora_dir
+    pipe = pipe.to(device)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    if device.type == "cuda" and hardware["compile_sampling"]:
+        from workflow_scripts.lora_training import compile_settings
+
+        compile_settings()
+        pipe.unet.compile()
+    return pipe, base, lora_dir
 
 
-def compute_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+GENERATION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def generation_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The sampling dtype: fp32 on CPU (half precision there is slow and gains nothing); on a GPU the
+    `generation.dtype` key, whose `auto` is bf16 where supported, else fp16, whatever the training precision."""
     if device.type != "cuda":
-        return torch.float32  # half precision on CPU is slow and gains nothing here
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+        return torch.float32
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return GENERATION_DTYPES[setting]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -230,9 +252,14 @@ def generate_key(pipe, key: str, labels: list[str], prompt: str, count: int, out
     results = pd.DataFrame({
         "file": [str(file) for file in files], "prompt": prompt, "labels": LABEL_JOIN.join(labels), "seed": seeds,
         "steps": steps, "guidance": guidance, "scheduler": scheduler, "checkpoint": checkpoint,
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."), "device": device_name(device),
     }, columns=RESULT_COLUMNS)
     results.to_csv(key_dir / "generation_results.csv", index=False)
     return results
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def merge_results(csvs: Sequence[Path], merged: Path) -> pd.DataFrame:
@@ -317,9 +344,10 @@ def run(args: argparse.Namespace, config: dict[str, Any]) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scheduler = args.scheduler or settings["scheduler"]
+    dtype = generation_dtype(settings["dtype"], device)
     pipe, base, lora_dir = load_generator(args.checkpoint, args.pretrained_model, args.tiny_dir, scheduler,
-                                          config["hardware"], compute_dtype(config["training"]["mixed_precision"], device), device)
-    print(f"base model {base}, LoRA {lora_dir}, scheduler {scheduler}, device {device}", file=sys.stderr)
+                                          config["hardware"], dtype, device)
+    print(f"base model {base}, LoRA {lora_dir} (fused), scheduler {scheduler}, device {device}, dtype {dtype}", file=sys.stderr)
     total = 0
     for key, labels, prompt in jobs:
         count = args.num_images if args.num_images is not None else int(counts.get(key, fallback))

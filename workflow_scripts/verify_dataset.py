@@ -91,7 +91,7 @@ def verify(config: dict[str, Any], data_dir: Path) -> dict[str, Any]:
     if splits["train"].empty:
         raise DataError(f"{data_dir / 'train.csv'}: no training images")
 
-    dataset = XrayPromptDataset(data_dir, resolution, split="train")
+    dataset = XrayPromptDataset(data_dir, resolution, split="train", crop=config["model"]["crop"])
     stats = tensor_stats(dataset, evenly_spaced(config["verify"]["max_images"], len(dataset)), resolution)
     sheet_indices = evenly_spaced(config["verify"]["contact_sheet_images"], len(dataset))
     save_contact_sheet(dataset, sheet_indices, data_dir / "verify_contact_sheet.png")

@@ -6,11 +6,12 @@ No random augmentation: a horizontal flip would move the heart to the right (dex
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
 
@@ -18,27 +19,42 @@ from workflow_scripts.images import read_xray
 from workflow_scripts.prepare_dataset import load_split
 
 
-def model_transform(resolution: int) -> transforms.Compose:
-    """Resize the short side, center-crop, grayscale to 3 channels, scale to [-1, 1]."""
+CROPS = ("center", "pad")
+
+
+def pad_to_square(image: Image.Image, resolution: int) -> Image.Image:
+    """Fit the long side to `resolution` and pad the short one with black, centred: the whole film stays in."""
+    return ImageOps.pad(image, (resolution, resolution), method=Image.Resampling.BILINEAR, color=0)
+
+
+def model_transform(resolution: int, crop: str = "center") -> transforms.Compose:
+    """Make the image square (`center`: resize the short side, centre-crop the long one; `pad`: fit the
+    long side, pad the short one), grayscale to 3 channels, scale to [-1, 1]."""
+    if crop not in CROPS:
+        raise ValueError(f"model.crop must be one of {CROPS}, got {crop!r}")
+    if crop == "pad":
+        square = [transforms.Grayscale(num_output_channels=1), transforms.Lambda(partial(pad_to_square, resolution=resolution))]
+    else:
+        square = [transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
+                  transforms.CenterCrop(resolution)]
     return transforms.Compose([
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
-        transforms.CenterCrop(resolution),
+        *square,
         transforms.Grayscale(num_output_channels=3),
         transforms.ToTensor(),
         transforms.Normalize([0.5], [0.5]),
     ])
 
 
-def to_model_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    return model_transform(resolution)(image)
+def to_model_tensor(image: Image.Image, resolution: int, crop: str = "center") -> torch.Tensor:
+    return model_transform(resolution, crop)(image)
 
 
 class XrayPromptDataset(Dataset):
     """Images of one split (train by default) with their prompts, read through `load_split`."""
 
-    def __init__(self, data_dir: str | Path, resolution: int, split: str = "train") -> None:
+    def __init__(self, data_dir: str | Path, resolution: int, split: str = "train", crop: str = "center") -> None:
         self.frame = load_split(data_dir, split)
-        self.transform = model_transform(resolution)
+        self.transform = model_transform(resolution, crop)
 
     def __len__(self) -> int:
         return len(self.frame)
