@@ -76,6 +76,17 @@ def test_plans_fixed_balance_and_all_combinations(trained) -> None:
     assert all(prompt.count(" and ") == labels.count("|") for prompt, labels in zip(everything["prompt"], everything["labels"]))
 
 
+def test_a_label_without_training_images_gets_no_synthetic_images(trained) -> None:
+    # dataset.allow_absent_labels lets such a label through the data stage; its prompt was never
+    # trained on, so the plan must not ask the LoRA for it.
+    train_split = load_split(trained["root"] / "data", "train")
+    config = trained["config"]
+    absent = config["dataset"]["labels"][0]
+    without = train_split[~train_split["labels"].str.split("|").map(lambda labels: absent in labels)]
+    plan = generation_plan(config, without)
+    assert absent not in set(plan["labels"]) and len(plan) == len(config["dataset"]["labels"]) - 1
+
+
 def test_plan_covers_the_largest_classifier_ratio(trained) -> None:
     train_split = load_split(trained["root"] / "data", "train")
     config = {**trained["config"], "generation": {**trained["config"]["generation"], "images_per_label": 1},

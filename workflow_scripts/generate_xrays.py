@@ -80,9 +80,13 @@ def generation_plan(config: dict[str, Any], train: pd.DataFrame) -> pd.DataFrame
     `fixed`: `images_per_label` each. `balance`: enough that real + synthetic reaches
     `target_per_label`, so the rarest labels get the most. Either way the total covers the largest
     arm's draw times `classifier.pool_headroom` (study.pool_size_needed), so that every seed of that
-    arm draws a different subset; every label gets an equal share of any shortfall."""
+    arm draws a different subset; every label gets an equal share of any shortfall. Labels with no
+    training image get no row."""
     vocabulary, settings = config["dataset"]["labels"], config["generation"]
-    groups = [[label] for label in vocabulary]
+    # A label without training images (allowed only by dataset.allow_absent_labels) gets none: its
+    # prompt was never seen by the LoRA, so its images would be unlabelled noise.
+    present = set(label_counts(train))
+    groups = [[label] for label in vocabulary if label in present]
     if settings["all_label_combinations"]:
         combos = sorted({labels for labels in train["labels"] if LABEL_JOIN in labels})
         groups += [labels.split(LABEL_JOIN) for labels in combos]
