@@ -34,8 +34,8 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "verify_dataset": ("dataset", "verify", "model.resolution", "model.crop"),
     "train_lora": ("dataset", "split", "balance", "prompt", "model", "training", "hardware"),
     "plan_generation": ("dataset", "prompt", "generation", "classifier.ratios", "classifier.pool_headroom"),
-    "generate_label": ("dataset", "prompt", "model", "generation", "hardware", "training.mixed_precision",
-                       "classifier.ratios", "classifier.pool_headroom"),
+    "generate_label": ("dataset", "prompt", "model", "generation", "hardware", "classifier.ratios",
+                       "classifier.pool_headroom"),
     "merge_generation": (),
     "make_noise_images": (),
     # Every classifier key that changes what a run computes, and not seeds, controls or the pool
