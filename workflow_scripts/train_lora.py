@@ -43,11 +43,10 @@ from workflow_scripts.base_model import ModelNotFoundError, load_components
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
 from workflow_scripts.faults import maybe_fail
 from workflow_scripts.images import BadImageError
-from workflow_scripts.lora_training import (GIB, LOG_EVERY, RESUMABLE_TRAINING_KEYS, TEXT_LORA_TARGETS,  # noqa: F401
-                                            UNET_LORA_TARGETS, LatentCache, LoraLoop, Prompts, TrainingError, add_lora,
-                                            build_trainable_model, diffusion_loss, encode_latent_cache, epoch_order,
-                                            gpu_levers, hardware_settings, library_versions, make_optimizer, set_train_mode,
-                                            step_generator, tokenize, total_optimizer_steps, write_lora)
+from workflow_scripts.lora_training import (GIB, LOG_EVERY, RESUMABLE_TRAINING_KEYS, LatentCache, LoraLoop, Prompts,
+                                            TrainingError, build_trainable_model, encode_latent_cache, gpu_levers,
+                                            hardware_settings, library_versions, make_optimizer, set_train_mode,
+                                            total_optimizer_steps, write_lora)
 from workflow_scripts.labels import DataError
 from workflow_scripts.tables import make_prompt
 
