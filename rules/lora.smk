@@ -13,7 +13,7 @@ rule build_tiny_model:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.base_model --build-tiny {output.model} --resolution {params.resolution} > {log} 2>&1"
+        "python -m workflow_scripts.build_tiny_model --build-tiny {output.model} --resolution {params.resolution} > {log} 2>&1"
 
 
 rule train_lora:

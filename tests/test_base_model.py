@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import base_model
+from workflow_scripts import base_model, build_tiny_model
 from workflow_scripts.base_model import (
     ModelNotFoundError,
     build_tiny_pipeline,
@@ -221,9 +221,9 @@ def test_hub_id_offline_raises_clear_error(monkeypatch, tmp_path):
 
 
 def test_check_cli(tiny_dir, tmp_path, monkeypatch, capsys):
-    assert base_model.main(["--check", "tiny", "--tiny-dir", str(tiny_dir)]) == 0
+    assert build_tiny_model.main(["--check", "tiny", "--tiny-dir", str(tiny_dir)]) == 0
     assert "UNet2DConditionModel" in capsys.readouterr().out
-    assert base_model.main(["--check", "tiny", "--tiny-dir", str(tmp_path / "missing")]) == 2
+    assert build_tiny_model.main(["--check", "tiny", "--tiny-dir", str(tmp_path / "missing")]) == 2
     assert "--build-tiny" in capsys.readouterr().err
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from conftest import REPO, SHARED_DATA, tree_checksum
 from workflow_scripts import prepare_dataset, verify_dataset
 from workflow_scripts.resolve import find_bad_images
+from workflow_scripts.tables import SPLITS, load_split
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/cxr-dev not present")
 
@@ -67,7 +68,7 @@ def run(tmp_path: Path, capsys, csv: Path, images: Path | str, *sets: str, label
 
 
 def splits(tmp_path: Path) -> pd.DataFrame:
-    return pd.concat([prepare_dataset.load_split(tmp_path / "out", name) for name in prepare_dataset.SPLITS])
+    return pd.concat([load_split(tmp_path / "out", name) for name in SPLITS])
 
 
 def generic_copy(root: Path, rows: pd.DataFrame, patient_column: bool = True) -> Path:
@@ -341,8 +342,8 @@ def test_demographics_are_carried_into_the_splits(tmp_path: Path, capsys) -> Non
     sets = ("model.resolution=32", "verify.max_images=4", "verify.contact_sheet_images=2")
     assert run(tmp_path, capsys, csv, images, *sets, command=verify_dataset.main)[0] == 0
     report = json.loads((tmp_path / "out" / "verify_report.json").read_text())
-    assert sum(report["demographics"][name]["sex"]["M"] for name in prepare_dataset.SPLITS) == 6
-    assert sum(report["demographics"][name]["age"]["known"] for name in prepare_dataset.SPLITS) == 6
+    assert sum(report["demographics"][name]["sex"]["M"] for name in SPLITS) == 6
+    assert sum(report["demographics"][name]["age"]["known"] for name in SPLITS) == 6
     assert "## Demographics (images)" in (tmp_path / "out" / "verify_report.md").read_text()
 
 

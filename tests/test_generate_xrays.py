@@ -15,12 +15,13 @@ from PIL import Image
 
 from conftest import REPO
 from workflow_scripts import generate_xrays
-from workflow_scripts.base_model import build_tiny_pipeline, load_pipeline
+from workflow_scripts.base_model import build_tiny_pipeline, load_pipeline, make_scheduler
 from workflow_scripts.config import load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
 from workflow_scripts.generate_xrays import GenerationError, generation_plan, label_key, main, parse_labels
-from workflow_scripts.prepare_dataset import load_split, prepare
+from workflow_scripts.prepare_dataset import prepare
 from workflow_scripts.study import pool_size_needed
+from workflow_scripts.tables import load_split
 from workflow_scripts.train_lora import train
 
 
@@ -151,7 +152,7 @@ def test_the_lora_is_really_applied(trained, tmp_path) -> None:
     generate(trained, tmp_path, "--label", "Mass", "--num-images", "1", "--seed", "3")
     row = pd.read_csv(tmp_path / "Mass" / "generation_results.csv").iloc[0]
     base = load_pipeline(str(trained["tiny"]), trained["tiny"])
-    base.scheduler = generate_xrays.make_scheduler("dpmsolver++", base.scheduler.config)
+    base.scheduler = make_scheduler("dpmsolver++", base.scheduler.config)
     base.set_progress_bar_config(disable=True)
     image = base(row["prompt"], num_inference_steps=3, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(int(row["seed"]))).images[0]
@@ -168,7 +169,7 @@ def test_the_lora_is_fused_and_samples_as_the_unfused_adapter(trained) -> None:
     assert not any("lora" in name for name, _ in fused.unet.named_modules())  # no adapter call per UNet step
     unfused = StableDiffusionPipeline.from_pretrained(trained["tiny"], safety_checker=None)
     unfused.load_lora_weights(final)
-    unfused.scheduler = generate_xrays.make_scheduler("dpmsolver++", unfused.scheduler.config)
+    unfused.scheduler = make_scheduler("dpmsolver++", unfused.scheduler.config)
     unfused.set_progress_bar_config(disable=True)
 
     def sample(pipe):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from workflow_scripts.generate_xrays import RESULT_COLUMNS
+from workflow_scripts.tables import RESULT_COLUMNS
 from workflow_scripts.noise_images import main
 
 

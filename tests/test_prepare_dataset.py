@@ -14,19 +14,9 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import SHARED_DATA, VOCAB, break_dataset, make_config, make_nih_dataset, tree_checksum, write_png
-from workflow_scripts.prepare_dataset import (
-    DataError,
-    assert_patient_disjoint,
-    balance_training,
-    check_rows,
-    load_split,
-    main,
-    make_prompt,
-    prepare,
-    read_chexpert,
-    read_nih,
-    split_by_patient,
-)
+from workflow_scripts.labels import DataError, check_rows, read_chexpert, read_dataset, read_nih
+from workflow_scripts.prepare_dataset import balance_training, main, prepare, split_by_patient
+from workflow_scripts.tables import assert_patient_disjoint, load_split, make_prompt
 
 NIH_VOCAB = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
              "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax", "No Finding"]
@@ -127,8 +117,6 @@ def write_dicom(path: Path, monochrome1: bool) -> None:
 
 
 def test_split_is_patient_disjoint_deterministic_and_covers_rare_labels(nih_config) -> None:
-    from workflow_scripts.prepare_dataset import read_dataset
-
     frame, _ = read_dataset(nih_config["dataset"])
     frame = check_rows(frame, VOCAB, Path("x.csv"))
     splits = split_by_patient(frame, 0.15, 0.2, seed=3)

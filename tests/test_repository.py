@@ -1,10 +1,13 @@
-"""The repository keeps its promises: README commands match CI, pins agree, nothing heavy is versioned."""
+"""The repository keeps its promises: README commands match CI, pins agree, nothing heavy is versioned,
+no stage imports another."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -46,3 +49,36 @@ def test_code_passes_ruff_and_snakefmt() -> None:
     snakefmt = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "--diff", "Snakefile", "rules"],
                               cwd=REPO, capture_output=True, text=True)
     assert snakefmt.returncode == 0, snakefmt.stdout + snakefmt.stderr
+
+
+def stage_modules() -> set[str]:
+    """The modules a rule runs (`python -m workflow_scripts.X`), plus the benchmark CLI users run."""
+    rules = "\n".join(path.read_text() for path in sorted((REPO / "rules").glob("*.smk")))
+    return set(re.findall(r"-m (workflow_scripts(?:\.\w+)+)", rules)) | {"workflow_scripts.benchmark"}
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in a file, at top level or inside a function; `from pkg import mod`
+    is reported as `pkg.mod` too, so importing a module by name counts."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+            found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
+    return found
+
+
+def test_no_stage_module_imports_another_stage_module() -> None:
+    # Shared concepts live in library modules (tables, labels, classifier_model, base_model, ...) that
+    # stages import; a stage imported by any other module would tie two stages together.
+    stages = stage_modules()
+    assert {"workflow_scripts.prepare_dataset", "workflow_scripts.fidelity.audit", "workflow_scripts.build_tiny_model",
+            "workflow_scripts.benchmark"} <= stages
+    offending = []
+    for path in sorted((REPO / "workflow_scripts").rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        offending += [f"{path.relative_to(REPO)}:{line} imports the stage {name}"
+                      for line, name in imported_modules(path) if name in stages and name != module]
+    assert offending == [], "\n".join(offending)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import make_config
 from workflow_scripts.config import ConfigError
-from workflow_scripts.prepare_dataset import DataError
+from workflow_scripts.labels import DataError
 from workflow_scripts.study import (
     allocate,
     arm_names,

@@ -11,11 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from workflow_scripts.classifier_model import (auroc_with_ci, class_names, create_model, encode_labels, extract_features,
+                                               load_classifier, macro_auroc_with_ci, preprocess)
 from workflow_scripts.config import ConfigError, load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
-from workflow_scripts.generate_xrays import read_generation_results
 from workflow_scripts.noise_images import make_noise_images
-from workflow_scripts.prepare_dataset import DataError, load_split, prepare
+from workflow_scripts.labels import DataError
+from workflow_scripts.prepare_dataset import prepare
 from workflow_scripts.study import (
     arm_training_set,
     parse_arm,
@@ -23,6 +25,7 @@ from workflow_scripts.study import (
     train_steps,
     validation_points,
 )
+from workflow_scripts.tables import load_split, read_generation_results
 from workflow_scripts.train_classifier import (
     OUTPUT_FILES,
     PROB_PREFIX,
@@ -30,15 +33,7 @@ from workflow_scripts.train_classifier import (
     _clean_out_dir,
     _training_data,
     assert_no_leakage,
-    auroc_with_ci,
-    class_names,
-    create_model,
-    encode_labels,
-    extract_features,
-    load_classifier,
-    macro_auroc_with_ci,
     main,
-    preprocess,
     train_classifier,
 )
 

@@ -17,7 +17,8 @@ from workflow_scripts.base_model import build_tiny_pipeline, load_components
 from workflow_scripts.config import load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
 from workflow_scripts.prepare_dataset import prepare
-from workflow_scripts.train_lora import TrainingError, diffusion_loss, list_checkpoints, train
+from workflow_scripts.lora_training import diffusion_loss
+from workflow_scripts.train_lora import TrainingError, list_checkpoints, train
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +54,9 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 def test_a_few_steps_on_a_fixed_batch_lower_the_loss(setup) -> None:
     components = load_components("tiny", setup["tiny"])
     unet = components.unet
-    train_lora.add_lora(unet, rank=8, alpha=8, targets=train_lora.UNET_LORA_TARGETS)
+    lora_training.add_lora(unet, rank=8, alpha=8, targets=lora_training.UNET_LORA_TARGETS)
     latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    ids = train_lora.tokenize(components.tokenizer, ["A chest X-ray with Mass"] * 4)
+    ids = lora_training.tokenize(components.tokenizer, ["A chest X-ray with Mass"] * 4)
     with torch.no_grad():
         embeds = components.text_encoder(ids)[0]
 

@@ -14,19 +14,14 @@ Two jobs:
    (``model.pretrained`` in the config): ``tiny``, a local diffusers folder, or a Hugging Face hub id;
    failures become a ``ModelNotFoundError`` that says exactly what to do.
 
-CLI::
-
-    python -m workflow_scripts.base_model --build-tiny results/models/tiny-sd [--resolution 64] [--seed 0]
-    python -m workflow_scripts.base_model --check PRETRAINED [--tiny-dir results/models/tiny-sd]
+Its command line is the ``build_tiny_model`` stage (``python -m workflow_scripts.build_tiny_model``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from collections import Counter
@@ -491,7 +486,7 @@ def resolve_pretrained(pretrained: str, tiny_dir: Path = DEFAULT_TINY_DIR) -> st
             raise ModelNotFoundError(
                 f"the tiny offline model is not built at '{tiny_dir}'. Build it first: run the "
                 f"build_tiny_model rule (snakemake build_tiny_model) or "
-                f"`python -m workflow_scripts.base_model --build-tiny {tiny_dir}`."
+                f"`python -m workflow_scripts.build_tiny_model --build-tiny {tiny_dir}`."
             )
         return str(tiny_dir)
     if kind == "local":
@@ -636,7 +631,7 @@ def load_components(
         raise ModelNotFoundError(
             f"could not load the Stable Diffusion folder '{source}' ({type(exc).__name__}: {exc}). "
             f"Is it complete (unet/, vae/, text_encoder/, tokenizer/, scheduler/ with weights)?"
-            + (" Rebuild it with `python -m workflow_scripts.base_model --build-tiny "
+            + (" Rebuild it with `python -m workflow_scripts.build_tiny_model --build-tiny "
                f"{source}`." if kind == "tiny" else "")
         ) from exc
     return Components(
@@ -676,51 +671,11 @@ def load_pipeline(pretrained: str, tiny_dir: Path = DEFAULT_TINY_DIR, dtype: tor
         ) from exc
 
 
-# --------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------
+def make_scheduler(name: str, config: dict[str, Any]):
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler, PNDMScheduler)
 
-
-def _fmt_params(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.base_model", description=__doc__.split("\n\n")[0])
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--build-tiny", metavar="DIR", help="build the tiny offline SD model into DIR")
-    group.add_argument("--check", metavar="PRETRAINED", help="try to load 'tiny', a folder or a hub id")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--words", nargs="*", default=[], help="extra prompt words/prompts for the tokenizer")
-    parser.add_argument("--tiny-dir", default=str(DEFAULT_TINY_DIR), help="where 'tiny' lives (for --check)")
-    args = parser.parse_args(argv)
-
-    if args.build_tiny:
-        out = build_tiny_pipeline(Path(args.build_tiny), args.words, resolution=args.resolution, seed=args.seed)
-        info = json.loads((out / "tiny_model_info.json").read_text())
-        p = info["params"]
-        print(f"built tiny Stable Diffusion at {out} (seed {args.seed}, {args.resolution} px)")
-        print(
-            f"  unet {_fmt_params(p['unet'])} params, vae {_fmt_params(p['vae'])}, "
-            f"text encoder {_fmt_params(p['text_encoder'])}, vocab {info['vocab_size']} tokens"
-        )
-        print(f"  saved size {_folder_size(out) / 2**20:.2f} MiB")
-        return 0
-
-    try:
-        comps = load_components(args.check, Path(args.tiny_dir))
-    except ModelNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"loaded {comps.kind} Stable Diffusion from {comps.source}")
-    for name in ("unet", "vae", "text_encoder"):
-        mod = getattr(comps, name)
-        print(f"  {name}: {type(mod).__name__}, {_fmt_params(_n_params(mod))} params, {next(mod.parameters()).dtype}")
-    print(f"  tokenizer: {type(comps.tokenizer).__name__}, {len(comps.tokenizer)} tokens")
-    print(f"  noise scheduler: {type(comps.noise_scheduler).__name__}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    classes = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler, "pndm": PNDMScheduler}
+    return classes[name].from_config(config)

@@ -61,14 +61,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from workflow_scripts.base_model import (NIH_LABELS, PROMPT_TEMPLATE, SD15_ARCH_CANDIDATES, build_tiny_pipeline,
-                                         load_components)
+                                         load_components, make_scheduler)
 from workflow_scripts.lora_training import (GIB, LOG_EVERY, UNET_LORA_TARGETS, LatentCache, LoraLoop, Prompts,
                                             build_trainable_model, compile_settings, encode_latent_cache, epoch_order,
-                                            gpu_levers, hardware_settings, make_optimizer, tokenize)
+                                            gpu_levers, hardware_settings, library_versions, make_optimizer, tokenize)
 from workflow_scripts.bench_machine import (RssSampler, machine_info, matmul_peak_tflops,  # noqa: F401
                                             register_cpu_attention_flops, release_host_memory, synchronize)
 from workflow_scripts.bench_report import GUIDANCE, REFERENCE_TFLOP_PER_IMAGE, SCHEDULER, finite, render, speedup_line
-from workflow_scripts.train_lora import library_versions
 
 SEED = 0
 LEARNING_RATE = 1e-4  # the diffusers example's default; the value does not change the speed
@@ -515,8 +514,6 @@ def measure_generation(model: Model, bench: Bench, settings: Settings, progress:
     """Sampling with the LoRA attached (as before), then fused as generate_xrays samples (and, where
     hardware.compile_sampling applies, compiled)."""
     from diffusers import StableDiffusionPipeline
-
-    from workflow_scripts.generate_xrays import make_scheduler
 
     unet = bench.accelerator.unwrap_model(bench.unet)
     with quiet_casts():

@@ -21,7 +21,6 @@ import json
 import math
 import sys
 import textwrap
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,45 +35,17 @@ from workflow_scripts.config import (
     config_hash,
 )
 from workflow_scripts.images import BadImageError
-from workflow_scripts.prepare_dataset import (
-    LABEL_JOIN,
-    DataError,
-    label_counts,
-    load_split,
-)
-from workflow_scripts.train_classifier import class_names
+from workflow_scripts import compare_report as report
+from workflow_scripts.classifier_model import class_names
+from workflow_scripts.comparison import AGE_BANDS, CONTROL_REFERENCES, REFERENCE, Arm, Run, Study
+from workflow_scripts.labels import DataError
+from workflow_scripts.tables import LABEL_JOIN, label_counts, load_split
 
-DEMO_CSV = "results/demo_data/Data_Entry_2017.csv"
-REFERENCE = "ratio0"  # the real-only arm every other arm is compared with
 KIND_ORDER = ("real", "synthetic", "control_rebalanced", "control_noise", "control_pretrain")
-CONTROL_REFERENCES = {"noise": "control_noise", "rebalanced": "control_rebalanced"}  # column name -> arm_kind
 REQUIRED_METRICS = ("arm", "arm_kind", "ratio", "seed", "optimizer_steps", "config_hash", "pretrained_weights", "classes",
                     "n_real_train", "n_synthetic_train")
 MATCHED = ("pretrained_weights", "config_hash", "optimizer_steps")  # must be equal across all runs of a study
-AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 200, ">=60"))
 BOOTSTRAP_SEED = 0
-
-
-@dataclass
-class Run:
-    path: Path
-    metrics: dict[str, Any]
-    images: list[str]
-    scores: np.ndarray  # (images, classes), rows in the order of `images`
-    composition: pd.DataFrame
-
-
-@dataclass
-class Arm:
-    name: str
-    kind: str
-    ratio: int
-    runs: list[Run] = field(default_factory=list)
-
-    def counts(self, key: str) -> int | str:
-        """One figure for the arm; "a-b" if its seeds differ (they should not)."""
-        values = sorted({int(run.metrics[key]) for run in self.runs})
-        return values[0] if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -177,19 +148,6 @@ def rare_labels(counts: dict[str, int], classes: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- analysis
-
-
-@dataclass
-class Study:
-    arms: dict[str, Arm]
-    classes: list[str]
-    positives: np.ndarray  # test positives per class
-    evaluated: np.ndarray  # bool per class: enough test positives to be shown and averaged
-    boot: dict[str, stats.ArmBootstrap]
-    diffs: dict[str, dict[str, stats.Difference]]  # reference column -> arm -> difference
-    references: dict[str, str]  # reference column -> arm name
-    n_images: int
-    n_patients: int
 
 
 def scores_of(arm: Arm, keep: np.ndarray | None = None) -> np.ndarray:
@@ -311,8 +269,6 @@ def subgroup_table(study: Study, test: pd.DataFrame, targets: np.ndarray, patien
 
 def compare(config: dict[str, Any], run_dirs: list[Path], evaluation_dir: Path, lora_summary: Path, data_dir: Path,
             synthetic_csv: Path, out_dir: Path) -> pd.DataFrame:
-    from workflow_scripts import compare_report as report
-
     classes = class_names(config["dataset"]["labels"])
     settings = config["classifier"]
     if not run_dirs:

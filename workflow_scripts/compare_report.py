@@ -1,4 +1,5 @@
-"""The comparison page and its plots, rendered from the figures workflow_scripts.compare computed."""
+"""The comparison page and its plots, rendered from the figures workflow_scripts.compare computed
+(workflow_scripts.comparison.Study)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,9 @@ from typing import Any
 
 import pandas as pd
 
-from workflow_scripts.compare import (
-    AGE_BANDS,
-    CONTROL_REFERENCES,
-    DEMO_CSV,
-    REFERENCE,
-    Study,
-)
-from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError
+from workflow_scripts.comparison import AGE_BANDS, CONTROL_REFERENCES, DEMO_CSV, REFERENCE, Study
+from workflow_scripts.labels import DataError
+from workflow_scripts.tables import LABEL_JOIN
 
 KIND_NAMES = {"real": "real only", "synthetic": "real + synthetic", "control_rebalanced": "control: real, rebalanced",
               "control_noise": "control: noise for synthetic", "control_pretrain": "synthetic pre-training, real fine-tuning"}

@@ -27,7 +27,7 @@ from workflow_scripts.config import ConfigError, add_config_arguments, config_fr
 from workflow_scripts.fidelity.evaluate import SYNTHETIC, evaluate
 from workflow_scripts.fidelity.features import build_extractors
 from workflow_scripts.images import BadImageError
-from workflow_scripts.prepare_dataset import DataError
+from workflow_scripts.labels import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         classifier = None
         if args.classifier is not None:
-            from workflow_scripts.train_classifier import load_classifier
+            from workflow_scripts.classifier_model import load_classifier
 
             model, meta = load_classifier(args.classifier)  # DataError when missing
             classifier = (model, {**meta, "source": str(args.classifier)})

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -32,16 +31,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from workflow_scripts.base_model import ModelNotFoundError, load_pipeline
+from workflow_scripts.base_model import ModelNotFoundError, load_pipeline, make_scheduler
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
 from workflow_scripts.faults import maybe_fail
-from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, label_counts, load_split, make_prompt, read_csv_checked
+from workflow_scripts.labels import DataError
+from workflow_scripts.tables import LABEL_JOIN, RESULT_COLUMNS, label_counts, load_split, make_prompt, save_png_atomically
 from workflow_scripts.study import pool_size_needed
 
-RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint", "dtype", "device"]
 PLAN_COLUMNS = ["key", "labels", "prompt", "count"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KEY_JOIN = "+"
@@ -110,21 +108,6 @@ def generation_plan(config: dict[str, Any], train: pd.DataFrame) -> pd.DataFrame
     return plan
 
 
-def read_generation_results(csv_path: str | Path) -> pd.DataFrame:
-    """A generation_results.csv with a `path` column added: each `file` as written (relative to the
-    working directory) or, failing that, relative to the CSV's folder. Raises DataError naming the
-    line of an image that is missing."""
-    csv_path = Path(csv_path)
-    frame = read_csv_checked(csv_path, ["file", "labels"], "synthetic image list", "; run the generation stage first")
-    paths = []
-    for line, file in enumerate(frame["file"], start=2):
-        found = next((path for path in (Path(file), csv_path.parent / file) if path.is_file()), None)
-        if found is None:
-            raise DataError(f"{csv_path} line {line}: image {file} not found (also looked in {csv_path.parent})")
-        paths.append(str(found))
-    return frame.assign(path=paths)
-
-
 def image_seed(base_seed: int, key: str, index: int) -> int:
     """A stable per-image seed: the same image comes out whatever else is generated with it."""
     digest = hashlib.sha256(f"{base_seed}/{key}/{index}".encode()).digest()
@@ -147,16 +130,6 @@ def lora_checkpoint(path: Path) -> tuple[Path, str | None]:
     elif (path / "position.json").is_file():
         base = json.loads((path / "position.json").read_text())["fingerprint"].get("base_model")
     return path, base
-
-
-def make_scheduler(name: str, config: dict[str, Any]):
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, PNDMScheduler)
-
-    if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-    classes = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler, "pndm": PNDMScheduler}
-    return classes[name].from_config(config)
 
 
 def load_generator(checkpoint: Path, pretrained: str | None, tiny_dir: Path, scheduler: str,
@@ -212,13 +185,6 @@ def generation_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------- sampling
-
-
-def save_png_atomically(pixels: np.ndarray, path: Path) -> None:
-    """8-bit grayscale PNG, written beside its final name and renamed: a kill leaves no truncated file."""
-    partial = path.with_name(path.name + ".partial")
-    Image.fromarray(pixels).save(partial, format="PNG")
-    os.replace(partial, path)
 
 
 def to_grayscale_uint8(image: np.ndarray) -> np.ndarray:

@@ -7,7 +7,8 @@
 4. `LoraLoop.optimizer_step_done`: what happens when an optimizer step completes (LR schedule,
    the loss kept on the device for the next host sync);
 5. `write_lora`: the final files (diffusers format, plus a kohya-format copy for WebUI / ComfyUI).
-`gpu_levers` / `hardware_settings` turn the `hardware:` keys into torch settings.
+`gpu_levers` / `hardware_settings` turn the `hardware:` keys into torch settings; `library_versions`
+records the libraries a run used.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -91,6 +93,16 @@ def compile_settings() -> None:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo.config, name):
             setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import diffusers
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__, "transformers": transformers.__version__}
 
 
 # ----------------------------------------------------------------------------- 1. the trainable model

@@ -30,9 +30,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
-from workflow_scripts.generate_xrays import RESULT_COLUMNS, read_generation_results, save_png_atomically
 from workflow_scripts.images import BadImageError, read_xray
-from workflow_scripts.prepare_dataset import DataError, load_split
+from workflow_scripts.labels import DataError
+from workflow_scripts.tables import RESULT_COLUMNS, load_split, read_generation_results, save_png_atomically
 
 MAX_REAL_IMAGES = 256
 

@@ -6,7 +6,7 @@ Reads NIH ChestX-ray14 (`Data_Entry_2017.csv`), CheXpert (`train.csv`) or a gene
 frame (`labels.py`), resolves every row to exactly one file (`resolve.py`), refuses bad input with
 the file/row at fault (or skips it and reports it, with `dataset.on_bad_image: skip`), splits
 patients into train/val/test, optionally caps the training images per label, and writes
-`{train,val,test}.csv` with path, labels, prompt, patient and split (then sex and age where the
+`{train,val,test}.csv` (`tables.py`) with path, labels, prompt, patient and split (then sex and age where the
 source has them). The user's dataset is only ever read.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -25,24 +24,10 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
-from workflow_scripts.labels import (  # noqa: F401  (re-exported: other stages import them from here)
-    DEMOGRAPHIC_COLUMNS,
-    SKIP_COLUMNS,
-    DataError,
-    check_rows,
-    note,
-    read_chexpert,
-    read_csv_checked,
-    read_dataset,
-    read_generic_csv,
-    read_nih,
-    skip_frame,
-)
+from workflow_scripts.labels import DEMOGRAPHIC_COLUMNS, DataError, check_rows, note, read_dataset, skip_frame
 from workflow_scripts.resolve import NOT_FOUND, check_same_files, find_bad_images, resolve_paths
+from workflow_scripts.tables import LABEL_JOIN, SPLIT_COLUMNS, SPLITS, assert_patient_disjoint, label_counts, make_prompt
 
-SPLITS = ("train", "val", "test")
-SPLIT_COLUMNS = ["path", "labels", "prompt", "patient", "split"]  # then sex, age where the source has them
-LABEL_JOIN = "|"  # labels within a cell of our own CSVs
 MIN_GROUP = 3  # patients a rarest-label group needs to give one each to train, val and test
 
 
@@ -122,37 +107,6 @@ def balance_training(frame: pd.DataFrame, max_per_label: int | None, seed: int) 
             kept_counts.update(labels)
             keep.append(i)
     return frame.iloc[sorted(keep)].reset_index(drop=True)
-
-
-def make_prompt(labels: Sequence[str], template: str = "A chest X-ray with {labels}") -> str:
-    """`["Fibrosis", "Pneumonia"]` -> "A chest X-ray with Fibrosis and Pneumonia" (labels already in vocabulary order)."""
-    return template.format(labels=" and ".join(labels))
-
-
-def assert_patient_disjoint(splits: dict[str, pd.DataFrame]) -> None:
-    """Raise DataError naming a patient found in two splits."""
-    seen: dict[str, str] = {}
-    for name, frame in splits.items():
-        for patient in frame["patient"].astype(str).unique():
-            if patient in seen and seen[patient] != name:
-                raise DataError(
-                    f"patient {patient} is in both the {seen[patient]} and the {name} split: "
-                    "test results would leak; re-run prepare_dataset"
-                )
-            seen[patient] = name
-
-
-def assert_files_disjoint(splits: dict[str, pd.DataFrame]) -> None:
-    """Raise DataError naming a file (by its real path) listed twice, within or across splits."""
-    seen: dict[str, tuple[str, str]] = {}
-    for name, frame in splits.items():
-        for path in frame["path"].astype(str):
-            real = os.path.realpath(path)
-            if real in seen:
-                other_split, other_path = seen[real]
-                raise DataError(f"{real} is in the {other_split} split (as {other_path}) and in the {name} split "
-                                f"(as {path}): one film listed twice; re-run prepare_dataset")
-            seen[real] = (name, path)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -279,23 +233,6 @@ def prepare(config: dict[str, Any], out_dir: Path, workers: int | None = None) -
     }
     (out_dir / "prepare_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def label_counts(split: pd.DataFrame) -> dict[str, int]:
-    return dict(Counter(label for labels in split["labels"] for label in labels.split(LABEL_JOIN)))
-
-
-def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
-    """One split as written by `prepare`, checked to hold only that split. Training code reads its
-    data through this (with split='train'), so a val or test image cannot reach a model."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    path = Path(data_dir) / f"{split}.csv"
-    frame = read_csv_checked(path, SPLIT_COLUMNS, f"{split} split", "; run (or re-run) the prepare_dataset rule")
-    wrong = frame[frame["split"] != split]
-    if not wrong.empty:
-        raise DataError(f"{path} line {wrong.index[0] + 2}: row of split {wrong.iloc[0]['split']!r} in the {split} file")
-    return frame
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,8 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts.config import ConfigError, config_hash
-from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError
+from workflow_scripts.labels import DataError
+from workflow_scripts.tables import LABEL_JOIN
 
 CONTROLS = ("rebalanced", "noise", "pretrain")
 ARM_PATTERN = r"ratio\d+|" + "|".join(CONTROLS)  # the {arm} wildcard

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import re
 import shutil
@@ -44,12 +43,12 @@ from workflow_scripts.base_model import ModelNotFoundError, load_components
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
 from workflow_scripts.faults import maybe_fail
 from workflow_scripts.images import BadImageError
-from workflow_scripts.lora_training import (GIB, LOG_EVERY, RESUMABLE_TRAINING_KEYS, TEXT_LORA_TARGETS,  # noqa: F401
-                                            UNET_LORA_TARGETS, LatentCache, LoraLoop, Prompts, TrainingError, add_lora,
-                                            build_trainable_model, diffusion_loss, encode_latent_cache, epoch_order,
-                                            gpu_levers, hardware_settings, make_optimizer, set_train_mode,
-                                            step_generator, tokenize, total_optimizer_steps, write_lora)
-from workflow_scripts.prepare_dataset import DataError, make_prompt
+from workflow_scripts.lora_training import (GIB, LOG_EVERY, RESUMABLE_TRAINING_KEYS, LatentCache, LoraLoop, Prompts,
+                                            TrainingError, build_trainable_model, encode_latent_cache, gpu_levers,
+                                            hardware_settings, library_versions, make_optimizer, set_train_mode,
+                                            total_optimizer_steps, write_lora)
+from workflow_scripts.labels import DataError
+from workflow_scripts.tables import make_prompt
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -244,8 +243,6 @@ def run_validation(components, unet, text_encoder, config: dict[str, Any], step:
     unet.train(was_training)
 
 
-
-
 # ----------------------------------------------------------------------------- run
 
 
@@ -256,16 +253,6 @@ def peak_memory_bytes(device: torch.device) -> dict[str, int]:
     if device.type == "cuda":
         peak["gpu_max_allocated"] = torch.cuda.max_memory_allocated(device)
     return peak
-
-
-def library_versions() -> dict[str, str]:
-    import accelerate
-    import diffusers
-    import peft
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__, "transformers": transformers.__version__}
 
 
 def train(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: Path, resume: str = "latest") -> dict[str, Any]:

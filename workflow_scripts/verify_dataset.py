@@ -26,14 +26,8 @@ from tqdm import tqdm
 
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
 from workflow_scripts.images import BadImageError
-from workflow_scripts.prepare_dataset import (
-    SPLITS,
-    DataError,
-    assert_files_disjoint,
-    assert_patient_disjoint,
-    label_counts,
-    load_split,
-)
+from workflow_scripts.labels import DataError
+from workflow_scripts.tables import SPLITS, assert_files_disjoint, assert_patient_disjoint, label_counts, load_split
 from workflow_scripts.xray_dataset import XrayPromptDataset
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from workflow_scripts.images import read_xray
-from workflow_scripts.prepare_dataset import load_split
+from workflow_scripts.tables import load_split
 
 
 CROPS = ("center", "pad")

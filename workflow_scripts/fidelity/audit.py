@@ -38,9 +38,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
 from workflow_scripts.fidelity.features import ModelImages, resize_antialiased
-from workflow_scripts.generate_xrays import read_generation_results
 from workflow_scripts.images import BadImageError
-from workflow_scripts.prepare_dataset import DataError, load_split
+from workflow_scripts.labels import DataError
+from workflow_scripts.tables import load_split, read_generation_results
 
 CONTROL_KINDS = ("shift", "brightness", "gamma", "crop")
 AUDIT_COLUMNS = ["file", "labels", "nearest_train", "distance", "ncc", "flagged"]

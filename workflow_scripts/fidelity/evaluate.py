@@ -21,8 +21,8 @@ import torch
 from workflow_scripts.config import config_hash
 from workflow_scripts.fidelity import distances
 from workflow_scripts.fidelity.features import Extractor, compute_features, load_images
-from workflow_scripts.generate_xrays import read_generation_results
-from workflow_scripts.prepare_dataset import LABEL_JOIN, DataError, load_split
+from workflow_scripts.labels import DataError
+from workflow_scripts.tables import LABEL_JOIN, load_split, read_generation_results
 
 FIDELITY_COLUMNS = ["extractor", "label", "comparison", "n", "fid", "kid_mean", "kid_std", "kid_subset_size",
                     "precision", "recall", "density", "coverage", "notes"]
@@ -110,7 +110,7 @@ def diversity_rows(paths: dict[str, list[str]], sets: dict[str, list[set[str]]],
 def classifier_scores(model: torch.nn.Module, meta: dict[str, Any], paths: Sequence[str], device: str,
                       batch_size: int = 64) -> np.ndarray:
     """Sigmoid probabilities (images, classes) of a classifier saved by train_classifier."""
-    from workflow_scripts.train_classifier import XrayLabelDataset, make_loader
+    from workflow_scripts.classifier_model import XrayLabelDataset, make_loader
 
     dataset = XrayLabelDataset(list(paths), None, int(meta["image_size"]), meta["mean"], meta["std"],
                                meta.get("interpolation", "bicubic"))
@@ -123,7 +123,7 @@ def adherence_rows(syn_scores: np.ndarray, val_scores: np.ndarray, classes: list
                    labels: list[str], n_boot: int, seed: int) -> list[dict[str, Any]]:
     """Per label: AUROC of the classifier's score for it, prompted label vs the rest on synthetic
     images, true label vs the rest on real val images."""
-    from workflow_scripts.train_classifier import auroc_with_ci
+    from workflow_scripts.classifier_model import auroc_with_ci
 
     rows = []
     for label in [label for label in labels if label in classes]:

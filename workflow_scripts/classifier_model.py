@@ -1,0 +1,325 @@
+"""The study's classifier, as a library: its labels, its images, its timm model and its metrics.
+
+`train_classifier` (the stage) trains it; `fidelity` scores synthetic images with a trained one
+(`load_classifier`, `extract_features`); `compare` names its outputs (`class_names`).
+Images: read_xray -> short side resized to classifier.image_size -> center crop -> 3 channels ->
+the model's ImageNet mean/std. No flips: left and right matter in a chest X-ray.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from workflow_scripts.base_model import hub_offline, hub_unreachable_reason
+from workflow_scripts.config import ConfigError
+from workflow_scripts.images import BadImageError, read_xray
+from workflow_scripts.labels import NO_FINDING, DataError
+from workflow_scripts.tables import LABEL_JOIN
+
+WEIGHTS_HINT = "place the timm weights in the Hugging Face cache (HF_HOME) to use them"
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def class_names(vocabulary: Sequence[str]) -> list[str]:
+    """The classifier's outputs: the label vocabulary without "No Finding" (the all-zero target)."""
+    classes = [label for label in vocabulary if label != NO_FINDING]
+    if not classes:
+        raise ConfigError(f"dataset.labels {list(vocabulary)} holds no finding to classify")
+    return classes
+
+
+def encode_labels(labels: Sequence[str], classes: Sequence[str], where: str = "",
+                  paths: Sequence[str] | None = None) -> np.ndarray:
+    """`"Effusion|Mass"` cells -> a (n, len(classes)) 0/1 float32 matrix; "No Finding" is all zero."""
+    index = {label: position for position, label in enumerate(classes)}
+    targets = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    for row, cell in enumerate(labels):
+        parts = [part.strip() for part in str(cell).split(LABEL_JOIN) if part.strip()]
+        image = f" ({paths[row]})" if paths is not None else ""
+        if not parts:
+            raise DataError(f"{where or 'labels'} row {row + 2}{image}: no label (normal images are 'No Finding')")
+        for label in parts:
+            if label == NO_FINDING:
+                continue
+            if label not in index:
+                raise DataError(
+                    f"{where or 'labels'} row {row + 2}{image}: label {label!r} is not in dataset.labels "
+                    f"{[*classes, NO_FINDING]}"
+                )
+            targets[row, index[label]] = 1.0
+    return targets
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _interpolation(name: str) -> int:
+    return {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC,
+            "lanczos": Image.LANCZOS}.get(str(name), Image.BICUBIC)
+
+
+def preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
+               interpolation: str = "bicubic") -> torch.Tensor:
+    """Grayscale X-ray -> (3, size, size) float tensor: short side to `size`, center crop, replicated
+    to 3 channels, normalized with the model's mean/std. Deliberately no flip."""
+    image = image.convert("L")
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), _interpolation(interpolation))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    channels = pixels.unsqueeze(0).expand(3, size, size)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (channels - mean_t) / std_t
+
+
+class XrayLabelDataset(torch.utils.data.Dataset):
+    """(image tensor, target vector) per row; targets default to zeros (feature extraction)."""
+
+    def __init__(self, paths: Sequence[str], targets: np.ndarray | None, size: int,
+                 mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic") -> None:
+        self.paths = [str(path) for path in paths]
+        self.targets = targets if targets is not None else np.zeros((len(self.paths), 0), dtype=np.float32)
+        self.size, self.mean, self.std, self.interpolation = size, tuple(mean), tuple(std), interpolation
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            image = read_xray(self.paths[index])
+        except BadImageError as error:
+            # DataError takes one argument, so it also survives the trip out of a DataLoader worker.
+            raise DataError(str(error)) from None
+        tensor = preprocess(image, self.size, self.mean, self.std, self.interpolation)
+        return tensor, torch.from_numpy(self.targets[index])
+
+
+def _seed_worker(worker_id: int) -> None:
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, shuffle: bool = False,
+                seed: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=_seed_worker,
+        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+    )
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _cached_weights(pretrained_cfg: Mapping[str, Any]) -> str | None:
+    """A local copy of the model's pretrained weights (HF cache or torch hub cache), or None."""
+    hf_hub_id = pretrained_cfg.get("hf_hub_id")
+    if hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, _, revision = hf_hub_id.partition("@")
+        filename = pretrained_cfg.get("hf_hub_filename")
+        candidates = [filename] if filename else ["model.safetensors", "pytorch_model.safetensors", "pytorch_model.bin"]
+        for candidate in candidates:
+            found = try_to_load_from_cache(repo_id, candidate, revision=revision or None)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    url = pretrained_cfg.get("url")
+    if url:
+        from urllib.parse import urlparse
+
+        local = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        if local.is_file():
+            return str(local)
+    return None
+
+
+def _weights_source(pretrained_cfg: Mapping[str, Any]) -> str:
+    return str(pretrained_cfg.get("hf_hub_id") or pretrained_cfg.get("url") or pretrained_cfg.get("file") or "unknown")
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def create_model(name: str, pretrained: bool, num_classes: int) -> tuple[torch.nn.Module, str]:
+    """`timm.create_model(name, pretrained, num_classes)` that never hangs offline: without network,
+    weights come from the local cache or the model starts from random init. Returns the model and
+    what weights it started from (recorded in metrics.json)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(f"classifier.model {name!r} is not a timm model (e.g. resnet18, densenet121, "
+                          "convnext_tiny; `timm.list_models()` lists them)")
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes), "none (classifier.pretrained: false)"
+
+    try:
+        cfg_object = timm.models.get_pretrained_cfg(name)
+    except RuntimeError as error:  # e.g. an unknown pretrained tag: resnet18.nope
+        raise ConfigError(f"classifier.model {name!r}: {error}") from None
+    cfg = cfg_object.to_dict() if cfg_object is not None else {}
+    source = _weights_source(cfg)
+    if not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
+        reason = f"timm lists no pretrained weights for {name}"
+    else:
+        offline = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable_reason(cfg.get("hf_hub_id") or name)
+        local = _cached_weights(cfg) if offline else None
+        if offline and local is None:
+            reason = f"{offline} and {source} is not in the local cache"
+        else:
+            try:
+                overlay = {"pretrained_cfg_overlay": {"file": local}} if local else {}
+                model = timm.create_model(name, pretrained=True, num_classes=num_classes, **overlay)
+                return model, f"imagenet (timm: {source})"
+            except Exception as exc:  # noqa: BLE001 - download, cache and format errors all mean "no weights"
+                reason = _short(f"{type(exc).__name__}: {exc}")
+    print(f"warning: ImageNet weights for {name} unavailable ({reason}); training from random init",
+          file=sys.stderr)
+    return (timm.create_model(name, pretrained=False, num_classes=num_classes),
+            f"unavailable: {reason}; {WEIGHTS_HINT}")
+
+
+def model_data_config(model: torch.nn.Module) -> dict[str, Any]:
+    import timm.data
+
+    data_config = timm.data.resolve_model_data_config(model)
+    return {"mean": [float(v) for v in data_config["mean"]], "std": [float(v) for v in data_config["std"]],
+            "interpolation": str(data_config.get("interpolation", "bicubic"))}
+
+
+def load_classifier(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained model of a run (its model.pt, or the run folder), in eval mode on the CPU, and its
+    metadata: model, classes, image_size, mean, std, interpolation, pretrained_weights, ..."""
+    import timm
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise DataError(f"{path}: classifier not found; run the train_classifier stage first")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    meta = {key: value for key, value in checkpoint.items() if key != "state_dict"}
+    model = timm.create_model(meta["model"], pretrained=False, num_classes=len(meta["classes"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model, meta
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, meta: Mapping[str, Any], paths: Sequence[str | Path],
+                     batch_size: int = 64, num_workers: int = 0) -> np.ndarray:
+    """Penultimate (pre-logits) features, shape (len(paths), feature_dim), float32, in `paths` order."""
+    dataset = XrayLabelDataset([str(p) for p in paths], None, int(meta["image_size"]), meta["mean"], meta["std"],
+                               meta.get("interpolation", "bicubic"))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    features = []
+    for images, _ in make_loader(dataset, batch_size, num_workers):
+        out = model.forward_head(model.forward_features(images.to(device)), pre_logits=True)
+        features.append(out.flatten(1).float().cpu().numpy())
+    model.train(was_training)
+    if not features:
+        return np.zeros((0, int(getattr(model, "num_features", 0))), dtype=np.float32)
+    return np.concatenate(features)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _both_classes(y: np.ndarray) -> bool:
+    return 0 < int(y.sum()) < len(y)
+
+
+def _percentile_ci(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not len(values):
+        return None, None
+    low, high = np.percentile(np.asarray(values, dtype=np.float64), [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _bootstrap(n: int, n_boot: int, seed: int, valid, statistic) -> list[float]:
+    """`statistic(idx)` on `n_boot` resamples of range(n) with replacement for which `valid(idx)`
+    holds; invalid resamples are redrawn, up to 20 * n_boot draws in all."""
+    rng = np.random.default_rng(seed)
+    values: list[float] = []
+    for _ in range(20 * n_boot):
+        if len(values) == n_boot:
+            break
+        idx = rng.integers(0, n, size=n)
+        if valid(idx):
+            values.append(float(statistic(idx)))
+    return values
+
+
+def auroc_with_ci(y_true: Sequence[float], y_score: Sequence[float], n_boot: int, seed: int) -> dict[str, Any]:
+    """AUROC of one label with a 95% percentile-bootstrap CI over images (resamples lacking a
+    positive or a negative are redrawn; `bootstrap_used` counts the resamples behind the CI).
+    Without a positive (or a negative) image the AUROC is undefined: {"auroc": None, "note": ...}."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y_true).astype(int).ravel()
+    s = np.asarray(y_score, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"y_true and y_score differ in length: {y.shape} vs {s.shape}")
+    positives = int(y.sum())
+    if positives == 0 or positives == len(y):
+        missing = "positive" if positives == 0 else "negative"
+        return {"auroc": None, "ci_low": None, "ci_high": None, "positives": positives,
+                "note": f"unavailable: no {missing} test image"}
+    scores = _bootstrap(len(y), n_boot, seed, lambda idx: _both_classes(y[idx]),
+                        lambda idx: roc_auc_score(y[idx], s[idx]))
+    low, high = _percentile_ci(scores)
+    return {"auroc": float(roc_auc_score(y, s)), "ci_low": low, "ci_high": high, "positives": positives,
+            "bootstrap_used": len(scores)}
+
+
+def macro_auroc_with_ci(Y: np.ndarray, S: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Mean AUROC over the labels (columns) that have positives and negatives, with a 95% percentile
+    bootstrap CI of that mean. All labels are scored on the same resamples; a resample in which one
+    of those labels lacks a class is redrawn. `labels_used` lists the column indices averaged."""
+    from sklearn.metrics import roc_auc_score
+
+    Y = np.asarray(Y).astype(int)
+    S = np.asarray(S, dtype=np.float64)
+    if Y.ndim != 2 or Y.shape != S.shape:
+        raise ValueError(f"Y and S must be (images, labels) of one shape; got {Y.shape} and {S.shape}")
+    used = [j for j in range(Y.shape[1]) if _both_classes(Y[:, j])]
+    if not used:
+        return {"auroc": None, "ci_low": None, "ci_high": None, "labels_used": [],
+                "note": "unavailable: no label has both positive and negative test images"}
+    point = float(np.mean([roc_auc_score(Y[:, j], S[:, j]) for j in used]))
+    scores = _bootstrap(
+        Y.shape[0], n_boot, seed,
+        lambda idx: all(_both_classes(Y[idx, j]) for j in used),
+        lambda idx: np.mean([roc_auc_score(Y[idx, j], S[idx, j]) for j in used]),
+    )
+    low, high = _percentile_ci(scores)
+    return {"auroc": point, "ci_low": low, "ci_high": high, "labels_used": used, "bootstrap_used": len(scores)}
+
+
+def macro_auroc(Y: np.ndarray, S: np.ndarray) -> float | None:
+    """Point estimate only (model selection): mean AUROC over labels with both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    used = [j for j in range(Y.shape[1]) if _both_classes(Y[:, j])]
+    return float(np.mean([roc_auc_score(Y[:, j], S[:, j]) for j in used])) if used else None

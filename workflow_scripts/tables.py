@@ -1,0 +1,100 @@
+"""Our own tables: the split CSVs prepare_dataset writes and the synthetic image lists of generation.
+
+Every stage reads its data through these, so the columns, the label separator and the checks
+(a split file holds only its split; no patient or film in two splits; every listed image exists)
+live in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from workflow_scripts.labels import DataError, read_csv_checked
+
+SPLITS = ("train", "val", "test")
+SPLIT_COLUMNS = ["path", "labels", "prompt", "patient", "split"]  # then sex, age where the source has them
+LABEL_JOIN = "|"  # labels within a cell of our own CSVs
+RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint", "dtype", "device"]
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def make_prompt(labels: Sequence[str], template: str = "A chest X-ray with {labels}") -> str:
+    """`["Fibrosis", "Pneumonia"]` -> "A chest X-ray with Fibrosis and Pneumonia" (labels already in vocabulary order)."""
+    return template.format(labels=" and ".join(labels))
+
+
+def label_counts(split: pd.DataFrame) -> dict[str, int]:
+    return dict(Counter(label for labels in split["labels"] for label in labels.split(LABEL_JOIN)))
+
+
+def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
+    """One split as written by `prepare`, checked to hold only that split. Training code reads its
+    data through this (with split='train'), so a val or test image cannot reach a model."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    path = Path(data_dir) / f"{split}.csv"
+    frame = read_csv_checked(path, SPLIT_COLUMNS, f"{split} split", "; run (or re-run) the prepare_dataset rule")
+    wrong = frame[frame["split"] != split]
+    if not wrong.empty:
+        raise DataError(f"{path} line {wrong.index[0] + 2}: row of split {wrong.iloc[0]['split']!r} in the {split} file")
+    return frame
+
+
+def assert_patient_disjoint(splits: dict[str, pd.DataFrame]) -> None:
+    """Raise DataError naming a patient found in two splits."""
+    seen: dict[str, str] = {}
+    for name, frame in splits.items():
+        for patient in frame["patient"].astype(str).unique():
+            if patient in seen and seen[patient] != name:
+                raise DataError(
+                    f"patient {patient} is in both the {seen[patient]} and the {name} split: "
+                    "test results would leak; re-run prepare_dataset"
+                )
+            seen[patient] = name
+
+
+def assert_files_disjoint(splits: dict[str, pd.DataFrame]) -> None:
+    """Raise DataError naming a file (by its real path) listed twice, within or across splits."""
+    seen: dict[str, tuple[str, str]] = {}
+    for name, frame in splits.items():
+        for path in frame["path"].astype(str):
+            real = os.path.realpath(path)
+            if real in seen:
+                other_split, other_path = seen[real]
+                raise DataError(f"{real} is in the {other_split} split (as {other_path}) and in the {name} split "
+                                f"(as {path}): one film listed twice; re-run prepare_dataset")
+            seen[real] = (name, path)
+
+
+# ----------------------------------------------------------------------------- synthetic images
+
+
+def read_generation_results(csv_path: str | Path) -> pd.DataFrame:
+    """A generation_results.csv with a `path` column added: each `file` as written (relative to the
+    working directory) or, failing that, relative to the CSV's folder. Raises DataError naming the
+    line of an image that is missing."""
+    csv_path = Path(csv_path)
+    frame = read_csv_checked(csv_path, ["file", "labels"], "synthetic image list", "; run the generation stage first")
+    paths = []
+    for line, file in enumerate(frame["file"], start=2):
+        found = next((path for path in (Path(file), csv_path.parent / file) if path.is_file()), None)
+        if found is None:
+            raise DataError(f"{csv_path} line {line}: image {file} not found (also looked in {csv_path.parent})")
+        paths.append(str(found))
+    return frame.assign(path=paths)
+
+
+def save_png_atomically(pixels: np.ndarray, path: Path) -> None:
+    """8-bit grayscale PNG, written beside its final name and renamed: a kill leaves no truncated file."""
+    partial = path.with_name(path.name + ".partial")
+    Image.fromarray(pixels).save(partial, format="PNG")
+    os.replace(partial, path)
