@@ -34,7 +34,7 @@ rule prepare_dataset:
         summary="results/data/prepare_summary.json",
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.train),
-    threads: workflow.cores  # image decoding runs in this many processes (Snakemake caps it at --cores)
+    threads: 64  # image decoding processes; Snakemake lowers this to --cores (SLURM: set-threads in the profile)
     log:
         "logs/prepare_dataset/prepare_dataset.log",
     benchmark:

@@ -66,8 +66,11 @@ def write_study(root: Path, arms: dict[str, tuple[str, int]] = ARMS, quality: di
                        "n_synthetic_train": n_syn, "versions": {}}
             metrics.update(metric_overrides.get(run.name, {}))
             (run / "metrics.json").write_text(json.dumps(metrics))
-            pd.DataFrame({"label": CLASSES, "real_positives": [5, 5, 2], "synthetic_positives": [n_syn // 3, n_syn // 3, n_syn - 2 * (n_syn // 3)],
-                          "effective_positives": [5, 5, 2]}).to_csv(run / "composition.csv", index=False)
+            synthetic = np.array([n_syn // 3, n_syn // 3, n_syn - 2 * (n_syn // 3)])
+            # the rebalanced control repeats real images up to the largest arm's positives (ratio50: 15 synthetic)
+            effective = np.array([10, 10, 7]) if kind == "control_rebalanced" else np.array([5, 5, 2]) + synthetic
+            pd.DataFrame({"label": CLASSES, "real_positives": [5, 5, 2], "synthetic_positives": synthetic,
+                          "effective_positives": effective}).to_csv(run / "composition.csv", index=False)
             runs.append(run)
     evaluation = root / "evaluation"
     evaluation.mkdir()
@@ -108,7 +111,7 @@ def test_one_row_per_arm_ratio_arms_then_controls_with_control_deltas(tmp_path: 
     assert "control: noise for synthetic" in page and "| rebalanced |" in page
     assert "Saravanan" in page and "200 resamples" in page and "Holm" in page  # the page says how intervals were made
     # label composition per arm
-    assert "| Pneumonia † | 40 | 2 + 0 | 2 + 2 | 2 + 5 | 2 + 0 | 2 + 5 |" in page
+    assert "| Pneumonia † | 40 | 2 + 0 | 2 + 2 | 2 + 5 | 2 + 0 = 7 | 2 + 5 |" in page
 
 
 @pytest.mark.parametrize("key, value", [("config_hash", "other"), ("pretrained_weights", "timm/resnet18.a1_in1k"),

@@ -281,7 +281,8 @@ def test_adherence_auroc_per_prompted_label() -> None:
     rng = np.random.default_rng(0)
     shows = y + 0.1 * rng.random(y.shape)  # images that show their prompt
     blind = rng.random(y.shape)             # images that show nothing
-    rows = adherence_rows(blind, shows, classes, sets, ["Mass", "Nodule", "No Finding", "overall"], 50, 0)
+    rows = adherence_rows(blind, shows, classes, sets, ["Mass", "Nodule", "No Finding", "overall"], 50, 0,
+                          np.arange(len(syn_labels)) // 2)
     assert [(r["label"], r["set"][:4]) for r in rows] == [("Mass", "synt"), ("Mass", "real"), ("Nodule", "synt"), ("Nodule", "real")]
     assert all(r["auroc"] == 1.0 for r in rows if r["set"].startswith("real"))
     assert all(0.25 < r["auroc"] < 0.75 for r in rows if r["set"].startswith("synthetic"))

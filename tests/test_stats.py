@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from workflow_scripts import stats
 from workflow_scripts.stats import (
     GAIN,
     LOSS,
@@ -141,3 +142,41 @@ def test_calibration_todays_image_level_seed_averaged_bootstrap_is_too_narrow() 
 def test_calibration_a_planted_difference_is_detected() -> None:
     coverage, gains = run_study(40, effect=1.0)
     assert gains >= 0.9 and coverage <= 0.1
+
+
+# ----------------------------------------------------------------------------- one run's figures
+
+
+def test_one_runs_aurocs_match_sklearn_with_patient_clustered_intervals() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    y = np.zeros((120, 3))
+    y[:, 0] = rng.random(120) < 0.3
+    y[:, 1] = rng.random(120) < 0.5
+    scores = y * 0.8 + rng.normal(0, 0.5, y.shape)
+    patients = np.arange(120) // 4  # four films per patient
+    result = stats.run_aurocs(y, scores, patients, n_boot=300, seed=0)
+    for j in (0, 1):
+        row = result["per_label"][j]
+        assert row["auroc"] == pytest.approx(roc_auc_score(y[:, j], scores[:, j]))
+        assert row["ci_low"] < row["auroc"] < row["ci_high"] and row["positives"] == int(y[:, j].sum())
+    assert result["per_label"][2] == {"auroc": None, "ci_low": None, "ci_high": None, "positives": 0,
+                                      "note": "unavailable: no positive image"}
+    macro = result["macro"]
+    assert macro["labels_used"] == [0, 1]  # the label without positives is left out of the mean
+    assert macro["auroc"] == pytest.approx(np.mean([result["per_label"][j]["auroc"] for j in (0, 1)]))
+    assert result == stats.run_aurocs(y, scores, patients, n_boot=300, seed=0)  # seeded
+    # Films of one patient move together: duplicating every film within its patient widens nothing
+    # at the image level but must not narrow the patient-level interval.
+    doubled = stats.run_aurocs(np.repeat(y, 2, axis=0), np.repeat(scores, 2, axis=0), np.repeat(patients, 2), 300, 0)
+    width = macro["ci_high"] - macro["ci_low"]
+    assert doubled["macro"]["ci_high"] - doubled["macro"]["ci_low"] == pytest.approx(width, rel=0.25)
+
+
+def test_one_runs_perfect_separation_and_ties() -> None:
+    perfect = stats.run_aurocs([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.7, 0.8, 0.9], np.arange(6), 50, 0)
+    assert perfect["per_label"][0]["auroc"] == 1.0 and perfect["macro"]["ci_low"] == perfect["macro"]["ci_high"] == 1.0
+    assert stats.run_aurocs([0, 1], [0.5, 0.5], np.arange(2), 10, 0)["per_label"][0]["auroc"] == pytest.approx(0.5)
+    none = stats.run_aurocs(np.zeros((4, 2)), np.random.default_rng(0).random((4, 2)), np.arange(4), 10, 0)
+    assert none["macro"]["auroc"] is None and none["macro"]["note"].startswith("unavailable")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from workflow_scripts.classifier_model import (auroc_with_ci, class_names, create_model, encode_labels, extract_features,
-                                               load_classifier, macro_auroc_with_ci, preprocess)
+from workflow_scripts.classifier_model import (class_names, create_model, encode_labels, extract_features,
+                                               load_classifier, preprocess)
 from workflow_scripts.config import ConfigError, load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
 from workflow_scripts.noise_images import make_noise_images
@@ -42,53 +42,6 @@ VOCAB = ["Cardiomegaly", "Effusion", "Nodule", "Mass", "Pneumothorax", "Fibrosis
 
 
 # ----------------------------------------------------------------------------- metrics
-
-
-def test_perfect_separation_gives_one_with_degenerate_ci() -> None:
-    result = auroc_with_ci([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.7, 0.8, 0.9], n_boot=50, seed=0)
-    assert result["auroc"] == 1.0
-    assert result["ci_low"] == 1.0 and result["ci_high"] == 1.0
-    assert result["positives"] == 3
-    assert result["bootstrap_used"] == 50
-
-
-def test_hand_computed_auroc_and_ci_bounds() -> None:
-    # positive/negative pairs: 0.35>0.1 yes, 0.35>0.4 no, 0.8>0.1 yes, 0.8>0.4 yes -> 3/4
-    y, s = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
-    result = auroc_with_ci(y, s, n_boot=200, seed=1)
-    assert result["auroc"] == pytest.approx(0.75)
-    assert 0.0 <= result["ci_low"] <= result["auroc"] <= result["ci_high"] <= 1.0
-    assert result == auroc_with_ci(y, s, n_boot=200, seed=1)  # seeded
-
-
-def test_ties_count_half() -> None:
-    assert auroc_with_ci([0, 1], [0.5, 0.5], n_boot=10, seed=0)["auroc"] == pytest.approx(0.5)
-
-
-def test_label_without_positives_or_negatives_is_unavailable() -> None:
-    none = auroc_with_ci([0, 0, 0], [0.1, 0.5, 0.9], n_boot=20, seed=0)
-    assert none["auroc"] is None and none["note"] == "unavailable: no positive test image"
-    assert none["positives"] == 0
-    all_pos = auroc_with_ci([1, 1], [0.1, 0.5], n_boot=20, seed=0)
-    assert all_pos["auroc"] is None and "no negative" in all_pos["note"]
-
-
-def test_macro_is_mean_over_labels_with_both_classes() -> None:
-    Y = np.array([[0, 0, 0], [0, 1, 0], [1, 0, 0], [1, 1, 0]])
-    S = np.array([[0.1, 0.1, 0.2], [0.4, 0.8, 0.3], [0.35, 0.7, 0.1], [0.8, 0.9, 0.5]])
-    first = auroc_with_ci(Y[:, 0], S[:, 0], 10, 0)["auroc"]   # 3/4 pairs ordered: 0.75
-    second = auroc_with_ci(Y[:, 1], S[:, 1], 10, 0)["auroc"]  # 0.8 and 0.9 above 0.1 and 0.7: 1.0
-    assert (first, second) == (pytest.approx(0.75), pytest.approx(1.0))
-    macro = macro_auroc_with_ci(Y, S, n_boot=100, seed=0)
-    assert macro["auroc"] == pytest.approx((first + second) / 2) == pytest.approx(0.875)
-    assert macro["labels_used"] == [0, 1]  # the third label has no positive: left out of the mean
-    assert 0.0 <= macro["ci_low"] <= macro["auroc"] <= macro["ci_high"] <= 1.0
-    assert macro["bootstrap_used"] == 100
-
-
-def test_macro_without_usable_labels() -> None:
-    macro = macro_auroc_with_ci(np.zeros((4, 2)), np.random.default_rng(0).random((4, 2)), 10, 0)
-    assert macro["auroc"] is None and macro["note"].startswith("unavailable")
 
 
 # ----------------------------------------------------------------------------- labels, images

@@ -148,7 +148,7 @@ def test_a_generation_override_does_not_retrain_the_lora(demo_run: Path) -> None
 
 def test_each_stage_gets_only_its_declared_config(demo_run: Path) -> None:
     written = yaml.safe_load((demo_run / "results" / "config" / "plan_generation.yaml").read_text())
-    assert set(written) == {"classifier", "dataset", "generation", "prompt"} and set(written["classifier"]) == {"ratios"}
+    assert set(written) == {"classifier", "dataset", "generation", "prompt"} and set(written["classifier"]) == {"ratios", "pool_headroom"}
     assert yaml.safe_load((demo_run / "results" / "config" / "prepare_dataset.yaml").read_text())["split"]["seed"] == 7
 
 

@@ -246,80 +246,9 @@ def extract_features(model: torch.nn.Module, meta: Mapping[str, Any], paths: Seq
 # ----------------------------------------------------------------------------- metrics
 
 
-def _both_classes(y: np.ndarray) -> bool:
-    return 0 < int(y.sum()) < len(y)
-
-
-def _percentile_ci(values: Sequence[float]) -> tuple[float | None, float | None]:
-    if not len(values):
-        return None, None
-    low, high = np.percentile(np.asarray(values, dtype=np.float64), [2.5, 97.5])
-    return float(low), float(high)
-
-
-def _bootstrap(n: int, n_boot: int, seed: int, valid, statistic) -> list[float]:
-    """`statistic(idx)` on `n_boot` resamples of range(n) with replacement for which `valid(idx)`
-    holds; invalid resamples are redrawn, up to 20 * n_boot draws in all."""
-    rng = np.random.default_rng(seed)
-    values: list[float] = []
-    for _ in range(20 * n_boot):
-        if len(values) == n_boot:
-            break
-        idx = rng.integers(0, n, size=n)
-        if valid(idx):
-            values.append(float(statistic(idx)))
-    return values
-
-
-def auroc_with_ci(y_true: Sequence[float], y_score: Sequence[float], n_boot: int, seed: int) -> dict[str, Any]:
-    """AUROC of one label with a 95% percentile-bootstrap CI over images (resamples lacking a
-    positive or a negative are redrawn; `bootstrap_used` counts the resamples behind the CI).
-    Without a positive (or a negative) image the AUROC is undefined: {"auroc": None, "note": ...}."""
-    from sklearn.metrics import roc_auc_score
-
-    y = np.asarray(y_true).astype(int).ravel()
-    s = np.asarray(y_score, dtype=np.float64).ravel()
-    if y.shape != s.shape:
-        raise ValueError(f"y_true and y_score differ in length: {y.shape} vs {s.shape}")
-    positives = int(y.sum())
-    if positives == 0 or positives == len(y):
-        missing = "positive" if positives == 0 else "negative"
-        return {"auroc": None, "ci_low": None, "ci_high": None, "positives": positives,
-                "note": f"unavailable: no {missing} test image"}
-    scores = _bootstrap(len(y), n_boot, seed, lambda idx: _both_classes(y[idx]),
-                        lambda idx: roc_auc_score(y[idx], s[idx]))
-    low, high = _percentile_ci(scores)
-    return {"auroc": float(roc_auc_score(y, s)), "ci_low": low, "ci_high": high, "positives": positives,
-            "bootstrap_used": len(scores)}
-
-
-def macro_auroc_with_ci(Y: np.ndarray, S: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    """Mean AUROC over the labels (columns) that have positives and negatives, with a 95% percentile
-    bootstrap CI of that mean. All labels are scored on the same resamples; a resample in which one
-    of those labels lacks a class is redrawn. `labels_used` lists the column indices averaged."""
-    from sklearn.metrics import roc_auc_score
-
-    Y = np.asarray(Y).astype(int)
-    S = np.asarray(S, dtype=np.float64)
-    if Y.ndim != 2 or Y.shape != S.shape:
-        raise ValueError(f"Y and S must be (images, labels) of one shape; got {Y.shape} and {S.shape}")
-    used = [j for j in range(Y.shape[1]) if _both_classes(Y[:, j])]
-    if not used:
-        return {"auroc": None, "ci_low": None, "ci_high": None, "labels_used": [],
-                "note": "unavailable: no label has both positive and negative test images"}
-    point = float(np.mean([roc_auc_score(Y[:, j], S[:, j]) for j in used]))
-    scores = _bootstrap(
-        Y.shape[0], n_boot, seed,
-        lambda idx: all(_both_classes(Y[idx, j]) for j in used),
-        lambda idx: np.mean([roc_auc_score(Y[idx, j], S[idx, j]) for j in used]),
-    )
-    low, high = _percentile_ci(scores)
-    return {"auroc": point, "ci_low": low, "ci_high": high, "labels_used": used, "bootstrap_used": len(scores)}
-
-
 def macro_auroc(Y: np.ndarray, S: np.ndarray) -> float | None:
-    """Point estimate only (model selection): mean AUROC over labels with both classes."""
-    from sklearn.metrics import roc_auc_score
+    """Point estimate only (model selection on val): mean AUROC over labels with both classes."""
+    from workflow_scripts.stats import auroc_columns
 
-    used = [j for j in range(Y.shape[1]) if _both_classes(Y[:, j])]
-    return float(np.mean([roc_auc_score(Y[:, j], S[:, j]) for j in used])) if used else None
+    values = auroc_columns(np.asarray(Y, dtype=float), np.asarray(S, dtype=float))
+    return float(np.nanmean(values)) if np.isfinite(values).any() else None

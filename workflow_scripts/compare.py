@@ -208,12 +208,13 @@ def comparison_table(study: Study) -> pd.DataFrame:
 
 
 def composition_table(arms: dict[str, Arm], classes: list[str]) -> pd.DataFrame:
-    """Real and synthetic training positives per label and arm ("a-b" where seeds differ)."""
+    """Real, synthetic and effective (after the rebalanced control's oversampling) training positives
+    per label and arm ("a-b" where seeds differ)."""
     rows = []
     for name, arm in arms.items():
         for label in classes:
             row: dict[str, Any] = {"arm": name, "label": label}
-            for column in ("real_positives", "synthetic_positives"):
+            for column in ("real_positives", "synthetic_positives", "effective_positives"):
                 values = set()
                 for run in arm.runs:
                     match = run.composition.loc[run.composition["label"] == label, column] if column in run.composition else []

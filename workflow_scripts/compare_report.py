@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from workflow_scripts.comparison import AGE_BANDS, CONTROL_REFERENCES, DEMO_CSV, REFERENCE, Study
@@ -137,11 +138,20 @@ def per_label_table(inputs: PageInputs) -> list[str]:
 def composition_lines(inputs: PageInputs) -> list[str]:
     arms = list(inputs.study.arms)
     comp = inputs.composition.set_index(["arm", "label"])
-    lines = [("Training positives per label, real + synthetic (\"a-b\" where seeds differ). Real training images per label "
-             f"{inputs.counted}: in the second column."), "",
+    lines = [("Training positives per label, real + synthetic (\"a-b\" where seeds differ); \"= n\" gives the positives "
+              "the classifier sees where real images are repeated (the rebalanced control's oversampling). Real training "
+              f"images per label {inputs.counted}: in the second column."), "",
              "| label | real training images | " + " | ".join(arms) + " |", "|---|---:|" + "---:|" * len(arms)]
+
+    def cell(arm: str, label: str) -> str:
+        real, synthetic, effective = (comp.loc[(arm, label), column]
+                                      for column in ("real_positives", "synthetic_positives", "effective_positives"))
+        shown = f"{real} + {synthetic}"
+        both = all(isinstance(value, (int, np.integer)) for value in (real, synthetic, effective))
+        return shown if both and effective == real + synthetic else f"{shown} = {effective}"
+
     for label in inputs.study.classes:
-        cells = [f"{comp.loc[(arm, label), 'real_positives']} + {comp.loc[(arm, label), 'synthetic_positives']}" for arm in arms]
+        cells = [cell(arm, label) for arm in arms]
         lines.append(f"| {label}{' †' if label in inputs.rare else ''} | {inputs.counts[label]} | " + " | ".join(cells) + " |")
     return lines
 

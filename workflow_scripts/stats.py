@@ -29,6 +29,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import sparse
@@ -175,6 +176,36 @@ def hierarchical_bootstrap(targets: np.ndarray, clusters: np.ndarray, arms: Mapp
         samples = seed_resample(per_seed[name], seed_values, n_boot, rng) if resample_seeds else per_seed[name].mean(axis=0)
         result[name] = ArmBootstrap(seed_values, samples)
     return result
+
+
+def run_aurocs(targets: np.ndarray, scores: np.ndarray, clusters: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """One run's AUROC per label and macro (the mean over labels with both classes), each with a 95%
+    percentile interval from the same cluster bootstrap as the table (clusters: patient ids, or one
+    id per image where images are independent). A resample in which a label lacks a class leaves
+    that label out of that resample. Used for the per-run figures in metrics.json and for prompt
+    adherence; the comparison table adds the seed level (`hierarchical_bootstrap`)."""
+    targets = np.asarray(targets, dtype=float).reshape(len(targets), -1)
+    scores = np.asarray(scores, dtype=float).reshape(targets.shape)
+    point = auroc_columns(targets, scores)
+    index, counts = cluster_counts(np.asarray(clusters), n_boot, np.random.default_rng(seed))
+    samples = weighted_auroc_columns(targets, scores, index, counts)  # (resamples, labels)
+    positives = targets.sum(axis=0).astype(int)
+    per_label = []
+    for j in range(targets.shape[1]):
+        if not np.isfinite(point[j]):
+            missing = "positive" if positives[j] == 0 else "negative"
+            per_label.append({"auroc": None, "ci_low": None, "ci_high": None, "positives": int(positives[j]),
+                              "note": f"unavailable: no {missing} image"})
+            continue
+        low, high = interval(samples[:, j])
+        per_label.append({"auroc": float(point[j]), "ci_low": low, "ci_high": high, "positives": int(positives[j])})
+    used = np.flatnonzero(np.isfinite(point))
+    if not len(used):
+        return {"per_label": per_label, "macro": {"auroc": None, "ci_low": None, "ci_high": None, "labels_used": [],
+                                                  "note": "unavailable: no label has both positive and negative images"}}
+    low, high = interval(macro(samples, used))
+    return {"per_label": per_label, "macro": {"auroc": float(point[used].mean()), "ci_low": low, "ci_high": high,
+                                              "labels_used": used.tolist()}}
 
 
 def macro(values: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:

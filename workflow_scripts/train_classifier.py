@@ -14,7 +14,7 @@ One run, read top to bottom:
    all-zero target) with AdamW for the study's step budget, the same for every arm; at the same
    steps for every arm the real val split's macro AUROC is measured and the best step's weights kept;
 3. the best weights are scored once on the real, patient-disjoint test split: AUROC per label and
-   macro, each with a percentile-bootstrap 95% CI over test images.
+   macro, each with a 95% CI from a bootstrap over test patients (stats.run_aurocs).
 Images: read_xray -> short side resized to classifier.image_size -> center crop -> 3 channels ->
 the model's ImageNet mean/std. No flips: left and right matter in a chest X-ray.
 
@@ -44,10 +44,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.classifier_model import (XrayLabelDataset, _seed_worker, auroc_with_ci, class_names, create_model,
-                                               encode_labels, macro_auroc, macro_auroc_with_ci, make_loader,
+from workflow_scripts.classifier_model import (XrayLabelDataset, _seed_worker, class_names, create_model,
+                                               encode_labels, macro_auroc, make_loader,
                                                model_data_config)
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
+from workflow_scripts import stats
 from workflow_scripts.faults import maybe_fail
 from workflow_scripts.images import BadImageError
 from workflow_scripts.labels import DataError, read_csv_checked
@@ -298,9 +299,10 @@ def _run(config: dict[str, Any], data_dir: Path, synthetic_csv: str | Path | Non
     model.load_state_dict(best_state)
     test_probs, _ = predict(model, test_loader, device)
     n_boot = settings["bootstrap_samples"]
-    macro = macro_auroc_with_ci(test_targets, test_probs, n_boot, seed)
-    macro["labels_used"] = [classes[j] for j in macro["labels_used"]]
-    per_label = {label: auroc_with_ci(test_targets[:, j], test_probs[:, j], n_boot, seed) for j, label in enumerate(classes)}
+    # Patient-clustered intervals (films of one patient are not independent), as in the table.
+    scored = stats.run_aurocs(test_targets, test_probs, test["patient"].astype(str).to_numpy(), n_boot, seed)
+    macro = {**scored["macro"], "labels_used": [classes[j] for j in scored["macro"]["labels_used"]]}
+    per_label = dict(zip(classes, scored["per_label"]))
     best = next(row for row in log if row["step"] == best_step)
 
     n_real_seen = int((mix["source"] == "real").sum())

@@ -120,18 +120,20 @@ def classifier_scores(model: torch.nn.Module, meta: dict[str, Any], paths: Seque
 
 
 def adherence_rows(syn_scores: np.ndarray, val_scores: np.ndarray, classes: list[str], sets: dict[str, list[set[str]]],
-                   labels: list[str], n_boot: int, seed: int) -> list[dict[str, Any]]:
+                   labels: list[str], n_boot: int, seed: int, val_patients: np.ndarray) -> list[dict[str, Any]]:
     """Per label: AUROC of the classifier's score for it, prompted label vs the rest on synthetic
     images, true label vs the rest on real val images."""
-    from workflow_scripts.classifier_model import auroc_with_ci
+    from workflow_scripts.stats import run_aurocs
 
     rows = []
     for label in [label for label in labels if label in classes]:
         column = classes.index(label)
-        for what, scores, cells in (("synthetic (prompted label)", syn_scores, sets["synthetic"]),
-                                    ("real val (true label)", val_scores, sets["val"])):
+        for what, scores, cells, clusters in (("synthetic (prompted label)", syn_scores, sets["synthetic"], None),
+                                              ("real val (true label)", val_scores, sets["val"], val_patients)):
             y = has_label(cells, label)
-            result = auroc_with_ci(y, scores[:, column], n_boot, seed)
+            # Synthetic images are independent draws; real val films cluster by patient.
+            result = run_aurocs(y, scores[:, column], np.arange(len(y)) if clusters is None else clusters, n_boot,
+                                seed)["per_label"][0]
             rows.append({"label": label, "set": what, "positives": int(y.sum()), "negatives": int((~y).sum()),
                          "auroc": result["auroc"], "ci_low": result["ci_low"], "ci_high": result["ci_high"],
                          "notes": result.get("note", "")})
@@ -171,7 +173,8 @@ def evaluate(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | 
         classes = list(meta["classes"])
         adherence = adherence_rows(classifier_scores(model, meta, paths["synthetic"], device),
                                    classifier_scores(model, meta, paths["val"], device), classes, sets, labels,
-                                   int(config["classifier"]["bootstrap_samples"]), seed)
+                                   int(config["classifier"]["bootstrap_samples"]), seed,
+                                   frames["val"]["patient"].astype(str).to_numpy())
         adherence_note = f"real-only classifier {meta.get('model', '?')} ({meta.get('source', 'ratio 0')})"
 
     pd.DataFrame(rows, columns=FIDELITY_COLUMNS).to_csv(out_dir / "fidelity.csv", index=False)
