@@ -114,6 +114,21 @@ def test_one_row_per_arm_ratio_arms_then_controls_with_control_deltas(tmp_path: 
     assert "| Pneumonia † | 40 | 2 + 0 | 2 + 2 | 2 + 5 | 2 + 0 = 7 | 2 + 5 |" in page
 
 
+def test_a_label_without_training_images_is_left_out_of_the_table(tmp_path: Path) -> None:
+    # dataset.allow_absent_labels: the data stage lists the label; no classifier learned it.
+    paths = write_study(tmp_path / "in")
+    summary_path = paths["data"] / "prepare_summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, "labels_absent": ["Effusion"]}))
+    config = load_config([REPO / "config" / "config.yaml"], [f"dataset.labels={LABELS}", "classifier.min_test_positives=5"])
+    table = compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["synthetic"],
+                    tmp_path / "out")
+    page = (tmp_path / "out" / "comparison.md").read_text()
+    assert table["auroc_Effusion"].isna().all() and table["auroc_Mass"].notna().all()
+    assert "n/a (no training image)" in page and "no training image (dataset.allow_absent_labels): Effusion" in page
+    assert "Macro AUROC over Mass (1 of 3 labels" in page
+
+
 @pytest.mark.parametrize("key, value", [("config_hash", "other"), ("pretrained_weights", "timm/resnet18.a1_in1k"),
                                         ("optimizer_steps", 80)])
 def test_runs_that_differ_in_weights_config_or_steps_are_refused_by_name(tmp_path: Path, key: str, value) -> None:

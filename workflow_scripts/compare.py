@@ -128,6 +128,13 @@ def align_test_split(runs: list[Run], test: pd.DataFrame, classes: list[str]) ->
     return test, targets
 
 
+def untrained_labels(data_dir: Path) -> tuple[str, ...]:
+    """Labels the data stage let through without any training image (dataset.allow_absent_labels):
+    no classifier learned them, so the table shows no AUROC for them and leaves them out of the macro."""
+    summary_path = data_dir / "prepare_summary.json"
+    return tuple(json.loads(summary_path.read_text()).get("labels_absent", [])) if summary_path.is_file() else ()
+
+
 def training_counts(data_dir: Path, classes: list[str]) -> tuple[dict[str, int], str]:
     """Real training images per label before balancing (from prepare_summary.json), and where from."""
     summary_path = data_dir / "prepare_summary.json"
@@ -156,9 +163,9 @@ def scores_of(arm: Arm, keep: np.ndarray | None = None) -> np.ndarray:
 
 
 def analyse(arms: dict[str, Arm], targets: np.ndarray, patients: np.ndarray, classes: list[str], min_positives: int,
-            n_boot: int) -> Study:
+            n_boot: int, untrained: tuple[str, ...] = ()) -> Study:
     positives = targets.sum(axis=0).astype(int)
-    evaluated = positives >= min_positives
+    evaluated = (positives >= min_positives) & ~np.isin(classes, list(untrained))
     if not evaluated.any():
         raise DataError(f"no label has {min_positives} or more positives in the test split (counts: "
                         f"{dict(zip(classes, positives.tolist()))}); lower classifier.min_test_positives or use more data")
@@ -172,7 +179,8 @@ def analyse(arms: dict[str, Arm], targets: np.ndarray, patients: np.ndarray, cla
         if control is not None and synthetic:
             references[column] = control
             diffs[column] = stats.differences(boot, control, synthetic, evaluated)
-    return Study(arms, classes, positives, evaluated, boot, diffs, references, len(targets), len(np.unique(patients)))
+    return Study(arms, classes, positives, evaluated, boot, diffs, references, len(targets), len(np.unique(patients)),
+                 tuple(untrained))
 
 
 def comparison_table(study: Study) -> pd.DataFrame:
@@ -280,7 +288,7 @@ def compare(config: dict[str, Any], run_dirs: list[Path], evaluation_dir: Path, 
     test, targets = align_test_split(runs, load_split(data_dir, "test"), classes)
     patients = test["patient"].astype(str).to_numpy()
     min_positives, n_boot = settings["min_test_positives"], settings["bootstrap_samples"]
-    study = analyse(arms, targets, patients, classes, min_positives, n_boot)
+    study = analyse(arms, targets, patients, classes, min_positives, n_boot, untrained_labels(data_dir))
     table = comparison_table(study)
     counts, counted = training_counts(data_dir, classes)
     rare = rare_labels(counts, classes)

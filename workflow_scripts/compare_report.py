@@ -129,7 +129,7 @@ def per_label_table(inputs: PageInputs) -> list[str]:
         cells = []
         for label, shown, k in zip(study.classes, study.evaluated, study.positives):
             cells.append(with_ci(row[f"auroc_{label}"], row[f"auroc_{label}_ci_low"], row[f"auroc_{label}_ci_high"])
-                         if shown else f"n/a ({k} positives)")
+                         if shown else "n/a (no training image)" if label in study.untrained else f"n/a ({k} positives)")
         lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
     return [(f"AUROC per label, mean over seeds [95% CI], shown where the test split has at least {minimum} positives "
             "(`classifier.min_test_positives`)."), "", *lines]
@@ -200,13 +200,16 @@ def lora_lines(path: Path) -> list[str]:
 def render_page(inputs: PageInputs) -> str:
     study = inputs.study
     averaged = [label for label, shown in zip(study.classes, study.evaluated) if shown]
-    left_out = [f"{label} ({k})" for label, shown, k in zip(study.classes, study.evaluated, study.positives) if not shown]
+    left_out = [f"{label} ({k})" for label, shown, k in zip(study.classes, study.evaluated, study.positives)
+                if not shown and label not in study.untrained]
     minimum = inputs.config["classifier"]["min_test_positives"]
     lines = ["# Do synthetic chest X-rays help a classifier?", ""]
     lines += [f"> {note}" for note in caveats(inputs)] + [""]
     lines += ["## Classifier on real test patients", "",
               f"Macro AUROC over {', '.join(averaged)} ({len(averaged)} of {len(study.classes)} labels"
-              + (f"; left out, fewer than {minimum} test positives: {', '.join(left_out)}" if left_out else "") + "). "
+              + (f"; left out, fewer than {minimum} test positives: {', '.join(left_out)}" if left_out else "")
+              + (f"; left out, no training image (dataset.allow_absent_labels): {', '.join(study.untrained)}"
+                 if study.untrained else "") + "). "
               f"Test split: {study.n_images} images of {study.n_patients} patients. † rare label (the third of the labels with "
               f"the fewest real training images, counted {inputs.counted}; ties share the mark).", ""]
     lines += arms_table(inputs) + [""] + method_text(inputs) + [""]

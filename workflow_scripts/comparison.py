@@ -44,9 +44,10 @@ class Study:
     arms: dict[str, Arm]
     classes: list[str]
     positives: np.ndarray  # test positives per class
-    evaluated: np.ndarray  # bool per class: enough test positives to be shown and averaged
+    evaluated: np.ndarray  # bool per class: trained on, and enough test positives to be shown and averaged
     boot: dict[str, stats.ArmBootstrap]
     diffs: dict[str, dict[str, stats.Difference]]  # reference column -> arm -> difference
     references: dict[str, str]  # reference column -> arm name
     n_images: int
     n_patients: int
+    untrained: tuple[str, ...] = ()  # labels without training images (dataset.allow_absent_labels): never shown
