@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 GUIDANCE = 7.5
@@ -83,17 +82,6 @@ def render(result: dict[str, Any]) -> str:
                          f"{_mib(row['cpu_rss_peak_delta_bytes'])} |")
         lines += ["", f"Note: {result['memory']['note']}."]
     return "\n".join(lines)
-
-
-def finite(value: Any) -> Any:
-    """NaN and infinities (a diverged random-weight fp16 loss, say) as null: strict JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(item) for item in value]
-    return value
 
 
 def speedup_line(result: dict[str, Any]) -> str:

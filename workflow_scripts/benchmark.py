@@ -67,7 +67,8 @@ from workflow_scripts.lora_training import (GIB, LOG_EVERY, UNET_LORA_TARGETS, L
                                             gpu_levers, hardware_settings, library_versions, make_optimizer, tokenize)
 from workflow_scripts.bench_machine import (RssSampler, machine_info, matmul_peak_tflops,  # noqa: F401
                                             register_cpu_attention_flops, release_host_memory, synchronize)
-from workflow_scripts.bench_report import GUIDANCE, REFERENCE_TFLOP_PER_IMAGE, SCHEDULER, finite, render, speedup_line
+from workflow_scripts.bench_report import GUIDANCE, REFERENCE_TFLOP_PER_IMAGE, SCHEDULER, render, speedup_line
+from workflow_scripts.tables import json_safe
 
 SEED = 0
 LEARNING_RATE = 1e-4  # the diffusers example's default; the value does not change the speed
@@ -682,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         partial = args.json.with_name(args.json.name + ".partial")
-        partial.write_text(json.dumps(finite(result), indent=2, allow_nan=False) + "\n")
+        partial.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
         os.replace(partial, args.json)
     print(render(result))
     print(speedup_line(result))

@@ -1,4 +1,5 @@
-"""Our own tables: the split CSVs prepare_dataset writes and the synthetic image lists of generation.
+"""Our own tables: the split CSVs prepare_dataset writes, the synthetic image lists of generation,
+and the values our JSON outputs hold.
 
 Every stage reads its data through these, so the columns, the label separator and the checks
 (a split file holds only its split; no patient or film in two splits; every listed image exists)
@@ -7,10 +8,12 @@ live in one place.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -98,3 +101,17 @@ def save_png_atomically(pixels: np.ndarray, path: Path) -> None:
     partial = path.with_name(path.name + ".partial")
     Image.fromarray(pixels).save(partial, format="PNG")
     os.replace(partial, path)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities as null (strict JSON has no NaN: a diverged fp16 loss, an
+    undefined AUROC) and numpy scalars as Python numbers, through dicts, lists and tuples."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value

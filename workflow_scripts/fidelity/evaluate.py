@@ -9,7 +9,6 @@ to one n: the smallest of synthetic, real val and real train (and evaluation.max
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from workflow_scripts.config import config_hash
 from workflow_scripts.fidelity import distances
 from workflow_scripts.fidelity.features import Extractor, compute_features, load_images
 from workflow_scripts.labels import DataError
-from workflow_scripts.tables import LABEL_JOIN, load_split, read_generation_results
+from workflow_scripts.tables import LABEL_JOIN, json_safe, load_split, read_generation_results
 
 FIDELITY_COLUMNS = ["extractor", "label", "comparison", "n", "fid", "kid_mean", "kid_std", "kid_subset_size",
                     "precision", "recall", "density", "coverage", "notes"]
@@ -201,20 +200,8 @@ def evaluate(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | 
         },
         "audit": audit_summary,
     }
-    (out_dir / "fidelity.json").write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    (out_dir / "fidelity.json").write_text(json.dumps(json_safe(result), indent=2) + "\n")
     plots = make_plots(pd.DataFrame(rows, columns=FIDELITY_COLUMNS), pd.DataFrame(diversity, columns=DIVERSITY_COLUMNS),
                        pd.DataFrame(adherence, columns=ADHERENCE_COLUMNS), out_dir / "plots")
     (out_dir / "fidelity.md").write_text(render_markdown(result, plots, out_dir))
     return result
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
