@@ -376,12 +376,12 @@ def test_gpu_levers_follow_config_on_cuda_and_stay_off_on_cpu() -> None:
 def test_pad_crop_keeps_the_whole_film(tmp_path) -> None:
     from PIL import Image
 
-    from workflow_scripts.xray_dataset import to_model_tensor
+    from workflow_scripts.xray_dataset import model_transform
 
     film = np.zeros((100, 80), dtype=np.uint8)
     film[:6] = 255  # an apex at the very top of a portrait film
     image = Image.fromarray(film)
-    assert to_model_tensor(image, 32, "center").max() < 0  # centre-crop cut the top away
-    padded = to_model_tensor(image, 32, "pad")
+    assert model_transform(32, "center")(image).max() < 0  # centre-crop cut the top away
+    padded = model_transform(32, "pad")(image)
     assert padded.shape == (3, 32, 32) and padded[0, 0].max() > 0.9  # still there
     assert padded[0, :, 0].max() == -1  # black bars left and right

@@ -104,12 +104,6 @@ def study_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return {"dataset": config["dataset"], "split": config["split"], "balance": config["balance"], "classifier": classifier}
 
 
-def plan_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The classifier keys the generation plan reads (its rule's params: a new seed or control must
-    not re-plan, which would re-run every synthetic arm)."""
-    return {key: config["classifier"].get(key) for key in ("ratios", "pool_headroom")}
-
-
 def study_hash(config: Mapping[str, Any]) -> str:
     """metrics.json's `config_hash`: equal for all arms and seeds of one study."""
     return config_hash(study_settings(config))

@@ -10,7 +10,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
@@ -43,10 +42,6 @@ def model_transform(resolution: int, crop: str = "center") -> transforms.Compose
         transforms.ToTensor(),
         transforms.Normalize([0.5], [0.5]),
     ])
-
-
-def to_model_tensor(image: Image.Image, resolution: int, crop: str = "center") -> torch.Tensor:
-    return model_transform(resolution, crop)(image)
 
 
 class XrayPromptDataset(Dataset):
