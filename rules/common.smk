@@ -21,6 +21,13 @@ if os.path.isdir(config["dataset"]["csv"]):
     raise WorkflowError(f"dataset.csv: {config['dataset']['csv']} is a folder; point it at the label file itself.")
 if os.path.realpath(config["dataset"]["images"]) == os.path.sep:  # Snakemake would only say "Empty file path"
     raise WorkflowError("dataset.images: '/' is the filesystem root; point it at the folder that holds the images.")
+for key in ("csv", "images"):  # Snakemake reads {...} in an input path as a wildcard, with no escape
+    if "{" in config["dataset"][key] or "}" in config["dataset"][key]:
+        raise WorkflowError(
+            f"dataset.{key}: {config['dataset'][key]!r} holds a brace, which Snakemake reads as a wildcard in the "
+            f"rule's input path. Rename the folder, or point dataset.{key} at a symlink without braces "
+            "(python -m workflow_scripts.prepare_dataset takes such paths as they are)."
+        )
 if config["dataset"]["csv"] != DEMO_CSV and not os.path.isfile(config["dataset"]["csv"]):
     raise WorkflowError(
         f"dataset.csv: {config['dataset']['csv']} not found. Point dataset.csv and dataset.images at your "

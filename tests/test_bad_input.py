@@ -58,9 +58,9 @@ def test_16_bit_rgba_and_monochrome1_dicom_are_read_not_refused(tmp_path: Path) 
     write_dicom(tmp_path / "m2.dcm", monochrome1=False)
     inverted, plain = np.asarray(read_xray(tmp_path / "m1.dcm"), int), np.asarray(read_xray(tmp_path / "m2.dcm"), int)
     assert np.abs(inverted + plain - 255).max() <= 1  # MONOCHROME1 comes out inverted
-    (tmp_path / "user" / "m1.dcm").write_bytes((tmp_path / "m1.dcm").read_bytes())
+    (images / "m1.dcm").write_bytes((tmp_path / "m1.dcm").read_bytes())
     frame = pd.read_csv(csv)
-    frame.loc[2, "Image Index"] = "../m1.dcm"
+    frame.loc[2, "Image Index"] = "m1.dcm"
     frame.to_csv(csv, index=False)
     out = tmp_path / "out"
     assert prepare_dataset.main([*stage_flags(csv, images), "--out-dir", str(out)]) == 0

@@ -68,7 +68,7 @@ def test_defaults_are_filled_in(tmp_path: Path) -> None:
     ("training.learning_rat=0.1", r"training: Additional properties are not allowed \('learning_rat' was unexpected\)"),
     ("split.test_fraction=0.7", r"split.test_fraction: 0.7 is greater than or equal to the maximum of 0.5"),
     ("model.resolution=500", r"model.resolution: 500 is not a multiple of 8"),
-    ("prompt.template=A chest X-ray", r"prompt.template: 'A chest X-ray' does not match"),
+    ("prompt.template=A chest X-ray", r"prompt.template: 'A chest X-ray': no \{labels\} placeholder"),
     ("dataset.labels=[]", r"dataset.labels: \[\] should be non-empty"),
 ])
 def test_bad_values_are_refused_naming_the_key(override: str, message: str) -> None:

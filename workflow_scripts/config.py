@@ -12,6 +12,8 @@ import argparse
 import copy
 import hashlib
 import json
+import math
+import string
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -140,19 +142,31 @@ def _load_schema() -> dict[str, Any]:
         return yaml.safe_load(handle)
 
 
-def _coerce(value: Any, spec: Mapping[str, Any]) -> Any:
+def _as_integer(value: Any, types: list[str], where: str) -> Any:
+    """A float with no fractional part (7.0, 1e9) where the schema asks for an integer, as that
+    integer with a note: JSON Schema counts 7.0 as an integer, but numpy seeds and the messages
+    ("1000000000.0 px") need the int. 7.5 stays a float, for the schema to refuse by key."""
+    if (isinstance(value, float) and not isinstance(value, bool) and "integer" in types and "number" not in types
+            and math.isfinite(value) and value.is_integer()):
+        print(f"note: {where}: {value!r} read as the integer {int(value)}", file=sys.stderr)
+        return int(value)
+    return value
+
+
+def _coerce(value: Any, spec: Mapping[str, Any], where: str = "") -> Any:
     """`value` as the number, boolean or null the schema `spec` asks for, where it is a string that
-    reads as one; lists item by item and mappings key by key; anything else unchanged."""
+    reads as one or a float that is a whole number where an integer is asked for; lists item by item
+    and mappings key by key; anything else unchanged."""
     if isinstance(value, dict):
-        coerce_scalars(value, spec)
+        coerce_scalars(value, spec, where)
         return value
     if isinstance(value, list):
-        return [_coerce(item, spec.get("items", {})) for item in value]
+        return [_coerce(item, spec.get("items", {}), f"{where}[{index}]") for index, item in enumerate(value)]
     types = spec.get("type", [])
     types = [types] if isinstance(types, str) else types
     if not isinstance(value, str) or not types or "string" in types:
-        return value
-    parsed = parse_scalar(value)
+        return _as_integer(value, types, where)
+    parsed = _as_integer(parse_scalar(value), types, where)
     if isinstance(parsed, bool):
         accepted = "boolean" in types
     else:
@@ -161,13 +175,14 @@ def _coerce(value: Any, spec: Mapping[str, Any]) -> Any:
     return parsed if accepted else value
 
 
-def coerce_scalars(config: dict[str, Any], schema: Mapping[str, Any]) -> None:
+def coerce_scalars(config: dict[str, Any], schema: Mapping[str, Any], where: str = "") -> None:
     """Turn strings into the numbers, booleans or nulls the schema asks for, in place, also inside
     lists: `snakemake --config 'classifier={seeds: [0, 1]}'` parses nested values with YAML's
-    BaseLoader, which keeps every scalar a string; without this '0' would be refused."""
+    BaseLoader, which keeps every scalar a string; without this '0' would be refused. Whole floats
+    where an integer is asked for become ints (with a note); `where` is the dotted key so far."""
     for key, spec in schema.get("properties", {}).items():
         if key in config:
-            config[key] = _coerce(config[key], spec)
+            config[key] = _coerce(config[key], spec, f"{where}{key}" if not where else f"{where}.{key}")
 
 
 def config_errors(config: Mapping[str, Any]) -> list[str]:
@@ -194,6 +209,30 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+LABEL_JOIN = "|"  # labels within a cell of the split CSVs (tables.LABEL_JOIN; kept here to check names)
+PROMPT_FIELDS = ("labels",)  # the placeholders tables.make_prompt fills
+
+
+def prompt_template_problem(template: str) -> str | None:
+    """Why `template` cannot make one prompt per label set (an unknown or positional placeholder,
+    a stray brace, no {labels}), or None. Checked at config time, not after every image is decoded."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as error:
+        return f"{error} (write a literal brace as {{{{ or }}}})"
+    unknown = [field for field in fields if field not in PROMPT_FIELDS]
+    if unknown:
+        shown = ", ".join("{" + field + "}" for field in unknown)
+        return f"placeholder(s) {shown} are not filled by the workflow; the only placeholder is {{labels}}"
+    if not fields:
+        return "no {labels} placeholder: every image would get the same prompt"
+    try:
+        template.format(labels="Mass")
+    except ValueError as error:  # a bad format spec, e.g. {labels:d}
+        return f"cannot be filled ({error})"
+    return None
+
+
 def _check_cross_field_rules(config: Mapping[str, Any]) -> None:
     split = config["split"]
     if split["val_fraction"] + split["test_fraction"] >= 0.8:
@@ -201,6 +240,21 @@ def _check_cross_field_rules(config: Mapping[str, Any]) -> None:
             "split.val_fraction + split.test_fraction must leave at least 20% of patients for "
             f"training; got {split['val_fraction']} + {split['test_fraction']}"
         )
+    if split["val_fraction"] == 0:
+        raise ConfigError("split.val_fraction: 0 leaves the val split empty, but the classifier picks its best "
+                          "checkpoint on val; give val a share of the patients (e.g. 0.15)")
+    dataset = config["dataset"]
+    joined = [label for label in dataset["labels"] if LABEL_JOIN in label]
+    if joined:
+        raise ConfigError(f"dataset.labels: {joined} contain {LABEL_JOIN!r}, the character the split files join "
+                          "labels with, so they would be read back as two labels; rename them (e.g. '_' for '|')")
+    for key in ("csv", "images"):
+        if dataset[key].startswith("~"):
+            raise ConfigError(f"dataset.{key}: {dataset[key]!r} starts with '~', which is not expanded to your home "
+                              "folder; write the full path")
+    problem = prompt_template_problem(config["prompt"]["template"])
+    if problem:
+        raise ConfigError(f"prompt.template: {config['prompt']['template']!r}: {problem}")
 
 
 def load_config(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> dict[str, Any]:

@@ -7,8 +7,10 @@ them. Bad rows raise `DataError` naming the file, line and value at fault.
 
 from __future__ import annotations
 
+import csv
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,13 @@ SKIP_COLUMNS = ["source", "row", "path", "reason"]
 NIH_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 NIH_DEMOGRAPHICS = ("Patient Gender", "Patient Age")
 CHEXPERT_DEMOGRAPHICS = ("Sex", "Age")
-CHEXPERT_PATIENT = re.compile(r"(patient\d+)")
+CHEXPERT_PATIENT = re.compile(r"patient(\d+)")
+CHEXPERT_VIEW = re.compile(r"_(frontal|lateral)\.[a-z]+$", re.IGNORECASE)  # view1_frontal.jpg
 NIH_IMAGE_NAME = re.compile(r"^(\d+)_\d+\.png$", re.IGNORECASE)  # 00000075_000.png: patient 75, film 0
 DEMOGRAPHIC_COLUMNS = ("sex", "age")
 NO_FINDING = "No Finding"
+# Spellings of "no value" that pandas, R, Excel and hand edits leave in id cells: as empty as a blank.
+MISSING_SPELLINGS = frozenset({"nan", "none", "null", "na", "n/a", "#n/a", "nil", "<na>", "nat", "-", "?"})
 
 
 class DataError(ValueError):
@@ -56,18 +61,46 @@ def read_csv_checked(
         raise DataError(f"{csv_path}: the file is empty (expected a header and one row per image)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         raise DataError(f"{csv_path}: not a readable CSV ({error})") from None
-    missing = [column for column in required if column not in frame.columns]
+    header = _header(csv_path)
+    missing = [column for column in required if column not in header]
     if missing:
-        raise DataError(f"{csv_path}: missing column(s) {missing}; found {list(frame.columns)}{hint}")
+        raise DataError(f"{csv_path}: missing column(s) {missing}; found {header}{hint}")
+    twice = sorted({column for column, count in Counter(header).items() if count > 1 and column in required})
+    if twice:  # pandas would rename the second one 'x.1' and read the first without a word
+        where = "; ".join(f"{column!r} in columns {[i + 1 for i, name in enumerate(header) if name == column]}"
+                          for column in twice)
+        raise DataError(f"{csv_path}: header names a column it reads more than once ({where}); which one holds the "
+                        "data is unknown. Rename or remove the extra column")
     return frame
+
+
+def _header(csv_path: Path) -> list[str]:
+    """The header row as written (pandas renames a repeated name 'x' to 'x.1')."""
+    with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        return next(csv.reader(handle), [])
+
+
+def record_lines(csv_path: Path) -> list[int]:
+    """The line each data record starts on (header = line 1, blank lines counted as records, as
+    pandas reads them with skip_blank_lines=False): a quoted cell holding a newline spans lines."""
+    with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        reader = csv.reader(handle)
+        next(reader, None)
+        starts, end = [], reader.line_num
+        for _ in reader:
+            starts.append(end + 1)
+            end = reader.line_num
+    return starts
 
 
 def _read_label_file(csv_path: Path, required: Sequence[str], format_name: str, notes: list[str] | None) -> pd.DataFrame:
     frame = read_csv_checked(csv_path, required, "label file (dataset.csv)",
                              f". dataset.format '{format_name}' expects {list(required)}", keep_blank_lines=True)
     # Line numbers as a user sees them in an editor (header is line 1), counted before blank lines
-    # are dropped so that messages point at the right line.
-    frame.insert(0, "row", np.arange(2, len(frame) + 2))
+    # are dropped and across quoted newlines, so that messages point at the right line. (Should the
+    # csv module and pandas ever count records differently, rows fall back to index + 2.)
+    lines = record_lines(csv_path)
+    frame.insert(0, "row", lines if len(lines) == len(frame) else np.arange(2, len(frame) + 2))
     blank = (frame.drop(columns="row").apply(lambda column: column.str.strip()) == "").all(axis=1)
     if blank.any():
         inner = frame["row"][blank & (frame.index < np.flatnonzero(~blank).max(initial=-1))].tolist()
@@ -117,6 +150,8 @@ def _demographics(frame: pd.DataFrame, sex_column: str | None, age_column: str |
 def _nih_patient(csv_path: Path, row: int, image: str, patient_id: str) -> str:
     """The NIH patient id as a number without leading zeros (`00029548` and `29548` are one
     patient), cross-checked with the patient number in the image name."""
+    if is_missing(patient_id):
+        return patient_id  # refused by check_rows like an empty id
     if not re.fullmatch(r"\d+", patient_id):
         raise DataError(f"{csv_path} line {row} ({image}): Patient ID {patient_id!r} is not a number; "
                         "NIH patient ids are numeric")
@@ -128,6 +163,35 @@ def _nih_patient(csv_path: Path, row: int, image: str, patient_id: str) -> str:
     return patient
 
 
+def is_missing(value: str) -> bool:
+    """An empty cell or a spelling of "no value" (NaN, None, null, NA, ...), any case."""
+    return not value.strip() or value.strip().lower() in MISSING_SPELLINGS
+
+
+def _without_zeros(patient: str) -> str:
+    """'007' -> '7', 'P-0042' -> 'P-42': every run of digits as its number."""
+    return re.sub(r"\d+", lambda match: str(int(match.group())), patient)
+
+
+def generic_patients(csv_path: Path, rows: Sequence[int], ids: Sequence[str], zeros: str) -> list[str]:
+    """Generic-CSV patient ids under dataset.patient_id_zeros: `merge` reads ids that differ only by
+    leading zeros (007, 7) as one patient, `keep` as two, `refuse` stops naming both spellings."""
+    if zeros == "merge":
+        return [patient if is_missing(patient) else _without_zeros(patient) for patient in ids]
+    if zeros == "refuse":
+        spellings: dict[str, dict[str, int]] = {}
+        for row, patient in zip(rows, ids):
+            if not is_missing(patient):
+                spellings.setdefault(_without_zeros(patient), {}).setdefault(patient, row)
+        clash = next((found for found in spellings.values() if len(found) > 1), None)
+        if clash:
+            shown = ", ".join(f"{patient!r} (line {row})" for patient, row in clash.items())
+            raise DataError(f"{csv_path}: patient ids {shown} differ only by leading zeros; whether they are one "
+                            "patient is unknown. Set dataset.patient_id_zeros: merge (one patient) or keep (two "
+                            "patients), or correct the ids")
+    return list(ids)
+
+
 def read_nih(csv_path: Path, notes: list[str] | None = None) -> pd.DataFrame:
     frame = _read_label_file(csv_path, NIH_COLUMNS, "nih", notes)
     images = frame["Image Index"].str.strip()
@@ -136,6 +200,7 @@ def read_nih(csv_path: Path, notes: list[str] | None = None) -> pd.DataFrame:
         "image": images,
         "labels": [_split_labels(cell, "|") for cell in frame["Finding Labels"]],
         "patient": [_nih_patient(csv_path, row, image, patient.strip()) if patient.strip() else ""
+                    # (blank or a missing-value spelling: refused by check_rows)
                     for row, image, patient in zip(frame["row"], images, frame["Patient ID"])],
         **_demographics(frame, *NIH_DEMOGRAPHICS),
     })
@@ -158,6 +223,18 @@ def _chexpert_labels(
     return positive, uncertain
 
 
+def _chexpert_view(csv_path: Path, row: int, path: str, view: str) -> str:
+    """'frontal' or 'lateral': the Frontal/Lateral cell, or where it is blank the file name
+    (view1_frontal.jpg); neither says it: refused, since the row can be neither kept nor left out."""
+    view = view.strip().lower() or ("" if not CHEXPERT_VIEW.search(path.strip()) else
+                                    CHEXPERT_VIEW.search(path.strip()).group(1).lower())
+    if view not in ("frontal", "lateral"):
+        raise DataError(f"{csv_path} line {row} ({path.strip()}): Frontal/Lateral is {view or 'blank'!r} and the file "
+                        "name does not say the view (..._frontal.jpg / ..._lateral.jpg); write Frontal or Lateral, "
+                        "or set dataset.frontal_only: false")
+    return view
+
+
 def read_chexpert(
     csv_path: Path, vocabulary: Sequence[str], uncertain_policy: str, frontal_only: bool,
     notes: list[str] | None = None,
@@ -171,7 +248,8 @@ def read_chexpert(
     skipped = []
     keep = np.ones(len(frame), dtype=bool)
     if frontal_only and "Frontal/Lateral" in frame.columns:
-        keep &= (frame["Frontal/Lateral"].str.strip().str.lower() == "frontal").to_numpy()
+        keep &= np.array([_chexpert_view(csv_path, row, path, view) == "frontal"
+                          for row, path, view in zip(frame["row"], frame["Path"], frame["Frontal/Lateral"])])
         if (~keep).any():
             note(f"{csv_path}: {int((~keep).sum())} of {len(frame)} rows are lateral views, left out "
                  "(dataset.frontal_only: true)", notes)
@@ -202,7 +280,8 @@ def read_chexpert(
         "row": frame["row"],
         "image": paths,
         "labels": labels_per_row,
-        "patient": [match.group(1) if match else path for match, path in zip(matches, paths)],
+        # patient1 and patient00001 are one patient: written as CheXpert writes them, five digits.
+        "patient": [f"patient{int(match.group(1)):05d}" if match else path for match, path in zip(matches, paths)],
         **_demographics(frame, *CHEXPERT_DEMOGRAPHICS),
     })[keep].reset_index(drop=True)
     return result, skip_frame(csv_path, skipped)
@@ -216,10 +295,16 @@ def read_generic_csv(csv_path: Path, dataset: dict[str, Any], notes: list[str] |
             "and test. Name the patient id column in dataset.patient_column, or set "
             "dataset.allow_missing_patient: true to count every image as its own patient"
         )
+    if patient_column is not None and patient_column == path_column and not dataset["allow_missing_patient"]:
+        raise DataError(
+            f"{csv_path}: dataset.patient_column and dataset.path_column both name {path_column!r}, so every image "
+            "would be its own patient and follow-up films could land in both train and test. Name the patient id "
+            "column, or set dataset.allow_missing_patient: true to accept one patient per image"
+        )
     optional = [dataset[key] for key in ("sex_column", "age_column") if dataset.get(key)]
     required = [path_column, labels_column] + ([patient_column] if patient_column else []) + optional
     frame = _read_label_file(csv_path, required, "csv", notes)
-    if patient_column is None:
+    if patient_column is None or patient_column == path_column:
         note("dataset.allow_missing_patient: every image counts as its own patient, so follow-up films "
              "of one patient may land in different splits", notes)
     images = frame[path_column].str.strip()
@@ -227,7 +312,8 @@ def read_generic_csv(csv_path: Path, dataset: dict[str, Any], notes: list[str] |
         "row": frame["row"],
         "image": images,
         "labels": [_split_labels(cell, dataset["label_separator"]) for cell in frame[labels_column]],
-        "patient": frame[patient_column].str.strip() if patient_column else images,
+        "patient": generic_patients(csv_path, frame["row"], frame[patient_column].str.strip(), dataset["patient_id_zeros"])
+        if patient_column and patient_column != path_column else images,
         **_demographics(frame, dataset.get("sex_column"), dataset.get("age_column")),
     })
 
@@ -264,8 +350,9 @@ def check_rows(frame: pd.DataFrame, vocabulary: Sequence[str], csv_path: Path) -
         where = f"{csv_path} line {record.row} ({record.image or 'no image name'})"
         if not record.image:
             raise DataError(f"{where}: empty image path")
-        if not record.patient:
-            raise DataError(f"{where}: empty patient id")
+        if is_missing(record.patient):
+            spelled = f" ({record.patient!r}, a spelling of 'no value')" if record.patient.strip() else ""
+            raise DataError(f"{where}: empty patient id{spelled}; every film needs its patient's id")
         if not record.labels:
             raise DataError(f"{where}: no label (use 'No Finding' for normal images if it is in dataset.labels)")
         unknown = [label for label in record.labels if label not in known]

@@ -25,7 +25,7 @@ import pandas as pd
 
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
 from workflow_scripts.labels import DEMOGRAPHIC_COLUMNS, DataError, check_rows, note, read_dataset, skip_frame
-from workflow_scripts.resolve import NOT_FOUND, check_same_files, find_bad_images, resolve_paths
+from workflow_scripts.resolve import NOT_FOUND, check_images, check_same_content, check_same_files, resolve_paths
 from workflow_scripts.tables import LABEL_JOIN, SPLIT_COLUMNS, SPLITS, assert_patient_disjoint, label_counts, make_prompt
 
 MIN_GROUP = 3  # patients a rarest-label group needs to give one each to train, val and test
@@ -75,12 +75,13 @@ def split_failure(frame: pd.DataFrame, empty: str, csv_path: Path, skipped: int)
     sizes = ", ".join(f"{label} {len(patients)}" for label, patients in sorted(groups.items()))
     small = [label for label, patients in sorted(groups.items()) if len(patients) < MIN_GROUP]
     after = f" after leaving out {skipped} unusable image(s)" if skipped else ""
+    key = "split.val_fraction" if empty == "val" else "split.test_fraction"
     return (
         f"{csv_path}: the {empty} split is empty{after}. {frame['patient'].nunique()} patients are grouped by "
-        f"their rarest label (patients per group: {sizes}); a group gives a patient to test only with at least "
-        f"{MIN_GROUP} patients or when split.test_fraction x its size rounds to 1 or more. Groups too small: "
+        f"their rarest label (patients per group: {sizes}); a group gives a patient to {'test' if empty == 'train' else empty} "
+        f"only with at least {MIN_GROUP} patients or when {key} x its size rounds to 1 or more. Groups too small: "
         f"{small}. Add patients with these labels, remove the rarest labels from dataset.labels (and their "
-        "rows), or raise split.test_fraction"
+        f"rows), or raise {key}"
     )
 
 
@@ -144,15 +145,29 @@ def _all_unusable(skipped: pd.DataFrame, out_dir: Path) -> DataError:
                      + f". Every reason is in {out_dir / 'skipped.csv'}")
 
 
+def _skipped_as_bad(label: str, unusable: pd.DataFrame) -> str:
+    """', k training image(s) skipped as unusable (line L path: reason; ...)' for `label`, or ''."""
+    mine = unusable[[label in labels for labels in unusable["labels"]]]
+    if mine.empty:
+        return ""
+    first = "; ".join(f"line {row} {image}: {str(reason).rsplit(' -- ', 1)[0].split(': ', 1)[-1]}"
+                      for row, image, reason in mine[["row", "image", "reason"]].head(3).itertuples(index=False))
+    return f", {len(mine)} training image(s) skipped as unusable ({first})"
+
+
 def check_label_coverage(splits: dict[str, pd.DataFrame], everything: pd.DataFrame, vocabulary: Sequence[str],
-                         allow_absent: bool, csv_path: Path, notes: list[str]) -> list[str]:
+                         allow_absent: bool, csv_path: Path, notes: list[str], unusable: pd.DataFrame) -> list[str]:
     """Labels of the vocabulary without a training image: an error, or (opted in) the list of labels
-    to leave out of generation and of the table. A label without test images gets a note."""
-    in_file = Counter(label for labels in everything["labels"] for label in labels)
+    to leave out of generation and of the table. A label without test images gets a note.
+    `unusable`: rows skipped as bad images (row, image, labels, split, reason); counted as images of
+    the label file, and the training ones named in the error."""
+    in_file = Counter(label for labels in [*everything["labels"], *unusable["labels"]] for label in labels)
     train = label_counts(splits["train"])
     absent = [label for label in vocabulary if label not in train]
     if absent and not allow_absent:
-        where = ", ".join(f"{label}: {in_file[label]} image(s) in the label file" for label in absent)
+        train_unusable = unusable[unusable["split"] == "train"]
+        where = ", ".join(f"{label}: {in_file[label]} image(s) in the label file{_skipped_as_bad(label, train_unusable)}"
+                          for label in absent)
         raise DataError(
             f"{csv_path}: label(s) {absent} of dataset.labels have no training image ({where}); the LoRA would "
             "never see their prompt and the classifier could not learn them. Remove them from dataset.labels, add "
@@ -178,7 +193,8 @@ def prepare(config: dict[str, Any], out_dir: Path, workers: int | None = None) -
     if frame.empty:
         raise _all_unusable(skipped_by_policy, out_dir)
     frame = check_rows(frame, vocabulary, csv_path)
-    paths, reasons = resolve_paths(frame, root, search_by_name=dataset["format"] == "nih", csv_path=csv_path)
+    paths, reasons = resolve_paths(frame, root, search_by_name=dataset["format"] == "nih", csv_path=csv_path,
+                                   allow_outside=dataset["allow_outside_paths"], notes=notes)
     frame["path"] = paths
     check_same_files(frame, csv_path)
     frame, skipped_missing = _leave_out(frame, reasons, policy, root, csv_path)
@@ -193,8 +209,11 @@ def prepare(config: dict[str, Any], out_dir: Path, workers: int | None = None) -
     train = balance_training(train, config["balance"]["max_per_label"], config["balance"]["seed"])
     frame = pd.concat([train, frame[frame["split"] != "train"]], ignore_index=True)
     # Only images that will be used are decoded: a balanced draw from 112k NIH images stays fast.
-    reasons = find_bad_images(frame["path"].tolist(), dataset["image_check"] == "decode", dataset["min_image_side"], workers)
+    checked = check_images(frame["path"].tolist(), dataset["image_check"] == "decode", dataset["min_image_side"], workers)
+    reasons = [reason for reason, _ in checked]
+    unusable = frame.assign(reason=reasons)[[reason is not None for reason in reasons]]
     frame, skipped_images = _leave_out(frame, reasons, policy, root, csv_path)
+    check_same_content(frame, [digest for reason, digest in checked if reason is None], csv_path)
     skipped = pd.concat([skipped, skipped_images], ignore_index=True)
     if frame.empty:
         raise _all_unusable(skipped, out_dir)
@@ -206,10 +225,11 @@ def prepare(config: dict[str, Any], out_dir: Path, workers: int | None = None) -
     columns = SPLIT_COLUMNS + [column for column in DEMOGRAPHIC_COLUMNS if column in frame.columns]
     splits = {name: frame[frame["split"] == name][columns].reset_index(drop=True) for name in SPLITS}
     assert_patient_disjoint(splits)
-    for name in ("train", "test"):
+    for name in ("train", "test", "val"):
         if splits[name].empty:
             raise DataError(split_failure(frame.assign(labels=label_lists), name, csv_path, len(skipped_images)))
-    absent = check_label_coverage(splits, frame.assign(labels=label_lists), vocabulary, dataset["allow_absent_labels"], csv_path, notes)
+    absent = check_label_coverage(splits, frame.assign(labels=label_lists), vocabulary, dataset["allow_absent_labels"],
+                                  csv_path, notes, unusable)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, split in splits.items():

@@ -19,11 +19,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from workflow_scripts import config
 from workflow_scripts.labels import DataError, read_csv_checked
 
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = ["path", "labels", "prompt", "patient", "split"]  # then sex, age where the source has them
-LABEL_JOIN = "|"  # labels within a cell of our own CSVs
+LABEL_JOIN = config.LABEL_JOIN  # labels within a cell of our own CSVs (no label may contain it: config checks)
 RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint", "dtype", "device"]
 
 
@@ -31,7 +32,8 @@ RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "sche
 
 
 def make_prompt(labels: Sequence[str], template: str = "A chest X-ray with {labels}") -> str:
-    """`["Fibrosis", "Pneumonia"]` -> "A chest X-ray with Fibrosis and Pneumonia" (labels already in vocabulary order)."""
+    """`["Fibrosis", "Pneumonia"]` -> "A chest X-ray with Fibrosis and Pneumonia" (labels already in
+    vocabulary order). The template is checked at config time (config.prompt_template_problem)."""
     return template.format(labels=" and ".join(labels))
 
 
@@ -65,15 +67,25 @@ def assert_patient_disjoint(splits: dict[str, pd.DataFrame]) -> None:
             seen[patient] = name
 
 
+def _identity(path: str) -> tuple[int, int] | str:
+    """(device, inode) of a file, one for all its names (hard links too); its real path if it is gone."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return info.st_dev, info.st_ino
+
+
 def assert_files_disjoint(splits: dict[str, pd.DataFrame]) -> None:
-    """Raise DataError naming a file (by its real path) listed twice, within or across splits."""
-    seen: dict[str, tuple[str, str]] = {}
+    """Raise DataError naming a file (by device and inode, so hard links count) listed twice,
+    within or across splits."""
+    seen: dict[tuple[int, int] | str, tuple[str, str]] = {}
     for name, frame in splits.items():
         for path in frame["path"].astype(str):
-            real = os.path.realpath(path)
+            real = _identity(path)
             if real in seen:
                 other_split, other_path = seen[real]
-                raise DataError(f"{real} is in the {other_split} split (as {other_path}) and in the {name} split "
+                raise DataError(f"{os.path.realpath(path)} is in the {other_split} split (as {other_path}) and in the {name} split "
                                 f"(as {path}): one film listed twice; re-run prepare_dataset")
             seen[real] = (name, path)
 
