@@ -100,6 +100,8 @@ def why_unusable(path: Path, image: str) -> str:
     except OSError as error:
         if error.errno == errno.ELOOP:
             return f"{path} is a symbolic link loop (it points back at itself)"
+        if error.errno == errno.EACCES:
+            return f"{path} cannot be reached: permission denied on a folder of its path"
         if link is not None and stat.S_ISLNK(link.st_mode):
             return f"{path} is a symbolic link to a missing file ({os.readlink(path)})"
         if image.startswith("~"):
