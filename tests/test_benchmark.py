@@ -138,3 +138,29 @@ def test_cpu_attention_flops_are_counted() -> None:
     with FlopCounterMode(display=False) as backward:
         out.sum().backward()
     assert backward.get_total_flops() > forward.get_total_flops()
+
+
+def test_classifier_stage_prints_the_data_path_speed_up(tmp_path) -> None:
+    # `--stage classifier` dispatches to bench_classifier: NIH-style films (upscaled dev films, or
+    # --source), decoded every step vs the decode-once cache, side by side.
+    stdout = io.StringIO()
+    json_path = tmp_path / "classifier.json"
+    with contextlib.redirect_stdout(stdout):
+        code = benchmark.main(["--stage", "classifier", "--quick", "--threads", "1", "--device", "cpu",
+                               "--scratch", str(tmp_path / "scratch"), "--json", str(json_path)])
+    assert code == 0
+    lines = stdout.getvalue().rstrip("\n").splitlines()
+    assert re.fullmatch(r"classifier data path speed-up vs decoding every step: \d+\.\d×", lines[-1]), lines[-1]
+    result = json.loads(json_path.read_text())
+    data = result["data_path"]
+    assert float(lines[-1].split(": ")[1].rstrip("×")) == pytest.approx(data["speedup"], abs=0.05)
+    for figures in (data, result["training"]):
+        rates = figures["per_repeat"]
+        assert len(rates["decoded"]) == len(rates["cached"]) == result["repeats"] == 2
+        assert all(rate > 0 for rate in rates["decoded"] + rates["cached"])
+        assert figures["per_repeat_ratios"] == pytest.approx([c / d for c, d in zip(rates["cached"], rates["decoded"])])
+        assert figures["speedup"] == pytest.approx(statistics.median(figures["per_repeat_ratios"]))
+    assert result["films"] == 8 and result["film_size"] == 128 and result["cache_build"]["films_per_second"] > 0
+    assert len(list((tmp_path / "scratch" / "films").glob("*.png"))) == 8
+    assert any(line.startswith("| decoded every step") for line in lines)
+    assert any(line.startswith("| decode-once cache") for line in lines)

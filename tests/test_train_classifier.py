@@ -160,7 +160,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     synthetic_csv = root / "synthetic" / "generation_results.csv"
     pd.DataFrame(rows).to_csv(synthetic_csv, index=False)
     out = root / "runs" / "ratio25_seed0"
-    metrics = train_classifier(config, data_dir, synthetic_csv, "ratio25", 0, out, show_progress=False)
+    cache = root / "classifier_cache"
+    metrics = train_classifier(config, data_dir, synthetic_csv, "ratio25", 0, out, show_progress=False, cache_dir=cache)
     # The noise control's pool, and one run of each other kind of arm, for the matched budget.
     noise, _ = make_noise_images(read_generation_results(synthetic_csv), load_split(data_dir, "train")["path"].tolist(),
                                  root / "synthetic_noise", show_progress=False)
@@ -169,8 +170,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     arms = {"ratio25": metrics}
     for arm in ("ratio0", "rebalanced", "noise"):  # pretrain's two phases: tests/test_study.py
         pool = noise_csv if arm == "noise" else synthetic_csv
-        arms[arm] = train_classifier(config, data_dir, pool, arm, 0, root / "runs" / f"{arm}_seed0", show_progress=False)
-    return {"root": root, "config": config, "overrides": overrides, "data_dir": data_dir,
+        arms[arm] = train_classifier(config, data_dir, pool, arm, 0, root / "runs" / f"{arm}_seed0", show_progress=False,
+                                     cache_dir=cache)
+    return {"root": root, "cache": cache, "config": config, "overrides": overrides, "data_dir": data_dir,
             "synthetic_csv": synthetic_csv, "noise_csv": noise_csv, "out": out, "metrics": metrics, "arms": arms}
 
 
@@ -274,7 +276,7 @@ def test_e2e_rerun_through_cli_is_reproducible(demo: dict) -> None:
     out = demo["out"].with_name("cli_ratio25_seed0")
     argv = ["--config", str(REPO / "config" / "config.yaml"), *[f"--set={o}" for o in demo["overrides"]],
             "--data-dir", str(demo["data_dir"]), "--synthetic", str(demo["synthetic_csv"]),
-            "--arm", "ratio25", "--seed", "0", "--out-dir", str(out)]
+            "--arm", "ratio25", "--seed", "0", "--out-dir", str(out), "--cache-dir", str(demo["cache"])]
     (out).mkdir(parents=True)
     (out / "metrics.json").write_text("{}")  # an old result: replaced
     assert main(argv) == 0
@@ -283,6 +285,20 @@ def test_e2e_rerun_through_cli_is_reproducible(demo: dict) -> None:
     assert again["test"]["macro"] == first["test"]["macro"]
     assert again["val_macro_auroc"] == first["val_macro_auroc"] and again["best_step"] == first["best_step"]
     assert pd.read_csv(out / "training_set.csv").equals(pd.read_csv(demo["out"] / "training_set.csv"))
+
+
+def test_e2e_cache_gives_the_metrics_of_decoding_every_step(demo: dict) -> None:
+    # Every split and pool was decoded once, into one cache each, shared by the four arms.
+    names = sorted(folder.name.split("-")[0] for folder in demo["cache"].iterdir())
+    assert names == ["synthetic", "synthetic_noise", "test", "train", "val"]
+    assert all(len(list(folder.glob("*.npy"))) == 1 for folder in demo["cache"].iterdir())
+    decoded = train_classifier(demo["config"], demo["data_dir"], demo["synthetic_csv"], "ratio25", 0,
+                               demo["root"] / "runs" / "decoded_ratio25_seed0", show_progress=False, cache_dir=None)
+    cached = demo["metrics"]
+    assert decoded["data_path"] == "decoded at every access" and cached["data_path"] == "decode-once cache"
+    assert decoded["test"] == cached["test"] and decoded["val_macro_auroc"] == cached["val_macro_auroc"]
+    log = {name: pd.read_csv(demo["root"] / "runs" / f"{name}ratio25_seed0" / "train_log.csv") for name in ("", "decoded_")}
+    pd.testing.assert_frame_equal(log[""], log["decoded_"], rtol=1e-6)
 
 
 def test_e2e_errors(demo: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -117,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="CPU threads for torch during the run (default: torch's own)")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     parser.add_argument("--quick", action="store_true", help="smallest settings (for tests)")
+    parser.add_argument("--stage", choices=["lora", "classifier"], default="lora",
+                        help="lora (this page) or classifier: the decode-once data path (workflow_scripts.bench_classifier)")
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "repeats", "gen_repeats", "lora_rank", "resolution", "threads"):
         value = getattr(args, name)
@@ -669,6 +671,13 @@ def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, devic
 
 
 def main(argv: list[str] | None = None) -> int:
+    stage = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    stage.add_argument("--stage", choices=["lora", "classifier"], default="lora")
+    chosen, argv = stage.parse_known_args(argv)
+    if chosen.stage == "classifier":  # its own options: --stage classifier --help
+        from workflow_scripts import bench_classifier
+
+        return bench_classifier.main(argv)
     args = parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:

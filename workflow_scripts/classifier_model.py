@@ -69,10 +69,9 @@ def _interpolation(name: str) -> int:
             "lanczos": Image.LANCZOS}.get(str(name), Image.BICUBIC)
 
 
-def preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
-               interpolation: str = "bicubic") -> torch.Tensor:
-    """Grayscale X-ray -> (3, size, size) float tensor: short side to `size`, center crop, replicated
-    to 3 channels, normalized with the model's mean/std. Deliberately no flip."""
+def film_pixels(image: Image.Image, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Grayscale X-ray -> (size, size) uint8: short side to `size`, center crop. Deliberately no flip.
+    What the decode-once cache (classifier_cache) stores; `normalize` makes the model's input."""
     image = image.convert("L")
     width, height = image.size
     scale = size / min(width, height)
@@ -80,34 +79,65 @@ def preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequen
     if (new_w, new_h) != (width, height):
         image = image.resize((new_w, new_h), _interpolation(interpolation))
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
-    channels = pixels.unsqueeze(0).expand(3, size, size)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 films (..., size, size) -> float (..., 3, size, size): replicated to 3 channels and
+    normalized with the model's mean/std, on the films' device (a batch: on the GPU, after a uint8 copy)."""
+    scaled = (pixels.float() / 255.0).unsqueeze(-3)
+    shape = (3, *pixels.shape[-2:])
+    channels = scaled.expand(*pixels.shape[:-2], *shape)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
     return (channels - mean_t) / std_t
 
 
-class XrayLabelDataset(torch.utils.data.Dataset):
-    """(image tensor, target vector) per row; targets default to zeros (feature extraction)."""
+def preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
+               interpolation: str = "bicubic") -> torch.Tensor:
+    """Grayscale X-ray -> (3, size, size) float tensor: `film_pixels`, then `normalize`."""
+    return normalize(torch.from_numpy(film_pixels(image, size, interpolation)), mean, std)
 
-    def __init__(self, paths: Sequence[str], targets: np.ndarray | None, size: int,
-                 mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic") -> None:
+
+def read_film(path: str, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """`film_pixels` of the file at `path`; a bad image is a DataError naming it."""
+    try:
+        image = read_xray(path)
+    except BadImageError as error:
+        # DataError takes one argument, so it also survives the trip out of a DataLoader worker.
+        raise DataError(str(error)) from None
+    return film_pixels(image, size, interpolation)
+
+
+class FilmDataset(torch.utils.data.Dataset):
+    """(uint8 film (size, size), target vector) per row, decoded from its file at every access:
+    the classifier's path without the decode-once cache."""
+
+    def __init__(self, paths: Sequence[str], targets: np.ndarray | None, size: int, interpolation: str = "bicubic") -> None:
         self.paths = [str(path) for path in paths]
         self.targets = targets if targets is not None else np.zeros((len(self.paths), 0), dtype=np.float32)
-        self.size, self.mean, self.std, self.interpolation = size, tuple(mean), tuple(std), interpolation
+        self.size, self.interpolation = size, interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            image = read_xray(self.paths[index])
-        except BadImageError as error:
-            # DataError takes one argument, so it also survives the trip out of a DataLoader worker.
-            raise DataError(str(error)) from None
-        tensor = preprocess(image, self.size, self.mean, self.std, self.interpolation)
-        return tensor, torch.from_numpy(self.targets[index])
+        film = read_film(self.paths[index], self.size, self.interpolation)
+        return torch.from_numpy(film), torch.from_numpy(self.targets[index])
+
+
+class XrayLabelDataset(FilmDataset):
+    """(normalized image tensor (3, size, size), target vector) per row; targets default to zeros
+    (feature extraction)."""
+
+    def __init__(self, paths: Sequence[str], targets: np.ndarray | None, size: int,
+                 mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic") -> None:
+        super().__init__(paths, targets, size, interpolation)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        film, target = super().__getitem__(index)
+        return normalize(film, self.mean, self.std), target
 
 
 def _seed_worker(worker_id: int) -> None:

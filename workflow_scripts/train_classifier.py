@@ -35,7 +35,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +44,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.classifier_model import (XrayLabelDataset, _seed_worker, class_names, create_model,
-                                               encode_labels, macro_auroc, make_loader,
-                                               model_data_config)
+from workflow_scripts.classifier_cache import CachedBatches, decoded_batches, sequential, source_name, study_store
+from workflow_scripts.classifier_device import (Precision, apply_cudnn_flags, describe_device, loader_workers,
+                                                pick_device, precision_for)
+from workflow_scripts.classifier_model import class_names, create_model, encode_labels, macro_auroc, model_data_config
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
 from workflow_scripts import stats
 from workflow_scripts.faults import maybe_fail
@@ -134,33 +135,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+def _host_value(tensor: torch.Tensor) -> float:
+    """The one place the training loop reads a device value back (a host sync): at log points only."""
+    return float(tensor)
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device) -> tuple[np.ndarray, float]:
-    """Sigmoid probabilities (images, classes) and the mean BCE loss."""
+def predict(model: torch.nn.Module, loader: Iterable, precision: Precision, mean: Sequence[float],
+            std: Sequence[float]) -> tuple[np.ndarray, float]:
+    """Sigmoid probabilities (images, classes) and the mean BCE loss over `loader`'s (films, targets)."""
     model.eval()
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
-    probs, total, count = [], 0.0, 0
-    for images, targets in loader:
-        logits = model(images.to(device, non_blocking=True)).float()
-        targets = targets.to(device, non_blocking=True)
-        total += float(loss_fn(logits, targets))
+    probs, total, count = [], torch.zeros((), device=precision.device), 0
+    for films, targets in loader:
+        with precision.autocast():
+            logits = model(precision.model_input(films, mean, std)).float()
+        targets = targets.to(precision.device, non_blocking=True)
+        total += loss_fn(logits, targets)
         count += targets.numel()
-        probs.append(torch.sigmoid(logits).cpu().numpy())
-    return np.concatenate(probs), total / max(count, 1)
+        probs.append(torch.sigmoid(logits))
+    return torch.cat(probs).cpu().numpy(), _host_value(total) / max(count, 1)
 
 
 def _clean_out_dir(out_dir: Path) -> Path:
@@ -180,9 +176,11 @@ def _clean_out_dir(out_dir: Path) -> Path:
 
 def train_classifier(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | Path | None, arm: str,
                      seed: int, out_dir: str | Path, exclude_csv: str | Path | None = None,
-                     show_progress: bool = True) -> dict[str, Any]:
+                     show_progress: bool = True, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Train one arm of the study (study.parse_arm) for the study's step budget, select on real val,
-    score on real test; write the outputs to `out_dir` (atomically) and return metrics.json's content."""
+    score on real test; write the outputs to `out_dir` (atomically) and return metrics.json's content.
+    `cache_dir`: where the decode-once caches live (classifier_cache); None decodes every film at
+    every access (the same numbers, far slower)."""
     started = time.time()
     study_arm = parse_arm(arm, config)
     if seed < 0:
@@ -191,7 +189,8 @@ def train_classifier(config: dict[str, Any], data_dir: str | Path, synthetic_csv
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     partial = _clean_out_dir(out_dir)
     try:
-        metrics = _run(config, data_dir, synthetic_csv, exclude_csv, study_arm, int(seed), classes, partial, show_progress)
+        metrics = _run(config, data_dir, (synthetic_csv, exclude_csv, cache_dir), study_arm, int(seed), classes, partial,
+                       show_progress)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -212,57 +211,92 @@ def _training_data(config: dict[str, Any], data_dir: Path, synthetic_csv: str | 
     assert_no_leakage(mix, {"val": val, "test": test})
     assert_no_leakage(mix[mix["source"].isin(["synthetic", "noise"])], {"train": real_train})
     assert_files_exist(mix, "training")
-    return {"real_train": real_train, "val": val, "test": test, "mix": mix, "n_excluded": n_excluded, **info}
+    return {"real_train": real_train, "val": val, "test": test, "mix": mix, "pool": pool, "n_excluded": n_excluded,
+            **info}
 
 
-def _fit(model: torch.nn.Module, train_loader: torch.utils.data.DataLoader, val_loader: torch.utils.data.DataLoader,
-         val_targets: np.ndarray, points: Sequence[int], settings: Mapping[str, Any], device: torch.device,
+def _batches(data: Mapping[str, Any], targets: Sequence[np.ndarray], schedule: list[list[int]],
+             settings: Mapping[str, Any], data_config: Mapping[str, Any], synthetic_csv: str | Path | None,
+             cache_dir: str | Path | None, show_progress: bool) -> tuple[Iterable, Iterable, Iterable]:
+    """(uint8 films, targets) batches of the training schedule, of val and of test: read from the
+    decode-once caches (the splits and the arm's pool, each decoded once for every arm and seed), or
+    with `cache_dir` None decoded from the files at every access."""
+    mix, val, test = data["mix"], data["val"], data["test"]
+    size, interpolation, batch_size = settings["image_size"], data_config["interpolation"], settings["batch_size"]
+    paths = [frame["path"].astype(str).tolist() for frame in (mix, val, test)]
+    orders = [schedule, sequential(len(val), batch_size), sequential(len(test), batch_size)]
+    if cache_dir is None:
+        workers = loader_workers(settings["num_workers"])
+        return tuple(decoded_batches(p, t, order, size, interpolation, workers)
+                     for p, t, order in zip(paths, targets, orders))
+    sources = {split: data[key]["path"].astype(str).tolist() for split, key in
+               (("train", "real_train"), ("val", "val"), ("test", "test"))}
+    if mix["source"].isin(["synthetic", "noise"]).any():  # the rebalanced control reads no pool image
+        sources[source_name(synthetic_csv)] = data["pool"]["path"].astype(str).tolist()
+    store = study_store(sources, paths[0], cache_dir, size, interpolation, show_progress)
+    return tuple(CachedBatches(store, p, t, order) for p, t, order in zip(paths, targets, orders))
+
+
+def _fit(model: torch.nn.Module, train_batches: Iterable, val_batches: Iterable, val_targets: np.ndarray,
+         points: Sequence[int], settings: Mapping[str, Any], precision: Precision, data_config: Mapping[str, Any],
          desc: str, show_progress: bool) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], int]:
-    """One optimizer step per batch of `train_loader`; validation on the real val split after each
-    step in `points`, keeping the best weights (val macro AUROC, earliest on ties; lowest val loss
-    where no val label has both classes). Returns the log, the best weights and their step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
+    """One optimizer step per batch of `train_batches` (uint8 films, targets); validation on the real
+    val split after each step in `points`, keeping the best weights (val macro AUROC, earliest on
+    ties; lowest val loss where no val label has both classes). The loss stays on the device
+    between validation points (no host sync per step). Returns the log, the best weights and their step."""
+    fused = {"fused": True} if precision.device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"],
+                                  weight_decay=settings["weight_decay"], **fused)
+    scaler = precision.scaler()
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    mean, std = data_config["mean"], data_config["std"]
     log, best_key, best_state, best_step = [], None, None, 0
-    points, total, seen = set(points), 0.0, 0
-    progress = tqdm(total=len(train_loader), desc=desc, unit="step", disable=not show_progress, file=sys.stderr)
+    points, seen, last = set(points), 0, 0
+    total = torch.zeros((), device=precision.device)
+    progress = tqdm(total=len(train_batches), desc=desc, unit="step", disable=not show_progress, file=sys.stderr)
     model.train()
-    for step, (images, targets) in enumerate(train_loader, start=1):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        loss = loss_fn(model(images).float(), targets)
+    for step, (films, targets) in enumerate(train_batches, start=1):
+        images = precision.model_input(films, mean, std)
+        targets = targets.to(precision.device, non_blocking=True)
+        with precision.autocast():
+            loss = loss_fn(model(images).float(), targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        value = float(loss.detach())
-        if not np.isfinite(value):
-            raise TrainingError(f"loss became {value} at step {step}; lower classifier.learning_rate")
-        total, seen = total + value, seen + 1
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.detach()
+        seen += 1
         progress.update(1)
-        progress.set_postfix(loss=f"{value:.4f}")
         if step not in points:
             continue
-        val_probs, val_loss = predict(model, val_loader, device)
+        train_loss = _host_value(total) / seen
+        if not np.isfinite(train_loss):
+            raise TrainingError(f"loss became {train_loss} between steps {last + 1} and {step}; lower classifier.learning_rate")
+        val_probs, val_loss = predict(model, val_batches, precision, mean, std)
         model.train()
         val_auroc = macro_auroc(val_targets, val_probs)
-        log.append({"step": step, "train_loss": total / seen, "val_loss": val_loss, "val_macro_auroc": val_auroc})
-        total, seen = 0.0, 0
+        log.append({"step": step, "train_loss": train_loss, "val_loss": val_loss, "val_macro_auroc": val_auroc})
+        total, seen, last = torch.zeros((), device=precision.device), 0, step
         maybe_fail("classifier_validation")
         key = (val_auroc, -step) if val_auroc is not None else (float("-inf"), -val_loss, -step)
         if best_key is None or key > best_key:
             best_key, best_step = key, step
             best_state = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+        shown = f"{val_auroc:.4f}" if val_auroc is not None else "n/a"
+        progress.set_postfix(loss=f"{train_loss:.4f}")
         if show_progress:
-            shown = f"{val_auroc:.4f}" if val_auroc is not None else "n/a"
-            progress.write(f"step {step}: train loss {log[-1]['train_loss']:.4f}, val loss {val_loss:.4f}, "
+            progress.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                            f"val macro AUROC {shown}", file=sys.stderr)
     progress.close()
     return log, best_state, best_step
 
 
-def _run(config: dict[str, Any], data_dir: Path, synthetic_csv: str | Path | None, exclude_csv: str | Path | None,
-         arm: Arm, seed: int, classes: list[str], partial: Path, show_progress: bool) -> dict[str, Any]:
+def _run(config: dict[str, Any], data_dir: Path, files: tuple[str | Path | None, ...], arm: Arm, seed: int,
+         classes: list[str], partial: Path, show_progress: bool) -> dict[str, Any]:
     import sklearn
     import timm
+
+    synthetic_csv, exclude_csv, cache_dir = files
 
     settings = config["classifier"]
     data = _training_data(config, data_dir, synthetic_csv, exclude_csv, arm, seed)
@@ -281,23 +315,18 @@ def _run(config: dict[str, Any], data_dir: Path, synthetic_csv: str | Path | Non
     model, pretrained_weights = create_model(settings["model"], settings["pretrained"], len(classes))
     data_config = model_data_config(model)
     device = pick_device()
-    model.to(device)
-    size, workers = settings["image_size"], settings["num_workers"]
-
-    def dataset(paths: Sequence[str], targets: np.ndarray) -> XrayLabelDataset:
-        return XrayLabelDataset(paths, targets, size, data_config["mean"], data_config["std"], data_config["interpolation"])
-
-    train_loader = torch.utils.data.DataLoader(
-        dataset(mix["path"].tolist(), train_targets), batch_sampler=schedule, num_workers=workers,
-        worker_init_fn=_seed_worker, pin_memory=torch.cuda.is_available())
-    val_loader = make_loader(dataset(val["path"].tolist(), val_targets), settings["batch_size"], workers)
-    test_loader = make_loader(dataset(test["path"].tolist(), test_targets), settings["batch_size"], workers)
-    log, best_state, best_step = _fit(model, train_loader, val_loader, val_targets, points, settings, device,
-                                      f"classifier {arm.name} seed {seed}", show_progress)
+    apply_cudnn_flags(device, settings["deterministic"], config["hardware"]["cudnn_benchmark"])
+    precision = precision_for(device)
+    model = precision.prepare_model(model)
+    size = settings["image_size"]
+    train_batches, val_batches, test_batches = _batches(data, (train_targets, val_targets, test_targets), schedule,
+                                                        settings, data_config, synthetic_csv, cache_dir, show_progress)
+    log, best_state, best_step = _fit(model, train_batches, val_batches, val_targets, points, settings, precision,
+                                      data_config, f"classifier {arm.name} seed {seed}", show_progress)
 
     # Test with the best step's weights.
     model.load_state_dict(best_state)
-    test_probs, _ = predict(model, test_loader, device)
+    test_probs, _ = predict(model, test_batches, precision, data_config["mean"], data_config["std"])
     n_boot = settings["bootstrap_samples"]
     # Patient-clustered intervals (films of one patient are not independent), as in the table.
     scored = stats.run_aurocs(test_targets, test_probs, test["patient"].astype(str).to_numpy(), n_boot, seed)
@@ -337,6 +366,8 @@ def _run(config: dict[str, Any], data_dir: Path, synthetic_csv: str | Path | Non
         "batch_size": settings["batch_size"],
         "seconds": None,
         "device": describe_device(device),
+        "precision": precision.describe(),
+        "data_path": "decode-once cache" if cache_dir is not None else "decoded at every access",
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "sklearn": sklearn.__version__,
                      "python": platform.python_version()},
         "config_hash": study_hash(config),
@@ -374,12 +405,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="CSV with a `file` column: synthetic images (as in generation_results.csv) left out of the pool")
     parser.add_argument("--seed", type=int, required=True, help="training seed (synthetic draw, init, order)")
     parser.add_argument("--out-dir", type=Path, required=True, help="e.g. results/classifier/ratio25_seed0")
+    parser.add_argument("--cache-dir", type=Path, default=Path("results/classifier_cache"),
+                        help="decode-once caches of the splits and pools, shared by every arm and seed "
+                             "(default: results/classifier_cache)")
+    parser.add_argument("--no-cache", action="store_true", help="decode every film at every access instead (slow)")
     args = parser.parse_args(argv)
     synthetic = args.synthetic or Path("results/synthetic_noise/generation_results.csv" if args.arm == "noise"
                                        else "results/synthetic/generation_results.csv")
     try:
         metrics = train_classifier(config_from_args(args, "train_classifier"), args.data_dir, synthetic, args.arm, args.seed, args.out_dir,
-                                   args.exclude_synthetic)
+                                   args.exclude_synthetic, cache_dir=None if args.no_cache else args.cache_dir)
     except (ConfigError, DataError, BadImageError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
