@@ -65,6 +65,7 @@ CLASSIFIER_FLOP = {
     ("densenet121", 224, 15): {"classifier_forward": 5666306048, "classifier_train": 16762890240},
     ("densenet121", 224, 8): {"classifier_forward": 5666291712, "classifier_train": 16762847232},
     ("densenet121", 224, 14): {"classifier_forward": 5666304000, "classifier_train": 16762884096},
+    ("resnet18", 64, 7): {"classifier_forward": 296098816, "classifier_train": 869028864},
 }
 STORED_RANK = 4
 

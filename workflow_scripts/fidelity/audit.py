@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
-from workflow_scripts.fidelity.audit_search import (DEFAULT_BLOCK_MB, describe_cost, measured_throughput,
+from workflow_scripts.fidelity.audit_search import (DEFAULT_BLOCK_MB, describe_cost, estimate_seconds,
                                                     nearest_aligned, search_cost)
 from workflow_scripts.fidelity.features import ModelImages, resize_antialiased
 from workflow_scripts.images import BadImageError
@@ -110,8 +110,9 @@ def search_all(queries: dict[str, torch.Tensor], train: torch.Tensor, max_shift:
     everything = torch.cat(list(queries.values()))
     size = int(train.shape[-1])
     cost = search_cost(len(everything), len(train), size, max_shift)
-    rate = measured_throughput(size, max_shift, device, block_mb << 20, seconds=0.2)
-    print(describe_cost(cost, rate, str(device)), flush=True)
+    # Large searches also get a time estimate (its measurement takes a second or two).
+    estimate = estimate_seconds(cost, size, max_shift, device, block_mb << 20) if cost["multiply_adds"] > 1e11 else None
+    print(describe_cost(cost, estimate, str(device)), flush=True)
     index, distance = nearest_aligned(everything, train, max_shift, device=device, block_bytes=block_mb << 20,
                                       progress=True)
     bounds = np.cumsum([0] + [len(q) for q in queries.values()])

@@ -15,7 +15,7 @@ host; only blocks go to the device). Arithmetic is float32 throughout (no TF32),
 the same nearest image and the same distance (to float rounding) whatever the block size.
 
     python -m workflow_scripts.fidelity.audit_search --queries 22400 --references 10000
-        # the cost of a search that size: counted multiply-adds, and seconds from a measured throughput
+        # the cost of a search that size: counted multiply-adds, and seconds from measured rates
     python -m workflow_scripts.fidelity.audit_search --queries 2000 --references 1000 --run
         # run a search that size on random thumbnails: measured throughput and peak memory
 """
@@ -23,6 +23,7 @@ the same nearest image and the same distance (to float rounding) whatever the bl
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -147,33 +148,42 @@ def nearest_aligned(query: torch.Tensor, reference: torch.Tensor, max_shift: int
 # ----------------------------------------------------------------------------- cost and throughput
 
 
-def measured_throughput(size: int, max_shift: int, device: str | torch.device = "cpu",
-                        block_bytes: int = DEFAULT_BLOCK_MB << 20, seconds: float = 0.5) -> float:
-    """Multiply-adds per second of the search on `device`, measured on random thumbnails: one block
-    of references against a growing number of queries (up to one block) until `seconds` pass."""
-    q_block, r_block = block_sizes(size, max_shift, block_bytes)
+def _timed(run, device: str | torch.device) -> float:
+    start = time.perf_counter()
+    run()
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def estimate_seconds(cost: dict[str, Any], size: int, max_shift: int, device: str | torch.device = "cpu",
+                     block_bytes: int = DEFAULT_BLOCK_MB << 20) -> tuple[float, float]:
+    """(seconds, multiply-adds/s of the block product) for a search of `cost`'s size on `device`,
+    from two measurements on random thumbnails: the windows of a few references (built once per
+    query block) and one block product (the bulk of the work). About a second or two on a CPU."""
+    q_block, r_block = block_sizes(size, max_shift, block_bytes, cost["references"])
     generator = torch.Generator().manual_seed(0)
-    reference = torch.rand((r_block, size, size), generator=generator)
-    nearest_aligned(reference[:1], reference[:1], max_shift, device, block_bytes)  # warm-up
-    queries = min(16, q_block)
-    while True:
-        query = torch.rand((queries, size, size), generator=generator)
-        start = time.perf_counter()
-        nearest_aligned(query, reference, max_shift, device, block_bytes)  # ends with a copy to the host: synchronised
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds or queries >= q_block:
-            return search_cost(queries, r_block, size, max_shift)["multiply_adds"] / elapsed
-        queries = min(q_block, queries * 4)
+    references = torch.rand((min(r_block, 16), size, size), generator=generator).to(device)
+    queries = centre_windows(torch.rand((min(q_block, 256), size, size), generator=generator).to(device), max_shift)
+    reference_windows(references[:1], max_shift)  # warm-up
+    per_reference = _timed(lambda: reference_windows(references, max_shift), device) / len(references)
+    windows = reference_windows(references, max_shift)
+    (queries @ windows.T).amax(dim=1)  # warm-up
+    product = _timed(lambda: (queries @ windows.T).view(len(queries), len(references), -1).amax(dim=2).max(dim=1), device)
+    rate = queries.shape[0] * windows.shape[0] * windows.shape[1] / product
+    query_blocks = math.ceil(cost["queries"] / q_block)
+    return query_blocks * cost["references"] * per_reference + cost["multiply_adds"] / rate, rate
 
 
-def describe_cost(cost: dict[str, Any], rate: float | None = None, device: str = "") -> str:
-    """One line: the search's counted work, and its time at `rate` multiply-adds/s if given."""
+def describe_cost(cost: dict[str, Any], estimate: tuple[float, float] | None = None, device: str = "") -> str:
+    """One line: the search's counted work, and the estimate of `estimate_seconds` if given."""
     text = (f"audit search: {cost['queries']:,} queries x {cost['references']:,} training images x "
             f"{cost['windows']} windows of {cost['window_side']}² px = {cost['multiply_adds']:.3g} multiply-adds "
             f"({cost['flop'] / 1e12:.3g} TFLOP)")
-    if rate:
-        text += (f"; at {2 * rate / 1e9:.3g} GFLOP/s measured on {device or 'this device'}: "
-                 f"about {format_seconds(cost['multiply_adds'] / rate)}")
+    if estimate:
+        seconds, rate = estimate
+        text += (f"; about {format_seconds(seconds)} on {device or 'this device'} "
+                 f"(block product measured at {2 * rate / 1e9:.3g} GFLOP/s)")
     return text
 
 
@@ -223,8 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     block = args.block_mb << 20
     cost = search_cost(args.queries, args.references, args.size, args.max_shift)
-    rate = measured_throughput(args.size, args.max_shift, device, block)
-    print(describe_cost(cost, rate, f"{device}, {torch.get_num_threads()} threads"))
+    estimate = estimate_seconds(cost, args.size, args.max_shift, device, block)
+    print(describe_cost(cost, estimate, f"{device}, {torch.get_num_threads()} threads"), flush=True)
     print(f"blocks: {block_sizes(args.size, args.max_shift, block)} (queries, references) for --block-mb {args.block_mb}")
     if args.run:
         generator = torch.Generator().manual_seed(1)
@@ -237,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elapsed = time.perf_counter() - start
         memory = (f"peak device memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.startswith("cuda")
                   else f"peak host memory growth {growth / 2**20:.0f} MiB" if growth is not None else "")
-        print(f"ran: {elapsed:.1f} s, {2 * cost['multiply_adds'] / elapsed / 1e9:.3g} GFLOP/s; {memory} "
+        print(f"ran: {format_seconds(elapsed)}, {2 * cost['multiply_adds'] / elapsed / 1e9:.3g} GFLOP/s; {memory} "
               f"(inputs {(query.numel() + reference.numel()) * FLOAT / 2**20:.0f} MiB on the host, block budget {args.block_mb} MiB)")
     return 0
 
