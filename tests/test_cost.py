@@ -4,6 +4,8 @@ arithmetic (arms, steps, generation plan, audit search), and the command reads t
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,12 @@ def test_hours_take_the_longer_of_compute_and_decoding() -> None:
     assert cost.hours(stage, "h100", 1.0, 16, 20) == pytest.approx((1.0, 2.0))
     stage["decodes"] = 16 * 3600 * 50 * 3  # 3 hours of decoding at 20 ms on 16 cores
     assert cost.hours(stage, "h100", 1.0, 16, 20) == pytest.approx((3.0, 3.0))
+
+
+def test_the_snakemake_target_needs_only_the_data_stage(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "snakemake", "estimate_cost", "-n", "--cores", "1", "-s",
+                          str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(REPO / "config" / "config.yaml")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    jobs = {line.split()[0] for line in run.stdout.splitlines() if line and line.split()[-1].isdigit()}
+    assert {"prepare_dataset", "estimate_cost"} <= jobs and not jobs & {"train_lora", "generate_label", "train_classifier"}

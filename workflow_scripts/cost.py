@@ -203,6 +203,19 @@ def hours(stage: dict[str, Any], gpu: str, utilisation: float, cores: int, decod
     return max(fast, decode) / 3600, max(slow, decode) / 3600
 
 
+def tflop_text(flop: float) -> str:
+    tflop = flop / 1e12
+    return f"{tflop:,.0f}" if tflop >= 10 else f"{tflop:.2g}"
+
+
+def time_text(fast_hours: float, slow_hours: float) -> str:
+    if slow_hours < 1 / 60:
+        return "< 1 min"
+    if slow_hours < 1:
+        return f"{fast_hours * 60:.0f}–{slow_hours * 60:.0f} min"
+    return f"{fast_hours:.1f}–{slow_hours:.1f} h"
+
+
 def render(config: dict[str, Any], sizes: Sizes, stages: list[dict[str, Any]], gpu: str, utilisation: float,
            cores: int, decode_ms: float) -> str:
     name, bf16, fp32 = GPU_PEAK_TFLOPS[gpu]
@@ -214,7 +227,7 @@ def render(config: dict[str, Any], sizes: Sizes, stages: list[dict[str, Any]], g
              f"Time: counted FLOP at {utilisation:.0%} down to {utilisation / 2:.0%} of the {name}'s dense bf16 peak "
              f"({bf16:g} TFLOP/s; fp32 {fp32:g} for the audit), or the decodes at {decode_ms:g} ms per image on "
              f"{cores} CPU cores, whichever is longer.", "",
-             "| stage | images | optimizer steps | sampling steps | classifier runs | decodes | TFLOP (counted) | hours |",
+             "| stage | images | optimizer steps | sampling steps | classifier runs | decodes | TFLOP (counted) | time |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     total = [0.0, 0.0]
     for stage in stages:
@@ -222,9 +235,9 @@ def render(config: dict[str, Any], sizes: Sizes, stages: list[dict[str, Any]], g
         total = [total[0] + fast, total[1] + slow]
         lines.append(f"| {stage['stage']} | {stage['images']:,} | {stage['optimizer_steps']:,} | "
                      f"{stage['sampling_steps']:,} | {stage['classifier_runs']:,} | {stage['decodes']:,} | "
-                     f"{stage['flop'] / 1e12:,.0f} | {fast:.2g}–{slow:.2g} |")
-    lines.append(f"| **total** | | | | | | **{sum(s['flop'] for s in stages) / 1e12:,.0f}** | "
-                 f"**{total[0]:.2g}–{total[1]:.2g}** |")
+                     f"{tflop_text(stage['flop'])} | {time_text(fast, slow)} |")
+    lines.append(f"| **total** | | | | | | **{tflop_text(sum(s['flop'] for s in stages))}** | "
+                 f"**{time_text(*total)}** |")
     lines += ["", *[f"- {stage['stage']}: {stage['note']}" for stage in stages],
               "- not counted: prepare/verify (CPU, minutes), the noise images, evaluate_fidelity's feature extraction "
               "and the table."]
