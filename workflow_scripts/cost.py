@@ -116,14 +116,18 @@ def generation_images(config: dict[str, Any], sizes: Sizes) -> tuple[int, bool]:
     return sum(counts), True
 
 
-def model_flop(config: dict[str, Any]) -> dict[str, int]:
-    """FLOP per image of every model the run uses: the stored counts, or counted now."""
+def model_flop(config: dict[str, Any], arch_dir: Path | None = None) -> dict[str, int]:
+    """FLOP per image of every model the run uses: the stored counts, or counted now on the SD 1.5
+    configs in `arch_dir` (default: model.pretrained if it is a local diffusers folder, else
+    ../shared/sd15-arch)."""
     from workflow_scripts import flops
 
     resolution, rank = int(config["model"]["resolution"]), int(config["model"]["lora_rank"])
     sd = SD15_FLOP.get(resolution) if rank == STORED_RANK else None
     if sd is None:
-        sd = flops.count_sd15(flops.SD15_ARCH, [resolution], rank)[resolution]
+        local = Path(config["model"]["pretrained"])
+        arch_dir = arch_dir or (local if (local / "unet" / "config.json").is_file() else flops.SD15_ARCH)
+        sd = flops.count_sd15(arch_dir, [resolution], rank)[resolution]
     settings = config["classifier"]
     key = (settings["model"], int(settings["image_size"]), len(class_names(config["dataset"]["labels"])))
     classifier = CLASSIFIER_FLOP.get(key) or flops.count_classifier(*key)
@@ -256,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cores", type=int, default=16, help="CPU cores decoding images")
     parser.add_argument("--decode-ms", type=float, default=20.0,
                         help="ms to decode and preprocess one film on one core (20: a 1024 px NIH PNG)")
+    parser.add_argument("--arch", type=Path, help="diffusers SD 1.5 folder (configs suffice) to count sizes not stored")
     parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
     args = parser.parse_args(argv)
     try:
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--utilisation {args.utilisation}: a share of the peak, in (0, 1]")
         config = config_from_args(args, "estimate_cost")
         sizes = split_sizes(args.data_dir, args.train_images, args.val_images, args.test_images)
-        stages = estimate(config, sizes, model_flop(config))
+        stages = estimate(config, sizes, model_flop(config, args.arch))
     except (ConfigError, DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

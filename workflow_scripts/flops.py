@@ -31,7 +31,7 @@ def _component_config(arch_dir: Path, component: str) -> dict[str, Any]:
     path = Path(arch_dir) / component / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no {component} config; point --arch at a diffusers SD 1.5 folder "
-                                "(model_index.json, unet/, vae/, text_encoder/ configs suffice)")
+                                "(its unet/, vae/ and text_encoder/ config.json files suffice)")
     return json.loads(path.read_text())
 
 
