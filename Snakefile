@@ -18,6 +18,7 @@ include: "rules/data.smk"
 include: "rules/lora.smk"
 include: "rules/generation.smk"
 include: "rules/evaluation.smk"
+include: "rules/cost.smk"
 
 
 rule all:

@@ -63,6 +63,8 @@ rule audit_memorization:
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     resources:
         gpu=1,
+        # Working memory of one block of the search (MiB): --set-resources audit_memorization:audit_block_mb=8192
+        audit_block_mb=512,
     log:
         "logs/audit_memorization/audit_memorization.log",
     benchmark:
@@ -71,7 +73,7 @@ rule audit_memorization:
         "../envs/cxr-synth.yaml"
     shell:
         "python -m workflow_scripts.fidelity.audit --config {input.config} --data-dir {params.data_dir}"
-        " --synthetic {input.synthetic} --out-dir {params.out_dir} > {log} 2>&1"
+        " --synthetic {input.synthetic} --out-dir {params.out_dir} --block-mb {resources.audit_block_mb} > {log} 2>&1"
 
 
 rule evaluate_fidelity:

@@ -367,6 +367,20 @@ def test_alignment_undoes_shift_and_intensity_changes() -> None:
     assert unaligned.min() > 10 * distance.max()
 
 
+def test_the_audit_flags_the_same_images_in_small_blocks_and_says_its_cost_first(
+        prepared: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    test = prepared["test"]
+    csv = write_generation_csv(tmp_path / "generation_results.csv", test["path"].tolist(), test["labels"].tolist())
+    whole = audit.audit(prepared["config"], prepared["data_dir"], csv, tmp_path / "whole")
+    printed = capsys.readouterr().out
+    assert printed.startswith("audit search: ") and f"x {len(prepared['train'])} training images x 196 windows" in printed
+    assert whole["search"]["multiply_adds"] == whole["search"]["queries"] * len(prepared["train"]) * 196 * 58 ** 2
+    blocked = audit.audit(prepared["config"], prepared["data_dir"], csv, tmp_path / "blocked", block_mb=1)
+    assert blocked["thresholds"] == whole["thresholds"]
+    tables = [pd.read_csv(tmp_path / run / "audit" / "audit.csv") for run in ("whole", "blocked")]
+    pd.testing.assert_frame_equal(*tables, check_exact=False, atol=1e-6)
+
+
 def test_audit_cli_names_a_missing_input(prepared: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = audit.main(["--config", str(REPO / "config" / "config.yaml"), "--data-dir", str(prepared["data_dir"]),
                        "--synthetic", str(tmp_path / "missing.csv"), "--out-dir", str(tmp_path / "out"), "--device", "cpu"])

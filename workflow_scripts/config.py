@@ -49,6 +49,8 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "audit_memorization": ("dataset", "model", "evaluation"),
     "evaluate_fidelity": ("dataset", "model", "evaluation", "classifier.bootstrap_samples"),
     "compare": ("dataset", "split", "model", "generation", "classifier"),
+    "estimate_cost": ("dataset.labels", "model.resolution", "model.lora_rank", "model.pretrained", "training",
+                      "generation", "classifier", "evaluation"),
 }
 
 

@@ -7,7 +7,8 @@ Similarity: every image goes through the LoRA training transform (to model.resol
 antialiased resize to `evaluation.audit_size` px, and is compared by normalised cross-correlation
 (NCC: zero mean, unit norm, so brightness and contrast changes, and mild gamma, barely move it)
 maximised over shifts of up to `evaluation.audit_max_shift` px and slight zooms (0-5 % cropped a side).
-Distance = 1 - max NCC, against every training image (exhaustive: on a GPU for real datasets).
+Distance = 1 - max NCC, against every training image (exhaustive, in blocks of bounded memory on a
+GPU or CPU: fidelity/audit_search.py; its cost is printed before it starts).
 
 Calibration: the threshold is the `evaluation.audit_quantile` percentile of the distances from each
 real *val* image (other patients, never trained on) to its nearest training image. A synthetic image
@@ -26,7 +27,7 @@ import argparse
 import json
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
+from workflow_scripts.fidelity.audit_search import (DEFAULT_BLOCK_MB, describe_cost, estimate_seconds,
+                                                    nearest_aligned, search_cost)
 from workflow_scripts.fidelity.features import ModelImages, resize_antialiased
 from workflow_scripts.images import BadImageError
 from workflow_scripts.labels import DataError
@@ -100,63 +103,20 @@ def planted_copies(images: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[
 # ----------------------------------------------------------------------------- similarity
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """Rows zero-mean and unit-norm (NCC = dot product of two such rows)."""
-    x = x.reshape(*x.shape[:-2], -1) if x.dim() >= 3 else x
-    x = x - x.mean(dim=-1, keepdim=True)
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-
-
-ZOOMS = (0.0, 0.02, 0.035, 0.05)  # fractions cropped from each side of a reference: a cropped copy is a zoomed one
-
-
-def _windows(reference: torch.Tensor, max_shift: int, zooms: Sequence[float] = (0.0,)) -> Iterator[torch.Tensor]:
-    """Unit-normalised (..., W*W) windows of (..., S, S) references at every offset in
-    [0, 2*max_shift]² and, per zoom, after cropping that fraction from each side and resizing back."""
-    side = reference.shape[-1]
-    window = side - 2 * max_shift
-    margins = sorted({round(side * zoom) for zoom in zooms})
-    for margin in margins:
-        if margin:
-            flat = reference.reshape(-1, 1, side, side)[:, :, margin:side - margin, margin:side - margin]
-            scaled = F.interpolate(flat, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-            scaled = scaled.reshape(reference.shape)
-        else:
-            scaled = reference
-        for dy in range(2 * max_shift + 1):
-            for dx in range(2 * max_shift + 1):
-                yield _unit(scaled[..., dy:dy + window, dx:dx + window])
-
-
-def _centre(query: torch.Tensor, max_shift: int) -> torch.Tensor:
-    side = query.shape[-1]
-    return _unit(query[..., max_shift:side - max_shift, max_shift:side - max_shift])
-
-
-def nearest_aligned(query: torch.Tensor, reference: torch.Tensor, max_shift: int, chunk: int = 2048,
-                    device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """For each query thumbnail (N, S, S): index of the nearest reference thumbnail and the distance
-    1 - max NCC, the maximum over shifts of up to `max_shift` px and slight zooms (the query's centre
-    window against every offset window of every reference, cropped 0-5 % a side). Exhaustive, no
-    candidate pre-selection: look-alike radiographs defeat coarse retrieval, and a missed source
-    would be a missed copy. Cost ~ N x n_reference x 4 zooms x (2 max_shift + 1)² dot products."""
-    if len(reference) == 0:
-        raise DataError("the audit needs at least one training image")
-    m = int(max_shift)
-    if query.shape[-1] - 2 * m < 4:
-        raise ConfigError(f"evaluation.audit_max_shift {m} leaves no window in {query.shape[-1]} px thumbnails")
-    q = _centre(query.to(device).float(), m)                                   # (N, W²)
-    best = torch.full((len(q),), -2.0, device=q.device)
-    where = torch.zeros(len(q), dtype=torch.long, device=q.device)
-    for start in range(0, len(reference), chunk):
-        refs = reference[start:start + chunk].to(device).float()
-        chunk_best = torch.full((len(q), len(refs)), -2.0, device=q.device)
-        for r in _windows(refs, m, ZOOMS):                                     # (R, W²)
-            chunk_best = torch.maximum(chunk_best, q @ r.T)
-        score, index = chunk_best.max(dim=1)
-        better = score > best
-        best, where = torch.where(better, score, best), torch.where(better, index + start, where)
-    return where.cpu().numpy(), np.clip((1.0 - best).double().cpu().numpy(), 0.0, 2.0)
+def search_all(queries: dict[str, torch.Tensor], train: torch.Tensor, max_shift: int, device: str,
+               block_mb: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    """One pass over the training thumbnails for every query set, its cost printed before it starts:
+    per set, (nearest training index, distance); and the search's counted cost."""
+    everything = torch.cat(list(queries.values()))
+    size = int(train.shape[-1])
+    cost = search_cost(len(everything), len(train), size, max_shift)
+    # Large searches also get a time estimate (its measurement takes a second or two).
+    estimate = estimate_seconds(cost, size, max_shift, device, block_mb << 20) if cost["multiply_adds"] > 1e11 else None
+    print(describe_cost(cost, estimate, str(device)), flush=True)
+    index, distance = nearest_aligned(everything, train, max_shift, device=device, block_bytes=block_mb << 20,
+                                      progress=True)
+    bounds = np.cumsum([0] + [len(q) for q in queries.values()])
+    return {name: (index[a:b], distance[a:b]) for name, a, b in zip(queries, bounds[:-1], bounds[1:])}, cost
 
 
 def calibrated_threshold(real_floor: np.ndarray, quantile_percent: float) -> float:
@@ -208,8 +168,9 @@ def _rate(flags: np.ndarray) -> dict[str, Any]:
 
 
 def audit(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | Path, out_dir: str | Path,
-          device: str = "cpu", num_workers: int = 0) -> dict[str, Any]:
-    """Run the calibrated audit; write flagged.csv, audit.csv, pairs/ and audit_summary.json."""
+          device: str = "cpu", num_workers: int = 0, block_mb: int = DEFAULT_BLOCK_MB) -> dict[str, Any]:
+    """Run the calibrated audit; write flagged.csv, audit.csv, pairs/ and audit_summary.json. The
+    search works in blocks of about `block_mb` MiB on `device`; its cost is printed before it starts."""
     evaluation = config["evaluation"]
     resolution, size = int(config["model"]["resolution"]), int(evaluation["audit_size"])
     max_shift, quantile = int(evaluation["audit_max_shift"]), float(evaluation["audit_quantile"])
@@ -241,10 +202,7 @@ def audit(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | Pat
     test_rows = _draw(len(test), int(evaluation["audit_controls"]), seed + 2)
     queries = {"val": thumbs(val["path"].iloc[val_rows].tolist()), "synthetic": thumbs(synthetic["path"].tolist()),
                "copies": thumbnails_from_images(copies, size), "test": thumbs(test["path"].iloc[test_rows].tolist())}
-    # One pass over the training thumbnails for every query set.
-    index, distance = nearest_aligned(torch.cat(list(queries.values())), train_t, max_shift, device=device)
-    bounds = np.cumsum([0] + [len(q) for q in queries.values()])
-    found = {name: (index[a:b], distance[a:b]) for name, a, b in zip(queries, bounds[:-1], bounds[1:])}
+    found, cost = search_all(queries, train_t, max_shift, device, block_mb)
 
     floor = found["val"][1]
     threshold = calibrated_threshold(floor, quantile)
@@ -276,6 +234,7 @@ def audit(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | Pat
         "similarity": f"1 - max normalised cross-correlation over shifts of up to {max_shift} px, {size} px thumbnails "
                       f"of the {resolution} px training transform",
         "n_real_train": int(len(train)),
+        "search": {key: cost[key] for key in ("queries", "references", "windows", "multiply_adds")},
         "real_floor_quantiles": _quantiles(floor),
         "synthetic_quantiles": _quantiles(syn_distance),
         "positive_control": {**_rate(copy_flags), "what": "perturbed copies of training images", "by_kind": by_kind,
@@ -318,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"))
     parser.add_argument("--out-dir", type=Path, default=Path("results/evaluation"))
     parser.add_argument("--device", default=None, help="cuda, cuda:0 or cpu (default: cuda if available)")
+    parser.add_argument("--block-mb", type=int, default=DEFAULT_BLOCK_MB,
+                        help=f"working memory of one block of the search on the device, MiB (default {DEFAULT_BLOCK_MB})")
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args, "audit_memorization")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        summary = audit(config, args.data_dir, args.synthetic, args.out_dir, device=device)
+        summary = audit(config, args.data_dir, args.synthetic, args.out_dir, device=device, block_mb=args.block_mb)
     except (ConfigError, DataError, BadImageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
