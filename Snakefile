@@ -18,6 +18,7 @@ include: "rules/data.smk"
 include: "rules/lora.smk"
 include: "rules/generation.smk"
 include: "rules/evaluation.smk"
+include: "rules/reader_study.smk"
 
 
 rule all:
@@ -25,3 +26,4 @@ rule all:
     input:
         rules.verify_dataset.output,
         rules.compare.output,
+        reader_study_targets,
