@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -213,3 +214,18 @@ def test_snakemake_knows_the_targets_and_keeps_them_out_of_all() -> None:
     assert "reader_study" in dry("reader_study")
     assert "rule reader_study" not in dry() and "reader_study " not in dry()
     assert "reader_study " in dry("--config", "reader_study={in_all: true}")
+
+
+def test_comparison_includes_the_pooled_row_once_answers_are_scored(study: Path, tmp_path: Path, capsys) -> None:
+    from tests.test_compare import run_compare  # the comparison's own small study
+
+    key, _ = read_study(study / "key.csv")
+    write_answers(study / "answers" / "oracle.csv", "oracle", key_answers(key))
+    assert run_score(study, study / "answers", capsys).returncode == 0
+    # compare reads <results>/reader_study/pooled.md beside <results>/evaluation when it exists
+    (tmp_path / "cmp" / "in" / "reader_study").mkdir(parents=True)
+    shutil.copy(study / "pooled.md", tmp_path / "cmp" / "in" / "reader_study" / "pooled.md")
+    _, page, _ = run_compare(tmp_path / "cmp")
+    section = page[page.index("## Expert reader study"):]
+    assert "1 reader(s)" in section and "accuracy 100 %" in section
+    assert page.index("## Memorization audit") < page.index("## Expert reader study") < page.index("## LoRA training")
