@@ -1,21 +1,6 @@
 # Reader study: a blinded real-vs-synthetic page for radiologists -> the scores of their exported answers.
 # Targets of their own (`snakemake reader_study`, `snakemake score_reader_study`); in `all` with reader_study.in_all.
-import glob
-
-
-def reader_study_answers(wildcards):
-    """The readers' exported CSVs in reader_study.answers_dir; a new file re-runs the scoring."""
-    folder = config["reader_study"]["answers_dir"]
-    return sorted(path for path in glob.glob(os.path.join(folder, "*")) if path.lower().endswith(".csv"))
-
-
-def reader_study_scores(wildcards):
-    """The pooled row for comparison.md, once answers exist (nothing before)."""
-    return rules.score_reader_study.output.pooled if reader_study_answers(wildcards) else []
-
-
-def reader_study_targets(wildcards):
-    return rules.reader_study.output.page if config["reader_study"]["in_all"] else []
+# Input functions: rules/common.smk.
 
 
 rule reader_study:
