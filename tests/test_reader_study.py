@@ -204,16 +204,20 @@ def test_an_empty_answers_folder_is_reported(study: Path, capsys: pytest.Capture
     assert result.returncode == 2 and "no .csv files" in result.stderr
 
 
-def test_snakemake_knows_the_targets_and_keeps_them_out_of_all() -> None:
-    def dry(*args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", *args], cwd=REPO,
+def test_snakemake_knows_the_targets_and_keeps_them_out_of_all(tmp_path: Path) -> None:
+    def dry(*args: str, targets: tuple[str, ...] = ()) -> str:
+        result = subprocess.run([sys.executable, "-m", "snakemake", *targets, "-n", "--cores", "1", "-s", str(REPO / "Snakefile"),
+                                 "-d", str(tmp_path), "--configfile", str(REPO / "config" / "config.yaml"), *args],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    assert "reader_study" in dry("reader_study")
-    assert "rule reader_study" not in dry() and "reader_study " not in dry()
-    assert "reader_study " in dry("--config", "reader_study={in_all: true}")
+    jobs = lambda text: set(re.findall(r"^rule (\w+):", text, re.M))  # noqa: E731
+    assert {"reader_study"} <= jobs(dry(targets=("reader_study",))) and "score_reader_study" not in jobs(dry())
+    assert "reader_study" not in jobs(dry()), "the page is not part of `all` by default"
+    assert "reader_study" in jobs(dry("--config", "reader_study={in_all: true}"))
+    write_answers(tmp_path / "results" / "reader_study" / "answers" / "r1.csv", "r1", [])
+    assert {"reader_study", "score_reader_study", "compare"} <= jobs(dry()), "answers: scored, and in the table"
 
 
 def test_comparison_includes_the_pooled_row_once_answers_are_scored(study: Path, tmp_path: Path, capsys) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy.stats import binom
+from sklearn.metrics import roc_auc_score
 
-from workflow_scripts.reader_study.agreement import bootstrap_interval, fleiss_kappa, wilson_interval
+from workflow_scripts.reader_study.agreement import bootstrap_interval, fleiss_kappa, rank_auroc, wilson_interval
 
 # Fleiss (1971), as tabulated on Wikipedia's "Fleiss' kappa": 10 subjects, 14 raters, 5 categories;
 # P-bar = 0.378, P-bar_e = 0.213, kappa = 0.210.
@@ -47,3 +48,12 @@ def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_images() -> 
     low_l, high_l = bootstrap_interval(lambda picks: large[picks].mean(), len(large), 500, 0)
     assert low_s <= small.mean() <= high_s and low_l <= large.mean() <= high_l
     assert high_l - low_l < (high_s - low_s) / 4
+
+
+def test_the_bootstraps_rank_auroc_equals_sklearns_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        targets = rng.random(50) < 0.5
+        scores = rng.integers(-5, 6, 50) * (rng.random(50) < 0.8)  # confidence-weighted answers: many ties
+        assert rank_auroc(targets, scores) == pytest.approx(roc_auc_score(targets, scores))
+    assert np.isnan(rank_auroc(np.ones(5, bool), np.arange(5)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import norm, rankdata
 
 LEVEL = 0.95
 
@@ -37,6 +37,17 @@ def fleiss_kappa(counts: np.ndarray) -> float:
     p_category = counts.sum(axis=0) / counts.sum()
     observed, chance = p_subject.mean(), (p_category * p_category).sum()
     return float("nan") if chance == 1 else float((observed - chance) / (1 - chance))
+
+
+def rank_auroc(targets: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney statistic (ties count half), equal to sklearn's roc_auc_score and
+    about a hundred times faster: for the bootstrap's thousands of resamples. NaN with one class only."""
+    targets = np.asarray(targets, dtype=bool)
+    positives, negatives = int(targets.sum()), int((~targets).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[targets].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def bootstrap_interval(statistic: Callable[[np.ndarray], float], n_items: int, n_boot: int, seed: int,

@@ -69,7 +69,7 @@ def kappa_line(pooled: dict[str, Any]) -> str:
         return "Fleiss' kappa: n/a (needs two or more readers who answered the same images)."
     value = with_interval(pooled["fleiss_kappa"], pooled["fleiss_kappa_ci_low"], pooled["fleiss_kappa_ci_high"], False)
     return (f"Fleiss' kappa between readers on real/synthetic: {value}"
-            f" on {pooled['kappa_images']} images every reader answered (bootstrap over images).")
+            f" on {int(pooled['kappa_images'])} images every reader answered (bootstrap over images).")
 
 
 def render_scores(scores: pd.DataFrame, meta: dict[str, Any], answers: pd.DataFrame) -> str:
@@ -89,6 +89,18 @@ def render_scores(scores: pd.DataFrame, meta: dict[str, Any], answers: pd.DataFr
     return "\n".join(lines) + "\n"
 
 
+def chance_words(row: dict[str, Any]) -> str:
+    """What the accuracy interval says against guessing (50 %)."""
+    low, high = row["accuracy_ci_low"], row["accuracy_ci_high"]
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "too few answers for an interval"
+    if low <= 0.5 <= high:
+        return "the interval covers 50 %, so the readers could not tell the synthetic images from real ones"
+    if low > 0.5:
+        return "above 50 %: the readers told the synthetic images from real ones better than guessing"
+    return "below 50 %: the readers took the synthetic images for real (and the real for synthetic) more often than not"
+
+
 def render_pooled(scores: pd.DataFrame, meta: dict[str, Any]) -> str:
     """The section comparison.md includes: the pooled row, in one sentence and one table row."""
     pooled = scores.iloc[-1].to_dict()
@@ -97,5 +109,5 @@ def render_pooled(scores: pd.DataFrame, meta: dict[str, Any]) -> str:
         f"{len(scores) - 1} reader(s) told real from synthetic on {pooled['n']} answers (study {meta['study']}): "
         f"accuracy {with_interval(pooled['accuracy'], pooled['accuracy_ci_low'], pooled['accuracy_ci_high'])}, "
         f"AUROC {with_interval(pooled['auroc'], pooled['auroc_ci_low'], pooled['auroc_ci_high'], False)} "
-        "(95 % bootstrap over images; about 50 % accuracy: the readers could not tell them apart). "
+        f"(95 % bootstrap over images): {chance_words(pooled)}. "
         + kappa_line(pooled) + " Per reader and per label: reader_study/scores.md.", ""])

@@ -25,7 +25,7 @@ from sklearn.metrics import roc_auc_score
 
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
 from workflow_scripts.labels import DataError
-from workflow_scripts.reader_study.agreement import bootstrap_interval, fleiss_kappa, wilson_interval
+from workflow_scripts.reader_study.agreement import bootstrap_interval, fleiss_kappa, rank_auroc, wilson_interval
 from workflow_scripts.reader_study.answers import read_answers
 from workflow_scripts.reader_study.design import FINDING_JOIN, marked_column, read_study
 from workflow_scripts.reader_study.report import render_pooled, render_scores
@@ -91,7 +91,7 @@ def score_row(name: str, frame: pd.DataFrame, vocabulary: list[str], pooled: boo
 
     correct, n = int(correct_of.sum()), len(first)
     low, high = boot(lambda at: correct_of[at].mean()) if pooled else wilson_interval(correct, n)
-    auc_low, auc_high = boot(lambda at: auroc(synthetic[at], scores[at]))
+    auc_low, auc_high = boot(lambda at: rank_auroc(synthetic[at], scores[at]))
     agreement, pairs = consistency(frame)
     row = {"reader": name, "n": n, "correct": correct, "accuracy": rate(correct, n),
            "accuracy_ci_low": low, "accuracy_ci_high": high, "auroc": auroc(synthetic, scores), "auroc_ci_low": auc_low,
