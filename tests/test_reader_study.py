@@ -233,3 +233,17 @@ def test_comparison_includes_the_pooled_row_once_answers_are_scored(study: Path,
     section = page[page.index("## Expert reader study"):]
     assert "1 reader(s)" in section and "accuracy 100 %" in section
     assert page.index("## Memorization audit") < page.index("## Expert reader study") < page.index("## LoRA training")
+
+
+def test_a_page_rebuilt_from_other_images_is_another_study(study: Path, tmp_path: Path, capsys) -> None:
+    old_key, _ = read_study(study / "key.csv")
+    write_answers(tmp_path / "old_answers" / "r1.csv", "r1", key_answers(old_key)[:1])
+    # generation re-run: same file names, other pixels
+    synthetic = tmp_path / "synthetic" / "generation_results.csv"
+    for file in pd.read_csv(synthetic)["file"]:
+        Image.fromarray(255 - np.asarray(Image.open(file))).save(file)
+    build(study_config(), tmp_path / "data", synthetic, study)
+    new_key, new_meta = read_study(study / "key.csv")
+    assert new_meta["study"] != old_key.index[0][:8]
+    result = run_score(study, tmp_path / "old_answers", capsys)
+    assert result.returncode == 2 and "belongs to another study" in result.stderr

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import html
 import io
 import json
@@ -79,7 +80,8 @@ def select_images(synthetic: pd.DataFrame, real: pd.DataFrame, per_label: int, s
 
 
 def arrange(selected: pd.DataFrame, repeats: int, seed: int) -> pd.DataFrame:
-    """Add `repeats` second showings (for consistency), shuffle, and give ids in display order."""
+    """Add `repeats` second showings (for consistency), shuffle, and give ids in display order, under
+    a study id from the pixels shown: other images (a re-run generation) make another study."""
     rng = np.random.default_rng([seed, 1])
     entries = selected.assign(original=range(len(selected)))
     if repeats > len(selected):
@@ -88,7 +90,8 @@ def arrange(selected: pd.DataFrame, repeats: int, seed: int) -> pd.DataFrame:
     again = entries.iloc[rng.choice(len(entries), size=repeats, replace=False)].assign(is_repeat=True)
     entries = pd.concat([entries.assign(is_repeat=False), again], ignore_index=True)
     entries = entries.iloc[rng.permutation(len(entries))].reset_index(drop=True)
-    study = study_id(list(zip(selected["source"], selected["file"])), seed)
+    study = study_id([(source, hashlib.sha256(src.encode()).hexdigest()) for source, src in zip(selected["source"], selected["src"])],
+                     seed)
     entries["image_id"] = image_ids(study, len(entries))
     first = entries[~entries["is_repeat"]].set_index("original")["image_id"]
     entries["repeat_of"] = [first[o] if rep else "" for o, rep in zip(entries["original"], entries["is_repeat"])]
@@ -123,11 +126,11 @@ def build(config: dict[str, Any], data_dir: Path, synthetic_csv: Path, out_dir: 
     real = pd.concat([load_split(data_dir, split) for split in settings["real_splits"]], ignore_index=True)
     synthetic = read_generation_results(synthetic_csv)
     notes: list[str] = []
-    entries = arrange(select_images(synthetic, real, settings["images_per_label"], settings["seed"], notes),
-                      settings["repeats"], settings["seed"])
+    selected = select_images(synthetic, real, settings["images_per_label"], settings["seed"], notes)
+    selected["src"] = [encode_image(file, size, config["model"]["crop"]) for file in selected["file"]]
+    entries = arrange(selected, settings["repeats"], settings["seed"])
     study = entries["study"].iloc[0]
-    images = [{"id": row.image_id, "src": encode_image(row.file, size, config["model"]["crop"])}
-              for row in entries.itertuples()]
+    images = [{"id": row.image_id, "src": row.src} for row in entries.itertuples()]
     vocabulary = findings_vocabulary(config["dataset"]["labels"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "index.html").write_text(render_page(study, vocabulary, images))

@@ -29,7 +29,8 @@ class StudyError(DataError):
 
 
 def study_id(entries: Sequence[tuple[str, str]], seed: int) -> str:
-    """8 hex digits from the (source, file) pairs and the seed: the same study gets the same id."""
+    """8 hex digits from the (source, image hash) pairs and the seed: the same study gets the same id,
+    and a page with other images another one, so its answers are never scored against this key."""
     digest = hashlib.sha256(json.dumps([sorted(entries), seed]).encode()).hexdigest()
     return digest[:8]
 
