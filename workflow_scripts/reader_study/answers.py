@@ -72,6 +72,8 @@ def read_file(path: Path, key: pd.DataFrame, meta: dict[str, Any], errors: list[
         answer, problem = check_row(cells, key, meta)
         if problem:
             errors.append(f"{path} line {line}: {problem}")
+            if "another study" in problem:  # the whole file belongs elsewhere: once is enough
+                return []
         else:
             answers.append({**answer, "file": str(path), "line": line})
     return answers
@@ -93,5 +95,5 @@ def read_answers(answers_dir: Path, key: pd.DataFrame, meta: dict[str, Any]) -> 
         seen.setdefault(pair, where)
     if errors:
         more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
-        raise StudyError(f"{len(errors)} bad answer line(s); nothing was scored:\n  " + "\n  ".join(errors[:MAX_LISTED]) + more)
+        raise StudyError(f"{len(errors)} problem(s) in the answers; nothing was scored:\n  " + "\n  ".join(errors[:MAX_LISTED]) + more)
     return pd.DataFrame(answers)
