@@ -19,6 +19,7 @@ include: "rules/lora.smk"
 include: "rules/generation.smk"
 include: "rules/evaluation.smk"
 include: "rules/cost.smk"
+include: "rules/reader_study.smk"
 
 
 rule all:
@@ -26,3 +27,4 @@ rule all:
     input:
         rules.verify_dataset.output,
         rules.compare.output,
+        reader_study_targets,

@@ -102,3 +102,21 @@ def study_runs(arms=None):
         arm=arms if arms is not None else arm_names(config),
         seed=config["classifier"]["seeds"],
     )
+
+
+def reader_study_answers(wildcards):
+    """The readers' exported CSVs in reader_study.answers_dir; a new file re-runs the scoring."""
+    import glob
+
+    folder = config["reader_study"]["answers_dir"]
+    return sorted(path for path in glob.glob(os.path.join(folder, "*")) if path.lower().endswith(".csv"))
+
+
+def reader_study_scores(wildcards):
+    """The reader study's pooled row for comparison.md, once answers exist (nothing before)."""
+    return rules.score_reader_study.output.pooled if reader_study_answers(wildcards) else []
+
+
+def reader_study_targets(wildcards):
+    """rule all builds the reader study's page only with reader_study.in_all."""
+    return rules.reader_study.output.page if config["reader_study"]["in_all"] else []

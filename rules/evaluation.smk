@@ -115,6 +115,7 @@ rule compare:
         lora=rules.train_lora.output.final,
         synthetic=rules.merge_generation.output.results,
         train=rules.prepare_dataset.output.train,
+        reader_study=reader_study_scores,  # the reader study's pooled row, once answers exist
         config=stage_config_file("compare"),
     output:
         table_md=report("results/comparison.md", category="Comparison"),

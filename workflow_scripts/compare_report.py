@@ -217,6 +217,8 @@ def render_page(inputs: PageInputs) -> str:
     lines += ["## Label composition of each arm", ""] + composition_lines(inputs) + [""]
     lines += subgroup_lines(inputs)
     lines += fidelity_lines(inputs.evaluation_dir)
+    reader_study = inputs.evaluation_dir.parent / "reader_study" / "pooled.md"  # score_reader_study, once answers exist
+    lines += [reader_study.read_text().rstrip(), ""] if reader_study.is_file() else []
     lines += lora_lines(inputs.lora_summary)
     lines += ["![AUROC vs synthetic share](plots/auroc_vs_ratio.png)", "", "![real vs synthetic](plots/real_vs_synthetic.png)", "",
               "## Provenance", "", "```", json.dumps(inputs.provenance, indent=2), "```", ""]

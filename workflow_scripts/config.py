@@ -51,6 +51,9 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "compare": ("dataset", "split", "model", "generation", "classifier"),
     "estimate_cost": ("dataset.labels", "model.resolution", "model.lora_rank", "model.pretrained", "training",
                       "generation", "classifier", "evaluation"),
+    "reader_study": ("dataset.labels", "model.resolution", "model.crop", *(f"reader_study.{key}" for key in (
+        "images_per_label", "real_splits", "repeats", "image_size", "seed"))),
+    "score_reader_study": ("reader_study.answers_dir", "reader_study.bootstrap_samples", "reader_study.seed"),
 }
 
 

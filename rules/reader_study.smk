@@ -1,0 +1,50 @@
+# Reader study: a blinded real-vs-synthetic page for radiologists -> the scores of their exported answers.
+# Targets of their own (`snakemake reader_study`, `snakemake score_reader_study`); in `all` with reader_study.in_all.
+# Input functions: rules/common.smk.
+
+
+rule reader_study:
+    input:
+        val=rules.prepare_dataset.output.val,
+        test=rules.prepare_dataset.output.test,
+        synthetic=rules.merge_generation.output.results,
+        config=stage_config_file("reader_study"),
+    output:
+        page="results/reader_study/index.html",
+        key="results/reader_study/key.csv",
+        study="results/reader_study/study.json",
+    params:
+        data_dir=lambda wildcards, input: os.path.dirname(input.val),
+        out_dir=lambda wildcards, output: os.path.dirname(output.page),
+    log:
+        "logs/reader_study/reader_study.log",
+    benchmark:
+        "benchmarks/reader_study/reader_study.tsv"
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "python -m workflow_scripts.reader_study.build --config {input.config} --data-dir {params.data_dir}"
+        " --synthetic {input.synthetic} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule score_reader_study:
+    input:
+        key=rules.reader_study.output.key,
+        study=rules.reader_study.output.study,
+        answers=reader_study_answers,
+        config=stage_config_file("score_reader_study"),
+    output:
+        scores="results/reader_study/scores.csv",
+        scores_md=report("results/reader_study/scores.md", category="Reader study"),
+        pooled="results/reader_study/pooled.md",
+    params:
+        out_dir=lambda wildcards, output: os.path.dirname(output.scores),
+    log:
+        "logs/score_reader_study/score_reader_study.log",
+    benchmark:
+        "benchmarks/score_reader_study/score_reader_study.tsv"
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "python -m workflow_scripts.reader_study.score --config {input.config} --key {input.key}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
