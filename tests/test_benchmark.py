@@ -113,7 +113,7 @@ def test_ours_runs_the_training_code_and_keeps_the_epoch_order(quick_run, capsys
                            "--skip-levers", "--cache-budget-gb", "0"])
     out = capsys.readouterr().out
     assert code == 0 and "| latent cache | host mode |" in out
-    assert calls["micro_batch_loss"] == 4  # ours is train_lora's step
+    assert calls["micro_batch_loss"] == 1 + 4  # ours is train_lora's step: the FLOP count's, then 4 timed
     assert calls["epoch_order"] == 2  # once per epoch and loop, not once per step
     assert "## Generation" not in out and "## Peak memory" not in out and "## GPU levers" not in out
     assert re.fullmatch(r"train speed-up vs reference: \d+\.\d\dx", out.rstrip("\n").splitlines()[-1])

@@ -265,6 +265,8 @@ def encode_latent_cache(vae, batches: Callable[[range], Iterable[tuple[torch.Ten
 
     if (folder / "latents.npy").is_file():  # every process looks before the first barrier: all agree
         return folder
+    if count == 0:
+        raise TrainingError("latent cache: the training split has no images")
     partial = folder.with_name(folder.name + ".partial")
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
