@@ -239,14 +239,20 @@ def test_data_parallel_training_with_two_processes_trains_and_resumes(setup) -> 
 
     first = launch(2)
     # Each process encoded its share of the latent cache (whole batches of 4) into one file, equal to
-    # the cache one process makes.
+    # the cache one process makes with as many threads (torchrun runs each process single-threaded,
+    # and CPU convolutions round differently across thread counts).
     [shared] = (out / "cache").glob("latents-*")
     components = load_components("tiny", setup["tiny"])
     resolution = config["model"]["resolution"]
     count, batches = train_lora.image_batches(setup["root"] / "data", resolution, config["model"]["crop"], 4)
     assert lora_training.shard(count, 4, 1, 2).start % 4 == 0 and len(lora_training.shard(count, 4, 1, 2)) > 0
-    alone = lora_training.encode_latent_cache(components.vae, batches, count, 4, setup["root"] / "one_process_cache",
-                                              lora_training.latent_shape(components.vae, resolution), torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = lora_training.encode_latent_cache(components.vae, batches, count, 4, setup["root"] / "one_process_cache",
+                                                  lora_training.latent_shape(components.vae, resolution), torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
     assert np.array_equal(np.load(shared / "latents.npy"), np.load(alone / "latents.npy"))
     assert json.loads((shared / "prompts.json").read_text()) == json.loads((alone / "prompts.json").read_text())
     assert first["processes"] == 2 and first["images_seen"] == 2 * 2 * config["training"]["train_batch_size"]
