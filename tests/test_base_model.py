@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import base_model, build_tiny_model
+from workflow_scripts import base_model, build_tiny_model, tiny_model
 from workflow_scripts.base_model import (
     ModelNotFoundError,
-    build_tiny_pipeline,
     load_components,
     load_pipeline,
     resolve_pretrained,
 )
+from workflow_scripts.tiny_model import build_tiny_pipeline
 
 SD15_SCHEDULER = Path(__file__).resolve().parents[1].parent / "shared" / "sd15-arch" / "scheduler" / "scheduler_config.json"
 LABEL_PROMPT = "A chest X-ray with Pleural_Thickening and Mass"
@@ -106,7 +106,7 @@ def test_tokenizer_whole_words(tiny_dir):
     ]
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
     # every label of both datasets, and words given at build time, are single tokens
-    for label in base_model.NIH_LABELS + base_model.CHEXPERT_LABELS + ("Kerley lines", "and ..."):
+    for label in tiny_model.NIH_LABELS + tiny_model.CHEXPERT_LABELS + ("Kerley lines", "and ..."):
         words = label.lower().replace("_", " _ ").split()
         assert len(tok(label, add_special_tokens=False).input_ids) == len(words), label
     # unseen text (and non-ASCII) still tokenizes, via bytes, and round-trips

@@ -91,29 +91,29 @@ def test_lever_rows_say_levers_are_off_on_cpu(quick_run) -> None:
 
 
 def test_ours_runs_the_training_code_and_keeps_the_epoch_order(quick_run, capsys, monkeypatch) -> None:
-    from workflow_scripts import lora_training
+    from workflow_scripts import bench_training, lora_training
 
-    calls = {"micro_step": 0, "epoch_order": 0}
-    real_step, real_order = lora_training.LoraLoop.micro_step, lora_training.epoch_order
+    calls = {"micro_batch_loss": 0, "epoch_order": 0}
+    real_loss, real_order = bench_training.micro_batch_loss, lora_training.epoch_order
 
-    def counting_step(self, *args):
-        calls["micro_step"] += 1
-        return real_step(self, *args)
+    def counting_loss(*args):
+        calls["micro_batch_loss"] += 1
+        return real_loss(*args)
 
     def counting_order(*args):
         calls["epoch_order"] += 1
         return real_order(*args)
 
-    monkeypatch.setattr(lora_training.LoraLoop, "micro_step", counting_step)
-    monkeypatch.setattr(lora_training, "epoch_order", counting_order)
-    monkeypatch.setattr(benchmark, "epoch_order", counting_order)
+    assert bench_training.micro_batch_loss is lora_training.micro_batch_loss  # the piece train_lora's loop runs
+    monkeypatch.setattr(bench_training, "micro_batch_loss", counting_loss)
+    monkeypatch.setattr(lora_training, "epoch_order", counting_order)  # both loops' BatchOrder
     # Host-memory cache path (budget 0); 4 steps of batch 2 over 8 cached images: one epoch per loop.
     code = benchmark.main(["--quick", "--device", "cpu", "--threads", "1", "--tiny-dir", str(quick_run["root"] / "tiny-sd"),
                            "--steps", "4", "--repeats", "1", "--warmup", "0", "--skip-generation", "--skip-memory",
                            "--skip-levers", "--cache-budget-gb", "0"])
     out = capsys.readouterr().out
     assert code == 0 and "| latent cache | host mode |" in out
-    assert calls["micro_step"] == 4  # ours is train_lora's step
+    assert calls["micro_batch_loss"] == 1 + 4  # ours is train_lora's step: the FLOP count's, then 4 timed
     assert calls["epoch_order"] == 2  # once per epoch and loop, not once per step
     assert "## Generation" not in out and "## Peak memory" not in out and "## GPU levers" not in out
     assert re.fullmatch(r"train speed-up vs reference: \d+\.\d\dx", out.rstrip("\n").splitlines()[-1])

@@ -12,11 +12,15 @@ import yaml
 
 from conftest import REPO
 from workflow_scripts.config import (
+    NOT_RESULT,
     STAGE_CONFIG,
     ConfigError,
+    DeclaredConfig,
     apply_overrides,
     load_config,
     load_stage_config,
+    result_config,
+    result_hash,
     stage_config,
     validate_config,
 )
@@ -198,3 +202,32 @@ def test_committed_config_reference_is_up_to_date() -> None:
     committed = (REPO / "docs" / "config-reference.md").read_text()
     assert committed == reference_markdown(), "regenerate: python -m workflow_scripts.config --reference > docs/config-reference.md"
     assert "| `model.lora_rank` | integer, ≥ 1, ≤ 256 | `4` |" in committed
+
+
+def test_one_function_says_what_defines_a_result() -> None:
+    """result_hash: every declared key but NOT_RESULT's and `ignore`'s moves it; those do not. A new
+    result-defining key needs only its STAGE_CONFIG declaration."""
+    config = load_config([REPO / "config" / "config.yaml"])
+    for stage, items in STAGE_CONFIG.items():
+        base = result_hash(config, stage)
+        for item in items:
+            section, _, key = item.partition(".")
+            keys = [key] if key else list(config[section])
+            for name in keys:
+                value = config[section][name]
+                changed = {**config, section: {**config[section], name: [value, "changed"]}}
+                unhashed = section in NOT_RESULT.get(stage, ()) or f"{section}.{name}" in NOT_RESULT.get(stage, ())
+                assert (result_hash(changed, stage) == base) == unhashed, f"{stage}: {section}.{name}"
+    # Keys a stage does not read never count; `ignore` leaves out whole sections or single keys.
+    assert result_hash({**config, "generation": {}}, "train_lora") == result_hash(config, "train_lora")
+    part = result_config(config, "train_lora", ignore=("dataset", "training.max_train_steps"))
+    assert "dataset" not in part and "max_train_steps" not in part["training"] and "seed" in part["training"]
+    assert "hardware" not in part and "num_workers" not in result_config(config, "train_classifier")["classifier"]
+
+
+def test_an_in_code_default_does_not_stand_in_for_a_declaration() -> None:
+    declared = DeclaredConfig(stage_config(load_config([REPO / "config" / "config.yaml"]), "train_classifier"),
+                              "train_classifier")
+    assert declared["classifier"].get("epochs", 99) == declared["classifier"]["epochs"]  # declared: its value
+    with pytest.raises(ConfigError, match=r"classifier.controls.*in-code default \[\].*STAGE_CONFIG"):
+        declared["classifier"].get("controls", [])

@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import REPO
 from workflow_scripts import generate_xrays
-from workflow_scripts.base_model import build_tiny_pipeline, load_pipeline, make_scheduler
+from workflow_scripts.base_model import load_pipeline, make_scheduler
+from workflow_scripts.tiny_model import build_tiny_pipeline
 from workflow_scripts.config import load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
 from workflow_scripts.generate_xrays import GenerationError, generation_plan, label_key, main, parse_labels

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from workflow_scripts import lora_training, train_lora
-from workflow_scripts.base_model import build_tiny_pipeline, load_components
+from workflow_scripts.base_model import load_components
+from workflow_scripts.tiny_model import build_tiny_pipeline
 from workflow_scripts.config import load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
 from workflow_scripts.prepare_dataset import prepare
@@ -237,6 +238,23 @@ def test_data_parallel_training_with_two_processes_trains_and_resumes(setup) -> 
         return json.loads((out / "final" / "training_summary.json").read_text())
 
     first = launch(2)
+    # Each process encoded its share of the latent cache (whole batches of 4) into one file, equal to
+    # the cache one process makes with as many threads (torchrun runs each process single-threaded,
+    # and CPU convolutions round differently across thread counts).
+    [shared] = (out / "cache").glob("latents-*")
+    components = load_components("tiny", setup["tiny"])
+    resolution = config["model"]["resolution"]
+    count, batches = train_lora.image_batches(setup["root"] / "data", resolution, config["model"]["crop"], 4)
+    assert lora_training.shard(count, 4, 1, 2).start % 4 == 0 and len(lora_training.shard(count, 4, 1, 2)) > 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = lora_training.encode_latent_cache(components.vae, batches, count, 4, setup["root"] / "one_process_cache",
+                                                  lora_training.latent_shape(components.vae, resolution), torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(np.load(shared / "latents.npy"), np.load(alone / "latents.npy"))
+    assert json.loads((shared / "prompts.json").read_text()) == json.loads((alone / "prompts.json").read_text())
     assert first["processes"] == 2 and first["images_seen"] == 2 * 2 * config["training"]["train_batch_size"]
     resumed = launch(4)
     assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 4
@@ -267,7 +285,7 @@ def test_every_result_changing_key_starts_fresh_and_only_listed_keys_resume(setu
         for key, value in config[section].items():
             other = {**config, section: {**config[section], key: changed[type(value)](value)}}
             moved = train_lora.resume_fingerprint(other, "src", "data", 1) != base
-            resumable = key in lora_training.RESUMABLE_TRAINING_KEYS or (section, key) == ("model", "pretrained")
+            resumable = f"{section}.{key}" in lora_training.RESUMABLE_TRAINING_KEYS or (section, key) == ("model", "pretrained")
             assert moved != resumable, f"{section}.{key}"  # pretrained counts through the resolved source
 
 
@@ -299,8 +317,8 @@ def test_latent_cache_is_fp16_memory_mapped_and_host_mode_trains_like_device_mod
     [folder] = (host_run / "cache").glob("latents-*")
     array = np.load(folder / "latents.npy", mmap_mode="r")
     assert isinstance(array, np.memmap) and array.dtype == np.float16 and array.shape[1] == 2
-    assert b["latent_cache"]["bytes"] == array.nbytes == len(array) * lora_training.latent_bytes_per_image(64, downscale=4)  # tiny VAE: 4x
-    assert lora_training.latent_bytes_per_image(512) == 64 * 2**10  # 62.5 MiB per 1,000 images at 512 px
+    assert array.shape[2:] == (4, 16, 16)  # the tiny VAE's 4 x 16 x 16 latents at 64 px (SD's VAE: 4 x 64 x 64 at 512)
+    assert b["latent_cache"]["bytes"] == array.nbytes == len(array) * 2 * 4 * 16 * 16 * 2  # mean and std, fp16
     cache = lora_training.LatentCache(folder, torch.device("cpu"), budget_bytes=0)
     indices = torch.tensor([3, 0, 2])
     mean, _ = cache.gather(indices, indices)
@@ -328,7 +346,7 @@ def test_text_encoder_gradient_checkpointing_really_runs(setup, monkeypatch) -> 
 
     def counting_build(*args, **kwargs):
         trained = real_build(*args, **kwargs)
-        layer = next(module for name, module in trained["text_encoder"].named_modules() if name.endswith("layers.0.self_attn"))
+        layer = next(module for name, module in trained.models["text_encoder"].named_modules() if name.endswith("layers.0.self_attn"))
         layer.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + torch.is_grad_enabled()))
         return trained
 
@@ -367,10 +385,14 @@ def test_gpu_levers_follow_config_on_cuda_and_stay_off_on_cpu() -> None:
     assert not any(lora_training.gpu_levers(on, torch.device("cpu"), False).values())
     assert lora_training.gpu_levers(on, torch.device("cuda"), False) == on
     assert lora_training.gpu_levers(on, torch.device("cuda"), True)["cudnn_benchmark"] is False
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
+    switches = lambda: (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,  # noqa: E731
+                        torch.backends.cudnn.benchmark)
+    before = switches()
     with lora_training.hardware_settings(lora_training.gpu_levers(on, torch.device("cuda"), False), False):
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark) == before
+        assert switches() == ("tf32", "tf32", True)  # through torch's fp32_precision API, not the legacy allow_tf32
+    with lora_training.hardware_settings(lora_training.gpu_levers({**on, "allow_tf32": False}, torch.device("cuda"), False), False):
+        assert switches()[:2] == ("ieee", "ieee")
+    assert switches() == before
 
 
 def test_pad_crop_keeps_the_whole_film(tmp_path) -> None:
@@ -385,3 +407,60 @@ def test_pad_crop_keeps_the_whole_film(tmp_path) -> None:
     padded = model_transform(32, "pad")(image)
     assert padded.shape == (3, 32, 32) and padded[0, 0].max() > 0.9  # still there
     assert padded[0, :, 0].max() == -1  # black bars left and right
+
+
+# ----------------------------------------------------------------------------- the LoRA in other clients (issue 20)
+
+# ComfyUI's comfy/lora.py (LORA_CLIP_MAP, model_lora_keys_clip): an SD 1.5 text-encoder LoRA module
+# is "lora_te_text_model_encoder_layers_{layer}_{LORA_CLIP_MAP[name]}"; kohya sd-scripts
+# (networks/lora.py, prefix "lora_te") and AUTOMATIC1111 ("lora_te_" + module name) name it the same
+# from CLIP's module names (text_model.encoder.layers.N.self_attn.q_proj). A UNet module is
+# "lora_unet_" + its diffusers name with "." -> "_" (ComfyUI model_lora_keys_unet, A1111, kohya).
+LORA_CLIP_MAP = {"self_attn.k_proj": "self_attn_k_proj", "self_attn.q_proj": "self_attn_q_proj",
+                 "self_attn.v_proj": "self_attn_v_proj", "self_attn.out_proj": "self_attn_out_proj"}
+
+
+def test_kohya_copy_of_an_sd15_lora_has_the_keys_webui_comfyui_and_kohya_read(tmp_path) -> None:
+    """The SD 1.5 UNet and text encoder built from shared/sd15-arch on the meta device (no weights),
+    LoRA on both, written by write_lora: every kohya key follows the clients' rules above."""
+    import os
+    import stat
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    arch = REPO.parent / "shared" / "sd15-arch"
+    if not (arch / "unet" / "config.json").is_file():
+        pytest.skip(f"no SD 1.5 component configs in {arch}")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(arch / "unet"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(arch / "text_encoder"))
+    base_unet = {key.removesuffix(".weight") for key in unet.state_dict() if key.endswith(".weight")}
+    rank = 4
+    for model, targets in ((unet, lora_training.UNET_LORA_TARGETS), (text_encoder, lora_training.TEXT_LORA_TARGETS)):
+        lora_training.add_lora(model, rank, 8, targets)
+        for name, module in model.named_modules():
+            if name.endswith(("lora_A.default", "lora_B.default")):  # only the LoRA weights get memory
+                module.to_empty(device="cpu")
+                torch.nn.init.normal_(module.weight)
+    lora_training.write_lora(tmp_path, unet, text_encoder)
+
+    kohya = load_file(tmp_path / lora_training.KOHYA_FILE)
+    modules = {key.split(".", 1)[0] for key in kohya}
+    unet_modules = {m for m in modules if m.startswith("lora_unet_")}
+    te_modules = modules - unet_modules
+    assert unet_modules == {"lora_unet_" + name.replace(".", "_") for name in base_unet
+                            if name.endswith(tuple("." + t for t in lora_training.UNET_LORA_TARGETS))}
+    assert len(unet_modules) == 128  # 16 transformer blocks x 2 attentions x (q, k, v, out)
+    assert te_modules == {f"lora_te_text_model_encoder_layers_{layer}_{name}" for layer in range(12)
+                          for name in LORA_CLIP_MAP.values()}
+    assert len(te_modules) == 48  # 12 layers x (q, k, v, out)
+    for module in modules:  # each as kohya writes it: down (rank x in), up (out x rank), alpha
+        assert {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"} <= kohya.keys()
+        assert kohya[f"{module}.lora_down.weight"].shape[0] == rank == kohya[f"{module}.lora_up.weight"].shape[1]
+        assert float(kohya[f"{module}.alpha"]) == 8.0
+    assert len(kohya) == 3 * len(modules)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (lora_training.KOHYA_FILE, lora_training.LORA_FILE):  # readable like every other output
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask

@@ -9,10 +9,10 @@ UNET_LORA_TARGETS, one shared AdamW from `lora_training.make_optimizer`):
 
 1. training images/s of two loops, alternated repeat by repeat (ours, reference, ours, ...) after
    warm-up steps; the speed-up is the median of the per-repeat ratios ours / reference:
-   - *ours*: the code that trains — `lora_training`'s phases as `train_lora` runs them
+   - *ours*: the code that trains — `lora_training`'s pieces as `train_lora.train_steps` runs them
      (`build_trainable_model`, the fp16 memory-mapped `LatentCache` in device or host mode,
-     `Prompts`, `LoraLoop.micro_step` under accelerate, `optimizer_step_done`, host sync every
-     LOG_EVERY steps);
+     `Prompts`, `BatchOrder`, `micro_batch_loss` and `optimize` under accelerate, the LR schedule,
+     host sync every LOG_EVERY steps; `bench_training`);
    - *reference*: the diffusers example `train_text_to_image_lora.py`: every step encodes the batch's
      pixels with the VAE (`latent_dist.sample() * scaling_factor`) and its token ids with the text
      encoder, then noise / timestep / UNet / MSE / backward / clip / AdamW, and reads the loss back
@@ -23,15 +23,15 @@ UNET_LORA_TARGETS, one shared AdamW from `lora_training.make_optimizer`):
    cudnn_benchmark, channels_last, compile_unet) added alone (CUDA only; n/a on CPU);
 2. sampling images/s (classifier-free guidance 7.5, DPM-Solver++, VAE decode included) at several
    step counts and batch sizes, with a StableDiffusionPipeline built from the same components: with
-   the LoRA attached (the old way), then fused as `generate_xrays` samples (and compiled with
-   `--compile-sampling` on CUDA);
+   the LoRA attached (the old way), then fused as `generate_xrays` samples, both eager, (and
+   compiled with `--compile-sampling` on CUDA; `bench_generation`);
 3. peak memory of a training step at batch 1 with and without gradient checkpointing
    (`torch.cuda.max_memory_allocated` on a GPU; on a CPU the sampled peak of the process RSS above
    its level before the step, which is approximate and says so);
 4. model FLOPs per training step (counted with `torch.utils.flop_counter.FlopCounterMode` on one
    forward + backward of each loop) and the achieved TFLOP/s against a measured matmul peak.
 
-`--model tiny` is the offline random-weight tiny model (`base_model.build_tiny_pipeline`);
+`--model tiny` is the offline random-weight tiny model (`tiny_model.build_tiny_pipeline`);
 `--model sd15` builds the full-size SD 1.5 architecture with random weights from the component
 configs in `shared/sd15-arch` (speed and memory do not depend on weight values). The results are
 printed as markdown (stdout; progress goes to stderr) and written as JSON with `--json`; the last line
@@ -41,40 +41,29 @@ printed is `train speed-up vs reference: <x>x`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import gc
 import json
-import logging
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from workflow_scripts.base_model import (NIH_LABELS, PROMPT_TEMPLATE, SD15_ARCH_CANDIDATES, build_tiny_pipeline,
-                                         load_components, make_scheduler)
-from workflow_scripts.lora_training import (GIB, LOG_EVERY, UNET_LORA_TARGETS, LatentCache, LoraLoop, Prompts,
-                                            build_trainable_model, compile_settings, encode_latent_cache, epoch_order,
-                                            gpu_levers, hardware_settings, library_versions, make_optimizer, tokenize)
-from workflow_scripts.bench_machine import (RssSampler, machine_info, matmul_peak_tflops,  # noqa: F401
-                                            register_cpu_attention_flops, release_host_memory, synchronize)
-from workflow_scripts.bench_report import GUIDANCE, REFERENCE_TFLOP_PER_IMAGE, SCHEDULER, render, speedup_line
+from workflow_scripts.base_model import SD15_ARCH_CANDIDATES, load_components
+from workflow_scripts.bench_generation import measure_generation
+from workflow_scripts.bench_machine import machine_info, matmul_peak_tflops, register_cpu_attention_flops  # noqa: F401
+from workflow_scripts.bench_report import REFERENCE_TFLOP_PER_IMAGE, render, speedup_line
+from workflow_scripts.bench_training import (SEED, apply_levers, build_bench, count_flops, measure_levers, measure_memory,
+                                             run)
+from workflow_scripts.lora_training import COMPUTE_DTYPES, UNET_LORA_TARGETS, gpu_levers, hardware_settings, library_versions
 from workflow_scripts.tables import json_safe
-
-SEED = 0
-LEARNING_RATE = 1e-4  # the diffusers example's default; the value does not change the speed
-MAX_GRAD_NORM = 1.0
-NUM_PROMPTS = 8  # distinct prompts in the synthetic training set (the project has one per label set)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from workflow_scripts.tiny_model import build_tiny_pipeline
 
 
 class BenchmarkError(RuntimeError):
@@ -168,7 +157,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         raise BenchmarkError(f"--resolution must be a multiple of 8, got {resolution}")
     quick = args.quick
     return Settings(
-        device=device, dtype=DTYPES[dtype_name], dtype_name=dtype_name, model=model, resolution=resolution,
+        device=device, dtype=COMPUTE_DTYPES[dtype_name], dtype_name=dtype_name, model=model, resolution=resolution,
         batch_size=args.batch_size or (2 if quick else 8 if gpu else 4),
         lora_rank=args.lora_rank,
         steps=args.steps or (2 if quick else 20),
@@ -231,350 +220,8 @@ def load_model(args: argparse.Namespace, settings: Settings, scratch: Path) -> M
                  components.noise_scheduler, f"{components.source} (tiny random-weight SD 1.5 look-alike)")
 
 
-def cast(module: torch.nn.Module, *args, **kwargs) -> torch.nn.Module:
-    """`module.to(...)` without diffusers' warning that every dtype cast logs (even with nothing to keep in fp32)."""
-    logger = logging.getLogger("diffusers.models.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        return module.to(*args, **kwargs)
-    finally:
-        logger.setLevel(level)
-
-
 def count_params(module: torch.nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
-
-
-# ----------------------------------------------------------------------------- the two training loops
-
-
-class Bench:
-    """One model, one optimizer, a synthetic training set, and a step function per loop. Ours is
-    `lora_training`'s code, the very phases `train_lora` runs; the reference is typed out below."""
-
-    def __init__(self, model: Model, settings: Settings, scratch: Path):
-        from accelerate import Accelerator
-        from diffusers.optimization import get_scheduler
-
-        self.s = settings
-        self.device, self.dtype = settings.device, settings.dtype
-        self.unet, self.vae, self.text_encoder = model.unet, model.vae, model.text_encoder
-        self.noise_scheduler = model.noise_scheduler
-        self.scaling = self.vae.config.scaling_factor
-        device, dtype = self.device, self.dtype
-        mixed = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        self.accelerator = Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
-
-        # 1. the trainable model, as train_lora builds it (levers applied later, after the FLOP count).
-        training = {"seed": SEED, "gradient_checkpointing": False, "use_8bit_adam": False, "learning_rate": LEARNING_RATE,
-                    "adam_weight_decay": 1e-2, "train_batch_size": settings.batch_size, "gradient_accumulation_steps": 1,
-                    "max_grad_norm": MAX_GRAD_NORM, "snr_gamma": None, "noise_offset": 0.0}
-        model_cfg = {"lora_rank": settings.lora_rank, "lora_alpha": settings.lora_rank, "train_text_encoder": False}
-        no_levers = dict.fromkeys(("allow_tf32", "cudnn_benchmark", "channels_last", "compile_unet", "compile_sampling"), False)
-        with quiet_casts():
-            trained = build_trainable_model(model, model_cfg, training, {"enable_xformers": False}, no_levers, device, dtype)
-        self.params = [p for p in self.unet.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, training, device)
-        lr_scheduler = get_scheduler("constant", optimizer=self.optimizer)
-        unet, optimizer = self.accelerator.prepare(trained["unet"], self.optimizer)
-        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-
-        # A synthetic training set: random pixels in [-1, 1] and a few distinct prompts.
-        self.pool = max(4 * settings.batch_size, 8)
-        generator = torch.Generator().manual_seed(SEED)
-        pixels = torch.rand(self.pool, 3, settings.resolution, settings.resolution, generator=generator) * 2 - 1
-        if model.tokenizer is not None:
-            prompts = [PROMPT_TEMPLATE.format(label=label) for label in NIH_LABELS[:NUM_PROMPTS]]
-            prompt_ids = tokenize(model.tokenizer, prompts)
-        else:  # no vocabulary for SD 1.5 here: random token ids of CLIP's length (77) time the same
-            vocab = self.text_encoder.config.vocab_size
-            prompt_ids = torch.randint(0, vocab, (NUM_PROMPTS, self.text_encoder.config.max_position_embeddings),
-                                       generator=generator)
-        index = [i % len(prompt_ids) for i in range(self.pool)]
-        self.input_ids = prompt_ids.to(device)[torch.tensor(index, device=device)]  # what the reference's dataset yields
-
-        # 2. ours: the one-time caches (fp16 memory-mapped VAE latent distributions, one embedding per prompt).
-        synchronize(device)
-        started = time.perf_counter()
-        batches = ((chunk, [""] * len(chunk)) for chunk in pixels.split(settings.batch_size))
-        folder = encode_latent_cache(self.vae, batches, self.pool, scratch / "latents", device)
-        cache = LatentCache(folder, device, budget_bytes=settings.cache_budget_gb * GIB)
-        prompts = Prompts.from_ids(index, prompt_ids, self.text_encoder, device, dtype, False, self.accelerator.autocast)
-        synchronize(device)
-        self.cache_seconds = time.perf_counter() - started
-        self.cache_mode = cache.mode
-        # 3./4. the step and the optimizer-step phase train_lora runs.
-        self.loop = LoraLoop(self.accelerator, unet, self.text_encoder, self.noise_scheduler, {"unet": unet}, optimizer,
-                             lr_scheduler, cache, prompts, self.scaling, training)
-        self.loops = {settings.batch_size: self.loop}
-
-        # The reference runs VAE and text encoder in the compute dtype every step (weight_dtype in the example).
-        cast(self.vae, dtype)
-        self.pixels = pixels.to(device, dtype)
-        self.step_counts = {"ours": 0, "reference": 0}
-        self.orders: dict[tuple[str, int], tuple[int, torch.Tensor]] = {}
-        self.last_loss = float("nan")
-
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def apply_levers(self, levers: dict[str, bool]) -> None:
-        """The training levers as train_lora applies them (`hardware:` keys); TF32 and cudnn.benchmark
-        are process flags set by the caller."""
-        if levers.get("channels_last"):
-            cast(self.unet, memory_format=torch.channels_last)
-            cast(self.vae, memory_format=torch.channels_last)
-            self.pixels = self.pixels.contiguous(memory_format=torch.channels_last)
-        if levers.get("compile_unet"):
-            compile_settings()
-            self.unet.compile()
-
-    def ours_loop(self, batch: int) -> LoraLoop:
-        if batch not in self.loops:
-            self.loops[batch] = self.loop.with_batch_size(batch)
-        return self.loops[batch]
-
-    def indices(self, loop: str, batch: int) -> torch.Tensor:
-        """The reference's batch as train_lora picks it: a seeded permutation per epoch, kept on the device."""
-        step = self.step_counts[loop]
-        epoch, slot = divmod(step, self.pool // batch)
-        cached = self.orders.get((loop, batch))
-        if cached is None or cached[0] != epoch:
-            cached = (epoch, epoch_order(self.pool, SEED, epoch).to(self.device))
-            self.orders[(loop, batch)] = cached
-        return cached[1][slot * batch:(slot + 1) * batch]
-
-    # -- ours: train_lora's phases
-    def ours_step(self, batch: int) -> None:
-        loop = self.ours_loop(batch)
-        loop.micro_step(self.step_counts["ours"])
-        loop.optimizer_step_done()
-        self.step_counts["ours"] += 1
-        if self.step_counts["ours"] % LOG_EVERY == 0:  # train_lora's host sync every LOG_EVERY steps
-            self.last_loss = loop.mean_loss()
-
-    # -- reference: the diffusers example's step
-    def reference_loss(self, batch: int) -> torch.Tensor:
-        indices = self.indices("reference", batch)
-        latents = self.vae.encode(self.pixels[indices]).latent_dist.sample()
-        latents = latents * self.scaling
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  device=latents.device).long()
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        encoder_hidden_states = self.text_encoder(self.input_ids[indices], return_dict=False)[0]
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        with self.autocast():  # accelerate autocasts the prepared UNet's forward
-            model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-
-    def reference_step(self, batch: int) -> None:
-        loss = self.reference_loss(batch)
-        self.last_loss = loss.detach().item()  # the example's `train_loss += avg_loss.item()` every step
-        if self.scaler is not None:  # fp16: loss scaling, as accelerate does
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)
-        self.step_counts["reference"] += 1
-
-    def step(self, loop: str, batch: int) -> None:
-        (self.ours_step if loop == "ours" else self.reference_step)(batch)
-
-    def run(self, loop: str, batch: int, steps: int, progress: tqdm | None = None) -> float:
-        """Seconds for `steps` steps of one loop, device work included."""
-        self.unet.train()
-        synchronize(self.device)
-        started = time.perf_counter()
-        for _ in range(steps):
-            self.step(loop, batch)
-            if progress is not None:
-                progress.update(1)
-        synchronize(self.device)
-        return time.perf_counter() - started
-
-    def count_flops(self, loop: str, batch: int) -> int:
-        """Model FLOPs of one forward + backward of a loop's step (the optimizer step is not counted)."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        register_cpu_attention_flops()
-        self.unet.train()
-        with FlopCounterMode(display=False) as counter:
-            loss = self.ours_loop(batch).loss(self.step_counts["ours"]) if loop == "ours" else self.reference_loss(batch)
-            loss.backward()
-        self.optimizer.zero_grad(set_to_none=True)
-        return int(counter.get_total_flops())
-
-
-@contextlib.contextmanager
-def quiet_casts():
-    """diffusers logs a warning on every dtype cast of a model, even with nothing to keep in fp32."""
-    logger = logging.getLogger("diffusers.models.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-def measure_memory(bench: Bench, settings: Settings, progress: tqdm) -> dict[str, Any]:
-    gpu = settings.device.type == "cuda"
-    rows = []
-    for loop in ("ours", "reference"):
-        for checkpointing in (False, True):
-            if checkpointing:
-                bench.unet.enable_gradient_checkpointing()
-            else:
-                bench.unet.disable_gradient_checkpointing()
-            bench.run(loop, 1, 1)  # untimed: a first step at this batch size (autotuning, compile, optimizer state)
-            row: dict[str, Any] = {"loop": loop, "gradient_checkpointing": checkpointing, "batch_size": 1,
-                                   "steps": settings.memory_steps}
-            if gpu:
-                gc.collect()
-                torch.cuda.empty_cache()
-                torch.cuda.synchronize(settings.device)
-                resident = torch.cuda.memory_allocated(settings.device)
-                torch.cuda.reset_peak_memory_stats(settings.device)
-                bench.run(loop, 1, settings.memory_steps)
-                peak = torch.cuda.max_memory_allocated(settings.device)
-                row.update(gpu_peak_allocated_bytes=peak, gpu_resident_before_bytes=resident,
-                           gpu_peak_above_resident_bytes=peak - resident,
-                           gpu_peak_reserved_bytes=torch.cuda.max_memory_reserved(settings.device),
-                           cpu_rss_peak_delta_bytes=None)
-            else:
-                release_host_memory()
-                with RssSampler() as sampler:
-                    bench.run(loop, 1, settings.memory_steps)
-                delta = sampler.peak - sampler.baseline if sampler.baseline else None
-                row.update(gpu_peak_allocated_bytes=None, gpu_resident_before_bytes=None,
-                           gpu_peak_above_resident_bytes=None, gpu_peak_reserved_bytes=None,
-                           cpu_rss_peak_delta_bytes=delta)
-            progress.update(1)
-            rows.append(row)
-    bench.unet.disable_gradient_checkpointing()
-    if gpu:
-        note = ("torch.cuda.max_memory_allocated over the measured steps (model weights, resident before the step, "
-                "included; 'above resident' is the step's own activations, gradients and optimizer work)")
-    else:
-        note = ("n/a on CPU: no GPU numbers. The CPU figure is the process RSS peak above its level just before the "
-                "steps, sampled every 2 ms after malloc_trim; approximate (short spikes can be missed, memory the "
-                "allocator kept from earlier steps can be reused), not a device-memory measurement")
-    return {"rows": rows, "note": note}
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-TRAINING_LEVERS = ("allow_tf32", "cudnn_benchmark", "channels_last", "compile_unet")
-
-
-def measure_levers(bench: Bench, settings: Settings, baseline: float) -> dict[str, Any]:
-    """Ours' training images/s with each `hardware:` lever added alone to the main run's settings.
-    The levers apply on CUDA only (train_lora keeps them off on CPU), so a CPU run reports none."""
-    if settings.device.type != "cuda":
-        return {"rows": [{"lever": lever, "applied": False, "images_per_second": None} for lever in TRAINING_LEVERS],
-                "baseline_images_per_second": baseline,
-                "note": "n/a on CPU: the hardware levers apply on CUDA only and train_lora keeps them off on CPU"}
-    rows, batch = [], settings.batch_size
-    for lever in TRAINING_LEVERS:
-        if settings.levers[lever]:
-            rows.append({"lever": lever, "applied": True, "images_per_second": baseline, "note": "on in the main run"})
-            continue
-        levers = {**settings.levers, lever: True}
-        with hardware_settings(levers, False):
-            bench.apply_levers({lever: True})
-            synchronize(settings.device)
-            started = time.perf_counter()
-            bench.run("ours", batch, max(settings.warmup, 1))  # warm-up (autotuning, compilation)
-            warmup_seconds = time.perf_counter() - started
-            seconds = bench.run("ours", batch, settings.steps)
-            if lever == "channels_last":
-                cast(bench.unet, memory_format=torch.contiguous_format)
-                cast(bench.vae, memory_format=torch.contiguous_format)
-        rows.append({"lever": lever, "applied": True, "images_per_second": batch * settings.steps / seconds,
-                     "speedup_vs_main": batch * settings.steps / seconds / baseline, "warmup_seconds": warmup_seconds})
-    return {"rows": rows, "baseline_images_per_second": baseline,
-            "note": "each lever added alone to the main run's settings; compile_unet measured last and left applied"}
-
-
-def measure_generation(model: Model, bench: Bench, settings: Settings, progress: tqdm) -> list[dict[str, Any]]:
-    """Sampling with the LoRA attached (as before), then fused as generate_xrays samples (and, where
-    hardware.compile_sampling applies, compiled)."""
-    from diffusers import StableDiffusionPipeline
-
-    unet = bench.accelerator.unwrap_model(bench.unet)
-    with quiet_casts():
-        cast(unet, settings.dtype)  # the LoRA too: the pipeline samples in the compute dtype
-    unet.eval()
-    pipe = StableDiffusionPipeline(vae=bench.vae, text_encoder=bench.text_encoder, tokenizer=model.tokenizer,
-                                   unet=unet, scheduler=make_scheduler(SCHEDULER, model.noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    prompt = PROMPT_TEMPLATE.format(label=NIH_LABELS[0])
-    variants = ["lora attached", "lora fused"] + (["lora fused, compiled"] if settings.levers["compile_sampling"] else [])
-    rows = []
-    for variant in variants:
-        if variant == "lora fused":
-            pipe.fuse_lora()
-            pipe.unload_lora_weights()  # generate_xrays: fused weights, no adapter layers
-        elif variant.endswith("compiled"):
-            compile_settings()
-            pipe.unet.compile()
-        for batch in settings.gen_batch_sizes:
-            rows += time_sampling(pipe, bench, model, settings, batch, variant, prompt, progress)
-    return rows
-
-
-def time_sampling(pipe, bench: Bench, model: Model, settings: Settings, batch: int, variant: str, prompt: str,
-                  progress: tqdm) -> list[dict[str, Any]]:
-    device = settings.device
-    if model.tokenizer is not None:
-        inputs: dict[str, Any] = {"prompt": [prompt] * batch, "negative_prompt": [""] * batch}
-    else:  # no tokenizer for SD 1.5 here: embeddings of random token ids (a text encoder pass is ~0.1% of the work)
-        with torch.inference_mode():
-            embeds = bench.text_encoder(bench.input_ids[:1])[0]
-        inputs = {"prompt_embeds": embeds.expand(batch, -1, -1).clone(),
-                  "negative_prompt_embeds": torch.zeros_like(embeds).expand(batch, -1, -1).clone()}
-
-    def call(steps: int) -> None:
-        generators = [torch.Generator(device=device).manual_seed(SEED + i) for i in range(batch)]
-        with torch.inference_mode():
-            pipe(**inputs, num_inference_steps=steps, guidance_scale=GUIDANCE, height=settings.resolution,
-                 width=settings.resolution, generator=generators, output_type="np")
-
-    call(2)  # warm-up at this batch size (allocator, autotuning, compile)
-    rows = []
-    for steps in settings.gen_steps:
-        times = []
-        for _ in range(settings.gen_repeats):
-            synchronize(device)
-            started = time.perf_counter()
-            call(steps)
-            synchronize(device)
-            times.append(time.perf_counter() - started)
-            progress.update(1)
-        seconds = statistics.median(times)
-        rows.append({"variant": variant, "steps": steps, "batch_size": batch, "images_per_second": batch / seconds,
-                     "seconds_per_batch": seconds, "per_repeat_seconds": times, "guidance": GUIDANCE,
-                     "scheduler": SCHEDULER, "vae_decode": True, "dtype": str(settings.dtype).removeprefix("torch."),
-                     "prompt_input": "prompt text" if model.tokenizer is not None else "prompt_embeds"})
-    return rows
 
 
 # ----------------------------------------------------------------------------- the run
@@ -593,7 +240,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, device: torch.device, scratch: Path) -> dict[str, Any]:
-    bench = Bench(model, settings, scratch)
+    bench = build_bench(model, settings.device, settings.dtype, settings.batch_size, settings.lora_rank,
+                        settings.resolution, settings.cache_budget_gb, scratch)
     batch = settings.batch_size
     result: dict[str, Any] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -601,8 +249,8 @@ def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, devic
         "versions": library_versions(),
         "model": settings.model,
         "model_source": model.source,
-        "parameters": {"unet": count_params(bench.unet), "vae": count_params(bench.vae),
-                       "text_encoder": count_params(bench.text_encoder),
+        "parameters": {"unet": count_params(bench.unet), "vae": count_params(model.vae),
+                       "text_encoder": count_params(model.text_encoder),
                        "lora_trainable": count_params(bench.unet, trainable=True)},
         "dtype": settings.dtype_name,
         "autocast": settings.dtype != torch.float32,
@@ -610,12 +258,12 @@ def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, devic
         "batch_size": batch,
         "lora": {"rank": settings.lora_rank, "alpha": settings.lora_rank, "targets": UNET_LORA_TARGETS},
         "levers": settings.levers,
-        "latent_cache_mode": bench.cache_mode,
+        "latent_cache_mode": bench.cache.mode,
     }
 
     # FLOPs of one step of each loop, counted eagerly before any lever changes the model.
-    flops = {loop: bench.count_flops(loop, batch) for loop in ("ours", "reference")}
-    bench.apply_levers(settings.levers)
+    flops = {loop: count_flops(bench, loop, batch) for loop in ("ours", "reference")}
+    apply_levers(bench, settings.levers)
 
     # 1. training: warm-up, then alternating repeats.
     total = 2 * settings.warmup + 2 * settings.steps * settings.repeats
@@ -623,10 +271,10 @@ def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, devic
     with tqdm(total=total, desc="training (ours vs reference)", unit="step", file=sys.stderr, dynamic_ncols=True) as progress:
         for loop in ("ours", "reference"):
             if settings.warmup:
-                bench.run(loop, batch, settings.warmup, progress)
+                run(bench, loop, batch, settings.warmup, progress)
         for _ in range(settings.repeats):
             for loop in ("ours", "reference"):
-                times[loop].append(bench.run(loop, batch, settings.steps, progress))
+                times[loop].append(run(bench, loop, batch, settings.steps, progress))
     images = batch * settings.steps
     ips = {loop: [images / seconds for seconds in times[loop]] for loop in times}
     ratios = [o / r for o, r in zip(ips["ours"], ips["reference"])]
@@ -656,17 +304,18 @@ def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, devic
     # 3. memory at batch 1, with and without gradient checkpointing.
     if not args.skip_memory:
         with tqdm(total=4, desc="memory (batch 1)", unit="setting", file=sys.stderr, dynamic_ncols=True) as progress:
-            result["memory"] = measure_memory(bench, settings, progress)
+            result["memory"] = measure_memory(bench, settings.memory_steps, progress)
 
-    # The GPU levers one at a time beside the figures above (after memory: compile stays applied).
+    # The GPU levers one at a time beside the figures above, each undone after its figure.
     if not args.skip_levers:
-        result["lever_sweep"] = measure_levers(bench, settings, training["ours"]["images_per_second"])
+        result["lever_sweep"] = measure_levers(bench, settings.levers, batch, settings.warmup, settings.steps,
+                                               training["ours"]["images_per_second"])
 
     # 2. generation (last: it casts the LoRA weights to the compute dtype, then fuses them).
     if not args.skip_generation:
         total = len(settings.gen_batch_sizes) * len(settings.gen_steps) * settings.gen_repeats * (3 if settings.levers["compile_sampling"] else 2)
         with tqdm(total=total, desc="generation", unit="call", file=sys.stderr, dynamic_ncols=True) as progress:
-            result["generation"] = measure_generation(model, bench, settings, progress)
+            result["generation"] = measure_generation(bench, settings, progress)
     return result
 
 

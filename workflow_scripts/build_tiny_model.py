@@ -1,4 +1,4 @@
-"""Build the tiny offline Stable Diffusion model, or check that a base model loads (workflow_scripts.base_model).
+"""Build the tiny offline Stable Diffusion model, or check that a base model loads (workflow_scripts.tiny_model, workflow_scripts.base_model).
 
     python -m workflow_scripts.build_tiny_model --build-tiny results/models/tiny-sd [--resolution 64] [--seed 0]
     python -m workflow_scripts.build_tiny_model --check PRETRAINED [--tiny-dir results/models/tiny-sd]
@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from workflow_scripts.base_model import (DEFAULT_TINY_DIR, ModelNotFoundError, _folder_size, _n_params, build_tiny_pipeline,
-                                         load_components)
+from workflow_scripts.base_model import DEFAULT_TINY_DIR, ModelNotFoundError, load_components
+from workflow_scripts.tiny_model import _folder_size, _n_params, build_tiny_pipeline
 
 
 def _fmt_params(n: int) -> str:

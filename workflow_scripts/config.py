@@ -40,8 +40,8 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
                        "classifier.pool_headroom"),
     "merge_generation": (),
     "make_noise_images": (),
-    # Every classifier key that changes what a run computes, and not seeds, controls or the pool
-    # headroom: adding a seed or a control leaves the runs already made alone.
+    # The classifier keys a run reads, and not seeds, controls or the pool headroom: adding a seed or
+    # a control leaves the runs already made alone.
     "train_classifier": ("dataset", "split", "balance", *(f"classifier.{key}" for key in (
         "model", "pretrained", "image_size", "epochs", "batch_size", "learning_rate", "weight_decay", "ratios",
         "bootstrap_samples", "num_workers", "train_steps", "validation_every", "pretrain_fraction", "deterministic")),
@@ -54,6 +54,15 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "reader_study": ("dataset.labels", "model.resolution", "model.crop", *(f"reader_study.{key}" for key in (
         "images_per_label", "real_splits", "repeats", "image_size", "seed"))),
     "score_reader_study": ("reader_study.answers_dir", "reader_study.bootstrap_samples", "reader_study.seed"),
+}
+
+
+# Declared keys that a stage reads but that do not change what it computes: how fast it runs, how
+# far a run goes, what it logs. Declared, a change still reaches the stage (its rule re-runs and reads
+# the new value), but `result_hash` leaves them out, so the result keeps its identity.
+NOT_RESULT: dict[str, tuple[str, ...]] = {
+    "train_lora": ("hardware",),
+    "train_classifier": ("classifier.num_workers",),
 }
 
 
@@ -74,7 +83,14 @@ class DeclaredConfig(dict):
         )
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self[key]  # every declared key is present (the schema fills defaults): no default applies
+        """A declared key's value. Every declared key is present (the schema fills its default), so a
+        default could only stand in for an undeclared key, and hide that a change of it would not
+        re-run the stage: an undeclared key fails as with `config[key]`, default or not."""
+        if key not in self:
+            raise ConfigError(f"stage {self.stage} reads config '{self.prefix}{key}' with an in-code default "
+                              f"{default!r}, but does not declare it: add it to STAGE_CONFIG[{self.stage!r}] in "
+                              "workflow_scripts/config.py (the schema's default applies then)")
+        return self[key]
 
 
 def stage_config(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
@@ -90,6 +106,24 @@ def stage_config(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
             part[section] = copy.deepcopy(dict(config[section]))
     # Keys sorted, so that the order of keys in a config file never counts as a change.
     return json.loads(json.dumps(part, sort_keys=True))
+
+
+def result_config(config: Mapping[str, Any], stage: str, ignore: Iterable[str] = ()) -> dict[str, Any]:
+    """What defines a result of `stage`: the part of `config` it declares, less NOT_RESULT[stage] and
+    less `ignore` (whole sections or "section.key"), e.g. the keys a resumed run may change."""
+    part = stage_config(config, stage)
+    for item in (*NOT_RESULT.get(stage, ()), *ignore):
+        section, _, key = item.partition(".")
+        if key:
+            part.get(section, {}).pop(key, None)
+        else:
+            part.pop(section, None)
+    return part
+
+
+def result_hash(config: Mapping[str, Any], stage: str, ignore: Iterable[str] = ()) -> str:
+    """The fingerprint of what defines a result of `stage` (`result_config`), recorded in its outputs."""
+    return config_hash(result_config(config, stage, ignore))
 
 
 def write_stage_config(path: str | Path, stage: str, declared: Mapping[str, Any]) -> None:

@@ -37,11 +37,11 @@ from workflow_scripts.base_model import ModelNotFoundError, load_pipeline, make_
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
 from workflow_scripts.faults import maybe_fail
 from workflow_scripts.labels import DataError
+from workflow_scripts.lora_training import LORA_FILE
 from workflow_scripts.tables import LABEL_JOIN, RESULT_COLUMNS, label_counts, load_split, make_prompt, save_png_atomically
 from workflow_scripts.study import pool_size_needed
 
 PLAN_COLUMNS = ["key", "labels", "prompt", "count"]
-LORA_FILE = "pytorch_lora_weights.safetensors"
 KEY_JOIN = "+"
 
 

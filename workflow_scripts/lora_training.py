@@ -1,12 +1,13 @@
-"""The LoRA training loop in named phases, shared by `train_lora` (the stage) and `benchmark`.
+"""The LoRA training pieces, shared by `train_lora` (whose `train_steps` is the loop) and `benchmark`.
 
-1. `build_trainable_model`: frozen base in the compute dtype, LoRA (peft) weights in fp32;
-2. `encode_latent_cache` / `LatentCache`: every training image's VAE latent distribution, once, in
-   an fp16 memory-mapped file, served from the device or gathered per batch from host memory;
-3. `LoraLoop.micro_step`: one micro-batch (sample latents, noise in fp32, loss, backward, clip, step);
-4. `LoraLoop.optimizer_step_done`: what happens when an optimizer step completes (LR schedule,
-   the loss kept on the device for the next host sync);
-5. `write_lora`: the final files (diffusers format, plus a kohya-format copy for WebUI / ComfyUI).
+1. `LoraSpec.from_config` / `build_trainable_model`: frozen base in the compute dtype, LoRA (peft)
+   weights in fp32, and the trainable parameters, listed once (`Trainable`);
+2. `encode_latent_cache` / `LatentCache`: every training image's VAE latent distribution, once (each
+   process encodes its share), in an fp16 memory-mapped file, served from the device or gathered per
+   batch from host memory;
+3. `BatchOrder`, `micro_batch_loss`, `optimize`: which images a micro-step takes, its loss (latents
+   sampled from the cache, noise in fp32), and backward / clip / optimizer step;
+4. `write_lora`: the final files (diffusers format, plus a kohya-format copy for WebUI / ComfyUI).
 `gpu_levers` / `hardware_settings` turn the `hardware:` keys into torch settings; `library_versions`
 records the libraries a run used.
 """
@@ -14,15 +15,15 @@ records the libraries a run used.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
+import logging
 import math
 import os
 import platform
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +34,18 @@ import torch.nn.functional as F
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LOG_EVERY = 10  # optimizer steps between host syncs
-LORA_FILE = "pytorch_lora_weights.safetensors"
-KOHYA_FILE = "lora_kohya.safetensors"  # AUTOMATIC1111 / ComfyUI / kohya naming (lora_unet_..., lora_te1_...)
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name; `load_lora_weights(dir)` finds it
+KOHYA_FILE = "lora_kohya.safetensors"  # AUTOMATIC1111 / ComfyUI / kohya naming (lora_unet_..., lora_te_...)
 GIB = 2**30
+# `training.mixed_precision` (and the benchmark's --dtype) -> the compute dtype of the frozen weights.
+COMPUTE_DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # Keys of `training:` that only extend or observe a run: a checkpoint made under other values of these
-# may be resumed. Every other key of `model:` and `training:` changes the result and starts fresh.
-RESUMABLE_TRAINING_KEYS = frozenset({
+# may be resumed (config.result_config(config, "train_lora", ignore=...) leaves them out of its fingerprint).
+RESUMABLE_TRAINING_KEYS = tuple(f"training.{key}" for key in (
     "num_train_epochs", "max_train_steps", "save_steps", "checkpoints_total_limit", "validation_steps",
-    "num_validation_images", "validation_inference_steps", "validation_prompts", "deterministic",
-})
+    "num_validation_images", "validation_inference_steps", "validation_prompts", "deterministic"))
 
 
 class TrainingError(RuntimeError):
@@ -65,12 +68,18 @@ def gpu_levers(hardware: dict[str, Any], device: torch.device, deterministic: bo
     }
 
 
+# The TF32 switches, through torch's fp32_precision API ("tf32" or "ieee"); the legacy allow_tf32
+# flags raise once anything in the process has used this API.
+TF32_SWITCHES = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+
+
 @contextlib.contextmanager
 def hardware_settings(levers: dict[str, bool], deterministic: bool) -> Iterator[None]:
     """Process-wide torch flags for the block (TF32, cudnn.benchmark, deterministic kernels), restored after."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+    saved = ([switch.fp32_precision for switch in TF32_SWITCHES], torch.backends.cudnn.benchmark,
              torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = levers["allow_tf32"]
+    for switch in TF32_SWITCHES:
+        switch.fp32_precision = "tf32" if levers["allow_tf32"] else "ieee"
     torch.backends.cudnn.benchmark = levers["cudnn_benchmark"]
     if deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; read when CUDA starts (before any GPU work).
@@ -80,9 +89,10 @@ def hardware_settings(levers: dict[str, bool], deterministic: bool) -> Iterator[
     try:
         yield
     finally:
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
-         torch.backends.cudnn.deterministic) = saved[:4]
-        torch.use_deterministic_algorithms(saved[4])
+        for switch, precision in zip(TF32_SWITCHES, saved[0]):
+            switch.fp32_precision = precision
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1], saved[2]
+        torch.use_deterministic_algorithms(saved[3])
 
 
 def compile_settings() -> None:
@@ -108,6 +118,59 @@ def library_versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------- 1. the trainable model
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """What the pieces below read of `model:`, `training:` and `hardware:`: the LoRA, its optimizer
+    and one micro-step. The benchmark builds one directly; `train_lora` takes it from the config."""
+
+    rank: int
+    alpha: float
+    seed: int
+    batch_size: int
+    train_text_encoder: bool = False
+    accumulation: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-2
+    use_8bit_adam: bool = False
+    max_grad_norm: float = 1.0
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    gradient_checkpointing: bool = False
+    enable_xformers: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LoraSpec:
+        model, training = config["model"], config["training"]
+        return cls(rank=model["lora_rank"], alpha=model["lora_alpha"], seed=training["seed"],
+                   batch_size=training["train_batch_size"], train_text_encoder=model["train_text_encoder"],
+                   accumulation=training["gradient_accumulation_steps"], learning_rate=training["learning_rate"],
+                   weight_decay=training["adam_weight_decay"], use_8bit_adam=training["use_8bit_adam"],
+                   max_grad_norm=training["max_grad_norm"], snr_gamma=training["snr_gamma"],
+                   noise_offset=training["noise_offset"], gradient_checkpointing=training["gradient_checkpointing"],
+                   enable_xformers=config["hardware"]["enable_xformers"])
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """The trained models by name ("unet", maybe "text_encoder") and their trainable parameters,
+    listed once (accelerate's wrappers keep the same parameter objects)."""
+
+    models: dict[str, torch.nn.Module]
+    params: list[torch.nn.Parameter]
+
+
+def cast(module: torch.nn.Module, *args, **kwargs) -> torch.nn.Module:
+    """`module.to(...)` without diffusers' warning, which it logs on every dtype cast even when no
+    module has to stay in fp32."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return module.to(*args, **kwargs)
+    finally:
+        logger.setLevel(level)
+
+
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
     from peft import LoraConfig
 
@@ -115,39 +178,32 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: list[str]
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
 
 
-def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move to the device; cast only when the dtype changes (diffusers warns on every explicit cast)."""
-    model.to(device)
-    if next(model.parameters()).dtype != dtype:
-        model.to(dtype=dtype)
-
-
-def build_trainable_model(components, model_cfg: dict[str, Any], training: dict[str, Any], hardware: dict[str, Any],
-                          levers: dict[str, bool], device: torch.device, weight_dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+def build_trainable_model(components, spec: LoraSpec, levers: dict[str, bool], device: torch.device,
+                          weight_dtype: torch.dtype) -> Trainable:
     """Frozen base in the compute dtype with LoRA on the UNet (and optionally the text encoder), LoRA
-    weights in fp32. Returns the trained models by name ("unet", maybe "text_encoder")."""
+    weights in fp32."""
     from diffusers.training_utils import cast_training_params
 
-    torch.manual_seed(training["seed"])  # LoRA's gaussian init draws from the global generator
+    torch.manual_seed(spec.seed)  # LoRA's gaussian init draws from the global generator
     unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
     vae.requires_grad_(False)
-    place(vae, device, torch.float32)  # fp32: used once for encoding; SD's VAE overflows in fp16
-    add_lora(unet, model_cfg["lora_rank"], model_cfg["lora_alpha"], UNET_LORA_TARGETS)
-    place(unet, device, weight_dtype)
+    cast(vae, device, torch.float32)  # fp32: used once for encoding; SD's VAE overflows in fp16
+    add_lora(unet, spec.rank, spec.alpha, UNET_LORA_TARGETS)
+    cast(unet, device, weight_dtype)
     text_encoder.requires_grad_(False)
-    if model_cfg["train_text_encoder"]:
-        add_lora(text_encoder, model_cfg["lora_rank"], model_cfg["lora_alpha"], TEXT_LORA_TARGETS)
-    place(text_encoder, device, weight_dtype)
-    trained = {"unet": unet, **({"text_encoder": text_encoder} if model_cfg["train_text_encoder"] else {})}
-    cast_training_params(list(trained.values()), dtype=torch.float32)
-    if hardware["enable_xformers"]:
+    if spec.train_text_encoder:
+        add_lora(text_encoder, spec.rank, spec.alpha, TEXT_LORA_TARGETS)
+    cast(text_encoder, device, weight_dtype)
+    models = {"unet": unet, **({"text_encoder": text_encoder} if spec.train_text_encoder else {})}
+    cast_training_params(list(models.values()), dtype=torch.float32)
+    if spec.enable_xformers:
         try:
             unet.enable_xformers_memory_efficient_attention()
         except Exception as error:  # xformers missing or unsupported on this device
             raise TrainingError(f"hardware.enable_xformers: {error}; install xformers or set it to false (PyTorch SDPA is used then)") from None
-    if training["gradient_checkpointing"]:
+    if spec.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if model_cfg["train_text_encoder"]:
+        if spec.train_text_encoder:
             # Non-reentrant: the frozen embeddings do not require grad, and a reentrant checkpoint
             # would then cut the LoRA layers inside it off the graph.
             if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5.2 name
@@ -159,17 +215,17 @@ def build_trainable_model(components, model_cfg: dict[str, Any], training: dict[
     if levers["compile_unet"]:
         compile_settings()
         unet.compile()
-    return trained
+    return Trainable(models, [p for model in models.values() for p in model.parameters() if p.requires_grad])
 
 
-def set_train_mode(trained: dict[str, torch.nn.Module]) -> None:
+def set_train_mode(trainable: Trainable) -> None:
     """Train mode for every trained model: transformers runs gradient checkpointing only in train mode."""
-    for model in trained.values():
+    for model in trainable.models.values():
         model.train()
 
 
-def make_optimizer(params: list[torch.nn.Parameter], training: dict[str, Any], device: torch.device):
-    if training["use_8bit_adam"]:
+def make_optimizer(params: list[torch.nn.Parameter], spec: LoraSpec, device: torch.device):
+    if spec.use_8bit_adam:
         if device.type != "cuda":
             raise TrainingError("training.use_8bit_adam needs a CUDA GPU (bitsandbytes); set it to false on this machine")
         try:
@@ -177,49 +233,69 @@ def make_optimizer(params: list[torch.nn.Parameter], training: dict[str, Any], d
         except ImportError:
             raise TrainingError("training.use_8bit_adam needs bitsandbytes: pip install bitsandbytes, "
                                 "or set training.use_8bit_adam: false") from None
-        return bnb.optim.AdamW8bit(params, lr=training["learning_rate"], weight_decay=training["adam_weight_decay"])
-    return torch.optim.AdamW(params, lr=training["learning_rate"], weight_decay=training["adam_weight_decay"],
-                             fused=device.type == "cuda")
+        return bnb.optim.AdamW8bit(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay, fused=device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------- 2. the latent cache
 
 
-def latent_bytes_per_image(resolution: int, latent_channels: int = 4, downscale: int = 8) -> int:
-    """Bytes one image takes in the cache: mean and std of its latent, fp16."""
-    return 2 * latent_channels * (resolution // downscale) ** 2 * np.dtype(np.float16).itemsize
+def latent_shape(vae, resolution: int) -> tuple[int, int, int]:
+    """(channels, h, w) of one image's latent: each VAE block after the first halves the side."""
+    side = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae.config.latent_channels, side, side
+
+
+def shard(count: int, batch_size: int, rank: int, world: int) -> range:
+    """The images process `rank` of `world` encodes: whole batches in file order, so that its batches
+    are those one process would encode, and the shares differ by at most one batch."""
+    per = math.ceil(count / batch_size / world) * batch_size
+    return range(min(rank * per, count), min((rank + 1) * per, count))
 
 
 @torch.no_grad()
-def encode_latent_cache(vae, batches: Iterable[tuple[torch.Tensor, list[str]]], count: int, folder: Path,
-                        device: torch.device, show_progress: bool = False) -> Path:
+def encode_latent_cache(vae, batches: Callable[[range], Iterable[tuple[torch.Tensor, list[str]]]], count: int,
+                        batch_size: int, folder: Path, shape: tuple[int, ...], device: torch.device, rank: int = 0,
+                        world: int = 1, barrier: Callable[[], Any] = lambda: None, show_progress: bool = False) -> Path:
     """Write `latents.npy` (count x 2 x C x h x w, fp16: mean and std of each image's VAE latent) and
-    `prompts.json` into `folder`, batch by batch into a memory-mapped file (no host copy of the whole
-    cache), atomically: a killed encode leaves only `<folder>.partial`. Returns the folder."""
+    `prompts.json` into `folder`. Each of the `world` processes encodes its `shard`, given as
+    `batches(rows)`, straight into the one memory-mapped file (no host copy of the whole cache), so no
+    process waits for the whole encode. Atomic: a killed encode leaves only `<folder>.partial`."""
     from tqdm import tqdm
 
-    if (folder / "latents.npy").is_file():
+    if (folder / "latents.npy").is_file():  # every process looks before the first barrier: all agree
         return folder
+    if count == 0:
+        raise TrainingError("latent cache: the training split has no images")
     partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    array, prompts, start = None, [], 0
-    for pixels, batch_prompts in tqdm(batches, desc="caching latents", unit="batch", disable=not show_progress, file=sys.stderr):
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        np.lib.format.open_memmap(partial / "latents.npy", mode="w+", dtype=np.float16, shape=(count, 2, *shape)).flush()
+    barrier()
+    rows, prompts = shard(count, batch_size, rank, world), []
+    array, row = np.load(partial / "latents.npy", mmap_mode="r+"), rows.start
+    for pixels, batch_prompts in tqdm(batches(rows), desc="caching latents", unit="batch", disable=not show_progress,
+                                      file=sys.stderr):
         dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-        rows = torch.stack([dist.mean, dist.std], dim=1).to(torch.float16).cpu().numpy()
-        if array is None:
-            array = np.lib.format.open_memmap(partial / "latents.npy", mode="w+", dtype=np.float16,
-                                              shape=(count, *rows.shape[1:]))
-        array[start:start + len(rows)] = rows
-        start += len(rows)
+        values = torch.stack([dist.mean, dist.std], dim=1).to(torch.float16).cpu().numpy()
+        array[row:row + len(values)] = values
+        row += len(values)
         prompts.extend(batch_prompts)
-    if start != count or array is None:
-        raise TrainingError(f"latent cache: expected {count} images, encoded {start}")
+    if row != rows.stop:
+        raise TrainingError(f"latent cache: process {rank} expected images {rows.start}-{rows.stop}, encoded up to {row}")
     array.flush()
     del array
-    (partial / "prompts.json").write_text(json.dumps(prompts))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
+    (partial / f"prompts-{rank}.json").write_text(json.dumps(prompts))
+    barrier()
+    if rank == 0:
+        shares = [partial / f"prompts-{r}.json" for r in range(world)]
+        (partial / "prompts.json").write_text(json.dumps([p for path in shares for p in json.loads(path.read_text())]))
+        for path in shares:
+            path.unlink()
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+    barrier()
     return folder
 
 
@@ -264,7 +340,7 @@ class LatentCache:
         return rows[:, 0], rows[:, 1]
 
 
-# ----------------------------------------------------------------------------- 3. one step
+# ----------------------------------------------------------------------------- 3. one micro-step
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -279,6 +355,27 @@ def epoch_order(num_images: int, seed: int, epoch: int) -> torch.Tensor:
 
 def step_generator(seed: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + micro_step) * 64 + rank)
+
+
+class BatchOrder:
+    """The images of each micro-step: every epoch a permutation seeded by (seed, epoch), dealt out
+    batch by batch to the processes in turn. An epoch's order is computed once and kept on the
+    device: no per-step host work in device mode."""
+
+    def __init__(self, num_images: int, seed: int, batch_size: int, device: torch.device, rank: int = 0, world: int = 1):
+        self.num_images, self.seed, self.batch_size, self.device = num_images, seed, batch_size, device
+        self.rank, self.world = rank, world
+        self.batches_per_epoch = num_images // (batch_size * world)
+        self._epoch: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's images at `micro_step`, on the device and on the host."""
+        epoch, slot = divmod(micro_step, self.batches_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = epoch_order(self.num_images, self.seed, epoch)
+            self._epoch = (epoch, order, order.to(self.device))
+        start = (slot * self.world + self.rank) * self.batch_size
+        return self._epoch[2][start:start + self.batch_size], self._epoch[1][start:start + self.batch_size]
 
 
 def noise_batch(noise_scheduler, latents: torch.Tensor, generator: torch.Generator,
@@ -316,7 +413,7 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, prompt_embeds: 
     return (per_sample * weights).mean()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prompts:
     """Each cached image's prompt as an index into the distinct prompts, their token ids, and (text
     encoder frozen) their embeddings, computed once."""
@@ -344,92 +441,43 @@ class Prompts:
         return cls(torch.tensor(index, device=device), ids, embeds)
 
 
-@dataclass
-class LoraLoop:
-    """One training run's step machinery. `micro_step` runs one micro-batch; after every
-    `accumulation` of them, `optimizer_step_done` advances the LR schedule."""
+@dataclass(frozen=True)
+class Denoiser:
+    """What a micro-batch's loss runs: the (prepared) UNet and text encoder, the noise schedule, the
+    VAE's latent scaling and the autocast context of the compute dtype."""
 
-    accelerator: Any
     unet: Any
     text_encoder: Any
     noise_scheduler: Any
-    trained: dict[str, torch.nn.Module]
-    optimizer: Any
-    lr_scheduler: Any
-    cache: LatentCache
-    prompts: Prompts
     scaling: float
-    training: dict[str, Any]
-    rank: int = 0
-    world: int = 1
-    params: list[torch.nn.Parameter] = field(default_factory=list)
-    loss_sum: torch.Tensor | None = None
-    loss_count: int = 0
-    _order: tuple[int, torch.Tensor, torch.Tensor] | None = None
+    autocast: Callable[[], Any]
 
-    def __post_init__(self) -> None:
-        self.params = [p for model in self.trained.values() for p in model.parameters() if p.requires_grad]
-        self.loss_sum = torch.zeros((), device=self.cache.device)
 
-    @property
-    def batch(self) -> int:
-        return self.training["train_batch_size"]
+def micro_batch_loss(denoiser: Denoiser, spec: LoraSpec, cache: LatentCache, prompts: Prompts,
+                     indices: tuple[torch.Tensor, torch.Tensor], micro_step: int, rank: int = 0) -> torch.Tensor:
+    """The loss of a micro-step's images (`BatchOrder`): latents sampled from the cached distribution,
+    noise and timesteps from a generator seeded by (seed, micro-step, rank)."""
+    device = cache.device
+    generator = step_generator(spec.seed, micro_step, rank, device)
+    mean, std = cache.gather(*indices)
+    latents = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * denoiser.scaling  # fp32
+    with denoiser.autocast():
+        if prompts.embeds is not None:
+            embeds = prompts.embeds[prompts.index[indices[0]]]
+        else:
+            embeds = denoiser.text_encoder(prompts.ids[prompts.index[indices[0]]])[0]
+        return diffusion_loss(denoiser.unet, denoiser.noise_scheduler, latents, embeds, generator, spec.snr_gamma,
+                              spec.noise_offset)
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.cache) // (self.batch * self.world)
 
-    def with_batch_size(self, batch: int) -> LoraLoop:
-        """The same model, optimizer and cache, stepping at another batch size."""
-        return dataclasses.replace(self, training={**self.training, "train_batch_size": batch}, loss_sum=None,
-                                   loss_count=0, _order=None)
-
-    def batch_indices(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's images of a micro-step, on the device and on the host. The epoch's order is
-        computed once per epoch and kept on the device: no per-step host work in device mode."""
-        epoch, slot = divmod(micro_step, self.batches_per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            order = epoch_order(len(self.cache), self.training["seed"], epoch)
-            self._order = (epoch, order, order.to(self.cache.device))
-        start = (slot * self.world + self.rank) * self.batch
-        return self._order[2][start:start + self.batch], self._order[1][start:start + self.batch]
-
-    def loss(self, micro_step: int) -> torch.Tensor:
-        """The loss of a micro-step: latents sampled from the cached distribution, noise and timesteps
-        from a generator seeded by (seed, micro-step, rank)."""
-        indices, indices_host = self.batch_indices(micro_step)
-        device = self.cache.device
-        generator = step_generator(self.training["seed"], micro_step, self.rank, device)
-        mean, std = self.cache.gather(indices, indices_host)
-        latents = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * self.scaling  # fp32
-        with self.accelerator.autocast():
-            if self.prompts.embeds is not None:
-                embeds = self.prompts.embeds[self.prompts.index[indices]]
-            else:
-                embeds = self.text_encoder(self.prompts.ids[self.prompts.index[indices]])[0]
-            return diffusion_loss(self.unet, self.noise_scheduler, latents, embeds, generator,
-                                  self.training["snr_gamma"], self.training["noise_offset"])
-
-    def micro_step(self, micro_step: int) -> torch.Tensor:
-        with self.accelerator.accumulate(*self.trained.values()):
-            loss = self.loss(micro_step)
-            self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients:
-                self.accelerator.clip_grad_norm_(self.params, self.training["max_grad_norm"])
-            self.optimizer.step()  # accelerate steps only when the accumulation window is complete
-            self.optimizer.zero_grad(set_to_none=True)
-        self.loss_sum += loss.detach()
-        self.loss_count += 1
-        return loss
-
-    def optimizer_step_done(self) -> None:
-        self.lr_scheduler.step()
-
-    def mean_loss(self) -> float:
-        """One host sync: the mean loss since the last call."""
-        value = (self.loss_sum / max(self.loss_count, 1)).item()
-        self.loss_sum, self.loss_count = torch.zeros((), device=self.cache.device), 0
-        return value
+def optimize(accelerator, params: list[torch.nn.Parameter], optimizer, loss: torch.Tensor, max_grad_norm: float) -> None:
+    """Backward, and at the end of an accumulation window clip and step (inside `accelerator.accumulate`,
+    accelerate's optimizer steps only then)."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def total_optimizer_steps(training: dict[str, Any], batches_per_epoch: int) -> int:
@@ -437,7 +485,26 @@ def total_optimizer_steps(training: dict[str, Any], batches_per_epoch: int) -> i
     return training["max_train_steps"] or math.ceil(training["num_train_epochs"] * batches_per_epoch / accumulation)
 
 
-# ----------------------------------------------------------------------------- 5. the written LoRA
+# ----------------------------------------------------------------------------- 4. the written LoRA
+
+
+def kohya_key(key: str) -> str:
+    """diffusers' kohya key -> the clients' naming. The text encoder's modules are named as in the
+    original CLIP checkpoint, `lora_te_text_model_encoder_layers_...` (kohya sd-scripts, ComfyUI,
+    AUTOMATIC1111); diffusers writes `lora_te1_` and, on transformers 5 (whose CLIPTextModel has no
+    `text_model` level), drops `text_model_`, and every client then ignores those weights."""
+    if not key.startswith("lora_te1_"):
+        return key
+    rest = key.removeprefix("lora_te1_")
+    return "lora_te_" + (rest if rest.startswith("text_model_") else "text_model_" + rest)
+
+
+def readable(path: Path) -> None:
+    """Permissions as the umask gives any new file (safetensors writes 0600), so that a WebUI
+    running as another user can read the LoRA like the other outputs."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def write_lora(directory: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
@@ -456,13 +523,15 @@ def write_lora(directory: Path, unet: torch.nn.Module, text_encoder: torch.nn.Mo
         directory, unet_lora_layers=convert_state_dict_to_diffusers(peft_layers["unet"]),
         text_encoder_lora_layers=convert_state_dict_to_diffusers(peft_layers["text_encoder"]) if text_encoder is not None else None,
         unet_lora_adapter_metadata=meta["unet"], text_encoder_lora_adapter_metadata=meta.get("text_encoder"),
-        safe_serialization=True)
+        weight_name=LORA_FILE, safe_serialization=True)
     kohya = convert_state_dict_to_kohya({f"{name}.{key}": value for name, layers in peft_layers.items()
                                          for key, value in layers.items()})
     alpha = float(meta["unet"]["lora_alpha"])
     # diffusers writes alpha = rank (scale 1); the scale is alpha / rank, so record the real alpha.
-    kohya = {key: (torch.tensor(alpha) if key.endswith(".alpha") else value.detach().float().cpu().contiguous())
+    kohya = {kohya_key(key): (torch.tensor(alpha) if key.endswith(".alpha") else value.detach().float().cpu().contiguous())
              for key, value in kohya.items()}
     save_file(kohya, directory / KOHYA_FILE, metadata={"ss_network_module": "networks.lora",
                                                        "ss_network_dim": str(meta["unet"]["r"]),
                                                        "ss_network_alpha": str(alpha)})
+    for name in (LORA_FILE, KOHYA_FILE):
+        readable(directory / name)

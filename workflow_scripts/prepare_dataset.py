@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
+from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, result_hash
 from workflow_scripts.labels import DEMOGRAPHIC_COLUMNS, DataError, check_rows, note, read_dataset, skip_frame
 from workflow_scripts.resolve import NOT_FOUND, check_images, check_same_content, check_same_files, resolve_paths
 from workflow_scripts.tables import LABEL_JOIN, SPLIT_COLUMNS, SPLITS, assert_patient_disjoint, label_counts, make_prompt
@@ -249,7 +249,7 @@ def prepare(config: dict[str, Any], out_dir: Path, workers: int | None = None) -
         "skipped": len(skipped),
         "notes": notes,
         "seeds": {"split": config["split"]["seed"], "balance": config["balance"]["seed"]},
-        "config_hash": config_hash({key: config[key] for key in ("dataset", "split", "balance", "prompt")}),
+        "config_hash": result_hash(config, "prepare_dataset"),
     }
     (out_dir / "prepare_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -32,16 +32,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.config import ConfigError, config_hash
+from workflow_scripts.config import ConfigError, result_hash
 from workflow_scripts.labels import DataError
 from workflow_scripts.tables import LABEL_JOIN
 
 CONTROLS = ("rebalanced", "noise", "pretrain")
 ARM_PATTERN = r"ratio\d+|" + "|".join(CONTROLS)  # the {arm} wildcard
 ARM_KINDS = ("real", "synthetic", "control_rebalanced", "control_noise", "control_pretrain")
-# Keys that choose which runs exist (or how fast data loads), not what any one run computes: left
-# out of the study's hash, so adding a seed or a control keeps the hash of the runs already made.
-UNHASHED_CLASSIFIER_KEYS = ("seeds", "controls", "num_workers", "pool_headroom")
 COMPOSITION_COLUMNS = ["label", "real_positives", "synthetic_positives", "effective_positives"]
 MIX_COLUMNS = ["path", "labels", "source", "phase"]
 
@@ -98,15 +95,10 @@ def arm_names(config: Mapping[str, Any]) -> list[str]:
     return [arm.name for arm in study_arms(config)]
 
 
-def study_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The configuration that defines what every run of the study computes (the same for all arms)."""
-    classifier = {key: value for key, value in config["classifier"].items() if key not in UNHASHED_CLASSIFIER_KEYS}
-    return {"dataset": config["dataset"], "split": config["split"], "balance": config["balance"], "classifier": classifier}
-
-
 def study_hash(config: Mapping[str, Any]) -> str:
-    """metrics.json's `config_hash`: equal for all arms and seeds of one study."""
-    return config_hash(study_settings(config))
+    """metrics.json's `config_hash`: equal for all arms and seeds of one study (seeds, controls and
+    the pool headroom are not train_classifier's result-defining keys: config.result_hash)."""
+    return result_hash(config, "train_classifier")
 
 
 # ----------------------------------------------------------------------------- budgets

@@ -3,11 +3,12 @@
     python -m workflow_scripts.train_lora --config config/config.yaml [--resume latest|none|PATH]
     accelerate launch --multi_gpu --num_processes 4 -m workflow_scripts.train_lora --config ...
 
-The phases live in `workflow_scripts.lora_training` (shared with the benchmark); this module runs them:
+The pieces live in `workflow_scripts.lora_training` (shared with the benchmark); `train_steps` below is
+the loop, top to bottom. The phases:
 1. build the trainable model: base model (hub id, local diffusers folder, or the offline `tiny`
    model) frozen, LoRA (peft) on the UNet attention projections (optionally the text encoder);
-2. the latent cache: every training image encoded to its VAE latent distribution once (fp16,
-   memory-mapped; on the device when it fits `hardware.latent_cache_device_budget_gb`, else
+2. the latent cache: every training image encoded to its VAE latent distribution once, each process
+   encoding its share (fp16, memory-mapped; on the device when it fits `hardware.latent_cache_device_budget_gb`, else
    gathered per batch from host memory), and every distinct prompt once;
 3. steps: all randomness of a micro-step (latent sample, noise, timestep) comes from a generator
    seeded by (seed, micro-step, rank), and each epoch's order from (seed, epoch): a run resumed from
@@ -40,12 +41,13 @@ import torch
 from tqdm import tqdm
 
 from workflow_scripts.base_model import ModelNotFoundError, load_components
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
+from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash, result_config, result_hash
 from workflow_scripts.faults import maybe_fail
 from workflow_scripts.images import BadImageError
-from workflow_scripts.lora_training import (GIB, LOG_EVERY, RESUMABLE_TRAINING_KEYS, LatentCache, LoraLoop, Prompts,
-                                            TrainingError, build_trainable_model, encode_latent_cache, gpu_levers,
-                                            hardware_settings, library_versions, make_optimizer, set_train_mode,
+from workflow_scripts.lora_training import (COMPUTE_DTYPES, GIB, LOG_EVERY, RESUMABLE_TRAINING_KEYS, BatchOrder, Denoiser,
+                                            LatentCache, LoraSpec, Prompts, Trainable, TrainingError, build_trainable_model,
+                                            encode_latent_cache, gpu_levers, hardware_settings, latent_shape,
+                                            library_versions, make_optimizer, micro_batch_loss, optimize, set_train_mode,
                                             total_optimizer_steps, write_lora)
 from workflow_scripts.labels import DataError
 from workflow_scripts.tables import make_prompt
@@ -86,14 +88,20 @@ def train_data_hash(data_dir: Path) -> str:
 
 
 def image_batches(data_dir: Path, resolution: int, crop: str, batch_size: int):
-    """(pixels, prompts) of the training split, in file order, and the number of images."""
-    from torch.utils.data import DataLoader
+    """The number of training images, and `batches(rows)`: (pixels, prompts) of those rows of the
+    training split, in file order."""
+    from torch.utils.data import DataLoader, Subset
 
     from workflow_scripts.xray_dataset import XrayPromptDataset
 
     dataset = XrayPromptDataset(data_dir, resolution, split="train", crop=crop)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1) if len(dataset) > 256 else 0)
-    return ((batch["pixel_values"], batch["prompt"]) for batch in loader), len(dataset)
+    workers = min(4, os.cpu_count() or 1) if len(dataset) > 256 else 0
+
+    def batches(rows: range):
+        loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=workers)
+        return ((batch["pixel_values"], batch["prompt"]) for batch in loader)
+
+    return len(dataset), batches
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -105,12 +113,14 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 
 def resume_fingerprint(config: dict[str, Any], source: str, data_hash: str, world_size: int) -> dict[str, Any]:
-    """What must be equal for a checkpoint to continue this run: every key of `model:` and `training:`
-    except RESUMABLE_TRAINING_KEYS (epochs, step limits, saving, validation, determinism), the
-    resolved base model, the training data and the number of processes."""
-    model = {key: value for key, value in config["model"].items() if key != "pretrained"}
-    training = {key: value for key, value in config["training"].items() if key not in RESUMABLE_TRAINING_KEYS}
-    return {"base_model": source, **model, **training, "train_data": data_hash, "processes": world_size}
+    """What must be equal for a checkpoint to continue this run: the result-defining keys of `model:`
+    and `training:` less RESUMABLE_TRAINING_KEYS (epochs, step limits, saving, validation,
+    determinism), the resolved base model (for model.pretrained), the training data (for the data
+    sections) and the number of processes."""
+    defining = result_config(config, "train_lora", ignore=("dataset", "split", "balance", "prompt", "model.pretrained",
+                                                           *RESUMABLE_TRAINING_KEYS))
+    return {"base_model": source, **defining["model"], **defining["training"], "train_data": data_hash,
+            "processes": world_size}
 
 
 def save_checkpoint(checkpoints_dir: Path, step: int, models: dict[str, torch.nn.Module], optimizer, lr_scheduler,
@@ -270,14 +280,21 @@ def train(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: Pa
         GradientState._reset_state()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
     """What the phases of one training run share."""
 
     config: dict[str, Any]
+    spec: LoraSpec
     accelerator: Any
     components: Any
-    loop: LoraLoop
+    trainable: Trainable  # the models prepared by accelerate, the parameters listed once
+    optimizer: Any
+    lr_scheduler: Any
+    denoiser: Denoiser
+    cache: LatentCache
+    prompts: Prompts
+    order: BatchOrder
     levers: dict[str, bool]
     data_hash: str
     total_steps: int
@@ -293,7 +310,11 @@ def _train(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: P
            levers: dict[str, bool]) -> dict[str, Any]:
     run = setup_run(config, data_dir, output_dir, tiny_dir, levers)
     start_from = choose_start(run, resume)
-    position, last_loss = train_steps(run, start_from, output_dir)
+    position = (load_checkpoint(start_from, run.trainable.models, run.optimizer, run.lr_scheduler, run.accelerator)
+                if start_from else Position())
+    if start_from and run.main:
+        print(f"resuming from {start_from} (step {position.micro_step // run.spec.accumulation})", file=sys.stderr)
+    last_loss = train_steps(run, position, start_from, output_dir)
     summary = write_final(run, position, last_loss, start_from, output_dir) if run.main else {}
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
@@ -306,23 +327,22 @@ def setup_run(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir
     from diffusers.optimization import get_scheduler
 
     model_cfg, training, hardware = config["model"], config["training"], config["hardware"]
+    spec = LoraSpec.from_config(config)
     if training["mixed_precision"] == "fp16" and not torch.cuda.is_available():
         raise TrainingError("training.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    accelerator = Accelerator(mixed_precision=training["mixed_precision"],
-                              gradient_accumulation_steps=training["gradient_accumulation_steps"])
-    device, world = accelerator.device, accelerator.num_processes
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(training["mixed_precision"], torch.float32)
+    accelerator = Accelerator(mixed_precision=training["mixed_precision"], gradient_accumulation_steps=spec.accumulation)
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    weight_dtype = COMPUTE_DTYPES[training["mixed_precision"]]
 
     components = load_components(model_cfg["pretrained"], tiny_dir)
-    trained = build_trainable_model(components, model_cfg, training, hardware, levers, device, weight_dtype)
+    trainable = build_trainable_model(components, spec, levers, device, weight_dtype)
 
     data_hash = train_data_hash(data_dir)
     key = config_hash([components.source, model_cfg["resolution"], model_cfg["crop"], data_hash])
-    folder = output_dir / "cache" / f"latents-{key}"
-    if accelerator.is_main_process:
-        batches, count = image_batches(data_dir, model_cfg["resolution"], model_cfg["crop"], training["train_batch_size"])
-        encode_latent_cache(components.vae, batches, count, folder, device, show_progress=True)
-    accelerator.wait_for_everyone()
+    count, batches = image_batches(data_dir, model_cfg["resolution"], model_cfg["crop"], spec.batch_size)
+    folder = encode_latent_cache(components.vae, batches, count, spec.batch_size, output_dir / "cache" / f"latents-{key}",
+                                 latent_shape(components.vae, model_cfg["resolution"]), device, rank, world,
+                                 accelerator.wait_for_everyone, show_progress=accelerator.is_main_process)
     cache = LatentCache(folder, device, hardware["latent_cache_device_budget_gb"] * GIB)
     if accelerator.is_main_process:
         print(cache.describe() + f" (budget hardware.latent_cache_device_budget_gb: {hardware['latent_cache_device_budget_gb']})",
@@ -330,27 +350,24 @@ def setup_run(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir
         print("GPU levers: " + (", ".join(k for k, v in levers.items() if v) or "none")
               + (", deterministic kernels" if training["deterministic"] else ""), file=sys.stderr)
     prompts = Prompts.build(cache.prompts, components.tokenizer, components.text_encoder, device, weight_dtype,
-                            model_cfg["train_text_encoder"], accelerator.autocast)
+                            spec.train_text_encoder, accelerator.autocast)
 
-    batch = training["train_batch_size"]
-    batches_per_epoch = len(cache) // (batch * world)
-    if batches_per_epoch == 0:
+    order = BatchOrder(len(cache), spec.seed, spec.batch_size, device, rank, world)
+    if order.batches_per_epoch == 0:
         raise TrainingError(f"{len(cache)} training images are fewer than one batch "
-                            f"(training.train_batch_size {batch} x {world} processes); lower the batch size")
-    total_steps = total_optimizer_steps(training, batches_per_epoch)
-    params = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, training, device)
+                            f"(training.train_batch_size {spec.batch_size} x {world} processes); lower the batch size")
+    total_steps = total_optimizer_steps(training, order.batches_per_epoch)
+    optimizer = make_optimizer(trainable.params, spec, device)
     lr_scheduler = get_scheduler(training["lr_scheduler"], optimizer=optimizer,
                                  num_warmup_steps=training["lr_warmup_steps"], num_training_steps=total_steps)
-    prepared = accelerator.prepare(*trained.values(), optimizer)
-    trained = dict(zip(trained, prepared[:-1]))
-    loop = LoraLoop(accelerator, trained["unet"], trained.get("text_encoder", components.text_encoder),
-                    components.noise_scheduler, trained, prepared[-1], lr_scheduler, cache, prompts,
-                    components.vae.config.scaling_factor, training, accelerator.process_index, world)
+    *models, optimizer = accelerator.prepare(*trainable.models.values(), optimizer)
+    trainable = Trainable(dict(zip(trainable.models, models)), trainable.params)
+    denoiser = Denoiser(trainable.models["unet"], trainable.models.get("text_encoder", components.text_encoder),
+                        components.noise_scheduler, components.vae.config.scaling_factor, accelerator.autocast)
     checkpoints_dir = output_dir / "checkpoints"
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    return Run(config, accelerator, components, loop, levers, data_hash, total_steps, checkpoints_dir,
-               resume_fingerprint(config, components.source, data_hash, world))
+    return Run(config, spec, accelerator, components, trainable, optimizer, lr_scheduler, denoiser, cache, prompts, order,
+               levers, data_hash, total_steps, checkpoints_dir, resume_fingerprint(config, components.source, data_hash, world))
 
 
 def choose_start(run: Run, resume: str) -> Path | None:
@@ -365,111 +382,102 @@ def choose_start(run: Run, resume: str) -> Path | None:
     return chosen[0]
 
 
-def train_steps(run: Run, start_from: Path | None, output_dir: Path) -> tuple[Position, float]:
-    """Phases 3 and 4: micro-steps until the target, and what each optimizer step triggers."""
-    accelerator, loop, training = run.accelerator, run.loop, run.config["training"]
-    accumulation = training["gradient_accumulation_steps"]
-    position = (load_checkpoint(start_from, loop.trained, loop.optimizer, loop.lr_scheduler, accelerator)
-                if start_from else Position())
-    if start_from and run.main:
-        print(f"resuming from {start_from} (step {position.micro_step // accumulation})", file=sys.stderr)
+def train_steps(run: Run, position: Position, last_saved: Path | None, output_dir: Path) -> float:
+    """Phases 3 and 4, the loop: accumulate micro-batches, step; then, where due, read the loss back
+    (the one host sync), log, checkpoint and validate. Returns the last loss read."""
+    accelerator, spec, training = run.accelerator, run.spec, run.config["training"]
+    trainable, optimizer, world = run.trainable, run.optimizer, run.accelerator.num_processes
     writer = None
     if run.main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(output_dir / "logs"))
-    progress = tqdm(total=run.total_steps, initial=position.micro_step // accumulation, desc="train_lora", unit="step",
-                    disable=not run.main, file=sys.stderr, dynamic_ncols=True)
-    state = {"last_saved": start_from, "last_loss": float("nan"), "logged": (position.images_seen, position.train_seconds)}
-    set_train_mode(loop.trained)
+    progress = tqdm(total=run.total_steps, initial=position.micro_step // spec.accumulation, desc="train_lora",
+                    unit="step", disable=not run.main, file=sys.stderr, dynamic_ncols=True)
+    last_loss, logged = float("nan"), (position.images_seen, position.train_seconds)
+    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0  # on the device until the next sync
+    set_train_mode(trainable)
     clock = time.perf_counter()  # runs only while training: checkpoints and validation are not counted
-    while position.micro_step < run.total_steps * accumulation:
-        loop.micro_step(position.micro_step)
+    while position.micro_step < run.total_steps * spec.accumulation:
+        with accelerator.accumulate(*trainable.models.values()):
+            loss = micro_batch_loss(run.denoiser, spec, run.cache, run.prompts, run.order(position.micro_step),
+                                    position.micro_step, accelerator.process_index)
+            optimize(accelerator, trainable.params, optimizer, loss, spec.max_grad_norm)
+        loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
         position.micro_step += 1
-        position.images_seen += loop.batch * loop.world
-        if position.micro_step % accumulation:
+        position.images_seen += spec.batch_size * world
+        if position.micro_step % spec.accumulation:
             continue
-        loop.optimizer_step_done()
-        step = position.micro_step // accumulation
+        run.lr_scheduler.step()
+        step = position.micro_step // spec.accumulation
         progress.update(1)
         maybe_fail("train_step")
-        if at_optimizer_step(run, step, position, clock, state, progress, writer, output_dir):
-            clock = time.perf_counter()
+        final = step == run.total_steps
+        if not (final or step % LOG_EVERY == 0 or step % training["save_steps"] == 0 or step % training["validation_steps"] == 0):
+            continue
+        last_loss = (loss_sum / loss_count).item()  # waits for the device: the clock stops after it
+        position.train_seconds += time.perf_counter() - clock
+        loss_sum, loss_count = torch.zeros_like(loss_sum), 0
+        if not math.isfinite(last_loss):
+            kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
+            raise TrainingError(f"loss became {last_loss} by step {step}; training stopped and {kept}. Try a lower "
+                                "training.learning_rate, bf16 instead of fp16, or a smaller training.max_grad_norm")
+        speed = (position.images_seen - logged[0]) / max(position.train_seconds - logged[1], 1e-9)
+        logged = (position.images_seen, position.train_seconds)
+        progress.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{speed:.1f}")
+        if writer is not None:
+            writer.add_scalar("train/loss", last_loss, step)
+            writer.add_scalar("train/lr", run.lr_scheduler.get_last_lr()[0], step)
+            writer.add_scalar("train/images_per_second", speed, step)
+        if final or step % training["save_steps"] == 0:
+            if run.main:
+                last_saved = save_checkpoint(run.checkpoints_dir, step, trainable.models, optimizer, run.lr_scheduler,
+                                             accelerator, position, run.fingerprint, training["checkpoints_total_limit"])
+            accelerator.wait_for_everyone()
+        if (final or step % training["validation_steps"] == 0) and run.main:
+            run_validation(run.components, accelerator.unwrap_model(run.denoiser.unet),
+                           accelerator.unwrap_model(run.denoiser.text_encoder), run.config, step, accelerator.device,
+                           writer, output_dir / "validation", accelerator.autocast)
+            set_train_mode(trainable)
+        accelerator.wait_for_everyone()
+        clock = time.perf_counter()
     progress.close()
     if writer is not None:
         writer.close()
-    return position, state["last_loss"]
-
-
-def at_optimizer_step(run: Run, step: int, position: Position, clock: float, state: dict[str, Any], progress,
-                      writer, output_dir: Path) -> bool:
-    """Log (one host sync), checkpoint and validate where due; True when the clock was stopped."""
-    training, loop, accelerator = run.config["training"], run.loop, run.accelerator
-    log_now = step % LOG_EVERY == 0 or step == run.total_steps
-    save_now = step % training["save_steps"] == 0 or step == run.total_steps
-    validate_now = step % training["validation_steps"] == 0 or step == run.total_steps
-    if not (log_now or save_now or validate_now):
-        return False
-    position.train_seconds += time.perf_counter() - clock
-    if log_now or loop.loss_count:
-        value = loop.mean_loss()
-        if not math.isfinite(value):
-            kept = f"the last good checkpoint is {state['last_saved']}" if state["last_saved"] else "no checkpoint was saved yet"
-            raise TrainingError(f"loss became {value} by step {step}; training stopped and {kept}. Try a lower "
-                                "training.learning_rate, bf16 instead of fp16, or a smaller training.max_grad_norm")
-        state["last_loss"] = value
-        images, seconds = state["logged"]
-        speed = (position.images_seen - images) / max(position.train_seconds - seconds, 1e-9)
-        state["logged"] = (position.images_seen, position.train_seconds)
-        progress.set_postfix(loss=f"{value:.4f}", img_s=f"{speed:.1f}")
-        if writer is not None:
-            writer.add_scalar("train/loss", value, step)
-            writer.add_scalar("train/lr", loop.lr_scheduler.get_last_lr()[0], step)
-            writer.add_scalar("train/images_per_second", speed, step)
-    if save_now:
-        if run.main:
-            state["last_saved"] = save_checkpoint(run.checkpoints_dir, step, loop.trained, loop.optimizer, loop.lr_scheduler,
-                                                  accelerator, position, run.fingerprint, training["checkpoints_total_limit"])
-        accelerator.wait_for_everyone()
-    if validate_now and run.main:
-        run_validation(run.components, accelerator.unwrap_model(loop.unet), accelerator.unwrap_model(loop.text_encoder),
-                       run.config, step, loop.cache.device, writer, output_dir / "validation", accelerator.autocast)
-        set_train_mode(loop.trained)
-    accelerator.wait_for_everyone()
-    return True
+    return last_loss
 
 
 def write_final(run: Run, position: Position, last_loss: float, start_from: Path | None, output_dir: Path) -> dict[str, Any]:
     """Phase 5: the final LoRA (diffusers and kohya formats) and training_summary.json, atomically."""
-    config, loop, accelerator = run.config, run.loop, run.accelerator
-    model_cfg, training, device = config["model"], config["training"], loop.cache.device
+    config, accelerator = run.config, run.accelerator
+    model_cfg, training, device = config["model"], config["training"], accelerator.device
     final, partial = output_dir / "final", output_dir / "final.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    write_lora(partial, accelerator.unwrap_model(loop.unet),
-               accelerator.unwrap_model(loop.text_encoder) if model_cfg["train_text_encoder"] else None)
+    write_lora(partial, accelerator.unwrap_model(run.denoiser.unet),
+               accelerator.unwrap_model(run.denoiser.text_encoder) if run.spec.train_text_encoder else None)
     summary = {
         "steps": run.total_steps,
-        "epochs": round(position.micro_step / loop.batches_per_epoch, 3),
+        "epochs": round(position.micro_step / run.order.batches_per_epoch, 3),
         "final_loss": last_loss,
-        "train_images": len(loop.cache),
+        "train_images": len(run.cache),
         "images_seen": position.images_seen,
         "train_seconds": round(position.train_seconds, 3),
         "images_per_second": round(position.images_seen / max(position.train_seconds, 1e-9), 3),
         "peak_memory_bytes": peak_memory_bytes(device),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "processes": loop.world,
+        "processes": accelerator.num_processes,
         "base_model": run.components.source,
         "lora_rank": model_cfg["lora_rank"],
         "lora_alpha": model_cfg["lora_alpha"],
         "mixed_precision": training["mixed_precision"],
-        "latent_cache": {"mode": loop.cache.mode, "bytes": loop.cache.nbytes},
+        "latent_cache": {"mode": run.cache.mode, "bytes": run.cache.nbytes},
         "gpu_levers": run.levers,
         "deterministic": training["deterministic"],
         "seed": training["seed"],
         "resumed_from": str(start_from) if start_from else None,
         "train_data_hash": run.data_hash,
-        "config_hash": config_hash({key: config[key] for key in ("dataset", "split", "balance", "prompt", "model", "training")}),
+        "config_hash": result_hash(config, "train_lora"),
         "versions": library_versions(),
     }
     (partial / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
