@@ -11,7 +11,7 @@ sys.path.insert(0, workflow.basedir)
 shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 from workflow_scripts.config import STAGE_CONFIG, stage_config, validate_config, write_stage_config
-from workflow_scripts.study import ARM_PATTERN, arm_names, parse_arm
+from workflow_scripts.study import ARM_PATTERN, REFERENCE, arm_names, parse_arm
 
 # Friendly messages for every bad key, then snakemake.utils.validate fills in the defaults.
 validate_config(config)
@@ -76,6 +76,9 @@ def classifier_inputs(wildcards):
         "test": rules.prepare_dataset.output.test,
     }
     pool = parse_arm(wildcards.arm, config).pool
+    if pool == "reserve":  # the more_real control: the reserved real patients, never audited (they are real)
+        inputs["synthetic"] = rules.prepare_dataset.output.reserve
+        return inputs
     if pool == "generated":
         inputs["synthetic"] = rules.merge_generation.output.results
     elif pool == "noise":
@@ -95,3 +98,9 @@ def study_runs(arms=None):
         arm=arms if arms is not None else arm_names(config),
         seed=config["classifier"]["seeds"],
     )
+
+
+def reference_classifier(wildcards=None):
+    """model.pt of the real-only arm's first seed: the classifier that scores prompt adherence."""
+    seed = config["classifier"]["seeds"][0]
+    return f"results/classifier/{REFERENCE}_seed{seed}/model.pt"

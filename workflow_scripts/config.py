@@ -46,6 +46,7 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "audit_memorization": ("dataset", "model", "evaluation"),
     "evaluate_fidelity": ("dataset", "model", "evaluation", "classifier.bootstrap_samples"),
     "compare": ("dataset", "split", "model", "generation", "classifier"),
+    "plan_power": ("dataset", "classifier"),
 }
 
 
