@@ -114,6 +114,10 @@ def test_the_reserve_takes_whole_training_patients_and_about_the_mirrored_share(
     assert again.equals(kept) and not reserve_patients(train, 10, seed=4)[1]["patient"].equals(reserve["patient"])
     half, spare = reserve_patients(train, 50, seed=0)
     assert abs(len(spare) - 150) <= 3
+    # the last training image of a label never goes to the reserve
+    rare = pd.concat([train, train.head(1).assign(path="r/rare.png", labels="Nodule|Mass", patient="rare")], ignore_index=True)
+    for seed in range(5):
+        assert "rare" in set(reserve_patients(rare, 50, seed)[0]["patient"])
     none_kept, none = reserve_patients(train, None, seed=0)
     assert none_kept.equals(train) and none.empty
 

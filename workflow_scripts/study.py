@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,20 +376,30 @@ def reserve_patients(train: pd.DataFrame, ratio: int | None, seed: int) -> tuple
     more_real control (`split.more_real_ratio`). Whole patients, in seeded random order, until the
     reserve holds at least synthetic_count(images left, ratio) images: as many new real images as
     the ratio arm adds synthetic ones, i.e. about `ratio` % of the training images, which every arm
-    then trains without (the cost of the positive control). The reserve's rows get split "reserve"."""
+    then trains without (the cost of the positive control). A patient who holds the last training
+    image of a label stays in training. The reserve's rows get split "reserve"."""
     if ratio is None or train.empty:
         return train, train.iloc[:0].assign(split=RESERVE_SPLIT)
     if not 0 < ratio < 100:
         raise ConfigError(f"split.more_real_ratio: {ratio} is not a percentage in (0, 100)")
-    patients = train["patient"].astype(str)
-    sizes = patients.value_counts(sort=False)
-    order = np.random.default_rng(seed).permutation(np.array(sorted(sizes.index), dtype=object))
-    reserved = np.concatenate([[0], np.cumsum(sizes.loc[order].to_numpy())])  # images held by the first k patients
-    total = len(train)
-    enough = [k for k in range(len(order)) if reserved[k] >= synthetic_count(total - int(reserved[k]), ratio)]
-    count = min(enough[0] if enough else len(order) - 1, len(order) - 1)  # at least one patient stays for training
-    kept = list(order[:count])
-    chosen = patients.isin(kept).to_numpy()
+    patients = train["patient"].astype(str).to_numpy()
+    labels = [set(cell.split(LABEL_JOIN)) if isinstance(cell, str) else set(cell) for cell in train["labels"]]
+    left = Counter(label for cell in labels for label in cell)
+    rows: dict[str, list[int]] = {}
+    for row, patient in enumerate(patients):
+        rows.setdefault(patient, []).append(row)
+    kept: list[str] = []
+    reserved, total = 0, len(train)
+    for patient in np.random.default_rng(seed).permutation(np.array(sorted(rows), dtype=object)):
+        if reserved >= synthetic_count(total - reserved, ratio):
+            break
+        theirs = Counter(label for row in rows[patient] for label in labels[row])
+        if reserved + len(rows[patient]) >= total or any(left[label] <= count for label, count in theirs.items()):
+            continue  # training keeps at least one image, and one of every label it has
+        left.subtract(theirs)
+        kept.append(patient)
+        reserved += len(rows[patient])
+    chosen = np.isin(patients, kept)
     return train[~chosen].reset_index(drop=True), train[chosen].reset_index(drop=True).assign(split=RESERVE_SPLIT)
 
 
