@@ -52,6 +52,7 @@ rule verify_dataset:
         rules.prepare_dataset.output.train,
         rules.prepare_dataset.output.val,
         rules.prepare_dataset.output.test,
+        rules.prepare_dataset.output.reserve,
         config=stage_config_file("verify_dataset"),
     output:
         report_json="results/data/verify_report.json",

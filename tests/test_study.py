@@ -136,6 +136,17 @@ def test_more_real_adds_reserved_real_images_stratified_and_seeded() -> None:
         arm_training_set(arm, real, reserve.head(10), seed=0)
 
 
+def test_an_empty_reserve_is_refused_naming_the_setting(tmp_path) -> None:
+    from workflow_scripts.study import read_reserve
+
+    path = tmp_path / "reserve.csv"
+    path.write_text("path,labels,prompt,patient,split\n")
+    with pytest.raises(DataError, match=r"reserve.csv: no reserved patients.*split.more_real_ratio"):
+        read_reserve(path)
+    path.write_text("path,labels,prompt,patient,split\nr/1.png,Mass,p,7,reserve\n")
+    assert read_reserve(path)["path"].tolist() == ["r/1.png"]
+
+
 def test_the_study_hash_is_one_per_study() -> None:
     cfg = config()
     assert study_hash(cfg) == study_hash(config(seeds=[0, 1, 2, 3, 4, 5], controls=["pretrain"], num_workers=7))

@@ -68,6 +68,12 @@ def caveats(inputs: PageInputs) -> list[str]:
     if single:
         notes.append(f"{', '.join(single)}: one training seed only, so its intervals lack training-seed variance and are too "
                      "narrow; run more seeds (`classifier.seeds`).")
+    ceiling = next((name for name, arm in study.arms.items() if arm.kind is ArmKind.MORE_REAL), None)
+    if ceiling is not None and REFERENCE in study.diffs and study.diffs[REFERENCE][ceiling].verdict != stats.GAIN:
+        d = study.diffs[REFERENCE][ceiling]
+        notes.append(f"**The positive control {ceiling} does not read gain** (Δ {d.delta:+.3f}, could have detected ≥ "
+                     f"{d.mde:+.2f}): as many new real images gave no gain this study could see, so its other *no measurable "
+                     "difference* verdicts say little. More seeds or test patients (`snakemake plan_power`) may help.")
     if not inputs.counted.startswith("before"):
         notes.append(f"Rare labels (†) are counted on the training split {inputs.counted}.")
     return notes

@@ -27,7 +27,7 @@ from workflow_scripts.config import ConfigError, add_config_arguments, config_fr
 from workflow_scripts.labels import DEMOGRAPHIC_COLUMNS, DataError, check_rows, note, read_dataset, skip_frame
 from workflow_scripts.resolve import NOT_FOUND, check_same_files, find_bad_images, resolve_paths
 from workflow_scripts.tables import LABEL_JOIN, SPLIT_COLUMNS, SPLITS, assert_patient_disjoint, label_counts, make_prompt
-from workflow_scripts.study import RESERVE_SPLIT, more_real_ratio, reserve_patients
+from workflow_scripts.study import more_real_ratio, reserve_patients
 
 MIN_GROUP = 3  # patients a rarest-label group needs to give one each to train, val and test
 
@@ -207,7 +207,7 @@ def prepare(config: dict[str, Any], out_dir: Path, workers: int | None = None) -
     label_lists = frame["labels"]
     frame["labels"] = [LABEL_JOIN.join(labels) for labels in label_lists]
     columns = SPLIT_COLUMNS + [column for column in DEMOGRAPHIC_COLUMNS if column in frame.columns]
-    splits = {name: frame[frame["split"] == name][columns].reset_index(drop=True) for name in (*SPLITS, RESERVE_SPLIT)}
+    splits = {name: frame[frame["split"] == name][columns].reset_index(drop=True) for name in SPLITS}
     assert_patient_disjoint(splits)
     for name in ("train", "test"):
         if splits[name].empty:

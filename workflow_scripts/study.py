@@ -43,7 +43,7 @@ import pandas as pd
 
 from workflow_scripts.config import ConfigError, config_hash
 from workflow_scripts.labels import DataError, read_csv_checked
-from workflow_scripts.tables import LABEL_JOIN
+from workflow_scripts.tables import LABEL_JOIN, SPLITS
 
 REFERENCE = "ratio0"  # the real-only arm every other arm is compared with
 
@@ -86,7 +86,7 @@ CONTROL_KINDS = {kind.control: kind for kind in ArmKind if kind.is_control}
 # Reference arms in column order (ratio0, then the controls a synthetic arm must also beat).
 REFERENCES = tuple(dict.fromkeys(ref for kind in ArmKind for ref in kind.references))
 ARM_PATTERN = r"ratio\d+|" + "|".join(CONTROLS)  # the {arm} wildcard
-RESERVE_SPLIT = "reserve"  # the data stage's split of patients kept for the more_real control
+RESERVE_SPLIT = SPLITS[-1]  # the data stage's split of patients kept for the more_real control
 # Keys that choose which runs exist (or how fast data loads), not what any one run computes: left
 # out of the study's hash, so adding a seed or a control keeps the hash of the runs already made.
 UNHASHED_CLASSIFIER_KEYS = ("seeds", "controls", "num_workers", "pool_headroom")

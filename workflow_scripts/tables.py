@@ -21,7 +21,7 @@ from PIL import Image
 
 from workflow_scripts.labels import DataError, read_csv_checked
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "reserve")  # reserve: patients kept for the more_real control (study.py)
 SPLIT_COLUMNS = ["path", "labels", "prompt", "patient", "split"]  # then sex, age where the source has them
 LABEL_JOIN = "|"  # labels within a cell of our own CSVs
 RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint", "dtype", "device"]
