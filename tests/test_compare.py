@@ -207,6 +207,11 @@ def test_more_real_is_a_control_and_each_synthetic_delta_is_a_share_of_it(tmp_pa
     assert "**Headline: do synthetic images give a gain over ratio0 and noise and rebalanced?** **yes**: ratio50" in page
 
 
+def test_a_positive_control_without_a_gain_is_a_caveat(tmp_path: Path) -> None:
+    _, page, _ = run_compare(tmp_path, arms={"ratio0": ("real", 0), "more_real": ("control_more_real", 50)})
+    assert "**The positive control more_real does not read gain**" in page and "could have detected ≥ +" in page
+
+
 def test_the_headline_needs_a_gain_over_every_reference(tmp_path: Path) -> None:
     # ratio50 beats ratio0 and rebalanced but not noise, which is as good: no headline gain
     table, page, _ = run_compare(tmp_path, quality={"ratio50": 3.0, "noise": 3.0})

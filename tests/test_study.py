@@ -132,8 +132,10 @@ def test_more_real_adds_reserved_real_images_stratified_and_seeded() -> None:
     assert info["n_drawn"] == len(added) == synthetic_count(60, 50) and (mix["source"] == "real").all()
     assert added["labels"].value_counts().to_dict() == reserve.iloc[stratified_draw(reserve, 60, 0)]["labels"].value_counts().to_dict()
     assert not arm_training_set(arm, real, reserve, seed=1)[0]["path"].equals(mix["path"])
+    short, info = arm_training_set(arm, real, reserve.head(10), seed=0)  # a small dataset's reserve: all of it
+    assert len(short) == 70 and info["more_real_shortfall"] == 50 and info["n_drawn"] == 10
     with pytest.raises(DataError, match=r"needs 60 reserved real.*more_real_ratio"):
-        arm_training_set(arm, real, reserve.head(10), seed=0)
+        arm_training_set(arm, real, reserve.head(0), seed=0)
 
 
 def test_an_empty_reserve_is_refused_naming_the_setting(tmp_path) -> None:

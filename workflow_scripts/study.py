@@ -331,6 +331,11 @@ def arm_training_set(arm: Arm, real: pd.DataFrame, pool: pd.DataFrame | None, se
     if not arm.pool or n_draw == 0:
         return real_rows[MIX_COLUMNS], info
     available = 0 if pool is None else len(pool)
+    if arm.pool == "reserve" and 0 < available < n_draw:
+        # a small dataset whose reserve had to keep its patients (the last image of a label stays in
+        # training): more_real adds every reserved image, and metrics.json says how many it lacks
+        info.update(n_drawn=available, more_real_shortfall=n_draw - available)
+        n_draw = available
     if available < n_draw:
         raise DataError(
             f"arm {arm.name} (synthetic draw of ratio {arm.draw_ratio}%) with {len(real)} real training images needs "

@@ -326,6 +326,7 @@ def _run(config: dict[str, Any], data_dir: Path, synthetic_csv: str | Path | Non
         "n_synthetic_excluded": data["n_excluded"],
         "achieved_synthetic_share": round(n_syn / len(mix), 6),
         "rebalance_shortfall": data.get("rebalance_shortfall"),
+        "more_real_shortfall": data.get("more_real_shortfall"),
         "best_step": best_step,
         "selection": "val macro AUROC" if best["val_macro_auroc"] is not None
                      else "val loss (no val label has both positive and negative images)",
