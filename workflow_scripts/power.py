@@ -102,9 +102,11 @@ def plan(components: dict[str, Any], n_patients: int, seeds_now: int, compared: 
         enough = next((s for s in range(2, 201) if planned_mde(components, s, factor, level) <= target), None)
         lines.append(f"- {n_patients * factor} test patients: " + (f"{enough} seeds per arm" if enough else
                                                                   "not reachable with up to 200 seeds (more test patients)"))
-    floor = planned_mde(components, 10_000, 1e6, level)
+    if not np.isfinite(components["seed_var"]):
+        return lines + ["", "The seed variance is unknown (one seed per arm), so the rows cannot differ: run 2 or more seeds "
+                        "of an arm to plan the number of seeds.", ""]
     lines += ["", f"With unlimited test patients the seeds alone set the MDE (e.g. 5 seeds: "
-              f"{planned_mde(components, 5, 1e6, level):+.3f}); with unlimited seeds and patients it tends to {floor:+.3f}.", ""]
+              f"{planned_mde(components, 5, 1e6, level):+.3f}); more test patients cannot go below it.", ""]
     return lines
 
 
