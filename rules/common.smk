@@ -11,7 +11,7 @@ sys.path.insert(0, workflow.basedir)
 shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 from workflow_scripts.config import STAGE_CONFIG, stage_config, validate_config, write_stage_config
-from workflow_scripts.study import ARM_PATTERN, arm_names, parse_arm
+from workflow_scripts.study import ARM_PATTERN, REFERENCE, arm_names, parse_arm
 
 # Friendly messages for every bad key, then snakemake.utils.validate fills in the defaults.
 validate_config(config)
@@ -83,6 +83,9 @@ def classifier_inputs(wildcards):
         "test": rules.prepare_dataset.output.test,
     }
     pool = parse_arm(wildcards.arm, config).pool
+    if pool == "reserve":  # the more_real control: the reserved real patients, never audited (they are real)
+        inputs["synthetic"] = rules.prepare_dataset.output.reserve
+        return inputs
     if pool == "generated":
         inputs["synthetic"] = rules.merge_generation.output.results
     elif pool == "noise":
@@ -120,3 +123,9 @@ def reader_study_scores(wildcards):
 def reader_study_targets(wildcards):
     """rule all builds the reader study's page only with reader_study.in_all."""
     return rules.reader_study.output.page if config["reader_study"]["in_all"] else []
+
+
+def reference_classifier(wildcards=None):
+    """model.pt of the real-only arm's first seed: the classifier that scores prompt adherence."""
+    seed = config["classifier"]["seeds"][0]
+    return f"results/classifier/{REFERENCE}_seed{seed}/model.pt"

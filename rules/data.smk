@@ -30,6 +30,7 @@ rule prepare_dataset:
         train="results/data/train.csv",
         val="results/data/val.csv",
         test="results/data/test.csv",
+        reserve="results/data/reserve.csv",  # patients kept for the more_real control (split.more_real_ratio)
         skipped="results/data/skipped.csv",
         summary="results/data/prepare_summary.json",
     params:
@@ -51,6 +52,7 @@ rule verify_dataset:
         rules.prepare_dataset.output.train,
         rules.prepare_dataset.output.val,
         rules.prepare_dataset.output.test,
+        rules.prepare_dataset.output.reserve,
         config=stage_config_file("verify_dataset"),
     output:
         report_json="results/data/verify_report.json",

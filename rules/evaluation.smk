@@ -46,6 +46,11 @@ rule train_pretrain_control:
         study_runs(["pretrain"]),
 
 
+rule train_more_real_control:
+    input:
+        study_runs(["more_real"]),
+
+
 rule audit_memorization:
     input:
         train=rules.prepare_dataset.output.train,
@@ -81,7 +86,7 @@ rule evaluate_fidelity:
         train=rules.prepare_dataset.output.train,
         val=rules.prepare_dataset.output.val,
         synthetic=rules.merge_generation.output.results,
-        classifier=expand("results/classifier/ratio0_seed{seed}/model.pt", seed=config["classifier"]["seeds"][0]),
+        classifier=reference_classifier,
         audit_summary=rules.audit_memorization.output.summary,
         config=stage_config_file("evaluate_fidelity"),
     output:
@@ -137,3 +142,25 @@ rule compare:
         "python -m workflow_scripts.compare --config {input.config} --runs {params.runs}"
         " --evaluation-dir {params.evaluation_dir} --lora-summary {input.lora}/training_summary.json"
         " --data-dir {params.data_dir} --synthetic {input.synthetic} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# Not part of `all`: `snakemake plan_power` after a pilot (or a whole study) prints the seeds and
+# test patients needed for classifier.target_mde (docs/reading-the-table.md).
+rule plan_power:
+    input:
+        metrics=study_runs(),
+        test=rules.prepare_dataset.output.test,
+        config=stage_config_file("plan_power"),
+    output:
+        page="results/power.md",
+    params:
+        runs=lambda wildcards, input: " ".join(os.path.dirname(path) for path in input.metrics),
+    log:
+        "logs/plan_power/plan_power.log",
+    benchmark:
+        "benchmarks/plan_power/plan_power.tsv"
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "python -m workflow_scripts.power --config {input.config} --runs {params.runs} --test {input.test}"
+        " --out {output.page} > {log} 2>&1"

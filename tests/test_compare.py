@@ -183,6 +183,41 @@ def test_verdict_words_follow_the_planted_differences(tmp_path: Path) -> None:
     raw = table.set_index("arm")["p_vs_ratio0"]
     assert (holm.dropna() >= raw.dropna()).all()  # Holm never lowers a p-value
     assert "| gain |" in page and "| loss |" in page
+    # a no-difference verdict says how small a gain the study could have seen; every compared row has its MDE
+    mde = table.set_index("arm")["mde_vs_ratio0"]
+    assert mde.drop("ratio0").gt(0).all() and np.isnan(mde["ratio0"])
+    assert f"no measurable difference (could have detected ≥ {mde['ratio10']:+.2f})" in page
+    assert table.set_index("arm")["mde_vs_noise"].dropna().index.tolist() == ["ratio10", "ratio50"]
+
+
+def test_more_real_is_a_control_and_each_synthetic_delta_is_a_share_of_it(tmp_path: Path) -> None:
+    arms = {**ARMS, "more_real": ("control_more_real", 50)}
+    table, page, _ = run_compare(tmp_path, arms=arms, quality={"more_real": 3.0, "ratio50": 2.0, "noise": 1.0})
+    rows = table.set_index("arm")
+    assert table["arm"].tolist() == ["ratio0", "ratio10", "ratio50", "rebalanced", "noise", "more_real"]
+    assert rows.loc["more_real", "verdict_vs_ratio0"] == "gain" and np.isnan(rows.loc["more_real", "delta_vs_noise"])
+    share = rows.loc["ratio50", "delta_vs_ratio0"] / rows.loc["more_real", "delta_vs_ratio0"]
+    assert rows.loc["ratio50", "share_of_more_real"] == pytest.approx(share) and 0 < share < 1
+    assert np.isnan(rows.loc["noise", "share_of_more_real"])  # only synthetic arms are stated as a share
+    assert "positive control: more real images" in page and f"{share:.0%}" in page
+    # the headline: ratio50 beats ratio0, noise and rebalanced at once
+    assert rows.loc["ratio50", "verdict_headline"] == "gain" and rows.loc["ratio10", "verdict_headline"] == "no measurable difference"
+    assert rows.loc["ratio50", "p_headline"] == pytest.approx(rows.loc["ratio50", ["p_vs_ratio0", "p_vs_noise",
+                                                                                   "p_vs_rebalanced"]].max())
+    assert "**Headline: do synthetic images give a gain over ratio0 and noise and rebalanced?** **yes**: ratio50" in page
+
+
+def test_a_positive_control_without_a_gain_is_a_caveat(tmp_path: Path) -> None:
+    _, page, _ = run_compare(tmp_path, arms={"ratio0": ("real", 0), "more_real": ("control_more_real", 50)})
+    assert "**The positive control more_real does not read gain**" in page and "could have detected ≥ +" in page
+
+
+def test_the_headline_needs_a_gain_over_every_reference(tmp_path: Path) -> None:
+    # ratio50 beats ratio0 and rebalanced but not noise, which is as good: no headline gain
+    table, page, _ = run_compare(tmp_path, quality={"ratio50": 3.0, "noise": 3.0})
+    rows = table.set_index("arm")
+    assert rows.loc["ratio50", "verdict_vs_ratio0"] == "gain" and rows.loc["ratio50", "verdict_headline"] == "no measurable difference"
+    assert "**no synthetic arm shows it**" in page
 
 
 def test_subgroups_by_sex_and_age_only_when_the_test_split_has_them(tmp_path: Path) -> None:
@@ -190,7 +225,7 @@ def test_subgroups_by_sex_and_age_only_when_the_test_split_has_them(tmp_path: Pa
     assert "## Subgroups" in page
     for group in ("| sex F |", "| sex M |", "| age <40 |", "| age 40-59 |", "| age >=60 |"):
         assert group in page, group
-    assert "best synthetic arm (ratio" in page
+    assert "ratio50 (the largest synthetic arm, chosen by a rule fixed before any test result)" in page
     _, page, _ = run_compare(tmp_path / "without")
     assert "Subgroups" not in page
 

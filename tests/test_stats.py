@@ -3,6 +3,8 @@ calibration test that proves the intervals are honest (and that the old ones wer
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -89,18 +91,20 @@ def test_identical_arms_give_a_zero_difference_with_zero_width() -> None:
 # ----------------------------------------------------------------------------- calibration
 
 def simulate(rng: np.random.Generator, effect: float = 0.0, n_patients: int = 120, n_seeds: int = 5, n_labels: int = 2,
-             seed_sd: float = 0.6) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+             seed_sd: float = 0.6, names: tuple[str, ...] = ("reference", "arm")) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """A test set clustered by patient (3.6 films per patient on average, as in NIH; a patient random
     effect raises both the chance of a finding and the scores of all their films), and two arms whose
     seeds differ in quality (a seed-level random effect on the score gap between positives and
-    negatives) and in per-film noise. `effect` plants a true difference in the second arm."""
+    negatives) and in per-film noise. `effect` plants a true difference in every arm after the
+    first of `names` (default: two arms, "reference" and "arm")."""
     patient = np.repeat(np.arange(n_patients), 1 + rng.poisson(2.6, n_patients))
     n = len(patient)
     u = rng.normal(0, 1, (n_patients, n_labels))[patient]
     targets = (rng.random((n, n_labels)) < 1 / (1 + np.exp(0.5 - u))).astype(float)
     base = targets + u + rng.normal(0, 1, (n, n_labels))
     arms = {}
-    for name, planted in (("reference", 0.0), ("arm", effect)):
+    for name in names:  # the first is the reference; `effect` is planted in every other arm
+        planted = 0.0 if name == names[0] else effect
         quality = rng.normal(0, seed_sd, (n_seeds, 1, n_labels))
         arms[name] = base[None] + (planted + quality) * targets[None] + rng.normal(0, 0.5, (n_seeds, n, n_labels))
     return targets, patient, arms
@@ -142,6 +146,93 @@ def test_calibration_todays_image_level_seed_averaged_bootstrap_is_too_narrow() 
 def test_calibration_a_planted_difference_is_detected() -> None:
     coverage, gains = run_study(40, effect=1.0)
     assert gains >= 0.9 and coverage <= 0.1
+
+
+# Calibration at the levels the table uses. Every rate is a share of simulated repeats, so it may
+# exceed the nominal rate by chance: the bound is the nominal rate plus MC_MARGIN binomial standard
+# errors of that share (about a 2.3 % chance that a calibrated method fails the bound by chance).
+MC_MARGIN = 2.0
+
+
+def bound(rate: float, repeats: int) -> float:
+    return rate + MC_MARGIN * math.sqrt(rate * (1 - rate) / repeats)
+
+
+def null_p_values(n_seeds: int, repeats: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    p = []
+    for repeat in range(repeats):
+        targets, patient, arms = simulate(rng, n_seeds=n_seeds, n_patients=60)
+        p.append(differences(hierarchical_bootstrap(targets, patient, arms, 200, seed=repeat), "reference", ["arm"])["arm"].p)
+    return np.array(p)
+
+
+@pytest.mark.parametrize("n_seeds", [3, 5])
+def test_null_p_values_hold_their_level_at_5_and_at_1_percent(n_seeds: int) -> None:
+    # two arms from the same training process: the two-sided rate of p < level (a gain OR a loss)
+    # must not exceed the level, at 5 % and at the 1 % Holm uses first for 5 arms
+    repeats = 300
+    p = null_p_values(n_seeds, repeats, seed=10 + n_seeds)
+    for level in (0.05, 0.01):
+        assert (p < level).mean() <= bound(level, repeats), (level, (p < level).mean())
+    assert (p < 0.05).mean() >= 0.01  # not vacuous: a test that never rejects would pass the bound
+
+
+def test_holm_over_four_arms_keeps_the_family_wise_rate() -> None:
+    names = ("ratio0", "a", "b", "c", "d")
+    repeats, rng, flagged = 200, np.random.default_rng(20), 0
+    for repeat in range(repeats):
+        targets, patient, arms = simulate(rng, n_seeds=3, n_patients=60, names=names)
+        diffs = differences(hierarchical_bootstrap(targets, patient, arms, 200, seed=repeat), "ratio0", names[1:])
+        flagged += any(d.verdict != NO_DIFFERENCE for d in diffs.values())
+    assert flagged / repeats <= bound(0.05, repeats), flagged / repeats
+
+
+def test_the_headline_line_under_a_null_table() -> None:
+    # six arms from one process (two synthetic, the controls): the headline must not read gain
+    # in more than 5 % of tables, though it looks at three families at once
+    from workflow_scripts.compare import families, headline
+    from workflow_scripts.study import parse_arm
+
+    config = {"classifier": {"ratios": [0, 10, 50]}, "split": {"more_real_ratio": 10}}
+    names = ("ratio0", "ratio10", "ratio50", "rebalanced", "noise", "more_real")
+    arms = {name: parse_arm(name, config) for name in names}
+    repeats, rng, gains, family_flags = 200, np.random.default_rng(30), 0, 0
+    for repeat in range(repeats):
+        targets, patient, scores = simulate(rng, n_seeds=3, n_patients=60, names=names)
+        diffs = families(hierarchical_bootstrap(targets, patient, scores, 200, seed=repeat), arms)
+        result = headline(arms, diffs)
+        assert result.references == ("ratio0", "noise", "rebalanced")
+        gains += bool(result.gains)
+        family_flags += any(d.verdict != NO_DIFFERENCE for family in diffs.values() for d in family.values())
+    assert gains / repeats <= bound(0.05, repeats), gains / repeats
+    assert family_flags >= gains  # the per-family verdicts, taken together, flag more often than the headline
+
+
+def test_a_difference_planted_at_the_mde_reads_gain_about_80_percent_of_the_time() -> None:
+    # the planted score effect gives a true Δ near the MDE; the share of gains must match the power
+    # the formula predicts for that Δ (about 80 %) within the Monte-Carlo margin
+    from scipy.stats import t as student_t
+
+    repeats, rng = 200, np.random.default_rng(40)
+    rows = []
+    for repeat in range(repeats):
+        targets, patient, arms = simulate(rng, effect=0.5, n_seeds=3, n_patients=60, seed_sd=0.2)
+        d = differences(hierarchical_bootstrap(targets, patient, arms, 200, seed=repeat), "reference", ["arm"])["arm"]
+        rows.append((d.delta, d.se, d.df, d.mde, d.verdict == GAIN))
+    delta, se, df, mde, gain = (np.array(column) for column in zip(*rows))
+    true_delta = delta.mean()  # the estimate is unbiased; its mean over repeats is the planted Δ
+    assert abs(true_delta - np.median(mde)) <= 0.25 * np.median(mde)  # the plant sits at the MDE
+    predicted = float(np.mean(student_t.sf(student_t.ppf(0.975, df) - true_delta / se, df)))
+    assert 0.65 <= predicted <= 0.95
+    assert abs(gain.mean() - predicted) <= MC_MARGIN * math.sqrt(predicted * (1 - predicted) / repeats) + 0.03, (gain.mean(), predicted)
+
+
+def test_mde_formula() -> None:
+    # normal limit: (z_0.975 + z_0.8) * SE = 2.80 SE; few df widen it; Holm's first level narrows the level
+    assert stats.mde(0.01, float("inf"), 0.05) == pytest.approx(0.0280, abs=2e-4)
+    assert stats.mde(0.01, 2, 0.05) > stats.mde(0.01, 8, 0.05) > stats.mde(0.01, float("inf"), 0.05)
+    assert stats.mde(0.01, float("inf"), 0.01) == pytest.approx((2.5758 + 0.8416) * 0.01, abs=2e-4)
 
 
 # ----------------------------------------------------------------------------- one run's figures

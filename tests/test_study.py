@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -12,6 +13,9 @@ from conftest import make_config
 from workflow_scripts.config import ConfigError, stage_config
 from workflow_scripts.labels import DataError
 from workflow_scripts.study import (
+    CONTROLS,
+    REFERENCES,
+    ArmKind,
     allocate,
     arm_names,
     arm_training_set,
@@ -21,9 +25,11 @@ from workflow_scripts.study import (
     parse_arm,
     phase_steps,
     pool_size_needed,
+    reserve_patients,
     stratified_draw,
     study_hash,
     synthetic_count,
+    table_order,
     train_steps,
     validation_points,
 )
@@ -67,6 +73,7 @@ def test_arms_from_config_and_their_kinds() -> None:
     kinds = {name: parse_arm(name, cfg) for name in ARMS}
     assert [kinds[name].kind for name in ARMS] == ["real", "synthetic", "synthetic", "control_rebalanced",
                                                    "control_noise", "control_pretrain"]
+    assert kinds["noise"].kind is ArmKind.NOISE and json.dumps(kinds["noise"].kind) == '"control_noise"'  # metrics.json
     assert kinds["noise"].ratio == 50 and kinds["noise"].pool == "noise"  # the largest arm, with noise
     assert kinds["rebalanced"].ratio == 0 and kinds["rebalanced"].draw_ratio == 50
     assert kinds["ratio0"].pool is None
@@ -75,6 +82,71 @@ def test_arms_from_config_and_their_kinds() -> None:
         parse_arm("noise", config(ratios=[0]))
     with pytest.raises(ConfigError, match="expected ratio"):
         parse_arm("ratio_x", config())
+
+
+def test_the_vocabulary_lives_in_one_enum() -> None:
+    # table order, display name, control name and references all come from ArmKind
+    cfg = config(controls=["more_real", "noise", "rebalanced", "pretrain"])
+    cfg["split"]["more_real_ratio"] = 10
+    arms = [parse_arm(name, cfg) for name in arm_names(cfg)]
+    assert [arm.name for arm in sorted(arms, key=table_order)] == ["ratio0", "ratio10", "ratio50", "rebalanced", "noise",
+                                                                   "pretrain", "more_real"]
+    assert set(CONTROLS) == {"rebalanced", "noise", "pretrain", "more_real"} and REFERENCES == ("ratio0", "noise", "rebalanced")
+    more_real = parse_arm("more_real", cfg)
+    assert (more_real.kind, more_real.ratio, more_real.pool, more_real.compared_with) == (
+        ArmKind.MORE_REAL, 10, "reserve", ("ratio0",))
+    assert more_real.kind.is_control and not ArmKind.SYNTHETIC.is_control and ArmKind("control_more_real") is ArmKind.MORE_REAL
+    assert parse_arm("ratio50", cfg).compared_with == ("ratio0", "noise", "rebalanced")
+    cfg["split"]["more_real_ratio"] = None
+    with pytest.raises(ConfigError, match="split.more_real_ratio"):
+        parse_arm("more_real", cfg)
+
+
+def test_the_reserve_takes_whole_training_patients_and_about_the_mirrored_share() -> None:
+    train = pd.DataFrame({"path": [f"r/{i}.png" for i in range(300)], "labels": ["Effusion", "No Finding", "Mass"] * 100,
+                          "patient": [f"p{i // 3 if i < 150 else i}" for i in range(300)], "split": "train"})
+    kept, reserve = reserve_patients(train, 10, seed=3)
+    assert len(kept) + len(reserve) == 300 and set(kept["patient"]).isdisjoint(reserve["patient"])
+    assert (reserve["split"] == "reserve").all() and (kept["split"] == "train").all()
+    # enough images for the ratio10 draw of what is left, and not a patient more than needed
+    assert len(reserve) >= synthetic_count(len(kept), 10) and len(reserve) <= synthetic_count(len(kept), 10) + 3
+    again, _ = reserve_patients(train, 10, seed=3)
+    assert again.equals(kept) and not reserve_patients(train, 10, seed=4)[1]["patient"].equals(reserve["patient"])
+    half, spare = reserve_patients(train, 50, seed=0)
+    assert abs(len(spare) - 150) <= 3
+    # the last training image of a label never goes to the reserve
+    rare = pd.concat([train, train.head(1).assign(path="r/rare.png", labels="Nodule|Mass", patient="rare")], ignore_index=True)
+    for seed in range(5):
+        assert "rare" in set(reserve_patients(rare, 50, seed)[0]["patient"])
+    none_kept, none = reserve_patients(train, None, seed=0)
+    assert none_kept.equals(train) and none.empty
+
+
+def test_more_real_adds_reserved_real_images_stratified_and_seeded() -> None:
+    cfg, real = config(), real_split(60)
+    cfg["split"]["more_real_ratio"] = 50
+    reserve = real_split(80).assign(path=lambda f: f["path"].str.replace("real/", "reserve/"))
+    arm = parse_arm("more_real", cfg)
+    mix, info = arm_training_set(arm, real, reserve, seed=0)
+    added = mix[mix["path"].str.startswith("reserve/")]
+    assert info["n_drawn"] == len(added) == synthetic_count(60, 50) and (mix["source"] == "real").all()
+    assert added["labels"].value_counts().to_dict() == reserve.iloc[stratified_draw(reserve, 60, 0)]["labels"].value_counts().to_dict()
+    assert not arm_training_set(arm, real, reserve, seed=1)[0]["path"].equals(mix["path"])
+    short, info = arm_training_set(arm, real, reserve.head(10), seed=0)  # a small dataset's reserve: all of it
+    assert len(short) == 70 and info["more_real_shortfall"] == 50 and info["n_drawn"] == 10
+    with pytest.raises(DataError, match=r"needs 60 reserved real.*more_real_ratio"):
+        arm_training_set(arm, real, reserve.head(0), seed=0)
+
+
+def test_an_empty_reserve_is_refused_naming_the_setting(tmp_path) -> None:
+    from workflow_scripts.study import read_reserve
+
+    path = tmp_path / "reserve.csv"
+    path.write_text("path,labels,prompt,patient,split\n")
+    with pytest.raises(DataError, match=r"reserve.csv: no reserved patients.*split.more_real_ratio"):
+        read_reserve(path)
+    path.write_text("path,labels,prompt,patient,split\nr/1.png,Mass,p,7,reserve\n")
+    assert read_reserve(path)["path"].tolist() == ["r/1.png"]
 
 
 def test_the_study_hash_is_one_per_study() -> None:

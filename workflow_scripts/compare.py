@@ -37,95 +37,16 @@ from workflow_scripts.config import (
 from workflow_scripts.images import BadImageError
 from workflow_scripts import compare_report as report
 from workflow_scripts.classifier_model import class_names
-from workflow_scripts.comparison import AGE_BANDS, CONTROL_REFERENCES, REFERENCE, Arm, Run, Study
+from workflow_scripts.comparison import (AGE_BANDS, Headline, Run, Study, align_test_split, check_matched, group_arms,
+                                         load_run, run_counts)
 from workflow_scripts.labels import DataError
-from workflow_scripts.tables import LABEL_JOIN, label_counts, load_split
+from workflow_scripts.study import REFERENCE, REFERENCES, Arm, ArmKind
+from workflow_scripts.tables import label_counts, load_split
 
-KIND_ORDER = ("real", "synthetic", "control_rebalanced", "control_noise", "control_pretrain")
-REQUIRED_METRICS = ("arm", "arm_kind", "ratio", "seed", "optimizer_steps", "config_hash", "pretrained_weights", "classes",
-                    "n_real_train", "n_synthetic_train")
-MATCHED = ("pretrained_weights", "config_hash", "optimizer_steps")  # must be equal across all runs of a study
 BOOTSTRAP_SEED = 0
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def load_run(run_dir: Path, classes: list[str]) -> Run:
-    """One run folder, checked: the metrics keys the table needs, a probability column per class."""
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        raise DataError(f"{metrics_path}: not found; is {run_dir} a classifier run folder?")
-    metrics = json.loads(metrics_path.read_text())
-    missing = [key for key in REQUIRED_METRICS if key not in metrics]
-    if missing:
-        raise DataError(f"{metrics_path}: missing {', '.join(missing)}; re-run the classifier with this version")
-    if metrics["arm_kind"] not in KIND_ORDER:
-        raise DataError(f"{metrics_path}: arm_kind {metrics['arm_kind']!r} is not one of {', '.join(KIND_ORDER)}")
-    if list(metrics["classes"]) != classes:
-        raise DataError(f"{metrics_path}: classes {metrics['classes']} differ from dataset.labels without 'No Finding' {classes}")
-    predictions_path = run_dir / "predictions.csv"
-    if not predictions_path.is_file():
-        raise DataError(f"{predictions_path}: not found")
-    predictions = pd.read_csv(predictions_path, dtype={"path": str, "labels": str}, keep_default_na=False)
-    columns = [f"prob_{label}" for label in classes]
-    absent = [c for c in ["path", *columns] if c not in predictions.columns]
-    if absent:
-        raise DataError(f"{predictions_path}: missing columns {', '.join(absent)}")
-    predictions = predictions.sort_values("path", kind="stable")
-    composition_path = run_dir / "composition.csv"
-    if not composition_path.is_file():
-        raise DataError(f"{composition_path}: not found (label composition of the run's training set)")
-    composition = pd.read_csv(composition_path)
-    return Run(run_dir, metrics, predictions["path"].tolist(), predictions[columns].to_numpy(dtype=float), composition)
-
-
-def check_matched(runs: list[Run]) -> None:
-    """Refuse a study whose runs started from different weights, configs or step budgets."""
-    problems = []
-    for key in MATCHED:
-        groups: dict[str, list[str]] = {}
-        for run in runs:
-            groups.setdefault(json.dumps(run.metrics[key]), []).append(str(run.path))
-        if len(groups) > 1:
-            problems.append(f"{key} differs: " + "; ".join(f"{value} in {', '.join(paths)}" for value, paths in groups.items()))
-    if problems:
-        raise DataError("these runs are not one study (an arm's Δ would mix in other differences); re-run them with one "
-                        "configuration:\n  " + "\n  ".join(problems))
-
-
-def group_arms(runs: list[Run]) -> dict[str, Arm]:
-    """Runs by arm, in table order (real, ratio arms by share, then the controls); one run per seed."""
-    arms: dict[str, Arm] = {}
-    for run in runs:
-        m = run.metrics
-        arm = arms.setdefault(m["arm"], Arm(m["arm"], m["arm_kind"], int(m["ratio"] or 0)))
-        if (arm.kind, arm.ratio) != (m["arm_kind"], int(m["ratio"] or 0)):
-            raise DataError(f"{run.path}: arm {arm.name} is {m['arm_kind']} at {m['ratio']}% here but {arm.kind} at {arm.ratio}% "
-                            f"in {arm.runs[0].path}")
-        if any(other.metrics["seed"] == m["seed"] for other in arm.runs):
-            raise DataError(f"{run.path}: arm {arm.name} seed {m['seed']} given twice")
-        arm.runs.append(run)
-    if REFERENCE not in arms:
-        raise DataError(f"no run of the real-only arm {REFERENCE} among --runs; every arm is compared with it")
-    for arm in arms.values():
-        arm.runs.sort(key=lambda run: run.metrics["seed"])
-    return dict(sorted(arms.items(), key=lambda item: (KIND_ORDER.index(item[1].kind), item[1].ratio, item[0])))
-
-
-def align_test_split(runs: list[Run], test: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
-    """The test rows in the runs' (sorted) order and their 0/1 targets; every run must have scored
-    exactly the images of the test split."""
-    expected = sorted(test["path"])
-    for run in runs:
-        if run.images != expected:
-            extra = sorted(set(run.images) - set(expected))[:3]
-            lacking = sorted(set(expected) - set(run.images))[:3]
-            raise DataError(f"{run.path / 'predictions.csv'}: its images are not those of the test split (not in it: {extra}; "
-                            f"not scored: {lacking}); re-run the classifier on the current split")
-    test = test.set_index("path").loc[expected].reset_index()
-    targets = np.array([[label in labels.split(LABEL_JOIN) for label in classes] for labels in test["labels"]], dtype=float)
-    return test, targets
 
 
 def untrained_labels(data_dir: Path) -> tuple[str, ...]:
@@ -157,54 +78,89 @@ def rare_labels(counts: dict[str, int], classes: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------- analysis
 
 
-def scores_of(arm: Arm, keep: np.ndarray | None = None) -> np.ndarray:
-    scores = np.stack([run.scores for run in arm.runs])
+def scores_of(runs: list[Run], keep: np.ndarray | None = None) -> np.ndarray:
+    scores = np.stack([run.scores for run in runs])
     return scores if keep is None else scores[:, keep]
 
 
-def analyse(arms: dict[str, Arm], targets: np.ndarray, patients: np.ndarray, classes: list[str], min_positives: int,
-            n_boot: int, untrained: tuple[str, ...] = ()) -> Study:
+def headline(arms: dict[str, Arm], diffs: dict[str, dict[str, stats.Difference]]) -> Headline | None:
+    """The table's one question, "does a synthetic arm gain over ratio0 AND noise AND rebalanced?",
+    answered at 5 % for the table as a whole: per synthetic arm an intersection-union test over the
+    references present (no correction within an arm), Holm over the synthetic arms."""
+    synthetic = [name for name, arm in arms.items() if arm.kind is ArmKind.SYNTHETIC]
+    references = tuple(ref for ref in REFERENCES if ref in diffs)
+    if not synthetic:
+        return None
+    tests = {name: stats.intersection_union([diffs[ref][name] for ref in references]) for name in synthetic}
+    adjusted = dict(zip(synthetic, stats.holm([p for p, _ in tests.values()])))
+    gains = tuple(name for name in synthetic if tests[name][1] and adjusted[name] < stats.ALPHA)
+    return Headline(references, {name: test[0] for name, test in tests.items()}, adjusted,
+                    {name: test[1] for name, test in tests.items()}, gains)
+
+
+def families(boot: dict[str, stats.ArmBootstrap], arms: dict[str, Arm],
+             labels: np.ndarray | None = None) -> dict[str, dict[str, stats.Difference]]:
+    """Each reference arm present (ratio0, noise, rebalanced) with the arms compared with it: one Holm family each."""
+    diffs = {}
+    for reference in REFERENCES:
+        compared = [name for name, arm in arms.items() if reference in arm.compared_with and name != reference]
+        if reference in arms and compared:
+            diffs[reference] = stats.differences(boot, reference, compared, labels)
+    return diffs
+
+
+def analyse(arms: dict[str, Arm], runs: dict[str, list[Run]], targets: np.ndarray, patients: np.ndarray, classes: list[str],
+            min_positives: int, n_boot: int, untrained: tuple[str, ...] = ()) -> Study:
     positives = targets.sum(axis=0).astype(int)
     evaluated = (positives >= min_positives) & ~np.isin(classes, list(untrained))
     if not evaluated.any():
         raise DataError(f"no label has {min_positives} or more positives in the test split (counts: "
                         f"{dict(zip(classes, positives.tolist()))}); lower classifier.min_test_positives or use more data")
-    boot = stats.hierarchical_bootstrap(targets, patients, {name: scores_of(arm) for name, arm in arms.items()}, n_boot,
+    boot = stats.hierarchical_bootstrap(targets, patients, {name: scores_of(runs[name]) for name in arms}, n_boot,
                                         seed=BOOTSTRAP_SEED)
-    references = {"ratio0": REFERENCE}
-    diffs = {"ratio0": stats.differences(boot, REFERENCE, [name for name in arms if name != REFERENCE], evaluated)}
-    synthetic = [name for name, arm in arms.items() if arm.kind in ("synthetic", "control_pretrain")]
-    for column, kind in CONTROL_REFERENCES.items():
-        control = next((name for name, arm in arms.items() if arm.kind == kind), None)
-        if control is not None and synthetic:
-            references[column] = control
-            diffs[column] = stats.differences(boot, control, synthetic, evaluated)
-    return Study(arms, classes, positives, evaluated, boot, diffs, references, len(targets), len(np.unique(patients)),
-                 tuple(untrained))
+    diffs = families(boot, arms, evaluated)
+    return Study(arms, runs, classes, positives, evaluated, boot, diffs, len(targets), len(np.unique(patients)),
+                 tuple(untrained), headline(arms, diffs))
+
+
+def more_real_share(study: Study, name: str) -> float:
+    """Δ vs ratio0 of a synthetic arm as a fraction of the more_real control's Δ (NaN without a
+    more_real arm, or when its Δ is not positive: no ceiling to compare with)."""
+    ceiling = next((arm for arm, spec in study.arms.items() if spec.kind is ArmKind.MORE_REAL), None)
+    if ceiling is None or study.arms[name].kind is not ArmKind.SYNTHETIC:
+        return float("nan")
+    top = study.diffs[REFERENCE][ceiling].delta
+    return study.diffs[REFERENCE][name].delta / top if top > 0 else float("nan")
 
 
 def comparison_table(study: Study) -> pd.DataFrame:
     rows = []
     for name, arm in study.arms.items():
-        result = study.boot[name]
+        result, runs = study.boot[name], study.runs[name]
         seed_macros = stats.macro(result.seed_values, study.evaluated)
         low, high = stats.interval(stats.macro(result.samples, study.evaluated))
         row: dict[str, Any] = {
-            "arm": name, "arm_kind": arm.kind, "ratio": arm.ratio, "seeds": len(arm.runs),
-            "n_real_train": arm.counts("n_real_train"), "n_synthetic_train": arm.counts("n_synthetic_train"),
-            "optimizer_steps": arm.runs[0].metrics["optimizer_steps"],
+            "arm": name, "arm_kind": str(arm.kind), "ratio": arm.ratio, "seeds": len(runs),
+            "n_real_train": run_counts(runs, "n_real_train"), "n_synthetic_train": run_counts(runs, "n_synthetic_train"),
+            "optimizer_steps": runs[0].metrics["optimizer_steps"],
             "test_images": study.n_images, "test_patients": study.n_patients,
             "macro_auroc_mean": float(np.mean(seed_macros)),
             "macro_auroc_sd": float(np.std(seed_macros, ddof=1)) if len(seed_macros) > 1 else float("nan"),
             "macro_auroc_ci_low": low, "macro_auroc_ci_high": high,
         }
-        for column, diffs in [("ratio0", study.diffs["ratio0"]), *[(c, study.diffs[c]) for c in CONTROL_REFERENCES if c in study.diffs]]:
+        for column, diffs in study.diffs.items():
             d = diffs.get(name)
-            row.update({f"delta_vs_{column}": d.delta if d else float("nan"),
-                        f"delta_vs_{column}_ci_low": d.low if d else float("nan"),
-                        f"delta_vs_{column}_ci_high": d.high if d else float("nan"),
-                        f"p_vs_{column}": d.p if d else float("nan"), f"p_holm_vs_{column}": d.p_holm if d else float("nan"),
-                        f"verdict_vs_{column}": d.verdict if d else ""})
+            nan = float("nan")
+            row.update({f"delta_vs_{column}": d.delta if d else nan, f"delta_vs_{column}_ci_low": d.low if d else nan,
+                        f"delta_vs_{column}_ci_high": d.high if d else nan, f"p_vs_{column}": d.p if d else nan,
+                        f"p_holm_vs_{column}": d.p_holm if d else nan, f"verdict_vs_{column}": d.verdict if d else "",
+                        f"mde_vs_{column}": d.mde if d else nan})
+        row["share_of_more_real"] = more_real_share(study, name)
+        if study.headline is not None:
+            row["p_headline"] = study.headline.p.get(name, float("nan"))
+            row["p_holm_headline"] = study.headline.p_holm.get(name, float("nan"))
+            row["verdict_headline"] = ((stats.GAIN if name in study.headline.gains else stats.NO_DIFFERENCE)
+                                       if name in study.headline.p else "")
         for k, label in enumerate(study.classes):
             shown = bool(study.evaluated[k])
             label_low, label_high = stats.interval(result.samples[:, k]) if shown else (float("nan"), float("nan"))
@@ -215,16 +171,16 @@ def comparison_table(study: Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def composition_table(arms: dict[str, Arm], classes: list[str]) -> pd.DataFrame:
+def composition_table(runs_by_arm: dict[str, list[Run]], classes: list[str]) -> pd.DataFrame:
     """Real, synthetic and effective (after the rebalanced control's oversampling) training positives
     per label and arm ("a-b" where seeds differ)."""
     rows = []
-    for name, arm in arms.items():
+    for name, runs in runs_by_arm.items():
         for label in classes:
             row: dict[str, Any] = {"arm": name, "label": label}
             for column in ("real_positives", "synthetic_positives", "effective_positives"):
                 values = set()
-                for run in arm.runs:
+                for run in runs:
                     match = run.composition.loc[run.composition["label"] == label, column] if column in run.composition else []
                     if len(match) != 1:
                         raise DataError(f"{run.path / 'composition.csv'}: no single row with label {label!r} and column {column!r}")
@@ -246,15 +202,23 @@ def subgroups(test: pd.DataFrame) -> list[tuple[str, str, np.ndarray]]:
     return groups
 
 
+def subgroup_arm(arms: dict[str, Arm]) -> str | None:
+    """The arm the subgroup table shows beside ratio0, fixed by a rule set before any test result:
+    the largest synthetic arm (the study's strongest dose), else the first other arm in table order."""
+    synthetic = [name for name, arm in arms.items() if arm.kind is ArmKind.SYNTHETIC]
+    if synthetic:
+        return max(synthetic, key=lambda name: arms[name].ratio)
+    return next((name for name in arms if name != REFERENCE), None)
+
+
 def subgroup_table(study: Study, test: pd.DataFrame, targets: np.ndarray, patients: np.ndarray, min_positives: int,
                    n_boot: int) -> tuple[pd.DataFrame, str | None]:
-    """Macro AUROC of ratio0 and the best synthetic arm within each sex and age band (descriptive:
-    intervals from the same bootstrap restricted to the group, no multiplicity correction)."""
+    """Macro AUROC of ratio0 and the pre-specified arm (`subgroup_arm`) within each sex and age band
+    (descriptive: intervals from the same bootstrap restricted to the group, no multiplicity correction)."""
     groups = subgroups(test)
-    others = [name for name, arm in study.arms.items() if arm.kind == "synthetic"] or [n for n in study.arms if n != REFERENCE]
-    if not groups or not others:
+    chosen = subgroup_arm(study.arms)
+    if not groups or chosen is None:
         return pd.DataFrame(), None
-    best = max(others, key=lambda name: float(stats.macro(study.boot[name].estimate, study.evaluated)))
     rows = []
     for variable, group, mask in groups:
         positives = targets[mask].sum(axis=0)
@@ -262,15 +226,15 @@ def subgroup_table(study: Study, test: pd.DataFrame, targets: np.ndarray, patien
         row: dict[str, Any] = {"variable": variable, "group": group, "test_images": int(mask.sum()),
                                "test_patients": int(len(np.unique(patients[mask]))), "labels_averaged": int(labels.sum())}
         if labels.any():
-            arms = {name: scores_of(study.arms[name], mask) for name in (REFERENCE, best)}
+            arms = {name: scores_of(study.runs[name], mask) for name in (REFERENCE, chosen)}
             boot = stats.hierarchical_bootstrap(targets[mask], patients[mask], arms, n_boot, seed=BOOTSTRAP_SEED)
-            for name, prefix in ((REFERENCE, "ratio0"), (best, "best")):
+            for name, prefix in ((REFERENCE, "ratio0"), (chosen, "best")):
                 row[f"{prefix}_auroc"] = float(stats.macro(boot[name].estimate, labels))
                 row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"] = stats.interval(stats.macro(boot[name].samples, labels))
-            d = stats.differences(boot, REFERENCE, [best], labels)[best]
+            d = stats.differences(boot, REFERENCE, [chosen], labels)[chosen]
             row.update({"delta": d.delta, "delta_ci_low": d.low, "delta_ci_high": d.high})
         rows.append(row)
-    return pd.DataFrame(rows), best
+    return pd.DataFrame(rows), chosen
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -284,11 +248,11 @@ def compare(config: dict[str, Any], run_dirs: list[Path], evaluation_dir: Path, 
         raise ConfigError("--runs: give the classifier run folders to compare (e.g. results/classifier/*_seed*)")
     runs = [load_run(Path(path), classes) for path in run_dirs]
     check_matched(runs)
-    arms = group_arms(runs)
+    arms, runs_by_arm = group_arms(runs)
     test, targets = align_test_split(runs, load_split(data_dir, "test"), classes)
     patients = test["patient"].astype(str).to_numpy()
     min_positives, n_boot = settings["min_test_positives"], settings["bootstrap_samples"]
-    study = analyse(arms, targets, patients, classes, min_positives, n_boot, untrained_labels(data_dir))
+    study = analyse(arms, runs_by_arm, targets, patients, classes, min_positives, n_boot, untrained_labels(data_dir))
     table = comparison_table(study)
     counts, counted = training_counts(data_dir, classes)
     rare = rare_labels(counts, classes)
@@ -309,7 +273,7 @@ def compare(config: dict[str, Any], run_dirs: list[Path], evaluation_dir: Path, 
     table.to_csv(out_dir / "comparison.csv", index=False)
     page = report.render_page(report.PageInputs(
         config=config, study=study, table=table, rare=rare, counts=counts, counted=counted,
-        composition=composition_table(arms, classes), subgroups=groups, best=best, evaluation_dir=evaluation_dir,
+        composition=composition_table(runs_by_arm, classes), subgroups=groups, best=best, evaluation_dir=evaluation_dir,
         lora_summary=lora_summary, provenance=provenance))
     (out_dir / "comparison.md").write_text(page)
     synthetic = pd.read_csv(synthetic_csv, dtype={"labels": str}) if synthetic_csv.is_file() else None
@@ -334,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, BadImageError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    shown = ["arm", "seeds", "macro_auroc_mean", "delta_vs_ratio0", "p_holm_vs_ratio0", "verdict_vs_ratio0"]
+    shown = ["arm", "seeds", "macro_auroc_mean", "delta_vs_ratio0", "p_holm_vs_ratio0", "verdict_vs_ratio0", "mde_vs_ratio0"]
     print(textwrap.indent(table[shown].to_string(index=False), "  "))
     print(f"table: {args.out_dir / 'comparison.md'}")
     return 0

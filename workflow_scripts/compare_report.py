@@ -12,12 +12,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.comparison import AGE_BANDS, CONTROL_REFERENCES, DEMO_CSV, REFERENCE, Study
+from workflow_scripts import stats
+from workflow_scripts.comparison import AGE_BANDS, DEMO_CSV, Study
 from workflow_scripts.labels import DataError
+from workflow_scripts.study import REFERENCE, ArmKind
 from workflow_scripts.tables import LABEL_JOIN
-
-KIND_NAMES = {"real": "real only", "synthetic": "real + synthetic", "control_rebalanced": "control: real, rebalanced",
-              "control_noise": "control: noise for synthetic", "control_pretrain": "synthetic pre-training, real fine-tuning"}
 
 
 @dataclass
@@ -62,61 +61,103 @@ def caveats(inputs: PageInputs) -> list[str]:
                      "to Stable Diffusion 1.5 for real results.")
     if config["dataset"]["csv"] == DEMO_CSV:
         notes.append("**The data are the embedded phantoms**, drawings for trying the pipeline, not medical images.")
-    first = next(iter(study.arms.values())).runs[0].metrics
+    first = next(iter(study.runs.values()))[0].metrics
     notes.append(f"Every run started from the same classifier weights ({first['pretrained_weights']}), ran "
                  f"{first['optimizer_steps']} optimizer steps and shares config hash {first['config_hash']}.")
-    single = [name for name, arm in study.arms.items() if len(arm.runs) == 1]
+    single = [name for name, runs in study.runs.items() if len(runs) == 1]
     if single:
         notes.append(f"{', '.join(single)}: one training seed only, so its intervals lack training-seed variance and are too "
                      "narrow; run more seeds (`classifier.seeds`).")
+    ceiling = next((name for name, arm in study.arms.items() if arm.kind is ArmKind.MORE_REAL), None)
+    if ceiling is not None and REFERENCE in study.diffs and study.diffs[REFERENCE][ceiling].verdict != stats.GAIN:
+        d = study.diffs[REFERENCE][ceiling]
+        notes.append(f"**The positive control {ceiling} does not read gain** (Δ {d.delta:+.3f}, could have detected ≥ "
+                     f"{d.mde:+.2f}): as many new real images gave no gain this study could see, so its other *no measurable "
+                     "difference* verdicts say little. More seeds or test patients (`snakemake plan_power`) may help.")
     if not inputs.counted.startswith("before"):
         notes.append(f"Rare labels (†) are counted on the training split {inputs.counted}.")
     return notes
 
 
+def verdict_text(row: dict[str, Any], column: str) -> str:
+    """The verdict; "no measurable difference" says how small a gain the study could have seen."""
+    verdict, mde = row[f"verdict_vs_{column}"], row.get(f"mde_vs_{column}", float("nan"))
+    if verdict == stats.NO_DIFFERENCE and math.isfinite(mde):
+        return f"{verdict} (could have detected ≥ {mde:+.2f})"
+    return verdict or "–"
+
+
 def arms_table(inputs: PageInputs) -> list[str]:
     study, table = inputs.study, inputs.table
-    controls = [column for column in CONTROL_REFERENCES if column in study.diffs]
+    controls = [column for column in study.diffs if column != REFERENCE]
+    shares = "share_of_more_real" in table and table["share_of_more_real"].notna().any()
     header = ("| arm | kind | synthetic share | seeds | real + synthetic images | test images / patients | macro AUROC (mean ± sd) "
-              "| 95% CI | Δ vs ratio0 [95% CI] | p (Holm) | verdict |"
-              + "".join(f" Δ vs {study.references[c]} [95% CI] | verdict vs {c} |" for c in controls))
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|---|---|---:|---|" + "---|---|" * len(controls)]
+              "| 95% CI | Δ vs ratio0 [95% CI] | p (Holm) | verdict |" + (" Δ / Δ of more_real |" if shares else "")
+              + "".join(f" Δ vs {c} [95% CI] | verdict vs {c} |" for c in controls))
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---|---|---:|---|" + ("---:|" if shares else "") + "---|---|" * len(controls)]
     for row in table.to_dict("records"):
         sd = "" if not math.isfinite(row["macro_auroc_sd"]) else f" ± {row['macro_auroc_sd']:.3f}"
-        cells = [row["arm"], KIND_NAMES[row["arm_kind"]], f"{row['ratio']}%", str(row["seeds"]),
+        cells = [row["arm"], ArmKind(row["arm_kind"]).display, f"{row['ratio']}%", str(row["seeds"]),
                  f"{row['n_real_train']} + {row['n_synthetic_train']}", f"{row['test_images']} / {row['test_patients']}",
                  f"{row['macro_auroc_mean']:.3f}{sd}", f"[{row['macro_auroc_ci_low']:.3f}, {row['macro_auroc_ci_high']:.3f}]"]
         if row["arm"] == REFERENCE:
             cells += ["reference", "", ""]
         else:
             cells += [with_ci(row["delta_vs_ratio0"], row["delta_vs_ratio0_ci_low"], row["delta_vs_ratio0_ci_high"], True),
-                      number_or_text(row["p_holm_vs_ratio0"], 3), row["verdict_vs_ratio0"]]
+                      number_or_text(row["p_holm_vs_ratio0"], 3), verdict_text(row, REFERENCE)]
+        if shares:
+            cells.append(f"{row['share_of_more_real']:.0%}" if math.isfinite(row["share_of_more_real"]) else "")
         for c in controls:
             cells += [with_ci(row[f"delta_vs_{c}"], row[f"delta_vs_{c}_ci_low"], row[f"delta_vs_{c}_ci_high"], True),
-                      row[f"verdict_vs_{c}"] or "–"]
+                      verdict_text(row, c)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def headline_lines(study: Study) -> list[str]:
+    """One line for the table's question, tested at 5 % for the whole table (intersection-union)."""
+    head = study.headline
+    if head is None:
+        return []
+    against = " and ".join(head.references)
+    if head.gains:
+        answer = (f"**yes**: {', '.join(head.gains)} gain{'s' if len(head.gains) == 1 else ''} over {against} "
+                  f"(intersection-union p, Holm over the synthetic arms: "
+                  + ", ".join(f"{name} {head.p_holm[name]:.3f}" for name in head.gains) + ")")
+    else:
+        best = min(head.p_holm, key=lambda name: head.p_holm[name])
+        answer = (f"**no synthetic arm shows it** (smallest intersection-union p, Holm over the synthetic arms: "
+                  f"{best} {head.p_holm[best]:.3f})")
+    missing = [name for name in ("noise", "rebalanced") if name not in head.references]
+    note = f" Without the {' and '.join(missing)} control{'s' if len(missing) > 1 else ''} the line tests fewer references." if missing else ""
+    return [f"**Headline: do synthetic images give a gain over {against}?** {answer}. This line is one test at 5 % for "
+            f"the whole table: an arm counts only if it gains over every reference at once.{note}", ""]
 
 
 def method_text(inputs: PageInputs) -> list[str]:
     study = inputs.study
     n_boot = inputs.provenance["bootstrap"]["resamples"]
-    families = [f"the {len(study.diffs['ratio0'])} arms compared with ratio0"] + [
-        f"the {len(study.diffs[c])} synthetic arms compared with {study.references[c]}" for c in CONTROL_REFERENCES if c in study.diffs]
+    families = [f"the {len(diffs)} arms compared with {ref}" for ref, diffs in study.diffs.items()]
     return [
-        "**How the intervals were computed.** 95% percentile intervals from a paired two-level (hierarchical) bootstrap "
+        "**How the intervals were computed.** A paired two-level (hierarchical) bootstrap "
         f"with {n_boot} resamples (Saravanan et al. 2020): each resample draws the {study.n_patients} test patients with "
         "replacement, all films of a drawn patient together, the same draw for every arm (so differences are paired), and "
         "draws each arm's training seeds with replacement (deviations between seeds scaled by √(S/(S−1))·t/z for S seeds, "
-        "so that few seeds widen the interval). An arm's AUROC is the mean over its seeds. p: two-sided bootstrap p-value "
-        "of Δ = 0, Holm-adjusted within each family (" + "; ".join(families) + "). Per-label and subgroup intervals are "
-        "not adjusted for multiplicity.",
+        "so that few seeds widen the interval). An arm's AUROC is the mean over its seeds; its 95% interval is the "
+        "bootstrap percentile interval. Δ: its standard error adds the paired patient-level bootstrap variance and each "
+        "arm's seed variance; interval Δ ± t·SE and two-sided p from Student's t with the Welch–Satterthwaite degrees of "
+        "freedom of the seed terms, so p is valid at every level, also at the α/m Holm tests first. p is Holm-adjusted "
+        "within each family (" + "; ".join(families) + "). Per-label and subgroup intervals are not adjusted for multiplicity.",
         "",
         ("**Verdict.** *gain* (or *loss*) when the Holm-adjusted p is below 0.05 and Δ is positive (negative); otherwise "
-        "*no measurable difference*, which is not evidence that the arms are equal. The 95% intervals are not adjusted, so an "
-        "interval may exclude 0 while the verdict, adjusted for the number of arms compared, reads no measurable "
-        "difference. A gain over ratio0 that is not also a "
-        "gain over the noise or rebalanced control may come from more positives or longer exposure, not from realistic images."),
+        "*no measurable difference*, which is not evidence that the arms are equal: it comes with the minimum detectable "
+        "effect (`mde_vs_<reference>` in comparison.csv), the true Δ this study would have called a gain with 80% "
+        "probability at the level Holm's first step uses (0.05 / arms in the family). Each family keeps its chance of any "
+        "false gain or loss at 5%; over the whole table (several families) that chance is larger, which is why the "
+        "headline line has its own test. The 95% intervals are not adjusted, so an interval may exclude 0 while the "
+        "adjusted verdict reads no measurable difference. A gain over ratio0 that is not also a gain over the noise or "
+        "rebalanced control may come from more positives or longer exposure, not from realistic images; the more_real "
+        "control shows what as many new real images give (Δ / Δ of more_real: a synthetic arm's share of that ceiling)."),
     ]
 
 
@@ -161,7 +202,8 @@ def subgroup_lines(inputs: PageInputs) -> list[str]:
         return []
     best, minimum = inputs.best, inputs.config["classifier"]["min_test_positives"]
     lines = ["## Subgroups", "",
-             (f"Macro AUROC of ratio0 and the best synthetic arm ({best}) within each group of the test split, over the averaged "
+             (f"Macro AUROC of ratio0 and {best} (the largest synthetic arm, chosen by a rule fixed before any test result) "
+              "within each group of the test split, over the averaged "
              f"labels with at least {minimum} positives in the group; intervals from the same bootstrap within the group, "
              f"descriptive (no multiplicity correction). Age bands: {', '.join(band[2] for band in AGE_BANDS)} years."), "",
              f"| group | test images / patients | labels averaged | ratio0 [95% CI] | {best} [95% CI] | Δ [95% CI] |",
@@ -212,7 +254,7 @@ def render_page(inputs: PageInputs) -> str:
                  if study.untrained else "") + "). "
               f"Test split: {study.n_images} images of {study.n_patients} patients. † rare label (the third of the labels with "
               f"the fewest real training images, counted {inputs.counted}; ties share the mark).", ""]
-    lines += arms_table(inputs) + [""] + method_text(inputs) + [""]
+    lines += headline_lines(study) + arms_table(inputs) + [""] + method_text(inputs) + [""]
     lines += ["## AUROC per label", ""] + per_label_table(inputs) + [""]
     lines += ["## Label composition of each arm", ""] + composition_lines(inputs) + [""]
     lines += subgroup_lines(inputs)
@@ -234,17 +276,19 @@ def make_plots(table: pd.DataFrame, classes: list[str], rare: list[str], train: 
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    ratio_arms = table[table["arm_kind"].isin(["real", "synthetic"])].sort_values("ratio")
+    ratio_kinds = [str(ArmKind.REAL), str(ArmKind.SYNTHETIC)]
+    ratio_arms = table[table["arm_kind"].isin(ratio_kinds)].sort_values("ratio")
     errors = [ratio_arms["macro_auroc_mean"] - ratio_arms["macro_auroc_ci_low"],
               ratio_arms["macro_auroc_ci_high"] - ratio_arms["macro_auroc_mean"]]
     axis.errorbar(ratio_arms["ratio"], ratio_arms["macro_auroc_mean"], yerr=errors, color="black", marker="s", capsize=4,
                   linewidth=2, label="real + synthetic (95% CI)")
-    markers = {"control_rebalanced": ("D", "tab:blue"), "control_noise": ("x", "tab:red"), "control_pretrain": ("^", "tab:green")}
-    for row in table[~table["arm_kind"].isin(["real", "synthetic"])].to_dict("records"):
-        marker, color = markers[row["arm_kind"]]
+    markers = {ArmKind.REBALANCED: ("D", "tab:blue"), ArmKind.NOISE: ("x", "tab:red"), ArmKind.PRETRAIN: ("^", "tab:green"),
+               ArmKind.MORE_REAL: ("*", "tab:purple")}
+    for row in table[~table["arm_kind"].isin(ratio_kinds)].to_dict("records"):
+        marker, color = markers[ArmKind(row["arm_kind"])]
         axis.errorbar([row["ratio"] + 1.0], [row["macro_auroc_mean"]], capsize=4, marker=marker, color=color, linestyle="none",
                       yerr=[[row["macro_auroc_mean"] - row["macro_auroc_ci_low"]], [row["macro_auroc_ci_high"] - row["macro_auroc_mean"]]],
-                      label=f"{row['arm']} ({KIND_NAMES[row['arm_kind']]})")
+                      label=f"{row['arm']} ({ArmKind(row['arm_kind']).display})")
     axis.set(xlabel="synthetic share of the training set (%)", ylabel="test macro AUROC", title="AUROC vs synthetic share",
              xticks=sorted(ratio_arms["ratio"].unique()))
     axis.legend(fontsize=7)

@@ -1,8 +1,10 @@
-"""What `compare` (the stage) computes and `compare_report` renders: the runs, arms and figures of one study."""
+"""What `compare` (the stage) computes and `compare_report` renders: the runs, arms and figures of one study,
+and how runs are read and checked (shared with the power planner)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +12,15 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts import stats
+from workflow_scripts.labels import DataError
+from workflow_scripts.study import REFERENCE, Arm, ArmKind, table_order
+from workflow_scripts.tables import LABEL_JOIN
 
 DEMO_CSV = "results/demo_data/Data_Entry_2017.csv"
-REFERENCE = "ratio0"  # the real-only arm every other arm is compared with
-CONTROL_REFERENCES = {"noise": "control_noise", "rebalanced": "control_rebalanced"}  # column name -> arm_kind
 AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 200, ">=60"))
+REQUIRED_METRICS = ("arm", "arm_kind", "ratio", "seed", "optimizer_steps", "config_hash", "pretrained_weights", "classes",
+                    "n_real_train", "n_synthetic_train")
+MATCHED = ("pretrained_weights", "config_hash", "optimizer_steps")  # must be equal across all runs of a study
 
 
 @dataclass
@@ -26,28 +32,117 @@ class Run:
     composition: pd.DataFrame
 
 
-@dataclass
-class Arm:
-    name: str
-    kind: str
-    ratio: int
-    runs: list[Run] = field(default_factory=list)
+def run_counts(runs: list[Run], key: str) -> int | str:
+    """One figure for an arm's runs; "a-b" if its seeds differ (they should not)."""
+    values = sorted({int(run.metrics[key]) for run in runs})
+    return values[0] if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
-    def counts(self, key: str) -> int | str:
-        """One figure for the arm; "a-b" if its seeds differ (they should not)."""
-        values = sorted({int(run.metrics[key]) for run in self.runs})
-        return values[0] if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+@dataclass(frozen=True)
+class Headline:
+    """"Does a synthetic arm gain over ratio0 AND noise AND rebalanced?" for each synthetic arm: the
+    intersection-union p (largest of its three p), Holm over the synthetic arms, one verdict for
+    the table as a whole at 5 %."""
+
+    references: tuple[str, ...]
+    p: dict[str, float]  # arm -> intersection-union p
+    p_holm: dict[str, float]
+    all_positive: dict[str, bool]
+    gains: tuple[str, ...]
 
 
 @dataclass
 class Study:
     arms: dict[str, Arm]
+    runs: dict[str, list[Run]]  # arm name -> its runs, one per seed, by seed
     classes: list[str]
     positives: np.ndarray  # test positives per class
     evaluated: np.ndarray  # bool per class: trained on, and enough test positives to be shown and averaged
     boot: dict[str, stats.ArmBootstrap]
-    diffs: dict[str, dict[str, stats.Difference]]  # reference column -> arm -> difference
-    references: dict[str, str]  # reference column -> arm name
+    diffs: dict[str, dict[str, stats.Difference]]  # reference arm -> arm -> difference
     n_images: int
     n_patients: int
     untrained: tuple[str, ...] = ()  # labels without training images (dataset.allow_absent_labels): never shown
+    headline: Headline | None = None
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+
+def load_run(run_dir: Path, classes: list[str]) -> Run:
+    """One run folder, checked: the metrics keys the table needs, a probability column per class."""
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise DataError(f"{metrics_path}: not found; is {run_dir} a classifier run folder?")
+    metrics = json.loads(metrics_path.read_text())
+    missing = [key for key in REQUIRED_METRICS if key not in metrics]
+    if missing:
+        raise DataError(f"{metrics_path}: missing {', '.join(missing)}; re-run the classifier with this version")
+    if metrics["arm_kind"] not in set(ArmKind):
+        raise DataError(f"{metrics_path}: arm_kind {metrics['arm_kind']!r} is not one of {', '.join(ArmKind)}")
+    if list(metrics["classes"]) != classes:
+        raise DataError(f"{metrics_path}: classes {metrics['classes']} differ from dataset.labels without 'No Finding' {classes}")
+    predictions_path = run_dir / "predictions.csv"
+    if not predictions_path.is_file():
+        raise DataError(f"{predictions_path}: not found")
+    predictions = pd.read_csv(predictions_path, dtype={"path": str, "labels": str}, keep_default_na=False)
+    columns = [f"prob_{label}" for label in classes]
+    absent = [c for c in ["path", *columns] if c not in predictions.columns]
+    if absent:
+        raise DataError(f"{predictions_path}: missing columns {', '.join(absent)}")
+    predictions = predictions.sort_values("path", kind="stable")
+    composition_path = run_dir / "composition.csv"
+    if not composition_path.is_file():
+        raise DataError(f"{composition_path}: not found (label composition of the run's training set)")
+    composition = pd.read_csv(composition_path)
+    return Run(run_dir, metrics, predictions["path"].tolist(), predictions[columns].to_numpy(dtype=float), composition)
+
+
+def check_matched(runs: list[Run]) -> None:
+    """Refuse a study whose runs started from different weights, configs or step budgets."""
+    problems = []
+    for key in MATCHED:
+        groups: dict[str, list[str]] = {}
+        for run in runs:
+            groups.setdefault(json.dumps(run.metrics[key]), []).append(str(run.path))
+        if len(groups) > 1:
+            problems.append(f"{key} differs: " + "; ".join(f"{value} in {', '.join(paths)}" for value, paths in groups.items()))
+    if problems:
+        raise DataError("these runs are not one study (an arm's Δ would mix in other differences); re-run them with one "
+                        "configuration:\n  " + "\n  ".join(problems))
+
+
+def group_arms(runs: list[Run]) -> tuple[dict[str, Arm], dict[str, list[Run]]]:
+    """Arms in table order (study.table_order) and their runs, one per seed, by seed."""
+    arms: dict[str, Arm] = {}
+    grouped: dict[str, list[Run]] = {}
+    for run in runs:
+        m = run.metrics
+        ratio = int(m["ratio"] or 0)
+        arm = arms.setdefault(m["arm"], Arm(m["arm"], ArmKind(m["arm_kind"]), ratio, int(m.get("draw_ratio") or ratio)))
+        first = grouped.setdefault(arm.name, [])
+        if (arm.kind, arm.ratio) != (m["arm_kind"], ratio):
+            raise DataError(f"{run.path}: arm {arm.name} is {m['arm_kind']} at {m['ratio']}% here but {arm.kind} at {arm.ratio}% "
+                            f"in {first[0].path}")
+        if any(other.metrics["seed"] == m["seed"] for other in first):
+            raise DataError(f"{run.path}: arm {arm.name} seed {m['seed']} given twice")
+        first.append(run)
+    if REFERENCE not in arms:
+        raise DataError(f"no run of the real-only arm {REFERENCE} among --runs; every arm is compared with it")
+    order = sorted(arms, key=lambda name: table_order(arms[name]))
+    return {name: arms[name] for name in order}, {name: sorted(grouped[name], key=lambda run: run.metrics["seed"]) for name in order}
+
+
+def align_test_split(runs: list[Run], test: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The test rows in the runs' (sorted) order and their 0/1 targets; every run must have scored
+    exactly the images of the test split."""
+    expected = sorted(test["path"])
+    for run in runs:
+        if run.images != expected:
+            extra = sorted(set(run.images) - set(expected))[:3]
+            lacking = sorted(set(expected) - set(run.images))[:3]
+            raise DataError(f"{run.path / 'predictions.csv'}: its images are not those of the test split (not in it: {extra}; "
+                            f"not scored: {lacking}); re-run the classifier on the current split")
+    test = test.set_index("path").loc[expected].reset_index()
+    targets = np.array([[label in labels.split(LABEL_JOIN) for label in classes] for labels in test["labels"]], dtype=float)
+    return test, targets

@@ -54,6 +54,7 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "reader_study": ("dataset.labels", "model.resolution", "model.crop", *(f"reader_study.{key}" for key in (
         "images_per_label", "real_splits", "repeats", "image_size", "seed"))),
     "score_reader_study": ("reader_study.answers_dir", "reader_study.bootstrap_samples", "reader_study.seed"),
+    "plan_power": ("dataset", "classifier"),
 }
 
 

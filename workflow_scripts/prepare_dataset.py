@@ -27,6 +27,7 @@ from workflow_scripts.config import ConfigError, add_config_arguments, config_fr
 from workflow_scripts.labels import DEMOGRAPHIC_COLUMNS, DataError, check_rows, note, read_dataset, skip_frame
 from workflow_scripts.resolve import NOT_FOUND, check_images, check_same_content, check_same_files, resolve_paths
 from workflow_scripts.tables import LABEL_JOIN, SPLIT_COLUMNS, SPLITS, assert_patient_disjoint, label_counts, make_prompt
+from workflow_scripts.study import more_real_ratio, reserve_patients
 
 MIN_GROUP = 3  # patients a rarest-label group needs to give one each to train, val and test
 
@@ -204,10 +205,12 @@ def prepare(config: dict[str, Any], out_dir: Path, workers: int | None = None) -
 
     frame["split"] = split_by_patient(frame, config["split"]["val_fraction"], config["split"]["test_fraction"], config["split"]["seed"])
     train = frame[frame["split"] == "train"].reset_index(drop=True)
+    # The more_real control's patients leave the training split before balancing (and the LoRA).
+    train, reserve = reserve_patients(train, more_real_ratio(config), config["split"]["seed"])
     rows_before_balance = len(train)
     counts_before_balance = dict(Counter(label for labels in train["labels"] for label in labels))
     train = balance_training(train, config["balance"]["max_per_label"], config["balance"]["seed"])
-    frame = pd.concat([train, frame[frame["split"] != "train"]], ignore_index=True)
+    frame = pd.concat([train, reserve, frame[frame["split"] != "train"]], ignore_index=True)
     # Only images that will be used are decoded: a balanced draw from 112k NIH images stays fast.
     checked = check_images(frame["path"].tolist(), dataset["image_check"] == "decode", dataset["min_image_side"], workers)
     reasons = [reason for reason, _ in checked]

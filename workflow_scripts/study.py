@@ -13,6 +13,12 @@ Arms (`classifier.ratios`, `classifier.controls`; docs/study-design.md):
 - `pretrain` (control, optional): the largest arm's synthetic draw alone for
   `classifier.pretrain_fraction` of the steps, then the real images alone for the rest.
 
+- `more_real` (positive control): all real training images plus synthetic_count(n_real, R) more
+  REAL images, R = `split.more_real_ratio`, drawn (stratified by label combination, per seed) from
+  patients the data stage reserved before balancing (results/data/reserve.csv), whom no other arm,
+  LoRA, generation plan, fidelity reference or test set sees: what as many new real X-rays would give.
+
+The vocabulary (arm kinds, their table order, display names, references) is `ArmKind`, here only.
 Every arm takes the same number of optimizer steps (`classifier.train_steps`; null: the real-only
 arm's `epochs` x ceil(n_real / batch_size)) and is validated at the same steps. Synthetic draws
 are stratified by label combination (the generation key): proportional allocation with largest
@@ -25,20 +31,62 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from workflow_scripts.config import ConfigError, result_hash
-from workflow_scripts.labels import DataError
-from workflow_scripts.tables import LABEL_JOIN
+from workflow_scripts.labels import DataError, read_csv_checked
+from workflow_scripts.tables import LABEL_JOIN, SPLITS
 
-CONTROLS = ("rebalanced", "noise", "pretrain")
+REFERENCE = "ratio0"  # the real-only arm every other arm is compared with
+
+
+class ArmKind(StrEnum):
+    """The kinds of arm, in table order. Each carries its display name, the control name it answers
+    to in `classifier.controls` (None for ratio arms), the pool it draws from, and the arms it is
+    compared with (each such arm gives the table a Δ column family). A str, so metrics.json keeps
+    the plain value (`"control_noise"`). A new arm kind is one member here plus its behaviour."""
+
+    REAL = ("real", "real only", None, None, ())
+    SYNTHETIC = ("synthetic", "real + synthetic", None, "generated", (REFERENCE, "noise", "rebalanced"))
+    REBALANCED = ("control_rebalanced", "control: real, rebalanced", "rebalanced", "generated", (REFERENCE,))
+    NOISE = ("control_noise", "control: noise for synthetic", "noise", "noise", (REFERENCE,))
+    PRETRAIN = ("control_pretrain", "synthetic pre-training, real fine-tuning", "pretrain", "generated",
+                (REFERENCE, "noise", "rebalanced"))
+    MORE_REAL = ("control_more_real", "positive control: more real images", "more_real", "reserve", (REFERENCE,))
+
+    def __new__(cls, value: str, display: str, control: str | None, pool: str | None,
+                references: tuple[str, ...]) -> ArmKind:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.display, member.control, member.pool, member.references = display, control, pool, references
+        return member
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def order(self) -> int:
+        return list(ArmKind).index(self)
+
+    @property
+    def is_control(self) -> bool:
+        return self.control is not None
+
+
+CONTROLS = tuple(kind.control for kind in ArmKind if kind.is_control)
+CONTROL_KINDS = {kind.control: kind for kind in ArmKind if kind.is_control}
+# Reference arms in column order (ratio0, then the controls a synthetic arm must also beat).
+REFERENCES = tuple(dict.fromkeys(ref for kind in ArmKind for ref in kind.references))
 ARM_PATTERN = r"ratio\d+|" + "|".join(CONTROLS)  # the {arm} wildcard
-ARM_KINDS = ("real", "synthetic", "control_rebalanced", "control_noise", "control_pretrain")
+RESERVE_SPLIT = SPLITS[-1]  # the data stage's split of patients kept for the more_real control
 COMPOSITION_COLUMNS = ["label", "real_positives", "synthetic_positives", "effective_positives"]
 MIX_COLUMNS = ["path", "labels", "source", "phase"]
 
@@ -46,40 +94,62 @@ MIX_COLUMNS = ["path", "labels", "source", "phase"]
 @dataclass(frozen=True)
 class Arm:
     """One arm of the study. `ratio`: its synthetic share in percent (the noise arm counts its noise
-    images as synthetic; the pretrain arm the share of its synthetic draw); `draw_ratio`: whose
-    synthetic draw it uses (its own, or the largest arm's for a control); `pool`: "generated",
-    "noise" or None (the real-only arm needs no pool)."""
+    images as synthetic; the pretrain arm the share of its synthetic draw; more_real the share of its
+    added real images); `draw_ratio`: whose draw it uses (its own, or the mirrored arm's for a control)."""
 
     name: str
-    kind: str
+    kind: ArmKind
     ratio: int
     draw_ratio: int
-    pool: str | None
+
+    @property
+    def pool(self) -> str | None:
+        """"generated", "noise", "reserve" or None (the real-only arm needs no pool)."""
+        return self.kind.pool
+
+    @property
+    def compared_with(self) -> tuple[str, ...]:
+        return self.kind.references
+
+
+def table_order(arm: Arm) -> tuple[int, int, str]:
+    """Rows of the table: real, ratio arms by share, then the controls in ArmKind order."""
+    return arm.kind.order, arm.ratio, arm.name
 
 
 def largest_ratio(config: Mapping[str, Any]) -> int:
     return max(config["classifier"]["ratios"])
 
 
+def more_real_ratio(config: Mapping[str, Any]) -> int | None:
+    """`split.more_real_ratio`: the synthetic share the more_real control mirrors (None: no reserve)."""
+    value = config["split"].get("more_real_ratio")
+    return None if value is None else int(value)
+
+
 def parse_arm(name: str, config: Mapping[str, Any]) -> Arm:
-    """`ratio25`, `rebalanced`, `noise` or `pretrain` -> Arm. Controls mirror the largest ratio of
-    `classifier.ratios`, which must then be above 0."""
+    """`ratio25`, or a control name -> Arm. Controls mirror the largest ratio of `classifier.ratios`,
+    which must then be above 0; more_real mirrors `split.more_real_ratio`."""
     if not re.fullmatch(ARM_PATTERN, name):
         raise ConfigError(f"arm {name!r}: expected ratio<percent> (e.g. ratio0, ratio25) or one of {list(CONTROLS)}")
     if name.startswith("ratio"):
         ratio = int(name[len("ratio"):])
         if not 0 <= ratio < 100:
             raise ConfigError(f"arm {name!r}: the synthetic share must be a percentage in [0, 100)")
-        return Arm(name, "real" if ratio == 0 else "synthetic", ratio, ratio, None if ratio == 0 else "generated")
+        return Arm(name, ArmKind.REAL if ratio == 0 else ArmKind.SYNTHETIC, ratio, ratio)
+    kind = CONTROL_KINDS[name]
+    if kind is ArmKind.MORE_REAL:
+        mirrored = more_real_ratio(config)
+        if mirrored is None:
+            raise ConfigError("the more_real control draws from patients the data stage reserves: set split.more_real_ratio "
+                              "(the synthetic share it mirrors, e.g. the smallest of classifier.ratios) or drop it from "
+                              "classifier.controls")
+        return Arm(name, kind, mirrored, mirrored)
     top = largest_ratio(config)
     if top == 0:
         raise ConfigError(f"the {name} control mirrors the largest synthetic arm, but classifier.ratios "
                           f"{config['classifier']['ratios']} has none above 0; add one or set classifier.controls: []")
-    if name == "rebalanced":
-        return Arm(name, "control_rebalanced", 0, top, "generated")
-    if name == "noise":
-        return Arm(name, "control_noise", top, top, "noise")
-    return Arm(name, "control_pretrain", top, top, "generated")
+    return Arm(name, kind, 0 if kind is ArmKind.REBALANCED else top, top)
 
 
 def study_arms(config: Mapping[str, Any]) -> list[Arm]:
@@ -143,7 +213,7 @@ def validation_points(config: Mapping[str, Any], n_real: int) -> list[int]:
 
 def phase_steps(arm: Arm, config: Mapping[str, Any], total: int) -> list[tuple[str, int]]:
     """(phase, steps) in training order; only the pretrain control has two phases."""
-    if arm.kind != "control_pretrain":
+    if arm.kind is not ArmKind.PRETRAIN:
         return [("train", total)]
     if total < 2:
         raise ConfigError(f"the pretrain control needs at least 2 optimizer steps; classifier.train_steps gives {total}")
@@ -247,25 +317,31 @@ def arm_training_set(arm: Arm, real: pd.DataFrame, pool: pd.DataFrame | None, se
     the generated (or, for the noise arm, noise) images with `path` and `labels`, exclusions
     already dropped. Also returns facts for metrics.json (n_drawn, rebalance_shortfall)."""
     real_rows = pd.DataFrame({"path": real["path"].astype(str).to_numpy(), "labels": real["labels"].astype(str).to_numpy(),
-                              "source": "real", "phase": "finetune" if arm.kind == "control_pretrain" else "train"})
+                              "source": "real", "phase": "finetune" if arm.kind is ArmKind.PRETRAIN else "train"})
     n_draw = synthetic_count(len(real), arm.draw_ratio)
     info: dict[str, Any] = {"n_drawn": n_draw if arm.pool else 0}
     if not arm.pool or n_draw == 0:
         return real_rows[MIX_COLUMNS], info
     available = 0 if pool is None else len(pool)
+    if arm.pool == "reserve" and 0 < available < n_draw:
+        # a small dataset whose reserve had to keep its patients (the last image of a label stays in
+        # training): more_real adds every reserved image, and metrics.json says how many it lacks
+        info.update(n_drawn=available, more_real_shortfall=n_draw - available)
+        n_draw = available
     if available < n_draw:
         raise DataError(
             f"arm {arm.name} (synthetic draw of ratio {arm.draw_ratio}%) with {len(real)} real training images needs "
-            f"{n_draw} synthetic images, but the pool lists only {available}; raise generation.images_per_label or "
-            "classifier.pool_headroom (or lower the ratio)")
+            f"{n_draw} {'reserved real' if arm.pool == 'reserve' else 'synthetic'} images, but the pool lists only {available}; "
+            + ("raise split.more_real_ratio" if arm.pool == "reserve" else
+               "raise generation.images_per_label or classifier.pool_headroom (or lower the ratio)"))
     drawn = pool.iloc[stratified_draw(pool, n_draw, seed)]
-    if arm.kind == "control_rebalanced":
+    if arm.kind is ArmKind.REBALANCED:
         duplicates, info["rebalance_shortfall"] = oversample_mirror(real, drawn["labels"].astype(str).tolist(), seed)
         extra = duplicates.assign(source="oversampled", phase="train")
-    else:
+    else:  # more_real's reserved images are real images: counted as real, like the arm's own
+        source = {"noise": "noise", "reserve": "real"}.get(arm.pool, "synthetic")
         extra = pd.DataFrame({"path": drawn["path"].astype(str).to_numpy(), "labels": drawn["labels"].astype(str).to_numpy(),
-                              "source": "noise" if arm.pool == "noise" else "synthetic",
-                              "phase": "pretrain" if arm.kind == "control_pretrain" else "train"})
+                              "source": source, "phase": "pretrain" if arm.kind is ArmKind.PRETRAIN else "train"})
     return pd.concat([real_rows, extra], ignore_index=True)[MIX_COLUMNS], info
 
 
@@ -287,3 +363,48 @@ def composition(mix: pd.DataFrame, vocabulary: Sequence[str]) -> pd.DataFrame:
     effective = _positives(mix["labels"], vocabulary)
     return pd.DataFrame([{"label": label, "real_positives": real[label], "synthetic_positives": synthetic[label],
                           "effective_positives": effective[label]} for label in vocabulary], columns=COMPOSITION_COLUMNS)
+
+
+# ----------------------------------------------------------------------------- the more_real reserve
+
+
+def reserve_patients(train: pd.DataFrame, ratio: int | None, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The training split (before balancing) without, and with only, the patients kept for the
+    more_real control (`split.more_real_ratio`). Whole patients, in seeded random order, until the
+    reserve holds at least synthetic_count(images left, ratio) images: as many new real images as
+    the ratio arm adds synthetic ones, i.e. about `ratio` % of the training images, which every arm
+    then trains without (the cost of the positive control). A patient who holds the last training
+    image of a label stays in training. The reserve's rows get split "reserve"."""
+    if ratio is None or train.empty:
+        return train, train.iloc[:0].assign(split=RESERVE_SPLIT)
+    if not 0 < ratio < 100:
+        raise ConfigError(f"split.more_real_ratio: {ratio} is not a percentage in (0, 100)")
+    patients = train["patient"].astype(str).to_numpy()
+    labels = [set(cell.split(LABEL_JOIN)) if isinstance(cell, str) else set(cell) for cell in train["labels"]]
+    left = Counter(label for cell in labels for label in cell)
+    rows: dict[str, list[int]] = {}
+    for row, patient in enumerate(patients):
+        rows.setdefault(patient, []).append(row)
+    kept: list[str] = []
+    reserved, total = 0, len(train)
+    for patient in np.random.default_rng(seed).permutation(np.array(sorted(rows), dtype=object)):
+        if reserved >= synthetic_count(total - reserved, ratio):
+            break
+        theirs = Counter(label for row in rows[patient] for label in labels[row])
+        if reserved + len(rows[patient]) >= total or any(left[label] <= count for label, count in theirs.items()):
+            continue  # training keeps at least one image, and one of every label it has
+        left.subtract(theirs)
+        kept.append(patient)
+        reserved += len(rows[patient])
+    chosen = np.isin(patients, kept)
+    return train[~chosen].reset_index(drop=True), train[chosen].reset_index(drop=True).assign(split=RESERVE_SPLIT)
+
+
+def read_reserve(path: Path) -> pd.DataFrame:
+    """The more_real control's pool: results/data/reserve.csv (path, labels, ...), refused when empty."""
+    reserve = read_csv_checked(path, ["path", "labels", "patient", "split"], "more_real reserve",
+                               "; run prepare_dataset with split.more_real_ratio set")
+    if reserve.empty:
+        raise DataError(f"{path}: no reserved patients; the more_real control needs split.more_real_ratio set before "
+                        "prepare_dataset runs")
+    return reserve

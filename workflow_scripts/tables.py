@@ -22,7 +22,7 @@ from PIL import Image
 from workflow_scripts import config
 from workflow_scripts.labels import DataError, read_csv_checked
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "reserve")  # reserve: patients kept for the more_real control (study.py)
 SPLIT_COLUMNS = ["path", "labels", "prompt", "patient", "split"]  # then sex, age where the source has them
 LABEL_JOIN = config.LABEL_JOIN  # labels within a cell of our own CSVs (no label may contain it: config checks)
 RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint", "dtype", "device"]

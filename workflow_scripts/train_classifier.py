@@ -54,7 +54,7 @@ from workflow_scripts.faults import maybe_fail
 from workflow_scripts.images import BadImageError
 from workflow_scripts.labels import DataError, read_csv_checked
 from workflow_scripts.tables import load_split, read_generation_results
-from workflow_scripts.study import (Arm, arm_training_set, batch_schedule, composition, drop_excluded, parse_arm,
+from workflow_scripts.study import (Arm, ArmKind, read_reserve, arm_training_set, batch_schedule, composition, drop_excluded, parse_arm,
                                     phase_steps, study_hash, train_steps, validation_points)
 
 PROB_PREFIX = "prob_"  # predictions.csv: one column prob_<class> per class
@@ -76,7 +76,9 @@ def load_pool(arm: Arm, synthetic_csv: str | Path | None, exclude_csv: str | Pat
         return None, 0
     if synthetic_csv is None:
         raise DataError(f"arm {arm.name} needs a synthetic image list (--synthetic)")
-    if arm.kind == "control_rebalanced":
+    if arm.kind is ArmKind.MORE_REAL:  # new real images: the data stage's reserve.csv, never audited
+        return read_reserve(Path(synthetic_csv)), 0
+    if arm.kind is ArmKind.REBALANCED:
         pool = read_csv_checked(Path(synthetic_csv), ["file", "labels"], "synthetic image list",
                                 "; run the generation stage first")
         pool = pool.assign(path=pool["file"])
@@ -353,6 +355,7 @@ def _run(config: dict[str, Any], data_dir: Path, files: tuple[str | Path | None,
         "n_synthetic_excluded": data["n_excluded"],
         "achieved_synthetic_share": round(n_syn / len(mix), 6),
         "rebalance_shortfall": data.get("rebalance_shortfall"),
+        "more_real_shortfall": data.get("more_real_shortfall"),
         "best_step": best_step,
         "selection": "val macro AUROC" if best["val_macro_auroc"] is not None
                      else "val loss (no val label has both positive and negative images)",

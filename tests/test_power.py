@@ -1,0 +1,60 @@
+"""The power planner: variance components from finished runs, the MDE for other seeds and test
+patients, and the seeds needed for a target; consistent with the table's own MDE."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from conftest import REPO
+from test_compare import LABELS, write_study
+
+from workflow_scripts import power
+from workflow_scripts.compare import compare
+from workflow_scripts.config import load_config
+
+
+def planner_config(target: float = 0.05) -> dict:
+    return load_config([REPO / "config" / "config.yaml"], [f"dataset.labels={LABELS}", "classifier.bootstrap_samples=300",
+                                                          "classifier.min_test_positives=5", f"classifier.target_mde={target}",
+                                                          "classifier.ratios=[0, 10, 50]", "classifier.controls=[rebalanced, noise]"])
+
+
+def test_more_seeds_and_patients_shrink_the_mde_and_seed_variance_sets_a_floor() -> None:
+    components = {"seed_var": 0.02 ** 2, "seed_df": 8, "patient_var": 0.01 ** 2, "patient_source": "test"}
+    level = 0.05 / 4
+    by_seeds = [power.planned_mde(components, s, 1, level) for s in (2, 3, 5, 10, 20)]
+    by_patients = [power.planned_mde(components, 5, f, level) for f in (1, 2, 4, 10)]
+    assert by_seeds == sorted(by_seeds, reverse=True) and by_patients == sorted(by_patients, reverse=True)
+    # more test patients alone cannot go below the seed term: sqrt(2 * 0.02^2 / 5) * ~(z + z_0.8)
+    assert by_patients[-1] > np.sqrt(2 * 0.02 ** 2 / 5) * 3.0
+
+
+def test_the_planner_reads_a_study_and_agrees_with_the_table(tmp_path: Path) -> None:
+    paths = write_study(tmp_path / "in", quality={"ratio50": 1.5})
+    config = planner_config()
+    table = compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["synthetic"], tmp_path / "out")
+    out = tmp_path / "power.md"
+    page = power.power(config, paths["runs"], paths["data"] / "test.csv", out)
+    assert out.read_text() == page and "| seeds per arm |" in page
+    now = float(re.search(r"MDE now: \*\*([+-][0-9.]+)\*\*", page).group(1))
+    table_mde = float(np.median(table["mde_vs_ratio0"].dropna()))
+    assert abs(now - table_mde) <= 0.35 * table_mde, (now, table_mde)  # same components, pooled over arms
+    seeds = [int(n) for n in re.findall(r"- \d+ test patients: (\d+) seeds per arm", page)]
+    assert seeds and seeds == sorted(seeds, reverse=True)  # more patients never need more seeds
+
+
+def test_a_ratio0_only_pilot_is_enough_to_plan(tmp_path: Path) -> None:
+    paths = write_study(tmp_path / "in", arms={"ratio0": ("real", 0)})
+    page = power.power(planner_config(0.5), paths["runs"], paths["data"] / "test.csv", None)
+    assert "two halves of ratio0's seeds (a floor)" in page and "- 60 test patients: 2 seeds per arm" in page
+
+
+def test_the_cli_refuses_one_seed_of_ratio0_with_a_message(tmp_path: Path, capsys) -> None:
+    paths = write_study(tmp_path / "in", arms={"ratio0": ("real", 0)})
+    config = tmp_path / "c.yaml"
+    config.write_text("classifier: {min_test_positives: 5}\ndataset: {labels: " + str(LABELS) + "}\n")
+    code = power.main(["--config", str(REPO / "config" / "config.yaml"), str(config), "--runs", str(paths["runs"][0]),
+                       "--test", str(paths["data"] / "test.csv")])
+    assert code == 2 and "only ratio0 with one seed" in capsys.readouterr().err
