@@ -32,6 +32,8 @@ from collections.abc import Iterable
 
 import torch
 
+from workflow_scripts.errors import ModelNotFoundError
+
 # --------------------------------------------------------------------------------------------------
 # Constants
 # --------------------------------------------------------------------------------------------------
@@ -86,10 +88,6 @@ TINY_UNET_HEADS = 8  # diffusers' ``attention_head_dim`` (SD 1.5 uses 8 = number
 TINY_CROSS_ATTENTION_DIM = 32
 TINY_VAE_BLOCK_OUT = (32, 64, 64)  # 3 blocks: downsampling factor 4 (64 px -> 16x16 latents)
 TINY_TEXT_HIDDEN = 32
-
-
-class ModelNotFoundError(RuntimeError):
-    """The configured base model cannot be found or loaded; the message says what to do."""
 
 
 @dataclass

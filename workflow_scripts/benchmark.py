@@ -68,6 +68,7 @@ from workflow_scripts.lora_training import (GIB, LOG_EVERY, UNET_LORA_TARGETS, L
 from workflow_scripts.bench_machine import (RssSampler, machine_info, matmul_peak_tflops,  # noqa: F401
                                             register_cpu_attention_flops, release_host_memory, synchronize)
 from workflow_scripts.bench_report import GUIDANCE, REFERENCE_TFLOP_PER_IMAGE, SCHEDULER, render, speedup_line
+from workflow_scripts.errors import UserError, run_stage
 from workflow_scripts.tables import json_safe
 
 SEED = 0
@@ -77,7 +78,7 @@ NUM_PROMPTS = 8  # distinct prompts in the synthetic training set (the project h
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class BenchmarkError(RuntimeError):
+class BenchmarkError(UserError, RuntimeError):
     """The benchmark cannot run as asked; the message says what to change."""
 
 
@@ -668,6 +669,7 @@ def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, devic
     return result
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = torch.get_num_threads()
@@ -675,9 +677,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         result = benchmark(args)
-    except BenchmarkError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     finally:
         torch.set_num_threads(threads)
     if args.json:

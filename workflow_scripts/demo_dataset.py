@@ -44,6 +44,8 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
+from workflow_scripts.errors import run_stage
+
 LABELS: tuple[str, ...] = (
     "Cardiomegaly",
     "Effusion",
@@ -647,6 +649,7 @@ def label_counts(frame: pd.DataFrame) -> dict[str, int]:
     return {label: int(split.apply(lambda labels: label in labels).sum()) for label in LABELS}
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m workflow_scripts.demo_dataset",

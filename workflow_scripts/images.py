@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from workflow_scripts.errors import DataError
+
 __all__ = ["MIN_SIDE", "SUPPORTED_SUFFIXES", "BadImageError", "check_image", "is_dicom", "read_xray", "usability_problem"]
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -46,7 +48,7 @@ _FIX_HINT = "re-export or re-download the file, or remove it from the input fold
 MIN_SIDE = 32  # default of dataset.min_image_side
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
     """An input image that cannot be read; ``str(err)`` is user-facing."""
 
     def __init__(self, path: str | Path, reason: str, hint: str = _FIX_HINT) -> None:

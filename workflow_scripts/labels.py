@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from workflow_scripts.errors import DataError
+
 SKIP_COLUMNS = ["source", "row", "path", "reason"]
 NIH_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 NIH_DEMOGRAPHICS = ("Patient Gender", "Patient Age")
@@ -24,10 +26,6 @@ CHEXPERT_PATIENT = re.compile(r"(patient\d+)")
 NIH_IMAGE_NAME = re.compile(r"^(\d+)_\d+\.png$", re.IGNORECASE)  # 00000075_000.png: patient 75, film 0
 DEMOGRAPHIC_COLUMNS = ("sex", "age")
 NO_FINDING = "No Finding"
-
-
-class DataError(ValueError):
-    """The dataset cannot be used as it is; the message names the file and row at fault."""
 
 
 def note(message: str, notes: list[str] | None) -> None:

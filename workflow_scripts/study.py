@@ -32,10 +32,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.config import ConfigError, config_hash
-from workflow_scripts.labels import DataError
+from workflow_scripts.errors import ConfigError, DataError
+from workflow_scripts.config import config_hash
 from workflow_scripts.tables import LABEL_JOIN
-
 CONTROLS = ("rebalanced", "noise", "pretrain")
 ARM_PATTERN = r"ratio\d+|" + "|".join(CONTROLS)  # the {arm} wildcard
 ARM_KINDS = ("real", "synthetic", "control_rebalanced", "control_noise", "control_pretrain")

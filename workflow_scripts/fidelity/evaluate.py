@@ -21,7 +21,7 @@ from workflow_scripts.config import config_hash
 from workflow_scripts.fidelity import distances
 from workflow_scripts.fidelity.features import Extractor, compute_features, load_images
 from workflow_scripts.labels import DataError
-from workflow_scripts.tables import LABEL_JOIN, json_safe, load_split, read_generation_results
+from workflow_scripts.tables import LABEL_JOIN, Splits, json_safe, load_split, read_generation_results, split_path
 
 FIDELITY_COLUMNS = ["extractor", "label", "comparison", "n", "fid", "kid_mean", "kid_std", "kid_subset_size",
                     "precision", "recall", "density", "coverage", "notes"]
@@ -139,7 +139,7 @@ def adherence_rows(syn_scores: np.ndarray, val_scores: np.ndarray, classes: list
     return rows
 
 
-def evaluate(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | Path, out_dir: str | Path,
+def evaluate(config: dict[str, Any], data_dir: Splits, synthetic_csv: str | Path, out_dir: str | Path,
              extractors: Sequence[Extractor], classifier: tuple[torch.nn.Module, dict[str, Any]] | None = None,
              audit_summary: dict[str, Any] | None = None, device: str = "cpu", batch_size: int = 32) -> dict[str, Any]:
     """Compute everything, write fidelity.csv/.json/.md, diversity.csv, adherence.csv and plots/."""
@@ -153,7 +153,7 @@ def evaluate(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | 
               "train": load_split(data_dir, "train")}
     for name in ("val", "train"):
         if frames[name].empty:
-            raise DataError(f"{Path(data_dir) / (name + '.csv')}: no images; fidelity needs real {name} images")
+            raise DataError(f"{split_path(data_dir, name)}: no images; fidelity needs real {name} images")
     paths = {name: frame["path"].tolist() for name, frame in frames.items()}
     sets = {name: label_sets(frame["labels"]) for name, frame in frames.items()}
     present = set().union(*sets["synthetic"])
