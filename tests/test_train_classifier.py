@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import split_flags
 from workflow_scripts.classifier_model import (class_names, create_model, encode_labels, extract_features,
                                                load_classifier, preprocess)
 from workflow_scripts.config import ConfigError, load_config
@@ -273,7 +274,7 @@ def test_e2e_features(demo: dict) -> None:
 def test_e2e_rerun_through_cli_is_reproducible(demo: dict) -> None:
     out = demo["out"].with_name("cli_ratio25_seed0")
     argv = ["--config", str(REPO / "config" / "config.yaml"), *[f"--set={o}" for o in demo["overrides"]],
-            "--data-dir", str(demo["data_dir"]), "--synthetic", str(demo["synthetic_csv"]),
+            *split_flags(demo["data_dir"]), "--synthetic", str(demo["synthetic_csv"]),
             "--arm", "ratio25", "--seed", "0", "--out-dir", str(out)]
     (out).mkdir(parents=True)
     (out / "metrics.json").write_text("{}")  # an old result: replaced
@@ -287,7 +288,7 @@ def test_e2e_rerun_through_cli_is_reproducible(demo: dict) -> None:
 
 def test_e2e_errors(demo: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["--config", str(REPO / "config" / "config.yaml"), *[f"--set={o}" for o in demo["overrides"]],
-            "--data-dir", str(demo["data_dir"]), "--seed", "0"]
+            *split_flags(demo["data_dir"]), "--seed", "0"]
     # The synthetic list is needed for ratio > 0 only.
     assert main([*base, "--synthetic", str(tmp_path / "none.csv"), "--arm", "ratio25", "--out-dir", str(tmp_path / "a")]) == 2
     assert "generation" in capsys.readouterr().err

@@ -200,9 +200,8 @@ def generate_key(pipe, key: str, labels: list[str], prompt: str, count: int, out
     for start in range(0, len(missing), batch_size):
         batch = missing[start:start + batch_size]
         generators = [torch.Generator(device=device).manual_seed(seeds[index]) for index in batch]
-        with torch.inference_mode():
-            images = sample(pipe, [prompt] * len(batch), [negative_prompt] * len(batch) if negative_prompt else None,
-                            steps=steps, guidance=guidance, resolution=resolution, generators=generators)
+        images = sample(pipe, [prompt] * len(batch), [negative_prompt] * len(batch) if negative_prompt else None,
+                        steps=steps, guidance=guidance, resolution=resolution, generators=generators)
         for index, image in zip(batch, images):
             save_png_atomically(to_grayscale_uint8(image), files[index])
             maybe_fail("image_saved")
@@ -218,6 +217,7 @@ def generate_key(pipe, key: str, labels: list[str], prompt: str, count: int, out
     return results
 
 
+@torch.inference_mode()
 def sample(pipe, prompts: list[str], negative_prompts: list[str] | None, *, steps: int, guidance: float,
            resolution: int, generators: list[torch.Generator]) -> np.ndarray:
     """Images (N, H, W, 3) in [0, 1]. With the VAE in another dtype than the UNet (fp32 beside an fp16
