@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import split_flags
-from workflow_scripts.classifier_model import (class_names, create_model, encode_labels, extract_features,
+from workflow_scripts.classifier_model import (class_names, create_model, encode_labels,
                                                load_classifier, preprocess)
 from workflow_scripts.config import ConfigError, load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
@@ -263,12 +263,10 @@ def test_excluded_synthetic_images_are_not_trained_on(demo: dict, tmp_path: Path
         assert not set(drawn["path"].str.replace("synthetic_noise", "synthetic")) & set(flagged)
 
 
-def test_e2e_features(demo: dict) -> None:
+def test_e2e_saved_model_loads_with_its_preprocessing(demo: dict) -> None:
     model, meta = load_classifier(demo["out"] / "model.pt")
     assert meta["classes"] == class_names(VOCAB) and meta["image_size"] == 32
-    paths = load_split(demo["data_dir"], "test")["path"].tolist()[:5]
-    features = extract_features(model, meta, paths, batch_size=2)
-    assert features.shape == (5, 512) and np.isfinite(features).all()
+    assert model.num_classes == len(meta["classes"])
 
 
 def test_e2e_rerun_through_cli_is_reproducible(demo: dict) -> None:

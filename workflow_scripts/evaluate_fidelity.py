@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {info['status']}")
     for row in result["rows"]:
         if row["comparison"] == SYNTHETIC and "kid_mean" in row:
-            print(f"{row['extractor']:>9} {row['label']:>14}: n {row['n']:>4}, KID {row['kid_mean']:.4g}, FID {row['fid']}")
+            print(f"{row['extractor']:>9} {row['label']:>14}: n {row['n']:>4}, KID {row['kid_mean']:.4g}, "
+                  f"FID {row['fid'] if row['fid'] is not None else row['fid_status']}")
     print(f"wrote {args.out_dir / 'fidelity.md'}")
     return 0
 
