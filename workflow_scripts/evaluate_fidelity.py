@@ -1,6 +1,7 @@
 """Evaluation stage: fidelity, diversity and prompt adherence of the synthetic X-rays.
 
-    python -m workflow_scripts.evaluate_fidelity --config config/config.yaml --data-dir results/data \\
+    python -m workflow_scripts.evaluate_fidelity --config config/config.yaml \\
+        --train results/data/train.csv --val results/data/val.csv \\
         --synthetic results/synthetic/generation_results.csv \\
         --classifier results/classifier/ratio0_seed0/model.pt \\
         --audit-summary results/evaluation/audit_summary.json --out-dir results/evaluation

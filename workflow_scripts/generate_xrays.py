@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from workflow_scripts.base_model import DEFAULT_TINY_DIR
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.errors import run_stage
 from workflow_scripts.generation import generate, generation_plan, label_job, lora_checkpoint, prompt_job
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="base seed (generation.seed)")
     parser.add_argument("--train", type=Path, default=Path("results/data/train.csv"),
                         help="the training split, for plans made here (--generate-all-labels, or no --plan)")
-    parser.add_argument("--tiny-dir", type=Path, default=Path("results/models/tiny-sd"))
+    parser.add_argument("--tiny-dir", type=Path, default=DEFAULT_TINY_DIR, help="where model.pretrained: tiny lives")
     parser.add_argument("--output-dir", type=Path, default=Path("results/synthetic"))
     args = parser.parse_args(argv)
     config = config_from_args(args, "generate_label")

@@ -1,7 +1,7 @@
 """The noise control's images: the null generator, one noise image per generated image.
 
     python -m workflow_scripts.noise_images --synthetic results/synthetic/generation_results.csv \\
-        --data-dir results/data --output-dir results/synthetic_noise
+        --train results/data/train.csv --output-dir results/synthetic_noise
 
 Each generated image (a row of generation_results.csv) gets a noise image of the same size at
 `<output-dir>/<key>/<name>.png`, drawn from its recorded `seed`: independent Gaussian pixels with the

@@ -1,7 +1,8 @@
 """The augmentation study's classifier: one arm of the study (workflow_scripts.study) for one seed.
 
     python -m workflow_scripts.train_classifier --config config/config.yaml \\
-        --data-dir results/data --synthetic results/synthetic/generation_results.csv \\
+        --train results/data/train.csv --val results/data/val.csv --test results/data/test.csv \\
+        --synthetic results/synthetic/generation_results.csv \\
         --arm ratio25 --seed 0 --out-dir results/classifier/ratio25_seed0
 
 One run, read top to bottom:

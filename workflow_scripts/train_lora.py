@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from workflow_scripts.errors import TrainingError, run_stage
-from workflow_scripts.base_model import load_components
+from workflow_scripts.base_model import DEFAULT_TINY_DIR, load_components
 from workflow_scripts.config import add_config_arguments, config_from_args, config_hash
 from workflow_scripts.faults import maybe_fail
 from workflow_scripts.lora_training import (GIB, LOG_EVERY, RESUMABLE_TRAINING_KEYS, LatentCache, LoraLoop, Prompts,
@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     add_split_arguments(parser, ["train"])
     parser.add_argument("--output-dir", type=Path, default=Path("results/lora"), help="checkpoints/, logs/, final/")
-    parser.add_argument("--tiny-dir", type=Path, default=Path("results/models/tiny-sd"), help="where model.pretrained: tiny lives")
+    parser.add_argument("--tiny-dir", type=Path, default=DEFAULT_TINY_DIR, help="where model.pretrained: tiny lives")
     parser.add_argument("--resume", default="latest", help="latest (default), none, or a checkpoint-N folder")
     args = parser.parse_args(argv)
     summary = train(config_from_args(args, "train_lora"), splits_from_args(args, ["train"]), args.output_dir, args.tiny_dir, args.resume)

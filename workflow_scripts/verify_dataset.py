@@ -1,6 +1,7 @@
 """Data stage check: load the prepared splits the way training will and report what it sees.
 
-    python -m workflow_scripts.verify_dataset --config config/config.yaml --data-dir results/data
+    python -m workflow_scripts.verify_dataset --config config/config.yaml \\
+        --train results/data/train.csv --val results/data/val.csv --test results/data/test.csv --out-dir results/data
 
 Loads the training split through `XrayPromptDataset` (the class training uses) and writes
 `verify_report.json`, a readable `verify_report.md` and `verify_contact_sheet.png` (samples

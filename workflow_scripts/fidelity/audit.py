@@ -1,6 +1,7 @@
 """Memorization audit: is any synthetic image a (slightly altered) copy of a training image?
 
-    python -m workflow_scripts.fidelity.audit --config config/config.yaml --data-dir results/data \\
+    python -m workflow_scripts.fidelity.audit --config config/config.yaml \\
+        --train results/data/train.csv --val results/data/val.csv --test results/data/test.csv \\
         --synthetic results/synthetic/generation_results.csv --out-dir results/evaluation
 
 Similarity: every image goes through the LoRA training transform (to model.resolution), one
