@@ -177,7 +177,7 @@ def train_classifier(config: dict[str, Any], data_dir: Splits, synthetic_csv: st
     if seed < 0:
         raise ConfigError(f"--seed {seed}: expected a non-negative integer")
     classes = class_names(config["dataset"]["labels"])
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     partial = _clean_out_dir(out_dir)
     try:
         metrics = _run(config, data_dir, synthetic_csv, exclude_csv, study_arm, int(seed), classes, partial, show_progress)
@@ -195,7 +195,7 @@ def _training_data(config: dict[str, Any], data_dir: Path, synthetic_csv: str | 
     """The real splits (only through load_split), the arm's mix and what went into it."""
     real_train, val, test = (load_split(data_dir, split) for split in ("train", "val", "test"))
     if real_train.empty or val.empty or test.empty:
-        raise DataError(f"{data_dir}: empty split (train {len(real_train)}, val {len(val)}, test {len(test)} images)")
+        raise DataError(f"{split_path(data_dir, 'train').parent}: empty split (train {len(real_train)}, val {len(val)}, test {len(test)} images)")
     pool, n_excluded = load_pool(arm, synthetic_csv, exclude_csv)
     mix, info = arm_training_set(arm, real_train, pool, seed)
     assert_no_leakage(mix, {"val": val, "test": test})
