@@ -10,13 +10,13 @@ from snakemake.exceptions import WorkflowError
 sys.path.insert(0, workflow.basedir)
 shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
+from workflow_scripts.comparison import DEMO_CSV  # the demo_dataset rule's label file
 from workflow_scripts.config import STAGE_CONFIG, stage_config, validate_config, write_stage_config
 from workflow_scripts.study import ARM_PATTERN, REFERENCE, arm_names, parse_arm
 
 # Friendly messages for every bad key, then snakemake.utils.validate fills in the defaults.
 validate_config(config)
 
-DEMO_CSV = "results/demo_data/Data_Entry_2017.csv"  # made by the demo_dataset rule
 if os.path.isdir(config["dataset"]["csv"]):
     raise WorkflowError(f"dataset.csv: {config['dataset']['csv']} is a folder; point it at the label file itself.")
 if os.path.realpath(config["dataset"]["images"]) == os.path.sep:  # Snakemake would only say "Empty file path"
@@ -70,7 +70,7 @@ def planned_generation_results(wildcards):
 
     plan = pd.read_csv(checkpoints.plan_generation.get().output.plan)
     keys = plan.loc[plan["count"] > 0, "key"]
-    return expand("results/synthetic/{label}/generation_results.csv", label=keys)
+    return expand(rules.generate_label.output.results, label=keys)
 
 
 def classifier_inputs(wildcards):
@@ -97,11 +97,11 @@ def classifier_inputs(wildcards):
     return inputs
 
 
-def study_runs(arms=None):
-    """metrics.json of every seed of `arms` (default: every arm of the study, classifier.ratios then
-    classifier.controls)."""
+def study_runs(arms=None, output="metrics"):
+    """One output of train_classifier (metrics.json by default) for every seed of `arms` (default:
+    every arm of the study, classifier.ratios then classifier.controls)."""
     return expand(
-        "results/classifier/{arm}_seed{seed}/metrics.json",
+        getattr(rules.train_classifier.output, output),
         arm=arms if arms is not None else arm_names(config),
         seed=config["classifier"]["seeds"],
     )

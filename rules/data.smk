@@ -3,7 +3,7 @@
 
 rule demo_dataset:
     output:
-        csv="results/demo_data/Data_Entry_2017.csv",
+        csv=DEMO_CSV,
         images=directory("results/demo_data/images"),
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.csv),
@@ -49,17 +49,17 @@ rule prepare_dataset:
 
 rule verify_dataset:
     input:
-        rules.prepare_dataset.output.train,
-        rules.prepare_dataset.output.val,
-        rules.prepare_dataset.output.test,
-        rules.prepare_dataset.output.reserve,
+        train=rules.prepare_dataset.output.train,
+        val=rules.prepare_dataset.output.val,
+        test=rules.prepare_dataset.output.test,
+        reserve=rules.prepare_dataset.output.reserve,
         config=stage_config_file("verify_dataset"),
     output:
         report_json="results/data/verify_report.json",
         report_md=report("results/data/verify_report.md", category="Data"),
         contact_sheet=report("results/data/verify_contact_sheet.png", category="Data"),
     params:
-        data_dir=lambda wildcards, input: os.path.dirname(input[0]),
+        out_dir=lambda wildcards, output: os.path.dirname(output.report_json),
     log:
         "logs/verify_dataset/verify_dataset.log",
     benchmark:
@@ -67,4 +67,5 @@ rule verify_dataset:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.verify_dataset --config {input.config} --data-dir {params.data_dir} > {log} 2>&1"
+        "python -m workflow_scripts.verify_dataset --config {input.config} --train {input.train} --val {input.val}"
+        " --test {input.test} --reserve {input.reserve} --out-dir {params.out_dir} > {log} 2>&1"

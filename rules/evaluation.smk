@@ -12,7 +12,6 @@ rule train_classifier:
         model="results/classifier/{arm}_seed{seed}/model.pt",
         composition="results/classifier/{arm}_seed{seed}/composition.csv",
     params:
-        data_dir=lambda wildcards, input: os.path.dirname(input.train),
         synthetic=lambda wildcards, input: f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else "",
         exclude=lambda wildcards, input: f"--exclude-synthetic {input.exclude}" if "exclude" in input.keys() else "",
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
@@ -25,7 +24,8 @@ rule train_classifier:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.train_classifier --config {input.config} --data-dir {params.data_dir}"
+        "python -m workflow_scripts.train_classifier --config {input.config} --train {input.train} --val {input.val}"
+        " --test {input.test}"
         " {params.synthetic} {params.exclude} --arm {wildcards.arm} --seed {wildcards.seed} --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -64,7 +64,6 @@ rule audit_memorization:
         pairs="results/evaluation/audit/pairs.csv",
         summary="results/evaluation/audit_summary.json",
     params:
-        data_dir=lambda wildcards, input: os.path.dirname(input.train),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
     resources:
         gpu=1,
@@ -77,8 +76,9 @@ rule audit_memorization:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.fidelity.audit --config {input.config} --data-dir {params.data_dir}"
-        " --synthetic {input.synthetic} --out-dir {params.out_dir} --block-mb {resources.audit_block_mb} > {log} 2>&1"
+        "python -m workflow_scripts.fidelity.audit --config {input.config} --train {input.train} --val {input.val}"
+        " --test {input.test} --synthetic {input.synthetic} --out-dir {params.out_dir}"
+        " --block-mb {resources.audit_block_mb} > {log} 2>&1"
 
 
 rule evaluate_fidelity:
@@ -97,7 +97,6 @@ rule evaluate_fidelity:
         adherence="results/evaluation/adherence.csv",
         plots=directory("results/evaluation/plots"),
     params:
-        data_dir=lambda wildcards, input: os.path.dirname(input.train),
         out_dir=lambda wildcards, output: os.path.dirname(output.fidelity),
     resources:
         gpu=1,
@@ -108,7 +107,7 @@ rule evaluate_fidelity:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.evaluate_fidelity --config {input.config} --data-dir {params.data_dir}"
+        "python -m workflow_scripts.evaluate_fidelity --config {input.config} --train {input.train} --val {input.val}"
         " --synthetic {input.synthetic} --classifier {input.classifier} --audit-summary {input.audit_summary}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
@@ -116,10 +115,14 @@ rule evaluate_fidelity:
 rule compare:
     input:
         metrics=study_runs(),
+        predictions=study_runs(output="predictions"),
+        composition=study_runs(output="composition"),
         fidelity=rules.evaluate_fidelity.output.fidelity_md,
-        lora=rules.train_lora.output.final,
+        lora_summary=rules.train_lora.output.summary,
         synthetic=rules.merge_generation.output.results,
         train=rules.prepare_dataset.output.train,
+        test=rules.prepare_dataset.output.test,
+        prepare_summary=rules.prepare_dataset.output.summary,
         reader_study=reader_study_scores,  # the reader study's pooled row, once answers exist
         config=stage_config_file("compare"),
     output:
@@ -129,9 +132,8 @@ rule compare:
         grid=report("results/plots/real_vs_synthetic.png", category="Fidelity"),
     params:
         runs=lambda wildcards, input: " ".join(os.path.dirname(path) for path in input.metrics),
-        evaluation_dir=lambda wildcards, input: os.path.dirname(input.fidelity),
-        data_dir=lambda wildcards, input: os.path.dirname(input.train),
         out_dir=lambda wildcards, output: os.path.dirname(output.table_csv),
+        reader_study=lambda wildcards, input: f"--reader-study {input.reader_study}" if input.reader_study else "",
     log:
         "logs/compare/compare.log",
     benchmark:
@@ -140,8 +142,9 @@ rule compare:
         "../envs/cxr-synth.yaml"
     shell:
         "python -m workflow_scripts.compare --config {input.config} --runs {params.runs}"
-        " --evaluation-dir {params.evaluation_dir} --lora-summary {input.lora}/training_summary.json"
-        " --data-dir {params.data_dir} --synthetic {input.synthetic} --out-dir {params.out_dir} > {log} 2>&1"
+        " --fidelity {input.fidelity} --lora-summary {input.lora_summary} --train {input.train} --test {input.test}"
+        " --prepare-summary {input.prepare_summary} --synthetic {input.synthetic} {params.reader_study}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
 
 
 # Not part of `all`: `snakemake plan_power` after a pilot (or a whole study) prints the seeds and

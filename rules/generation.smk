@@ -7,21 +7,19 @@ checkpoint plan_generation:
         config=stage_config_file("plan_generation"),
     output:
         plan="results/synthetic/plan.csv",
-    params:
-        data_dir=lambda wildcards, input: os.path.dirname(input.train),
     log:
         "logs/plan_generation/plan_generation.log",
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.generate_xrays --config {input.config} --data-dir {params.data_dir}"
-        " --write-plan {output.plan} > {log} 2>&1"
+        "python -m workflow_scripts.plan_generation --config {input.config} --train {input.train}"
+        " --plan {output.plan} > {log} 2>&1"
 
 
 rule generate_label:
     input:
-        plan="results/synthetic/plan.csv",
-        lora=rules.train_lora.output.final,
+        plan=rules.plan_generation.output.plan,
+        lora=rules.train_lora.output.adapter,
         base_model=base_model_input,
         config=stage_config_file("generate_label"),
     output:
@@ -30,6 +28,7 @@ rule generate_label:
         results="results/synthetic/{label}/generation_results.csv",
     params:
         output_dir=lambda wildcards, output: os.path.dirname(os.path.dirname(output.results)),
+        tiny_dir=rules.build_tiny_model.output.model,
     resources:
         gpu=1,
     log:
@@ -40,7 +39,7 @@ rule generate_label:
         "../envs/cxr-synth.yaml"
     shell:
         "python -m workflow_scripts.generate_xrays --config {input.config} --label {wildcards.label}"
-        " --plan {input.plan} --checkpoint {input.lora} --tiny-dir results/models/tiny-sd"
+        " --plan {input.plan} --checkpoint {input.lora} --tiny-dir {params.tiny_dir}"
         " --output-dir {params.output_dir} > {log} 2>&1"
 
 
@@ -50,15 +49,13 @@ rule merge_generation:
         config=stage_config_file("merge_generation"),
     output:
         results="results/synthetic/generation_results.csv",
-    params:
-        output_dir=lambda wildcards, output: os.path.dirname(output.results),
     log:
         "logs/merge_generation/merge_generation.log",
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.generate_xrays --config {input.config} --merge {input.results}"
-        " --output-dir {params.output_dir} > {log} 2>&1"
+        "python -m workflow_scripts.merge_generation --config {input.config} --results {input.results}"
+        " --merged {output.results} > {log} 2>&1"
 
 
 rule make_noise_images:
@@ -71,7 +68,6 @@ rule make_noise_images:
         results="results/synthetic_noise/generation_results.csv",
         summary="results/synthetic_noise/noise_summary.json",
     params:
-        data_dir=lambda wildcards, input: os.path.dirname(input.train),
         output_dir=lambda wildcards, output: os.path.dirname(output.results),
     log:
         "logs/make_noise_images/make_noise_images.log",
@@ -81,4 +77,4 @@ rule make_noise_images:
         "../envs/cxr-synth.yaml"
     shell:
         "python -m workflow_scripts.noise_images --config {input.config} --synthetic {input.synthetic}"
-        " --data-dir {params.data_dir} --output-dir {params.output_dir} > {log} 2>&1"
+        " --train {input.train} --output-dir {params.output_dir} > {log} 2>&1"

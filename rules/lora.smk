@@ -23,12 +23,14 @@ rule train_lora:
         base_model=base_model_input,
         config=stage_config_file("train_lora"),
     output:
-        # Only the final adapter is declared: checkpoints/ survives a failed or re-run job and the
-        # next run resumes from its latest checkpoint.
-        final=directory("results/lora/final"),
+        # Only the final LoRA files are declared: checkpoints/ survives a failed or re-run job and the
+        # next run resumes from its latest checkpoint. final/ is written whole, by one rename.
+        adapter="results/lora/final/pytorch_lora_weights.safetensors",
+        kohya="results/lora/final/lora_kohya.safetensors",
+        summary="results/lora/final/training_summary.json",
     params:
-        data_dir=lambda wildcards, input: os.path.dirname(input.train),
-        output_dir=lambda wildcards, output: os.path.dirname(output.final),
+        output_dir=lambda wildcards, output: os.path.dirname(os.path.dirname(output.summary)),
+        tiny_dir=rules.build_tiny_model.output.model,
         launcher=python_launcher,
     resources:
         gpu=1,
@@ -39,5 +41,5 @@ rule train_lora:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "{params.launcher} -m workflow_scripts.train_lora --config {input.config} --data-dir {params.data_dir}"
-        " --output-dir {params.output_dir} --tiny-dir results/models/tiny-sd > {log} 2>&1"
+        "{params.launcher} -m workflow_scripts.train_lora --config {input.config} --train {input.train}"
+        " --output-dir {params.output_dir} --tiny-dir {params.tiny_dir} > {log} 2>&1"

@@ -23,6 +23,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 VOCAB = ["Cardiomegaly", "Effusion", "Nodule", "Fibrosis", "Pneumonia", "No Finding"]
 
 
+def split_flags(folder: Path, *splits: str) -> list[str]:
+    """--train/--val/--test flags naming the split CSVs in `folder` (default: all three), as a rule does."""
+    return [item for split in splits or ("train", "val", "test") for item in (f"--{split}", str(Path(folder) / f"{split}.csv"))]
+
+
 def write_png(path: Path, seed: int, size: int = 40) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)

@@ -81,7 +81,8 @@ def write_study(root: Path, arms: dict[str, tuple[str, int]] = ARMS, quality: di
                                 "device": "cpu", "base_model": "results/models/tiny-sd", "lora_rank": 4}))
     synthetic = root / "generation_results.csv"
     pd.DataFrame({"file": [str(image)] * 4, "labels": LABELS}).to_csv(synthetic, index=False)
-    return {"data": data, "runs": runs, "evaluation": evaluation, "lora": lora, "synthetic": synthetic}
+    return {"data": data, "summary": data / "prepare_summary.json", "runs": runs, "evaluation": evaluation / "fidelity.md",
+            "lora": lora, "synthetic": synthetic}
 
 
 def run_compare(tmp_path: Path, min_positives: int = 5, **study) -> tuple[pd.DataFrame, str, Path]:
@@ -89,7 +90,7 @@ def run_compare(tmp_path: Path, min_positives: int = 5, **study) -> tuple[pd.Dat
     config = load_config([REPO / "config" / "config.yaml"], [f"dataset.labels={LABELS}", "classifier.bootstrap_samples=200",
                                                             f"classifier.min_test_positives={min_positives}"])
     out = tmp_path / "out"
-    table = compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["synthetic"], out)
+    table = compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["summary"], paths["synthetic"], out)
     return table, (out / "comparison.md").read_text(), out
 
 
@@ -121,7 +122,7 @@ def test_a_label_without_training_images_is_left_out_of_the_table(tmp_path: Path
     summary = json.loads(summary_path.read_text())
     summary_path.write_text(json.dumps({**summary, "labels_absent": ["Effusion"]}))
     config = load_config([REPO / "config" / "config.yaml"], [f"dataset.labels={LABELS}", "classifier.min_test_positives=5"])
-    table = compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["synthetic"],
+    table = compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["summary"], paths["synthetic"],
                     tmp_path / "out")
     page = (tmp_path / "out" / "comparison.md").read_text()
     assert table["auroc_Effusion"].isna().all() and table["auroc_Mass"].notna().all()
@@ -139,8 +140,9 @@ def test_runs_that_differ_in_weights_config_or_steps_are_refused_by_name(tmp_pat
 def test_the_cli_refuses_with_a_message_and_status_2(tmp_path: Path, capsys) -> None:
     paths = write_study(tmp_path / "in", metric_overrides={"noise_seed0": {"config_hash": "zzz"}})
     status = main(["--config", str(REPO / "config" / "config.yaml"), "--set", f"dataset.labels={LABELS}",
-                   "--runs", *map(str, paths["runs"]), "--data-dir", str(paths["data"]),
-                   "--evaluation-dir", str(paths["evaluation"]), "--out-dir", str(tmp_path / "out")])
+                   "--runs", *map(str, paths["runs"]), "--train", str(paths["data"] / "train.csv"),
+                   "--test", str(paths["data"] / "test.csv"), "--fidelity", str(paths["evaluation"]),
+                   "--prepare-summary", str(paths["summary"]), "--out-dir", str(tmp_path / "out")])
     assert status == 2
     assert "config_hash differs" in capsys.readouterr().err and not (tmp_path / "out" / "comparison.md").exists()
 
@@ -235,10 +237,11 @@ def test_fidelity_and_audit_are_included_once_from_the_fidelity_stage(tmp_path: 
     assert page.count("KID (n=4): 0.1 (floor 0.01)") == 1 and page.count("## Memorization audit") == 1
     assert "random weights" in page and "phantoms" in page  # the demo honesty banner
     paths = write_study(tmp_path / "none" / "in")
-    (paths["evaluation"] / "fidelity.md").unlink()
+    paths["evaluation"].unlink()
     config = load_config([REPO / "config" / "config.yaml"], [f"dataset.labels={LABELS}", "classifier.min_test_positives=5"])
     with pytest.raises(DataError, match="fidelity.md not found"):
-        compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["synthetic"], tmp_path / "none" / "out")
+        compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["summary"], paths["synthetic"],
+                tmp_path / "none" / "out")
 
 
 def test_a_run_scored_on_other_images_is_refused(tmp_path: Path) -> None:
@@ -247,7 +250,7 @@ def test_a_run_scored_on_other_images_is_refused(tmp_path: Path) -> None:
     pd.read_csv(predictions).iloc[1:].to_csv(predictions, index=False)
     config = load_config([REPO / "config" / "config.yaml"], [f"dataset.labels={LABELS}", "classifier.min_test_positives=5"])
     with pytest.raises(DataError, match="ratio10_seed1.*not those of the test split"):
-        compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["synthetic"], tmp_path / "out")
+        compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["summary"], paths["synthetic"], tmp_path / "out")
 
 
 def test_ratio0_is_required(tmp_path: Path) -> None:

@@ -174,7 +174,7 @@ def test_a_stage_sees_only_what_it_declares() -> None:
 
 
 def test_a_stage_reading_an_undeclared_section_fails(tmp_path: Path) -> None:
-    from workflow_scripts.generate_xrays import generation_plan
+    from workflow_scripts.generation import generation_plan
 
     train = pd.DataFrame({"labels": ["Mass", "Effusion"]})
     declared = load_stage_config([REPO / "config" / "config.yaml"], "plan_generation")

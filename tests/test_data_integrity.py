@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import REPO, SHARED_DATA, tree_checksum
+from conftest import REPO, SHARED_DATA, split_flags, tree_checksum
 from workflow_scripts import prepare_dataset, verify_dataset
 from workflow_scripts.resolve import find_bad_images
 from workflow_scripts.tables import SPLITS, load_split
@@ -60,7 +60,9 @@ def run(tmp_path: Path, capsys, csv: Path, images: Path | str, *sets: str, label
              "--set", f"dataset.labels=[{', '.join(labels)}]"]
     for item in sets:
         flags += ["--set", item]
-    out = ["--out-dir", str(tmp_path / "out")] if command is prepare_dataset.main else ["--data-dir", str(tmp_path / "out")]
+    out = ["--out-dir", str(tmp_path / "out")]
+    if command is not prepare_dataset.main:
+        out = [*split_flags(tmp_path / "out"), *out]
     code = command([*flags, *out, *extra])
     err = capsys.readouterr().err
     assert "Traceback" not in err

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from tests.conftest import REPO, make_config
+from tests.conftest import REPO, make_config, split_flags
 from workflow_scripts import evaluate_fidelity as cli
 from workflow_scripts.demo_dataset import make_demo_dataset
 from workflow_scripts.fidelity import audit, distances, features
@@ -257,7 +257,7 @@ def test_noise_is_far_above_the_floor_and_a_second_real_sample_sits_on_it(prepar
     assert noise_syn["coverage"] < 0.1 < noise_floor["coverage"]
     assert real_syn["n"] == min(len(prepared["val"]), len(test))
     assert abs(real_syn["kid_mean"] - real_floor["kid_mean"]) < 3 * max(real_floor["kid_mean"], 1e-3)
-    assert all(isinstance(r["fid"], str) and r["fid"].startswith("n/a") for r in runs["noise"]["rows"])  # n < 256 dims
+    assert all(r["fid"] is None and r["fid_status"].startswith("n/a") for r in runs["noise"]["rows"])  # n < 256 dims
     # per label: equal n in both comparisons, the smallest of the three sets
     sets = {"syn": label_sets(train["labels"]), "val": label_sets(prepared["val"]["labels"])}
     for row in runs["noise"]["rows"]:
@@ -304,14 +304,14 @@ def test_cli_with_the_real_only_classifier(prepared: dict, tmp_path: Path, empty
     config_file.write_text(json.dumps({"dataset": prepared["config"]["dataset"], "split": prepared["config"]["split"],
                                        "evaluation": {"extractors": ["pixels", "xrv"], "kid_subsets": 2,
                                                       "diversity_pairs": 5, "diversity_images": 4}}))
-    args = ["--config", str(REPO / "config" / "config.yaml"), str(config_file), "--data-dir", str(prepared["data_dir"]),
+    args = ["--config", str(REPO / "config" / "config.yaml"), str(config_file), *split_flags(prepared["data_dir"], "train", "val"),
             "--synthetic", str(csv), "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--no-download"]
     assert cli.main(args + ["--classifier", str(classifier)]) == 0, capsys.readouterr().err
     assert "xrv: unavailable:" in capsys.readouterr().out
     adherence = pd.read_csv(tmp_path / "out" / "adherence.csv")
     assert set(adherence["label"]) <= set(classes) and adherence["auroc"].notna().any()
     assert "unavailable" in (tmp_path / "out" / "fidelity.md").read_text()
-    assert cli.main(args[:5] + ["--synthetic", str(tmp_path / "none.csv"), "--out-dir", str(tmp_path / "x")]) == 2
+    assert cli.main(args[:7] + ["--synthetic", str(tmp_path / "none.csv"), "--out-dir", str(tmp_path / "x")]) == 2
     assert "none.csv" in capsys.readouterr().err
 
 
@@ -382,7 +382,7 @@ def test_the_audit_flags_the_same_images_in_small_blocks_and_says_its_cost_first
 
 
 def test_audit_cli_names_a_missing_input(prepared: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = audit.main(["--config", str(REPO / "config" / "config.yaml"), "--data-dir", str(prepared["data_dir"]),
+    code = audit.main(["--config", str(REPO / "config" / "config.yaml"), *split_flags(prepared["data_dir"]),
                        "--synthetic", str(tmp_path / "missing.csv"), "--out-dir", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 2 and "missing.csv" in capsys.readouterr().err
     assert not (tmp_path / "out" / "audit_summary.json").exists()

@@ -18,6 +18,7 @@ from workflow_scripts.demo_dataset import make_demo_dataset
 from workflow_scripts.faults import ENV
 from workflow_scripts.images import check_image
 
+LORA_SUMMARY = "results/lora/final/training_summary.json"  # one of train_lora's declared outputs
 MICRO = """
 dataset: {{csv: {csv}, images: {images}}}
 demo: {{num_patients: 16, size: 64, seed: 0}}
@@ -59,7 +60,7 @@ def ok(result: subprocess.CompletedProcess) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, user_data) -> Path:
     workdir = workdir_for(tmp_path_factory.mktemp("uninterrupted"), user_data)
-    ok(snakemake(workdir, "results/lora/final"))
+    ok(snakemake(workdir, LORA_SUMMARY))
     ok(snakemake(workdir, "results/classifier/ratio0_seed0/metrics.json"))
     return workdir
 
@@ -70,12 +71,12 @@ def test_train_lora_killed_at_several_points_resumes_to_the_same_lora(tmp_path, 
     # Mid-epoch by SIGTERM (checkpoint-2 exists), then SIGKILL while checkpoint-6 is half written (after
     # checkpoint-4), then SIGKILL during the validation of step 8 (after checkpoint-8).
     for fault in ("train_step:3:TERM", "checkpoint_save:2:KILL", "validation:1:KILL"):
-        result = snakemake(workdir, "results/lora/final", fault)
+        result = snakemake(workdir, LORA_SUMMARY, fault)
         assert result.returncode != 0, f"{fault}: the run should have died"
-        assert not (workdir / "results" / "lora" / "final").exists()
+        assert not (workdir / LORA_SUMMARY).exists()  # no final LoRA file is left by a failed job
     checkpoints = sorted(p.name for p in (workdir / "results" / "lora" / "checkpoints").iterdir())
     assert "checkpoint-8" in checkpoints and not any(name.endswith(".partial") for name in checkpoints)
-    ok(snakemake(workdir, "results/lora/final"))
+    ok(snakemake(workdir, LORA_SUMMARY))
     summary = json.loads((workdir / "results" / "lora" / "final" / "training_summary.json").read_text())
     assert summary["resumed_from"].endswith("checkpoint-8") and summary["steps"] == 8
     ours = load_file(workdir / "results" / "lora" / "final" / "pytorch_lora_weights.safetensors")

@@ -1,4 +1,5 @@
-"""Generation on the tiny model, on CPU: determinism, files, plans, resume, LoRA applied, bad input."""
+"""Generation on the tiny model, on CPU: determinism, files, plans, resume, LoRA applied, fp32 VAE under fp16, the
+three CLIs (plan, generate, merge), bad input."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from workflow_scripts import generate_xrays
+from workflow_scripts import generation, merge_generation, plan_generation
 from workflow_scripts.base_model import load_pipeline, make_scheduler
 from workflow_scripts.tiny_model import build_tiny_pipeline
 from workflow_scripts.config import load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
-from workflow_scripts.generate_xrays import GenerationError, generation_plan, label_key, main, parse_labels
+from workflow_scripts.errors import GenerationError
+from workflow_scripts.generate_xrays import main
+from workflow_scripts.generation import generation_plan, label_key, parse_labels
 from workflow_scripts.prepare_dataset import prepare
 from workflow_scripts.study import pool_size_needed
 from workflow_scripts.tables import load_split
@@ -45,7 +48,7 @@ def trained(tmp_path_factory) -> dict[str, Any]:
 
 def generate(trained, out: Path, *flags: str) -> int:
     return main(["--config", str(trained["config_file"]), "--checkpoint", str(trained["root"] / "lora" / "final"),
-                 "--tiny-dir", str(trained["tiny"]), "--data-dir", str(trained["root"] / "data"),
+                 "--tiny-dir", str(trained["tiny"]), "--train", str(trained["root"] / "data" / "train.csv"),
                  "--num-inference-steps", "3", "--output-dir", str(out), *flags])
 
 
@@ -157,7 +160,7 @@ def test_the_lora_is_really_applied(trained, tmp_path) -> None:
     base.set_progress_bar_config(disable=True)
     image = base(row["prompt"], num_inference_steps=3, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(int(row["seed"]))).images[0]
-    without_lora = generate_xrays.to_grayscale_uint8(image).astype(np.int16)
+    without_lora = generation.to_grayscale_uint8(image).astype(np.int16)
     assert np.abs(pixels(tmp_path / "Mass" / "Mass_0000.png") - without_lora).mean() > 1.0
 
 
@@ -165,8 +168,8 @@ def test_the_lora_is_fused_and_samples_as_the_unfused_adapter(trained) -> None:
     from diffusers import StableDiffusionPipeline
 
     final = trained["root"] / "lora" / "final"
-    fused, _, _ = generate_xrays.load_generator(final, None, trained["tiny"], "dpmsolver++", trained["config"]["hardware"],
-                                                torch.float32, torch.device("cpu"))
+    fused, _, _ = generation.load_generator(final, None, trained["tiny"], "dpmsolver++", trained["config"]["hardware"],
+                                             torch.float32, torch.device("cpu"))
     assert not any("lora" in name for name, _ in fused.unet.named_modules())  # no adapter call per UNet step
     unfused = StableDiffusionPipeline.from_pretrained(trained["tiny"], safety_checker=None)
     unfused.load_lora_weights(final)
@@ -182,14 +185,49 @@ def test_the_lora_is_fused_and_samples_as_the_unfused_adapter(trained) -> None:
 
 def test_sampling_dtype_is_half_on_a_gpu_whatever_the_training_precision(monkeypatch) -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert generate_xrays.generation_dtype("auto", cpu) == torch.float32
-    assert generate_xrays.generation_dtype("fp16", cpu) == torch.float32
+    assert generation.generation_dtype("auto", cpu) == torch.float32
+    assert generation.generation_dtype("fp16", cpu) == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert generate_xrays.generation_dtype("auto", cuda) == torch.bfloat16
-    assert generate_xrays.generation_dtype("fp16", cuda) == torch.float16
-    assert generate_xrays.generation_dtype("fp32", cuda) == torch.float32
+    assert generation.generation_dtype("auto", cuda) == torch.bfloat16
+    assert generation.generation_dtype("fp16", cuda) == torch.float16
+    assert generation.generation_dtype("fp32", cuda) == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert generate_xrays.generation_dtype("auto", cuda) == torch.float16
+    assert generation.generation_dtype("auto", cuda) == torch.float16
+
+
+def test_under_fp16_the_vae_stays_fp32_and_decodes_the_fp16_latents(trained) -> None:
+    # SD's VAE overflows in fp16: with an fp16 UNet the VAE is kept fp32 and decodes the latents itself.
+    final = trained["root"] / "lora" / "final"
+    pipe, _, _ = generation.load_generator(final, None, trained["tiny"], "dpmsolver++", trained["config"]["hardware"],
+                                           torch.float16, torch.device("cpu"))
+    assert pipe.unet.dtype == torch.float16 and pipe.text_encoder.dtype == torch.float16 and pipe.vae.dtype == torch.float32
+    images = generation.sample(pipe, ["A chest X-ray with Mass"] * 2, None, steps=2, guidance=7.5, resolution=64,
+                               generators=[torch.Generator().manual_seed(seed) for seed in (0, 1)])
+    assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all() and 0 <= images.min() <= images.max() <= 1
+    # Same seeds in fp32: the fp16 UNet gives nearly the same image (the decode path is the pipeline's own).
+    full, _, _ = generation.load_generator(final, None, trained["tiny"], "dpmsolver++", trained["config"]["hardware"],
+                                           torch.float32, torch.device("cpu"))
+    reference = generation.sample(full, ["A chest X-ray with Mass"] * 2, None, steps=2, guidance=7.5, resolution=64,
+                                  generators=[torch.Generator().manual_seed(seed) for seed in (0, 1)])
+    assert np.abs(images - reference).mean() < 0.05
+
+
+def test_plan_and_merge_clis_write_what_the_generation_rules_read(trained, tmp_path) -> None:
+    train_csv = trained["root"] / "data" / "train.csv"
+    plan_csv = tmp_path / "synthetic" / "plan.csv"
+    assert plan_generation.main(["--config", str(trained["config_file"]), "--train", str(train_csv), "--plan", str(plan_csv)]) == 0
+    expected = generation_plan(trained["config"], load_split({"train": train_csv}, "train"))
+    pd.testing.assert_frame_equal(pd.read_csv(plan_csv, dtype={"labels": str, "prompt": str}), expected, check_dtype=False)
+    out = tmp_path / "synthetic"
+    for label in ("Mass", "Effusion"):
+        assert generate(trained, out, "--label", label, "--plan", str(plan_csv), "--num-inference-steps", "1") == 0
+    merged = tmp_path / "synthetic" / "generation_results.csv"
+    parts = [str(out / label / "generation_results.csv") for label in ("Mass", "Effusion")]
+    assert merge_generation.main(["--config", str(trained["config_file"]), "--results", *parts, "--merged", str(merged)]) == 0
+    frame = pd.read_csv(merged)
+    counts = dict(zip(expected["key"], expected["count"]))
+    assert frame["labels"].tolist() == ["Mass"] * counts["Mass"] + ["Effusion"] * counts["Effusion"]
+    assert all(Path(file).is_file() for file in frame["file"])
 
 
 def test_real_configs_do_not_slow_a_gpu_with_vae_slicing() -> None:

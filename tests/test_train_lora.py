@@ -230,7 +230,7 @@ def test_data_parallel_training_with_two_processes_trains_and_resumes(setup) -> 
 
     def launch(steps: int) -> dict[str, Any]:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "workflow_scripts.train_lora",
-                   "--config", str(config_file), "--set", f"training.max_train_steps={steps}", "--data-dir", str(setup["root"] / "data"),
+                   "--config", str(config_file), "--set", f"training.max_train_steps={steps}", "--train", str(setup["root"] / "data" / "train.csv"),
                    "--output-dir", str(out), "--tiny-dir", str(setup["tiny"])]
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                                 env={**__import__("os").environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO)})

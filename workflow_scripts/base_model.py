@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from workflow_scripts.errors import ModelNotFoundError
+
 # --------------------------------------------------------------------------------------------------
 # Constants
 # --------------------------------------------------------------------------------------------------
@@ -53,8 +55,6 @@ SD15_SCHEDULER_DEFAULTS: dict[str, Any] = {
     "trained_betas": None,
 }
 
-class ModelNotFoundError(RuntimeError):
-    """The configured base model cannot be found or loaded; the message says what to do."""
 
 
 @dataclass

@@ -62,11 +62,12 @@ from workflow_scripts.bench_report import REFERENCE_TFLOP_PER_IMAGE, render, spe
 from workflow_scripts.bench_training import (SEED, apply_levers, build_bench, count_flops, measure_levers, measure_memory,
                                              run)
 from workflow_scripts.lora_training import COMPUTE_DTYPES, UNET_LORA_TARGETS, gpu_levers, hardware_settings, library_versions
+from workflow_scripts.errors import UserError, run_stage
 from workflow_scripts.tables import json_safe
 from workflow_scripts.tiny_model import build_tiny_pipeline
 
 
-class BenchmarkError(RuntimeError):
+class BenchmarkError(UserError, RuntimeError):
     """The benchmark cannot run as asked; the message says what to change."""
 
 
@@ -319,6 +320,7 @@ def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, devic
     return result
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     stage = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     stage.add_argument("--stage", choices=["lora", "classifier"], default="lora")
@@ -333,9 +335,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         result = benchmark(args)
-    except BenchmarkError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     finally:
         torch.set_num_threads(threads)
     if args.json:

@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from workflow_scripts.base_model import DEFAULT_TINY_DIR, ModelNotFoundError, load_components
+from workflow_scripts.errors import run_stage
+from workflow_scripts.base_model import DEFAULT_TINY_DIR, load_components
 from workflow_scripts.tiny_model import _folder_size, _n_params, build_tiny_pipeline
 
 
@@ -19,6 +20,7 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflow_scripts.build_tiny_model", description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group(required=True)
@@ -42,11 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  saved size {_folder_size(out) / 2**20:.2f} MiB")
         return 0
 
-    try:
-        comps = load_components(args.check, Path(args.tiny_dir))
-    except ModelNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    comps = load_components(args.check, Path(args.tiny_dir))
     print(f"loaded {comps.kind} Stable Diffusion from {comps.source}")
     for name in ("unet", "vae", "text_encoder"):
         mod = getattr(comps, name)

@@ -1,7 +1,7 @@
 """The study's classifier, as a library: its labels, its images, its timm model and its metrics.
 
 `train_classifier` (the stage) trains it; `fidelity` scores synthetic images with a trained one
-(`load_classifier`, `extract_features`); `compare` names its outputs (`class_names`).
+(`load_classifier`); `compare` names its outputs (`class_names`).
 Images: read_xray -> short side resized to classifier.image_size -> center crop -> 3 channels ->
 the model's ImageNet mean/std. No flips: left and right matter in a chest X-ray.
 """
@@ -252,25 +252,6 @@ def load_classifier(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()
     return model, meta
-
-
-@torch.no_grad()
-def extract_features(model: torch.nn.Module, meta: Mapping[str, Any], paths: Sequence[str | Path],
-                     batch_size: int = 64, num_workers: int = 0) -> np.ndarray:
-    """Penultimate (pre-logits) features, shape (len(paths), feature_dim), float32, in `paths` order."""
-    dataset = XrayLabelDataset([str(p) for p in paths], None, int(meta["image_size"]), meta["mean"], meta["std"],
-                               meta.get("interpolation", "bicubic"))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    features = []
-    for images, _ in make_loader(dataset, batch_size, num_workers):
-        out = model.forward_head(model.forward_features(images.to(device)), pre_logits=True)
-        features.append(out.flatten(1).float().cpu().numpy())
-    model.train(was_training)
-    if not features:
-        return np.zeros((0, int(getattr(model, "num_features", 0))), dtype=np.float32)
-    return np.concatenate(features)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -27,21 +27,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from workflow_scripts.errors import ConfigError, DataError, run_stage
 from workflow_scripts import stats
-from workflow_scripts.config import (
-    ConfigError,
-    add_config_arguments,
-    config_from_args,
-    config_hash,
-)
-from workflow_scripts.images import BadImageError
+from workflow_scripts.config import add_config_arguments, config_from_args, config_hash
 from workflow_scripts import compare_report as report
 from workflow_scripts.classifier_model import class_names
 from workflow_scripts.comparison import (AGE_BANDS, Headline, Run, Study, align_test_split, check_matched, group_arms,
                                          load_run, run_counts)
-from workflow_scripts.labels import DataError
 from workflow_scripts.study import REFERENCE, REFERENCES, Arm, ArmKind
-from workflow_scripts.tables import label_counts, load_split
+from workflow_scripts.tables import Splits, add_split_arguments, label_counts, load_split, splits_from_args
 
 BOOTSTRAP_SEED = 0
 
@@ -49,17 +43,15 @@ BOOTSTRAP_SEED = 0
 # ----------------------------------------------------------------------------- reading
 
 
-def untrained_labels(data_dir: Path) -> tuple[str, ...]:
+def untrained_labels(summary_path: Path | None) -> tuple[str, ...]:
     """Labels the data stage let through without any training image (dataset.allow_absent_labels):
     no classifier learned them, so the table shows no AUROC for them and leaves them out of the macro."""
-    summary_path = data_dir / "prepare_summary.json"
-    return tuple(json.loads(summary_path.read_text()).get("labels_absent", [])) if summary_path.is_file() else ()
+    return tuple(json.loads(summary_path.read_text()).get("labels_absent", [])) if summary_path and summary_path.is_file() else ()
 
 
-def training_counts(data_dir: Path, classes: list[str]) -> tuple[dict[str, int], str]:
+def training_counts(data_dir: Splits, summary_path: Path | None, classes: list[str]) -> tuple[dict[str, int], str]:
     """Real training images per label before balancing (from prepare_summary.json), and where from."""
-    summary_path = data_dir / "prepare_summary.json"
-    if summary_path.is_file():
+    if summary_path and summary_path.is_file():
         before = json.loads(summary_path.read_text()).get("label_counts_before_balance", {}).get("train")
         if before is not None:
             return {label: int(before.get(label, 0)) for label in classes}, "before balancing"
@@ -240,8 +232,9 @@ def subgroup_table(study: Study, test: pd.DataFrame, targets: np.ndarray, patien
 # ----------------------------------------------------------------------------- the stage
 
 
-def compare(config: dict[str, Any], run_dirs: list[Path], evaluation_dir: Path, lora_summary: Path, data_dir: Path,
-            synthetic_csv: Path, out_dir: Path) -> pd.DataFrame:
+def compare(config: dict[str, Any], run_dirs: list[Path], fidelity_page: Path, lora_summary: Path, data_dir: Splits,
+            prepare_summary: Path | None, synthetic_csv: Path, out_dir: Path,
+            reader_study: Path | None = None) -> pd.DataFrame:
     classes = class_names(config["dataset"]["labels"])
     settings = config["classifier"]
     if not run_dirs:
@@ -252,9 +245,9 @@ def compare(config: dict[str, Any], run_dirs: list[Path], evaluation_dir: Path, 
     test, targets = align_test_split(runs, load_split(data_dir, "test"), classes)
     patients = test["patient"].astype(str).to_numpy()
     min_positives, n_boot = settings["min_test_positives"], settings["bootstrap_samples"]
-    study = analyse(arms, runs_by_arm, targets, patients, classes, min_positives, n_boot, untrained_labels(data_dir))
+    study = analyse(arms, runs_by_arm, targets, patients, classes, min_positives, n_boot, untrained_labels(prepare_summary))
     table = comparison_table(study)
-    counts, counted = training_counts(data_dir, classes)
+    counts, counted = training_counts(data_dir, prepare_summary, classes)
     rare = rare_labels(counts, classes)
     groups, best = subgroup_table(study, test, targets, patients, min_positives, n_boot)
 
@@ -273,31 +266,34 @@ def compare(config: dict[str, Any], run_dirs: list[Path], evaluation_dir: Path, 
     table.to_csv(out_dir / "comparison.csv", index=False)
     page = report.render_page(report.PageInputs(
         config=config, study=study, table=table, rare=rare, counts=counts, counted=counted,
-        composition=composition_table(runs_by_arm, classes), subgroups=groups, best=best, evaluation_dir=evaluation_dir,
-        lora_summary=lora_summary, provenance=provenance))
+        composition=composition_table(runs_by_arm, classes), subgroups=groups, best=best, fidelity_page=fidelity_page,
+        lora_summary=lora_summary, provenance=provenance, reader_study=reader_study))
     (out_dir / "comparison.md").write_text(page)
     synthetic = pd.read_csv(synthetic_csv, dtype={"labels": str}) if synthetic_csv.is_file() else None
     report.make_plots(table, classes, rare, load_split(data_dir, "train"), synthetic, out_dir / "plots")
     return table
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--runs", type=Path, nargs="+", required=True, metavar="DIR",
                         help="classifier run folders (metrics.json, predictions.csv, composition.csv), all arms and seeds")
-    parser.add_argument("--evaluation-dir", type=Path, default=Path("results/evaluation"))
+    parser.add_argument("--fidelity", type=Path, default=Path("results/evaluation/fidelity.md"),
+                        help="the fidelity stage's page, included in the table's page")
     parser.add_argument("--lora-summary", type=Path, default=Path("results/lora/final/training_summary.json"))
-    parser.add_argument("--data-dir", type=Path, default=Path("results/data"))
+    add_split_arguments(parser, ["train", "test"])
+    parser.add_argument("--prepare-summary", type=Path, default=Path("results/data/prepare_summary.json"),
+                        help="the data stage's summary (pre-balance label counts, labels without training images)")
+    parser.add_argument("--reader-study", type=Path, default=None,
+                        help="the reader study's pooled row (score_reader_study's pooled.md), shown when given")
     parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"))
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
-    try:
-        table = compare(config_from_args(args, "compare"), args.runs, args.evaluation_dir, args.lora_summary, args.data_dir,
-                        args.synthetic, args.out_dir)
-    except (ConfigError, DataError, BadImageError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    table = compare(config_from_args(args, "compare"), args.runs, args.fidelity, args.lora_summary,
+                    splits_from_args(args, ["train", "test"]), args.prepare_summary, args.synthetic, args.out_dir,
+                    args.reader_study)
     shown = ["arm", "seeds", "macro_auroc_mean", "delta_vs_ratio0", "p_holm_vs_ratio0", "verdict_vs_ratio0", "mde_vs_ratio0"]
     print(textwrap.indent(table[shown].to_string(index=False), "  "))
     print(f"table: {args.out_dir / 'comparison.md'}")

@@ -30,9 +30,10 @@ class PageInputs:
     composition: pd.DataFrame
     subgroups: pd.DataFrame
     best: str | None
-    evaluation_dir: Path
+    fidelity_page: Path
     lora_summary: Path
     provenance: dict[str, Any]
+    reader_study: Path | None = None  # score_reader_study's pooled.md, once readers' answers exist
 
 
 def number_or_text(value: Any, digits: int = 2) -> str:
@@ -220,10 +221,9 @@ def subgroup_lines(inputs: PageInputs) -> list[str]:
     return lines + [""]
 
 
-def fidelity_lines(evaluation_dir: Path) -> list[str]:
+def fidelity_lines(page: Path) -> list[str]:
     """The fidelity stage's own section (fidelity, diversity, adherence and the audit, each once,
-    with its n and its real-vs-real floor), included verbatim."""
-    page = evaluation_dir / "fidelity.md"
+    with its n and its real-vs-real floor), included verbatim from its fidelity.md."""
     if not page.is_file():
         raise DataError(f"{page} not found: run the evaluate_fidelity stage first")
     return [page.read_text().rstrip(), ""]
@@ -258,9 +258,9 @@ def render_page(inputs: PageInputs) -> str:
     lines += ["## AUROC per label", ""] + per_label_table(inputs) + [""]
     lines += ["## Label composition of each arm", ""] + composition_lines(inputs) + [""]
     lines += subgroup_lines(inputs)
-    lines += fidelity_lines(inputs.evaluation_dir)
-    reader_study = inputs.evaluation_dir.parent / "reader_study" / "pooled.md"  # score_reader_study, once answers exist
-    lines += [reader_study.read_text().rstrip(), ""] if reader_study.is_file() else []
+    lines += fidelity_lines(inputs.fidelity_page)
+    if inputs.reader_study is not None and inputs.reader_study.is_file():
+        lines += [inputs.reader_study.read_text().rstrip(), ""]
     lines += lora_lines(inputs.lora_summary)
     lines += ["![AUROC vs synthetic share](plots/auroc_vs_ratio.png)", "", "![real vs synthetic](plots/real_vs_synthetic.png)", "",
               "## Provenance", "", "```", json.dumps(inputs.provenance, indent=2), "```", ""]

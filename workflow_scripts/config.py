@@ -22,11 +22,9 @@ from typing import Any
 import jsonschema
 import yaml
 
+from workflow_scripts.errors import ConfigError, run_stage
+
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, of the wrong type or out of range."""
 
 
 # What each stage reads: whole sections, or single keys as "section.key". The rule of the same name
@@ -379,21 +377,18 @@ def reference_markdown(schema: Mapping[str, Any] | None = None) -> str:
     return "\n".join(lines)
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Configuration tools.")
     parser.add_argument("--reference", action="store_true", help="print the per-key reference (docs/config-reference.md)")
     add_config_arguments(parser)
     parser.add_argument("--stage", choices=list(STAGE_CONFIG), help="print the part of the config this stage reads")
     args = parser.parse_args(argv)
-    try:
-        if args.reference:
-            print(reference_markdown(), end="")
-        else:
-            config = load_config(args.config, args.overrides)
-            print(yaml.safe_dump(stage_config(config, args.stage) if args.stage else config, sort_keys=False), end="")
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.reference:
+        print(reference_markdown(), end="")
+    else:
+        config = load_config(args.config, args.overrides)
+        print(yaml.safe_dump(stage_config(config, args.stage) if args.stage else config, sort_keys=False), end="")
     return 0
 
 

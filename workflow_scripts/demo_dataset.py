@@ -42,6 +42,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from workflow_scripts.errors import run_stage
 from workflow_scripts.phantom import LABELS, NO_FINDING, draw_phantom, sample_anatomy
 
 CSV_NAME = "Data_Entry_2017.csv"
@@ -162,6 +163,7 @@ def label_counts(frame: pd.DataFrame) -> dict[str, int]:
     return {label: int(split.apply(lambda labels: label in labels).sum()) for label in LABELS}
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m workflow_scripts.demo_dataset",

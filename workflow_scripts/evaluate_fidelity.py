@@ -1,6 +1,7 @@
 """Evaluation stage: fidelity, diversity and prompt adherence of the synthetic X-rays.
 
-    python -m workflow_scripts.evaluate_fidelity --config config/config.yaml --data-dir results/data \\
+    python -m workflow_scripts.evaluate_fidelity --config config/config.yaml \\
+        --train results/data/train.csv --val results/data/val.csv \\
         --synthetic results/synthetic/generation_results.csv \\
         --classifier results/classifier/ratio0_seed0/model.pt \\
         --audit-summary results/evaluation/audit_summary.json --out-dir results/evaluation
@@ -23,17 +24,19 @@ from pathlib import Path
 
 import torch
 
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
+from workflow_scripts.errors import run_stage
+from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.fidelity.evaluate import SYNTHETIC, evaluate
 from workflow_scripts.fidelity.features import build_extractors
-from workflow_scripts.images import BadImageError
+from workflow_scripts.tables import add_split_arguments, splits_from_args
 from workflow_scripts.labels import DataError
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--data-dir", type=Path, default=Path("results/data"), help="folder with train/val.csv (prepare_dataset)")
+    add_split_arguments(parser, ["train", "val"])
     parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"),
                         help="generation_results.csv of the synthetic images")
     parser.add_argument("--classifier", type=Path, default=None,
@@ -46,31 +49,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="download missing Inception weights to the torch hub cache where the network allows, "
                              "as pytorch-fid does (hash-checked); torchxrayvision and RAD-DINO weights are never downloaded here")
     args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args, "evaluate_fidelity")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        classifier = None
-        if args.classifier is not None:
-            from workflow_scripts.classifier_model import load_classifier
+    config = config_from_args(args, "evaluate_fidelity")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    classifier = None
+    if args.classifier is not None:
+        from workflow_scripts.classifier_model import load_classifier
 
-            model, meta = load_classifier(args.classifier)  # DataError when missing
-            classifier = (model, {**meta, "source": str(args.classifier)})
-        audit_summary = None
-        if args.audit_summary is not None:
-            if not args.audit_summary.is_file():
-                raise DataError(f"{args.audit_summary}: audit summary not found; run the audit_memorization stage first")
-            audit_summary = json.loads(args.audit_summary.read_text())
-        extractors = build_extractors(config["evaluation"], device, args.allow_download)
-        result = evaluate(config, args.data_dir, args.synthetic, args.out_dir, extractors, classifier, audit_summary,
-                          device=device, batch_size=args.batch_size)
-    except (ConfigError, DataError, BadImageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        model, meta = load_classifier(args.classifier)  # DataError when missing
+        classifier = (model, {**meta, "source": str(args.classifier)})
+    audit_summary = None
+    if args.audit_summary is not None:
+        if not args.audit_summary.is_file():
+            raise DataError(f"{args.audit_summary}: audit summary not found; run the audit_memorization stage first")
+        audit_summary = json.loads(args.audit_summary.read_text())
+    extractors = build_extractors(config["evaluation"], device, args.allow_download)
+    result = evaluate(config, splits_from_args(args, ["train", "val"]), args.synthetic, args.out_dir, extractors, classifier,
+                      audit_summary, device=device, batch_size=args.batch_size)
     for name, info in result["settings"]["extractors"].items():
         print(f"{name}: {info['status']}")
     for row in result["rows"]:
         if row["comparison"] == SYNTHETIC and "kid_mean" in row:
-            print(f"{row['extractor']:>9} {row['label']:>14}: n {row['n']:>4}, KID {row['kid_mean']:.4g}, FID {row['fid']}")
+            print(f"{row['extractor']:>9} {row['label']:>14}: n {row['n']:>4}, KID {row['kid_mean']:.4g}, "
+                  f"FID {row['fid'] if row['fid'] is not None else row['fid_status']}")
     print(f"wrote {args.out_dir / 'fidelity.md'}")
     return 0
 

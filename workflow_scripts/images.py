@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from workflow_scripts.errors import DataError
+
 __all__ = ["MIN_SIDE", "SUPPORTED_SUFFIXES", "BadImageError", "check_image", "is_dicom", "read_xray", "usability_problem"]
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -57,7 +59,7 @@ ROBUST_PERCENTILES = (0.5, 99.5)  # window of high-bit images without a DICOM wi
 BLANK_SPREAD = 8  # grey levels: a 1st..99th percentile span below this is a blank placeholder
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
     """An input image that cannot be read; ``str(err)`` is user-facing."""
 
     def __init__(self, path: str | Path, reason: str, hint: str = _FIX_HINT) -> None:

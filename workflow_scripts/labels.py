@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from workflow_scripts.errors import DataError
+
 SKIP_COLUMNS = ["source", "row", "path", "reason"]
 NIH_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 NIH_DEMOGRAPHICS = ("Patient Gender", "Patient Age")
@@ -29,10 +31,6 @@ DEMOGRAPHIC_COLUMNS = ("sex", "age")
 NO_FINDING = "No Finding"
 # Spellings of "no value" that pandas, R, Excel and hand edits leave in id cells: as empty as a blank.
 MISSING_SPELLINGS = frozenset({"nan", "none", "null", "na", "n/a", "#n/a", "nil", "<na>", "nat", "-", "?"})
-
-
-class DataError(ValueError):
-    """The dataset cannot be used as it is; the message names the file and row at fault."""
 
 
 def note(message: str, notes: list[str] | None) -> None:

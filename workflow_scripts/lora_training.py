@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from workflow_scripts.errors import TrainingError
+
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LOG_EVERY = 10  # optimizer steps between host syncs
@@ -46,10 +48,6 @@ MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "
 RESUMABLE_TRAINING_KEYS = tuple(f"training.{key}" for key in (
     "num_train_epochs", "max_train_steps", "save_steps", "checkpoints_total_limit", "validation_steps",
     "num_validation_images", "validation_inference_steps", "validation_prompts", "deterministic"))
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or cannot go on; the message says why and what to do."""
 
 
 # ----------------------------------------------------------------------------- hardware

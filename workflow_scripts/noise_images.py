@@ -1,7 +1,7 @@
 """The noise control's images: the null generator, one noise image per generated image.
 
     python -m workflow_scripts.noise_images --synthetic results/synthetic/generation_results.csv \\
-        --data-dir results/data --output-dir results/synthetic_noise
+        --train results/data/train.csv --output-dir results/synthetic_noise
 
 Each generated image (a row of generation_results.csv) gets a noise image of the same size at
 `<output-dir>/<key>/<name>.png`, drawn from its recorded `seed`: independent Gaussian pixels with the
@@ -29,10 +29,11 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
-from workflow_scripts.images import BadImageError, read_xray
-from workflow_scripts.labels import DataError
-from workflow_scripts.tables import RESULT_COLUMNS, load_split, read_generation_results, save_png_atomically
+from workflow_scripts.errors import DataError, run_stage
+from workflow_scripts.config import add_config_arguments, config_from_args
+from workflow_scripts.images import read_xray
+from workflow_scripts.tables import (RESULT_COLUMNS, add_split_arguments, load_split, read_generation_results, save_png_atomically,
+                                     splits_from_args)
 
 MAX_REAL_IMAGES = 256
 
@@ -82,21 +83,18 @@ def make_noise_images(generated: pd.DataFrame, real_paths: Sequence[str], out_di
                    "seed": "each image's generation seed", **stats, "images": len(noise)}
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"),
                         help="the generated images to mirror")
-    parser.add_argument("--data-dir", type=Path, default=Path("results/data"), help="prepared splits (real train intensity)")
+    add_split_arguments(parser, ["train"])  # the real training images' intensity
     parser.add_argument("--output-dir", type=Path, default=Path("results/synthetic_noise"))
     args = parser.parse_args(argv)
-    try:
-        config_from_args(args, "make_noise_images")  # a bad configuration is refused here as in every stage
-        generated = read_generation_results(args.synthetic)
-        noise, summary = make_noise_images(generated, load_split(args.data_dir, "train")["path"].tolist(), args.output_dir)
-    except (ConfigError, DataError, BadImageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config_from_args(args, "make_noise_images")  # a bad configuration is refused here as in every stage
+    generated = read_generation_results(args.synthetic)
+    noise, summary = make_noise_images(generated, load_split(splits_from_args(args, ["train"]), "train")["path"].tolist(), args.output_dir)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     noise.to_csv(args.output_dir / "generation_results.csv", index=False)
     (args.output_dir / "noise_summary.json").write_text(json.dumps({**summary, "mirrors": str(args.synthetic)}, indent=2) + "\n")

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, result_hash
-from workflow_scripts.labels import DEMOGRAPHIC_COLUMNS, DataError, check_rows, note, read_dataset, skip_frame
+from workflow_scripts.errors import DataError, run_stage
+from workflow_scripts.config import add_config_arguments, config_from_args, result_hash
+from workflow_scripts.labels import DEMOGRAPHIC_COLUMNS, check_rows, note, read_dataset, skip_frame
 from workflow_scripts.resolve import NOT_FOUND, check_images, check_same_content, check_same_files, resolve_paths
 from workflow_scripts.tables import LABEL_JOIN, SPLIT_COLUMNS, SPLITS, assert_patient_disjoint, label_counts, make_prompt
 from workflow_scripts.study import more_real_ratio, reserve_patients
@@ -258,6 +259,7 @@ def prepare(config: dict[str, Any], out_dir: Path, workers: int | None = None) -
     return summary
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
@@ -267,11 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers: {args.workers} is less than 1")
-    try:
-        summary = prepare(config_from_args(args, "prepare_dataset"), args.out_dir, args.workers)
-    except (DataError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    summary = prepare(config_from_args(args, "prepare_dataset"), args.out_dir, args.workers)
     images, patients = summary["images"], summary["patients"]
     print("prepared: " + ", ".join(f"{name} {images[name]} images / {patients[name]} patients" for name in SPLITS)
           + f"; skipped {summary['skipped']} (see {args.out_dir / 'skipped.csv'})")

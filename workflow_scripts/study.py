@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.config import ConfigError, result_hash
-from workflow_scripts.labels import DataError, read_csv_checked
+from workflow_scripts.errors import ConfigError, DataError
+from workflow_scripts.config import result_hash
+from workflow_scripts.labels import read_csv_checked
 from workflow_scripts.tables import LABEL_JOIN, SPLITS
 
 REFERENCE = "ratio0"  # the real-only arm every other arm is compared with

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ import pandas as pd
 from PIL import Image
 
 from workflow_scripts import config
-from workflow_scripts.labels import DataError, read_csv_checked
+from workflow_scripts.errors import DataError
+from workflow_scripts.labels import read_csv_checked
 
 SPLITS = ("train", "val", "test", "reserve")  # reserve: patients kept for the more_real control (study.py)
 SPLIT_COLUMNS = ["path", "labels", "prompt", "patient", "split"]  # then sex, age where the source has them
@@ -41,12 +42,37 @@ def label_counts(split: pd.DataFrame) -> dict[str, int]:
     return dict(Counter(label for labels in split["labels"] for label in labels.split(LABEL_JOIN)))
 
 
-def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
-    """One split as written by `prepare`, checked to hold only that split. Training code reads its
-    data through this (with split='train'), so a val or test image cannot reach a model."""
+# The split CSVs a stage reads: the files its rule names ({"train": path, ...}, as the CLIs' --train
+# --val --test give them), or a folder holding train.csv, val.csv and test.csv (tests, notebooks).
+Splits = Mapping[str, "str | Path"] | str | Path
+
+
+def split_path(splits: Splits, split: str) -> Path:
+    """The CSV of `split` among `splits`."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    path = Path(data_dir) / f"{split}.csv"
+    if isinstance(splits, Mapping):
+        if splits.get(split) is None:
+            raise ValueError(f"no {split} split given (--{split})")
+        return Path(splits[split])
+    return Path(splits) / f"{split}.csv"
+
+
+def add_split_arguments(parser: Any, splits: Sequence[str] = SPLITS) -> None:
+    """--train/--val/--test: the split CSVs a stage reads (its rule names them)."""
+    for name in splits:
+        parser.add_argument(f"--{name}", type=Path, default=Path(f"results/data/{name}.csv"),
+                            help=f"the {name} split CSV (prepare_dataset)")
+
+
+def splits_from_args(args: Any, splits: Sequence[str] = SPLITS) -> dict[str, Path]:
+    return {name: getattr(args, name) for name in splits}
+
+
+def load_split(splits: Splits, split: str) -> pd.DataFrame:
+    """One split as written by `prepare`, checked to hold only that split. Training code reads its
+    data through this (with split='train'), so a val or test image cannot reach a model."""
+    path = split_path(splits, split)
     frame = read_csv_checked(path, SPLIT_COLUMNS, f"{split} split", "; run (or re-run) the prepare_dataset rule")
     wrong = frame[frame["split"] != split]
     if not wrong.empty:

@@ -1,7 +1,8 @@
 """The augmentation study's classifier: one arm of the study (workflow_scripts.study) for one seed.
 
     python -m workflow_scripts.train_classifier --config config/config.yaml \\
-        --data-dir results/data --synthetic results/synthetic/generation_results.csv \\
+        --train results/data/train.csv --val results/data/val.csv --test results/data/test.csv \\
+        --synthetic results/synthetic/generation_results.csv \\
         --arm ratio25 --seed 0 --out-dir results/classifier/ratio25_seed0
 
 One run, read top to bottom:
@@ -44,25 +45,23 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from workflow_scripts.errors import ConfigError, DataError, TrainingError, run_stage
 from workflow_scripts.classifier_cache import CachedBatches, decoded_batches, sequential, source_name, study_store
 from workflow_scripts.classifier_device import (Precision, apply_cudnn_flags, describe_device, loader_workers,
                                                 pick_device, precision_for)
 from workflow_scripts.classifier_model import class_names, create_model, encode_labels, macro_auroc, model_data_config
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
+from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts import stats
 from workflow_scripts.faults import maybe_fail
-from workflow_scripts.images import BadImageError
-from workflow_scripts.labels import DataError, read_csv_checked
-from workflow_scripts.tables import load_split, read_generation_results
+from workflow_scripts.labels import read_csv_checked
+from workflow_scripts.tables import (Splits, add_split_arguments, load_split, read_generation_results, split_path,
+                                     splits_from_args)
 from workflow_scripts.study import (Arm, ArmKind, read_reserve, arm_training_set, batch_schedule, composition, drop_excluded, parse_arm,
                                     phase_steps, study_hash, train_steps, validation_points)
 
 PROB_PREFIX = "prob_"  # predictions.csv: one column prob_<class> per class
+EVALUATION_SPLITS = ("train", "val", "test")  # the more_real arm reads the reserve as its --synthetic pool
 OUTPUT_FILES = ("metrics.json", "predictions.csv", "train_log.csv", "training_set.csv", "composition.csv", "model.pt")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or cannot go on; the message says why and what to do."""
 
 
 # ----------------------------------------------------------------------------- labels and data
@@ -119,15 +118,6 @@ def assert_files_exist(frame: pd.DataFrame, what: str) -> None:
                         f"(working directory: {Path.cwd()})")
 
 
-# ----------------------------------------------------------------------------- images
-
-
-# ----------------------------------------------------------------------------- model
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -176,7 +166,7 @@ def _clean_out_dir(out_dir: Path) -> Path:
     return partial
 
 
-def train_classifier(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | Path | None, arm: str,
+def train_classifier(config: dict[str, Any], data_dir: Splits, synthetic_csv: str | Path | None, arm: str,
                      seed: int, out_dir: str | Path, exclude_csv: str | Path | None = None,
                      show_progress: bool = True, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Train one arm of the study (study.parse_arm) for the study's step budget, select on real val,
@@ -188,7 +178,7 @@ def train_classifier(config: dict[str, Any], data_dir: str | Path, synthetic_csv
     if seed < 0:
         raise ConfigError(f"--seed {seed}: expected a non-negative integer")
     classes = class_names(config["dataset"]["labels"])
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     partial = _clean_out_dir(out_dir)
     try:
         metrics = _run(config, data_dir, (synthetic_csv, exclude_csv, cache_dir), study_arm, int(seed), classes, partial,
@@ -207,7 +197,7 @@ def _training_data(config: dict[str, Any], data_dir: Path, synthetic_csv: str | 
     """The real splits (only through load_split), the arm's mix and what went into it."""
     real_train, val, test = (load_split(data_dir, split) for split in ("train", "val", "test"))
     if real_train.empty or val.empty or test.empty:
-        raise DataError(f"{data_dir}: empty split (train {len(real_train)}, val {len(val)}, test {len(test)} images)")
+        raise DataError(f"{split_path(data_dir, 'train').parent}: empty split (train {len(real_train)}, val {len(val)}, test {len(test)} images)")
     pool, n_excluded = load_pool(arm, synthetic_csv, exclude_csv)
     mix, info = arm_training_set(arm, real_train, pool, seed)
     assert_no_leakage(mix, {"val": val, "test": test})
@@ -304,8 +294,8 @@ def _run(config: dict[str, Any], data_dir: Path, files: tuple[str | Path | None,
     data = _training_data(config, data_dir, synthetic_csv, exclude_csv, arm, seed)
     mix, val, test = data["mix"], data["val"], data["test"]
     train_targets = encode_labels(mix["labels"].tolist(), classes, "training mix", mix["path"].tolist())
-    val_targets = encode_labels(val["labels"].tolist(), classes, f"{data_dir / 'val.csv'}")
-    test_targets = encode_labels(test["labels"].tolist(), classes, f"{data_dir / 'test.csv'}")
+    val_targets = encode_labels(val["labels"].tolist(), classes, f"{split_path(data_dir, 'val')}")
+    test_targets = encode_labels(test["labels"].tolist(), classes, f"{split_path(data_dir, 'test')}")
 
     # The study's budget: the same steps and validation points for every arm.
     n_real = len(data["real_train"])
@@ -374,7 +364,7 @@ def _run(config: dict[str, Any], data_dir: Path, files: tuple[str | Path | None,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "sklearn": sklearn.__version__,
                      "python": platform.python_version()},
         "config_hash": study_hash(config),
-        "data_dir": str(data_dir),
+        "splits": {name: str(split_path(data_dir, name)) for name in EVALUATION_SPLITS},
         "synthetic_csv": str(synthetic_csv) if arm.pool else None,
         "exclude_synthetic_csv": str(exclude_csv) if exclude_csv is not None else None,
     }
@@ -395,10 +385,11 @@ def _run(config: dict[str, Any], data_dir: Path, files: tuple[str | Path | None,
 # ----------------------------------------------------------------------------- CLI
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--data-dir", type=Path, default=Path("results/data"), help="folder with train/val/test.csv")
+    add_split_arguments(parser, EVALUATION_SPLITS)
     parser.add_argument("--arm", required=True, metavar="NAME",
                         help="ratio<percent> (ratio0 = real only, ratio25, ...), rebalanced, noise or pretrain")
     parser.add_argument("--synthetic", type=Path, default=None,
@@ -415,12 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     synthetic = args.synthetic or Path("results/synthetic_noise/generation_results.csv" if args.arm == "noise"
                                        else "results/synthetic/generation_results.csv")
-    try:
-        metrics = train_classifier(config_from_args(args, "train_classifier"), args.data_dir, synthetic, args.arm, args.seed, args.out_dir,
-                                   args.exclude_synthetic, cache_dir=None if args.no_cache else args.cache_dir)
-    except (ConfigError, DataError, BadImageError, TrainingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    metrics = train_classifier(config_from_args(args, "train_classifier"), splits_from_args(args, EVALUATION_SPLITS), synthetic,
+                               args.arm, args.seed, args.out_dir, args.exclude_synthetic,
+                               cache_dir=None if args.no_cache else args.cache_dir)
     macro = metrics["test"]["macro"]
     shown = (f"{macro['auroc']:.3f} (95% CI {macro['ci_low']:.3f}-{macro['ci_high']:.3f})"
              if macro["auroc"] is not None and macro["ci_low"] is not None else str(macro["auroc"]))

@@ -40,17 +40,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.base_model import ModelNotFoundError, load_components
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash, result_config, result_hash
+from workflow_scripts.errors import TrainingError, run_stage
+from workflow_scripts.base_model import DEFAULT_TINY_DIR, load_components
+from workflow_scripts.config import add_config_arguments, config_from_args, config_hash, result_config, result_hash
 from workflow_scripts.faults import maybe_fail
-from workflow_scripts.images import BadImageError
 from workflow_scripts.lora_training import (COMPUTE_DTYPES, GIB, LOG_EVERY, RESUMABLE_TRAINING_KEYS, BatchOrder, Denoiser,
-                                            LatentCache, LoraSpec, Prompts, Trainable, TrainingError, build_trainable_model,
+                                            LatentCache, LoraSpec, Prompts, Trainable, build_trainable_model,
                                             encode_latent_cache, gpu_levers, hardware_settings, latent_shape,
                                             library_versions, make_optimizer, micro_batch_loss, optimize, set_train_mode,
                                             total_optimizer_steps, write_lora)
-from workflow_scripts.labels import DataError
-from workflow_scripts.tables import make_prompt
+from workflow_scripts.tables import Splits, add_split_arguments, make_prompt, split_path, splits_from_args
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -81,10 +80,10 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 # ----------------------------------------------------------------------------- data
 
 
-def train_data_hash(data_dir: Path) -> str:
+def train_data_hash(data_dir: Splits) -> str:
     import hashlib
 
-    return hashlib.sha256((data_dir / "train.csv").read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(split_path(data_dir, "train").read_bytes()).hexdigest()[:16]
 
 
 def image_batches(data_dir: Path, resolution: int, crop: str, batch_size: int):
@@ -265,7 +264,7 @@ def peak_memory_bytes(device: torch.device) -> dict[str, int]:
     return peak
 
 
-def train(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: Path, resume: str = "latest") -> dict[str, Any]:
+def train(config: dict[str, Any], data_dir: Splits, output_dir: Path, tiny_dir: Path, resume: str = "latest") -> dict[str, Any]:
     """Train, and leave the process able to train again (accelerate and torch keep process-wide state)."""
     from accelerate.state import AcceleratorState, GradientState
 
@@ -486,19 +485,16 @@ def write_final(run: Run, position: Position, last_loss: float, start_from: Path
     return summary
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--data-dir", type=Path, default=Path("results/data"), help="folder with train.csv")
+    add_split_arguments(parser, ["train"])
     parser.add_argument("--output-dir", type=Path, default=Path("results/lora"), help="checkpoints/, logs/, final/")
-    parser.add_argument("--tiny-dir", type=Path, default=Path("results/models/tiny-sd"), help="where model.pretrained: tiny lives")
+    parser.add_argument("--tiny-dir", type=Path, default=DEFAULT_TINY_DIR, help="where model.pretrained: tiny lives")
     parser.add_argument("--resume", default="latest", help="latest (default), none, or a checkpoint-N folder")
     args = parser.parse_args(argv)
-    try:
-        summary = train(config_from_args(args, "train_lora"), args.data_dir, args.output_dir, args.tiny_dir, args.resume)
-    except (ConfigError, DataError, BadImageError, ModelNotFoundError, TrainingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    summary = train(config_from_args(args, "train_lora"), splits_from_args(args, ["train"]), args.output_dir, args.tiny_dir, args.resume)
     if summary:
         print(f"trained {summary['steps']} steps ({summary['epochs']} epochs) in {summary['train_seconds']:.0f} s, "
               f"{summary['images_per_second']:.1f} images/s, final loss {summary['final_loss']:.4f}; "

@@ -1,6 +1,7 @@
 """Data stage check: load the prepared splits the way training will and report what it sees.
 
-    python -m workflow_scripts.verify_dataset --config config/config.yaml --data-dir results/data
+    python -m workflow_scripts.verify_dataset --config config/config.yaml \\
+        --train results/data/train.csv --val results/data/val.csv --test results/data/test.csv --out-dir results/data
 
 Loads the training split through `XrayPromptDataset` (the class training uses) and writes
 `verify_report.json`, a readable `verify_report.md` and `verify_contact_sheet.png` (samples
@@ -24,10 +25,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
-from workflow_scripts.images import BadImageError
-from workflow_scripts.labels import DataError
-from workflow_scripts.tables import SPLITS, assert_files_disjoint, assert_patient_disjoint, label_counts, load_split
+from workflow_scripts.errors import DataError, run_stage
+from workflow_scripts.config import add_config_arguments, config_from_args
+from workflow_scripts.tables import (SPLITS, Splits, add_split_arguments, assert_files_disjoint, assert_patient_disjoint, label_counts,
+                                     load_split, split_path, splits_from_args)
 from workflow_scripts.xray_dataset import XrayPromptDataset
 
 
@@ -76,19 +77,21 @@ def save_contact_sheet(dataset: XrayPromptDataset, indices: list[int], path: Pat
     plt.close(figure)
 
 
-def verify(config: dict[str, Any], data_dir: Path) -> dict[str, Any]:
-    """Check the prepared splits and write the JSON and Markdown reports and the contact sheet."""
+def verify(config: dict[str, Any], data_dir: Splits, out_dir: Path | None = None) -> dict[str, Any]:
+    """Check the prepared splits and write the JSON and Markdown reports and the contact sheet into
+    `out_dir` (default: `data_dir`, a folder of split CSVs)."""
+    out_dir = Path(out_dir if out_dir is not None else data_dir)
     resolution = config["model"]["resolution"]
     splits = {name: load_split(data_dir, name) for name in SPLITS}
     assert_patient_disjoint(splits)
     assert_files_disjoint(splits)
     if splits["train"].empty:
-        raise DataError(f"{data_dir / 'train.csv'}: no training images")
+        raise DataError(f"{split_path(data_dir, 'train')}: no training images")
 
     dataset = XrayPromptDataset(data_dir, resolution, split="train", crop=config["model"]["crop"])
     stats = tensor_stats(dataset, evenly_spaced(config["verify"]["max_images"], len(dataset)), resolution)
     sheet_indices = evenly_spaced(config["verify"]["contact_sheet_images"], len(dataset))
-    save_contact_sheet(dataset, sheet_indices, data_dir / "verify_contact_sheet.png")
+    save_contact_sheet(dataset, sheet_indices, out_dir / "verify_contact_sheet.png")
 
     report = {
         "samples_per_split": {name: len(frame) for name, frame in splits.items()},
@@ -104,8 +107,8 @@ def verify(config: dict[str, Any], data_dir: Path) -> dict[str, Any]:
     }
     if "sex" in splits["train"].columns or "age" in splits["train"].columns:
         report["demographics"] = {name: demographics(frame) for name, frame in splits.items()}
-    (data_dir / "verify_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (data_dir / "verify_report.md").write_text(render_markdown(report, config["dataset"]["labels"]))
+    (out_dir / "verify_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "verify_report.md").write_text(render_markdown(report, config["dataset"]["labels"]))
     return report
 
 
@@ -153,18 +156,16 @@ def render_markdown(report: dict[str, Any], vocabulary: list[str]) -> str:
     return "\n".join(lines)
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--data-dir", default="results/data", type=Path, help="folder with the split CSVs")
+    add_split_arguments(parser)
+    parser.add_argument("--out-dir", default="results/data", type=Path, help="where the reports and the contact sheet go")
     args = parser.parse_args(argv)
-    try:
-        report = verify(config_from_args(args, "verify_dataset"), args.data_dir)
-    except (DataError, ConfigError, BadImageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    report = verify(config_from_args(args, "verify_dataset"), splits_from_args(args), args.out_dir)
     print(f"verified: {report['samples_per_split']} images, tensors {report['tensor_shape']} in "
-          f"[{report['min']:.2f}, {report['max']:.2f}]; report in {args.data_dir / 'verify_report.md'}")
+          f"[{report['min']:.2f}, {report['max']:.2f}]; report in {args.out_dir / 'verify_report.md'}")
     return 0
 
 

@@ -5,3 +5,7 @@ features.py (Inception, torchxrayvision DenseNet, RAD-DINO behind one interface)
 adherence), report.py (fidelity.md and plots), audit.py (calibrated memorization audit, with its
 own CLI) and audit_search.py (its blocked nearest-image search, and that search's cost). The stage's CLI is workflow_scripts/evaluate_fidelity.py.
 """
+
+# The two comparisons of every fidelity row: synthetic images against the held-out real reference,
+# and the real-vs-real floor at the same n. Read by evaluate.py (which computes) and report.py (which shows).
+SYNTHETIC, FLOOR = "synthetic vs real val", "real train vs real val (floor)"

@@ -1,6 +1,7 @@
 """Memorization audit: is any synthetic image a (slightly altered) copy of a training image?
 
-    python -m workflow_scripts.fidelity.audit --config config/config.yaml --data-dir results/data \\
+    python -m workflow_scripts.fidelity.audit --config config/config.yaml \\
+        --train results/data/train.csv --val results/data/val.csv --test results/data/test.csv \\
         --synthetic results/synthetic/generation_results.csv --out-dir results/evaluation
 
 Similarity: every image goes through the LoRA training transform (to model.resolution), one
@@ -37,14 +38,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args, config_hash
+from workflow_scripts.errors import DataError, run_stage
+from workflow_scripts.config import add_config_arguments, config_from_args, config_hash
 from workflow_scripts.fidelity.audit_search import (DEFAULT_BLOCK_MB, describe_cost, estimate_seconds,
                                                     nearest_aligned, search_cost)
 from workflow_scripts.fidelity.features import ModelImages, resize_antialiased
-from workflow_scripts.images import BadImageError
-from workflow_scripts.labels import DataError
-from workflow_scripts.tables import load_split, read_generation_results
-
+from workflow_scripts.tables import Splits, add_split_arguments, load_split, read_generation_results, split_path, splits_from_args
 CONTROL_KINDS = ("shift", "brightness", "gamma", "crop")
 AUDIT_COLUMNS = ["file", "labels", "nearest_train", "distance", "ncc", "flagged"]
 QUANTILES = (0, 1, 5, 25, 50, 75, 100)
@@ -167,7 +166,7 @@ def _rate(flags: np.ndarray) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the audit
 
 
-def audit(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | Path, out_dir: str | Path,
+def audit(config: dict[str, Any], data_dir: Splits, synthetic_csv: str | Path, out_dir: str | Path,
           device: str = "cpu", num_workers: int = 0, block_mb: int = DEFAULT_BLOCK_MB) -> dict[str, Any]:
     """Run the calibrated audit; write flagged.csv, audit.csv, pairs/ and audit_summary.json. The
     search works in blocks of about `block_mb` MiB on `device`; its cost is printed before it starts."""
@@ -183,7 +182,7 @@ def audit(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | Pat
 
     train, val, test = (load_split(data_dir, split) for split in ("train", "val", "test"))
     if train.empty:
-        raise DataError(f"{Path(data_dir) / 'train.csv'}: no training images")
+        raise DataError(f"{split_path(data_dir, 'train')}: no training images")
     synthetic = read_generation_results(synthetic_csv)
 
     def thumbs(paths: list[str]) -> torch.Tensor:
@@ -270,23 +269,20 @@ def save_top_pairs(table: pd.DataFrame, synthetic_paths: list[str], k: int, reso
     return rows
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--data-dir", type=Path, default=Path("results/data"), help="folder with train/val/test.csv")
+    add_split_arguments(parser, ["train", "val", "test"])
     parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"))
     parser.add_argument("--out-dir", type=Path, default=Path("results/evaluation"))
     parser.add_argument("--device", default=None, help="cuda, cuda:0 or cpu (default: cuda if available)")
     parser.add_argument("--block-mb", type=int, default=DEFAULT_BLOCK_MB,
                         help=f"working memory of one block of the search on the device, MiB (default {DEFAULT_BLOCK_MB})")
     args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args, "audit_memorization")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        summary = audit(config, args.data_dir, args.synthetic, args.out_dir, device=device, block_mb=args.block_mb)
-    except (ConfigError, DataError, BadImageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = config_from_args(args, "audit_memorization")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    summary = audit(config, splits_from_args(args, ["train", "val", "test"]), args.synthetic, args.out_dir, device=device, block_mb=args.block_mb)
     positive, negative = summary["positive_control"], summary["negative_control"]
     print(f"audit: {summary['flagged']} of {summary['n']} synthetic images flagged "
           f"(distance < {summary['thresholds']['distance']:.4g}, {summary['thresholds']['calibration']}); "

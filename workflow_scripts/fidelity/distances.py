@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 KID_SEED = 0
-MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, pytorch-msssim's default
 
 
 def not_available(n: int, d: int) -> str:

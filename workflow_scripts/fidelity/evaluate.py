@@ -18,16 +18,16 @@ import pandas as pd
 import torch
 
 from workflow_scripts.config import config_hash
-from workflow_scripts.fidelity import distances
+from workflow_scripts.fidelity import FLOOR, SYNTHETIC, distances
 from workflow_scripts.fidelity.features import Extractor, compute_features, load_images
 from workflow_scripts.labels import DataError
-from workflow_scripts.tables import LABEL_JOIN, json_safe, load_split, read_generation_results
+from workflow_scripts.tables import LABEL_JOIN, Splits, json_safe, load_split, read_generation_results, split_path
 
-FIDELITY_COLUMNS = ["extractor", "label", "comparison", "n", "fid", "kid_mean", "kid_std", "kid_subset_size",
+# fid is a number or empty; fid_status says which: "ok", or why there is none (n < dims, extractor unavailable).
+FIDELITY_COLUMNS = ["extractor", "label", "comparison", "n", "fid", "fid_status", "kid_mean", "kid_std", "kid_subset_size",
                     "precision", "recall", "density", "coverage", "notes"]
 DIVERSITY_COLUMNS = ["label", "set", "images", "pairs", "ms_ssim", "window", "notes"]
 ADHERENCE_COLUMNS = ["label", "set", "positives", "negatives", "auroc", "ci_low", "ci_high", "notes"]
-SYNTHETIC, FLOOR = "synthetic vs real val", "real train vs real val (floor)"
 OVERALL = "overall"
 
 
@@ -55,9 +55,12 @@ def _distance_row(extractor: str, label: str, comparison: str, real: np.ndarray,
     n = min(len(real), len(other))
     row: dict[str, Any] = {"extractor": extractor, "label": label, "comparison": comparison, "n": n}
     if n < 2:
-        return {**row, "fid": f"n/a (n < 2: {n})", "notes": f"n/a: {n} image(s) per set"}
+        return {**row, "fid": None, "fid_status": f"n/a (n < 2: {n})", "notes": f"n/a: {n} image(s) per set"}
     value, notes = distances.fid(real, other)
-    row["fid"] = value
+    if isinstance(value, str):  # not computable: the reason
+        row["fid"], row["fid_status"] = None, value
+    else:
+        row["fid"], row["fid_status"] = value, "ok" if np.isfinite(value) else "n/a"
     row["kid_mean"], row["kid_std"], row["kid_subset_size"] = distances.kid(
         real, other, evaluation["kid_subset_size"], evaluation["kid_subsets"], seed)
     scores = distances.prdc(real, other, int(evaluation["prdc_k"]))
@@ -78,7 +81,8 @@ def fidelity_rows(extractors: Sequence[Extractor], features: dict[str, dict[str,
             if not extractor.available:
                 for comparison in (SYNTHETIC, FLOOR):
                     rows.append({"extractor": extractor.name, "label": label, "comparison": comparison,
-                                 "n": len(picked["val"]), "fid": extractor.status, "notes": extractor.status})
+                                 "n": len(picked["val"]), "fid": None, "fid_status": extractor.status,
+                                 "notes": extractor.status})
                 continue
 
             def take(name: str) -> np.ndarray:
@@ -139,7 +143,7 @@ def adherence_rows(syn_scores: np.ndarray, val_scores: np.ndarray, classes: list
     return rows
 
 
-def evaluate(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | Path, out_dir: str | Path,
+def evaluate(config: dict[str, Any], data_dir: Splits, synthetic_csv: str | Path, out_dir: str | Path,
              extractors: Sequence[Extractor], classifier: tuple[torch.nn.Module, dict[str, Any]] | None = None,
              audit_summary: dict[str, Any] | None = None, device: str = "cpu", batch_size: int = 32) -> dict[str, Any]:
     """Compute everything, write fidelity.csv/.json/.md, diversity.csv, adherence.csv and plots/."""
@@ -153,7 +157,7 @@ def evaluate(config: dict[str, Any], data_dir: str | Path, synthetic_csv: str | 
               "train": load_split(data_dir, "train")}
     for name in ("val", "train"):
         if frames[name].empty:
-            raise DataError(f"{Path(data_dir) / (name + '.csv')}: no images; fidelity needs real {name} images")
+            raise DataError(f"{split_path(data_dir, name)}: no images; fidelity needs real {name} images")
     paths = {name: frame["path"].tolist() for name, frame in frames.items()}
     sets = {name: label_sets(frame["labels"]) for name, frame in frames.items()}
     present = set().union(*sets["synthetic"])

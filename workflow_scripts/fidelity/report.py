@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.fidelity.evaluate import FLOOR, SYNTHETIC
+from workflow_scripts.fidelity import FLOOR, SYNTHETIC
 
 
 def _num(value: Any) -> float | None:
@@ -29,6 +29,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if number is None:
         return str(value) if isinstance(value, str) and value else "n/a"
     return f"{number:.{digits}g}" if abs(number) < 1000 else f"{number:.0f}"
+
+
+def _fid(row: pd.Series) -> Any:
+    """The row's FID, or why there is none (fid_status)."""
+    return row.get("fid") if _num(row.get("fid")) is not None else row.get("fid_status")
 
 
 def _pair(syn: Any, floor: Any, digits: int = 3) -> str:
@@ -54,8 +59,8 @@ def _fidelity_tables(result: dict[str, Any]) -> list[str]:
             flo = mine[(mine["label"] == label) & (mine["comparison"] == FLOOR)].iloc[0]
             spread = f" ± {_fmt(syn.get('kid_std'), 2)}" if (_num(syn.get("kid_std")) or 0) > 0 else ""
             kid = (f"{_fmt(syn.get('kid_mean'))}{spread} ({_fmt(flo.get('kid_mean'))})"
-                   if _num(syn.get("kid_mean")) is not None else _fmt(syn.get("fid")))
-            cells = [label, str(int(syn["n"])), kid, _pair(syn.get("fid"), flo.get("fid"), 4)]
+                   if _num(syn.get("kid_mean")) is not None else _fmt(_fid(syn)))
+            cells = [label, str(int(syn["n"])), kid, _pair(_fid(syn), _fid(flo), 4)]
             cells += [_pair(syn.get(key), flo.get(key)) for key in ("precision", "recall", "density", "coverage")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

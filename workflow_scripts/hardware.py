@@ -1,0 +1,41 @@
+"""Device-wide torch settings and precision names, shared by every stage that runs on a GPU.
+
+`apply_cuda_levers` sets the configured `hardware.allow_tf32` / `hardware.cudnn_benchmark` levers
+through torch's current per-backend `fp32_precision` API (the legacy `allow_tf32` flags raise once
+anything has used the new API) and restores them after; `DTYPES` is the one map from precision
+names (config keys, CLI flags) to torch dtypes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@contextlib.contextmanager
+def apply_cuda_levers(allow_tf32: bool, cudnn_benchmark: bool, deterministic: bool = False) -> Iterator[None]:
+    """For the block: TF32 matmuls and convolutions (`allow_tf32`), cudnn kernel autotuning
+    (`cudnn_benchmark`, never with `deterministic`), and, with `deterministic`, deterministic kernels.
+    The caller passes False for levers that do not apply (e.g. on CPU). Restores the previous settings."""
+    precision = "tf32" if allow_tf32 else "ieee"
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = (matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
+    matmul.fp32_precision = conv.fp32_precision = precision
+    torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; read when CUDA starts (before any GPU work).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:4]
+        torch.use_deterministic_algorithms(saved[4])
