@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from workflow_scripts.errors import run_stage
 from workflow_scripts.classifier_cache import CachedBatches, FilmStore, cache_films, decoded_batches
 from workflow_scripts.classifier_device import (apply_cudnn_flags, describe_device, loader_workers, machine_cores,
                                                 precision_for)
@@ -203,6 +204,7 @@ def speedup_line(result: dict[str, Any]) -> str:
     return f"classifier data path speed-up vs decoding every step: {result['data_path']['speedup']:.1f}×"
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="bench-classifier-"))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workflow_scripts.errors import run_stage
 from workflow_scripts import study
 from workflow_scripts.classifier_model import class_names
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
@@ -248,6 +249,7 @@ def render(config: dict[str, Any], sizes: Sizes, stages: list[dict[str, Any]], g
     return "\n".join(lines) + "\n"
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
@@ -263,15 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=Path, help="diffusers SD 1.5 folder (configs suffice) to count sizes not stored")
     parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
     args = parser.parse_args(argv)
-    try:
-        if not 0 < args.utilisation <= 1:
-            raise ConfigError(f"--utilisation {args.utilisation}: a share of the peak, in (0, 1]")
-        config = config_from_args(args, "estimate_cost")
-        sizes = split_sizes(args.data_dir, args.train_images, args.val_images, args.test_images)
-        stages = estimate(config, sizes, model_flop(config, args.arch))
-    except (ConfigError, DataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if not 0 < args.utilisation <= 1:
+        raise ConfigError(f"--utilisation {args.utilisation}: a share of the peak, in (0, 1]")
+    config = config_from_args(args, "estimate_cost")
+    sizes = split_sizes(args.data_dir, args.train_images, args.val_images, args.test_images)
+    stages = estimate(config, sizes, model_flop(config, args.arch))
     page = render(config, sizes, stages, args.gpu, args.utilisation, args.cores, args.decode_ms)
     print(page, end="")
     if args.out:

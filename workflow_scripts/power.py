@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from workflow_scripts.errors import run_stage
 from workflow_scripts import stats
 from workflow_scripts.classifier_model import class_names
 from workflow_scripts.comparison import align_test_split, check_matched, group_arms, load_run
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
-from workflow_scripts.images import BadImageError
 from workflow_scripts.labels import DataError, read_csv_checked
 from workflow_scripts.study import REFERENCE
 
@@ -144,6 +144,7 @@ def power(config: dict[str, Any], run_dirs: list[Path], test_csv: Path, out: Pat
     return page
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
@@ -151,11 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=Path, default=Path("results/data/test.csv"), help="the test split the runs scored")
     parser.add_argument("--out", type=Path, default=None, help="also write the page here (e.g. results/power.md)")
     args = parser.parse_args(argv)
-    try:
-        print(power(config_from_args(args, "plan_power"), args.runs, args.test, args.out))
-    except (ConfigError, DataError, BadImageError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    print(power(config_from_args(args, "plan_power"), args.runs, args.test, args.out))
     return 0
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from workflow_scripts.errors import run_stage
 from workflow_scripts.config import ConfigError
 from workflow_scripts.labels import DataError
 
@@ -217,6 +218,7 @@ def peak_rss_growth(run) -> tuple[Any, int | None]:
     return result, (peak - before) if peak is not None and before is not None else None
 
 
+@run_stage
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, required=True, help="synthetic + calibration + control images")

@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
-from workflow_scripts.images import BadImageError, read_xray
-from workflow_scripts.labels import DataError
+from workflow_scripts.errors import run_stage
+from workflow_scripts.config import add_config_arguments, config_from_args
+from workflow_scripts.images import read_xray
 from workflow_scripts.reader_study.design import (
     KEY_COLUMNS, StudyError, findings_vocabulary, image_ids, study_id)
 from workflow_scripts.tables import LABEL_JOIN, load_split, read_generation_results
@@ -145,6 +145,7 @@ def build(config: dict[str, Any], data_dir: Path, synthetic_csv: Path, out_dir: 
     return entries
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
@@ -155,15 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{key.replace('_', '-')}", type=kind, help=f"override reader_study.{key}")
     parser.add_argument("--real-splits", nargs="+", choices=["val", "test"], help="override reader_study.real_splits")
     args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args, "reader_study")
-        for key in ("images_per_label", "repeats", "seed", "image_size", "real_splits"):
-            if getattr(args, key) is not None:
-                config["reader_study"][key] = getattr(args, key)
-        entries = build(config, args.data_dir, args.synthetic, args.out_dir)
-    except (ConfigError, DataError, BadImageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = config_from_args(args, "reader_study")
+    for key in ("images_per_label", "repeats", "seed", "image_size", "real_splits"):
+        if getattr(args, key) is not None:
+            config["reader_study"][key] = getattr(args, key)
+    entries = build(config, args.data_dir, args.synthetic, args.out_dir)
     print(f"page: {args.out_dir / 'index.html'} ({len(entries)} images); key: {args.out_dir / 'key.csv'} (keep it private)")
     return 0
 

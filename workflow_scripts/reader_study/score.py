@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
-from workflow_scripts.labels import DataError
+from workflow_scripts.errors import run_stage
+from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.reader_study.agreement import bootstrap_interval, fleiss_kappa, rank_auroc, wilson_interval
 from workflow_scripts.reader_study.answers import read_answers
 from workflow_scripts.reader_study.design import FINDING_JOIN, marked_column, read_study
@@ -131,6 +131,7 @@ def score(key: pd.DataFrame, meta: dict[str, Any], answers: pd.DataFrame, n_boot
     return pd.DataFrame(rows)
 
 
+@run_stage
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
@@ -140,15 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="override reader_study.seed")
     parser.add_argument("--out-dir", type=Path, default=Path("results/reader_study"))
     args = parser.parse_args(argv)
-    try:
-        settings = dict(config_from_args(args, "score_reader_study")["reader_study"])
-        settings |= {key: getattr(args, key) for key in ("answers_dir", "bootstrap_samples", "seed") if getattr(args, key) is not None}
-        key, meta = read_study(args.key)
-        answers = read_answers(Path(settings["answers_dir"]), key, meta)
-        scores = score(key, meta, answers, settings["bootstrap_samples"], settings["seed"])
-    except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    settings = dict(config_from_args(args, "score_reader_study")["reader_study"])
+    settings |= {key: getattr(args, key) for key in ("answers_dir", "bootstrap_samples", "seed") if getattr(args, key) is not None}
+    key, meta = read_study(args.key)
+    answers = read_answers(Path(settings["answers_dir"]), key, meta)
+    scores = score(key, meta, answers, settings["bootstrap_samples"], settings["seed"])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     scores.to_csv(args.out_dir / "scores.csv", index=False)
     (args.out_dir / "scores.md").write_text(render_scores(scores, meta, answers))
