@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import REPO, VOCAB, break_dataset, make_nih_dataset, split_flags, tree_checksum
 from test_prepare_dataset import write_dicom
 from workflow_scripts import prepare_dataset, verify_dataset
+from workflow_scripts.tables import SPLITS
 from workflow_scripts.images import read_xray
 
 
@@ -64,7 +65,7 @@ def test_16_bit_rgba_and_monochrome1_dicom_are_read_not_refused(tmp_path: Path) 
     frame.to_csv(csv, index=False)
     out = tmp_path / "out"
     assert prepare_dataset.main([*stage_flags(csv, images), "--out-dir", str(out)]) == 0
-    assert verify_dataset.main([*stage_flags(csv, images), *split_flags(out), "--out-dir", str(out)]) == 0
+    assert verify_dataset.main([*stage_flags(csv, images), *split_flags(out, *SPLITS), "--out-dir", str(out)]) == 0
     assert pd.read_csv(out / "skipped.csv").empty
 
 
@@ -74,7 +75,7 @@ def test_verify_refuses_a_patient_in_two_splits(tmp_path: Path, capsys) -> None:
     assert prepare_dataset.main([*stage_flags(csv, images), "--out-dir", str(out)]) == 0
     train, test = pd.read_csv(out / "train.csv", dtype=str), pd.read_csv(out / "test.csv", dtype=str)
     pd.concat([test, train.iloc[[0]].assign(split="test")]).to_csv(out / "test.csv", index=False)
-    assert verify_dataset.main([*stage_flags(csv, images), *split_flags(out), "--out-dir", str(out)]) == 2
+    assert verify_dataset.main([*stage_flags(csv, images), *split_flags(out, *SPLITS), "--out-dir", str(out)]) == 2
     assert f"patient {train['patient'].iloc[0]} is in both the train and the test split" in capsys.readouterr().err
 
 

@@ -62,7 +62,7 @@ def run(tmp_path: Path, capsys, csv: Path, images: Path | str, *sets: str, label
         flags += ["--set", item]
     out = ["--out-dir", str(tmp_path / "out")]
     if command is not prepare_dataset.main:
-        out = [*split_flags(tmp_path / "out"), *out]
+        out = [*split_flags(tmp_path / "out", *SPLITS), *out]
     code = command([*flags, *out, *extra])
     err = capsys.readouterr().err
     assert "Traceback" not in err

@@ -23,7 +23,6 @@ untimed (worker start-up, first touch of the cache):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -42,7 +41,7 @@ from workflow_scripts.classifier_cache import CachedBatches, FilmStore, cache_fi
 from workflow_scripts.classifier_device import (apply_cudnn_flags, describe_device, loader_workers, machine_cores,
                                                 precision_for)
 from workflow_scripts.classifier_model import create_model
-from workflow_scripts.tables import json_safe
+from workflow_scripts.tables import write_json_atomically
 
 DEV_FILMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-dev" / "images"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as timm's models use
@@ -218,10 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.json.with_name(args.json.name + ".partial")
-        partial.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
-        os.replace(partial, args.json)
+        write_json_atomically(args.json, result)
     print(render(result))
     print(speedup_line(result))
     sys.stdout.flush()

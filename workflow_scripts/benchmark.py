@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import shutil
 import statistics
 import sys
@@ -63,7 +61,7 @@ from workflow_scripts.bench_training import (SEED, apply_levers, build_bench, co
                                              run)
 from workflow_scripts.lora_training import COMPUTE_DTYPES, UNET_LORA_TARGETS, gpu_levers, hardware_settings, library_versions
 from workflow_scripts.errors import UserError, run_stage
-from workflow_scripts.tables import json_safe
+from workflow_scripts.tables import write_json_atomically
 from workflow_scripts.tiny_model import build_tiny_pipeline
 
 
@@ -338,10 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.json.with_name(args.json.name + ".partial")
-        partial.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
-        os.replace(partial, args.json)
+        write_json_atomically(args.json, result)
     print(render(result))
     print(speedup_line(result))
     sys.stdout.flush()

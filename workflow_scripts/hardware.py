@@ -18,16 +18,21 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 
+# The TF32 switches, through torch's fp32_precision API ("tf32" or "ieee"); the legacy allow_tf32
+# flags raise once anything in the process has used this API.
+TF32_SWITCHES = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+
+
 @contextlib.contextmanager
 def apply_cuda_levers(allow_tf32: bool, cudnn_benchmark: bool, deterministic: bool = False) -> Iterator[None]:
     """For the block: TF32 matmuls and convolutions (`allow_tf32`), cudnn kernel autotuning
     (`cudnn_benchmark`, never with `deterministic`), and, with `deterministic`, deterministic kernels.
     The caller passes False for levers that do not apply (e.g. on CPU). Restores the previous settings."""
     precision = "tf32" if allow_tf32 else "ieee"
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = (matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark,
+    saved = ([switch.fp32_precision for switch in TF32_SWITCHES], torch.backends.cudnn.benchmark,
              torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
-    matmul.fp32_precision = conv.fp32_precision = precision
+    for switch in TF32_SWITCHES:
+        switch.fp32_precision = precision
     torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
     if deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; read when CUDA starts (before any GPU work).
@@ -37,5 +42,7 @@ def apply_cuda_levers(allow_tf32: bool, cudnn_benchmark: bool, deterministic: bo
     try:
         yield
     finally:
-        matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:4]
-        torch.use_deterministic_algorithms(saved[4])
+        for switch, saved_precision in zip(TF32_SWITCHES, saved[0]):
+            switch.fp32_precision = saved_precision
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1], saved[2]
+        torch.use_deterministic_algorithms(saved[3])

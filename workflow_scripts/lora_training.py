@@ -22,7 +22,7 @@ import os
 import platform
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from workflow_scripts.errors import TrainingError
+from workflow_scripts.hardware import apply_cuda_levers
 
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -66,31 +67,9 @@ def gpu_levers(hardware: dict[str, Any], device: torch.device, deterministic: bo
     }
 
 
-# The TF32 switches, through torch's fp32_precision API ("tf32" or "ieee"); the legacy allow_tf32
-# flags raise once anything in the process has used this API.
-TF32_SWITCHES = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
-
-
-@contextlib.contextmanager
-def hardware_settings(levers: dict[str, bool], deterministic: bool) -> Iterator[None]:
+def hardware_settings(levers: dict[str, bool], deterministic: bool) -> contextlib.AbstractContextManager[None]:
     """Process-wide torch flags for the block (TF32, cudnn.benchmark, deterministic kernels), restored after."""
-    saved = ([switch.fp32_precision for switch in TF32_SWITCHES], torch.backends.cudnn.benchmark,
-             torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
-    for switch in TF32_SWITCHES:
-        switch.fp32_precision = "tf32" if levers["allow_tf32"] else "ieee"
-    torch.backends.cudnn.benchmark = levers["cudnn_benchmark"]
-    if deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic; read when CUDA starts (before any GPU work).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        for switch, precision in zip(TF32_SWITCHES, saved[0]):
-            switch.fp32_precision = precision
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1], saved[2]
-        torch.use_deterministic_algorithms(saved[3])
+    return apply_cuda_levers(levers["allow_tf32"], levers["cudnn_benchmark"], deterministic)
 
 
 def compile_settings() -> None:

@@ -9,6 +9,7 @@ live in one place.
 from __future__ import annotations
 
 import math
+import json
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -138,6 +139,14 @@ def save_png_atomically(pixels: np.ndarray, path: Path) -> None:
     """8-bit grayscale PNG, written beside its final name and renamed: a kill leaves no truncated file."""
     partial = path.with_name(path.name + ".partial")
     Image.fromarray(pixels).save(partial, format="PNG")
+    os.replace(partial, path)
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    """`value` as strict JSON (json_safe) at `path`, written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n")
     os.replace(partial, path)
 
 
