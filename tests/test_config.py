@@ -164,7 +164,7 @@ def test_real_data_configs_hold_only_what_they_mean() -> None:
 
 def test_a_stage_sees_only_what_it_declares() -> None:
     config = load_stage_config([REPO / "config" / "config.yaml"], "plan_generation")
-    assert config["classifier"]["ratios"] == [0, 10, 25, 50] and config["generation"]["plan"] == "fixed"
+    assert config["classifier"]["ratios"] == [0, 50] and config["generation"]["plan"] == "fixed"
     with pytest.raises(ConfigError, match=r"stage plan_generation reads config 'classifier.epochs', which it does not "
                                           r"declare.*STAGE_CONFIG\['plan_generation'\]"):
         config["classifier"]["epochs"]
