@@ -85,12 +85,14 @@ def write_study(root: Path, arms: dict[str, tuple[str, int]] = ARMS, quality: di
             "lora": lora, "synthetic": synthetic}
 
 
-def run_compare(tmp_path: Path, min_positives: int = 5, **study) -> tuple[pd.DataFrame, str, Path]:
+def run_compare(tmp_path: Path, min_positives: int = 5, reader_study: Path | None = None,
+                **study) -> tuple[pd.DataFrame, str, Path]:
     paths = write_study(tmp_path / "in", **study)
     config = load_config([REPO / "config" / "config.yaml"], [f"dataset.labels={LABELS}", "classifier.bootstrap_samples=200",
                                                             f"classifier.min_test_positives={min_positives}"])
     out = tmp_path / "out"
-    table = compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["summary"], paths["synthetic"], out)
+    table = compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["summary"], paths["synthetic"], out,
+                    reader_study)
     return table, (out / "comparison.md").read_text(), out
 
 

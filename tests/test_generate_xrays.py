@@ -36,7 +36,8 @@ def trained(tmp_path_factory) -> dict[str, Any]:
     overrides = [f"dataset.csv={root / 'demo' / 'Data_Entry_2017.csv'}", f"dataset.images={root / 'demo' / 'images'}",
                  "training.train_batch_size=4", "training.max_train_steps=3", "training.save_steps=2",
                  "training.validation_steps=1000", "training.validation_inference_steps=1", "training.num_validation_images=1",
-                 "training.validation_prompts=[A chest X-ray with Mass]", "training.learning_rate=5e-3"]
+                 "training.validation_prompts=[A chest X-ray with Mass]", "training.learning_rate=5e-3",
+                 "split.more_real_ratio=null", "classifier.controls=[rebalanced, noise]"]  # 16 patients: keep them all
     config_file = root / "config.yaml"
     config = load_config([REPO / "config" / "config.yaml"], overrides)
     config_file.write_text(json.dumps(config))  # JSON is YAML: the CLI reads it like a config file
@@ -95,7 +96,7 @@ def test_a_label_without_training_images_gets_no_synthetic_images(trained) -> No
 def test_plan_covers_the_largest_classifier_ratio(trained) -> None:
     train_split = load_split(trained["root"] / "data", "train")
     config = {**trained["config"], "generation": {**trained["config"]["generation"], "images_per_label": 1},
-              "classifier": {**trained["config"]["classifier"], "ratios": [0, 50]}}
+              "classifier": {**trained["config"]["classifier"], "ratios": [0, 50], "pool_headroom": 2.0}}
     plan = generation_plan(config, train_split)
     # 50% synthetic needs as many synthetic as real images, times the headroom for different draws per seed.
     needed = 2 * len(train_split)

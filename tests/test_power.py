@@ -34,7 +34,8 @@ def test_more_seeds_and_patients_shrink_the_mde_and_seed_variance_sets_a_floor()
 def test_the_planner_reads_a_study_and_agrees_with_the_table(tmp_path: Path) -> None:
     paths = write_study(tmp_path / "in", quality={"ratio50": 1.5})
     config = planner_config()
-    table = compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["synthetic"], tmp_path / "out")
+    table = compare(config, paths["runs"], paths["evaluation"], paths["lora"], paths["data"], paths["summary"], paths["synthetic"],
+                    tmp_path / "out")
     out = tmp_path / "power.md"
     page = power.power(config, paths["runs"], paths["data"] / "test.csv", out)
     assert out.read_text() == page and "| seeds per arm |" in page

@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -226,10 +225,8 @@ def test_comparison_includes_the_pooled_row_once_answers_are_scored(study: Path,
     key, _ = read_study(study / "key.csv")
     write_answers(study / "answers" / "oracle.csv", "oracle", key_answers(key))
     assert run_score(study, study / "answers", capsys).returncode == 0
-    # compare reads <results>/reader_study/pooled.md beside <results>/evaluation when it exists
-    (tmp_path / "cmp" / "in" / "reader_study").mkdir(parents=True)
-    shutil.copy(study / "pooled.md", tmp_path / "cmp" / "in" / "reader_study" / "pooled.md")
-    _, page, _ = run_compare(tmp_path / "cmp")
+    # compare includes the pooled row it is given (--reader-study: the rule passes it once answers exist)
+    _, page, _ = run_compare(tmp_path / "cmp", reader_study=study / "pooled.md")
     section = page[page.index("## Expert reader study"):]
     assert "1 reader(s)" in section and "accuracy 100 %" in section
     assert page.index("## Memorization audit") < page.index("## Expert reader study") < page.index("## LoRA training")

@@ -39,7 +39,8 @@ ARMS = ["ratio0", "ratio10", "ratio50", "rebalanced", "noise", "pretrain"]
 
 
 def config(**classifier) -> dict:
-    base = make_config(None, "classifier.ratios=[0, 10, 50]", "classifier.batch_size=8", "classifier.epochs=3")
+    base = make_config(None, "classifier.ratios=[0, 10, 50]", "classifier.batch_size=8", "classifier.epochs=3",
+                       "classifier.train_steps=null", "classifier.validation_every=null")
     base["classifier"].update(classifier)
     base["dataset"]["labels"] = VOCAB
     return base

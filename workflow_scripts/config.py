@@ -47,7 +47,7 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "audit_memorization": ("dataset", "model", "evaluation"),
     "evaluate_fidelity": ("dataset", "model", "evaluation", "classifier.bootstrap_samples"),
     "compare": ("dataset", "split", "model", "generation", "classifier"),
-    "estimate_cost": ("dataset.labels", "model.resolution", "model.lora_rank", "model.pretrained", "training",
+    "estimate_cost": ("dataset.labels", "split", "model.resolution", "model.lora_rank", "model.pretrained", "training",
                       "generation", "classifier", "evaluation"),
     "reader_study": ("dataset.labels", "model.resolution", "model.crop", *(f"reader_study.{key}" for key in (
         "images_per_label", "real_splits", "repeats", "image_size", "seed"))),

@@ -67,6 +67,7 @@ CLASSIFIER_FLOP = {
     ("densenet121", 224, 8): {"classifier_forward": 5666291712, "classifier_train": 16762847232},
     ("densenet121", 224, 14): {"classifier_forward": 5666304000, "classifier_train": 16762884096},
     ("resnet18", 64, 7): {"classifier_forward": 296098816, "classifier_train": 869028864},
+    ("test_byobnet", 64, 7): {"classifier_forward": 9908224, "classifier_train": 28397568},
 }
 STORED_RANK = 4
 
