@@ -16,8 +16,8 @@ from PIL import Image
 from workflow_scripts import classifier_cache, train_classifier
 from workflow_scripts.classifier_cache import (CachedBatches, FilmStore, cache_films, decoded_batches, sequential,
                                                study_store)
-from workflow_scripts.classifier_device import Precision, amp_dtype, cudnn_flags, loader_workers, precision_for
-from workflow_scripts.classifier_model import XrayLabelDataset, read_film
+from workflow_scripts.classifier_device import Precision, amp_dtype, loader_workers, precision_for
+from workflow_scripts.classifier_model import FilmDataset, normalize, read_film
 from workflow_scripts.labels import DataError
 
 SHARED_FILMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-dev" / "images"
@@ -54,9 +54,9 @@ def test_cached_films_equal_decoded_ones_and_feed_the_model_identically(films: l
     batches = [[3, 0, 5], [1, 1]]
     store = FilmStore({"train": (films, cached)})
     precision = precision_for(torch.device("cpu"))
-    reference = XrayLabelDataset(films, targets, 48, MEAN, STD, "bicubic")
+    reference = FilmDataset(films, targets, 48, "bicubic")
     for (films_u8, target), batch in zip(CachedBatches(store, films, targets, batches), batches, strict=True):
-        expected = torch.stack([reference[i][0] for i in batch])
+        expected = torch.stack([normalize(reference[i][0], MEAN, STD) for i in batch])
         assert torch.equal(precision.model_input(films_u8, MEAN, STD), expected)
         assert torch.equal(target, torch.from_numpy(targets[batch]))
     decoded = list(decoded_batches(films, targets, batches, 48, "bicubic", workers=0))
@@ -120,19 +120,15 @@ def test_study_store_caches_each_source_whole_and_the_rest_once(films: list[str]
 # ----------------------------------------------------------------------------- device choices
 
 
-def test_precision_and_cudnn_choices() -> None:
+def test_precision_and_worker_choices() -> None:
     assert amp_dtype("cuda", bf16_supported=True) == torch.bfloat16
     assert amp_dtype("cuda", bf16_supported=False) == torch.float16
     assert amp_dtype("cpu", bf16_supported=True) is None
-    assert cudnn_flags("cuda", deterministic=False, cudnn_benchmark=True) == {"deterministic": False, "benchmark": True}
-    assert cudnn_flags("cuda", deterministic=True, cudnn_benchmark=True) == {"deterministic": True, "benchmark": False}
-    assert cudnn_flags("cuda", deterministic=False, cudnn_benchmark=False)["benchmark"] is False
-    assert cudnn_flags("cpu", deterministic=True, cudnn_benchmark=True) == {}
     assert loader_workers(8, cores=2) == 2 and loader_workers(0, cores=16) == 0 and loader_workers(3, cores=16) == 3
     fp16 = Precision(torch.device("cuda"), torch.float16, channels_last=True)
     assert fp16.needs_scaler and not Precision(torch.device("cuda"), torch.bfloat16, True).needs_scaler
     cpu = precision_for(torch.device("cpu"))
-    assert cpu.dtype is None and not cpu.channels_last and not cpu.scaler().is_enabled() and cpu.describe() == "fp32"
+    assert cpu.dtype is None and cpu.channels_last and not cpu.scaler().is_enabled() and cpu.describe() == "fp32, channels-last"
 
 
 def _tiny_fit(steps: int, points: list[int], targets: float = 1.0) -> tuple[list[dict], int]:

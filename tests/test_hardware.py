@@ -23,6 +23,16 @@ def test_levers_set_the_new_api_and_restore_it() -> None:
             backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled()) == before
 
 
+def test_the_classifier_asks_for_cudnn_determinism_without_torchs_strict_mode() -> None:
+    # timm's adaptive pooling has no deterministic CUDA backward: strict mode would refuse to train.
+    backends = torch.backends
+    before = (backends.cudnn.benchmark, backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
+    with apply_cuda_levers(allow_tf32=False, cudnn_benchmark=True, deterministic=True, strict=False):
+        assert backends.cudnn.deterministic and not backends.cudnn.benchmark
+        assert not torch.are_deterministic_algorithms_enabled()
+    assert (backends.cudnn.benchmark, backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled()) == before
+
+
 def test_one_dtype_map_both_ways() -> None:
     assert DTYPES == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     assert all(DTYPES[DTYPE_NAMES[dtype]] == dtype for dtype in DTYPES.values())

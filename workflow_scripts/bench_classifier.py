@@ -38,10 +38,11 @@ from PIL import Image
 
 from workflow_scripts.errors import run_stage
 from workflow_scripts.classifier_cache import CachedBatches, FilmStore, cache_films, decoded_batches
-from workflow_scripts.classifier_device import (apply_cudnn_flags, describe_device, loader_workers, machine_cores,
+from workflow_scripts.bench_machine import report, torch_threads
+from workflow_scripts.hardware import apply_cuda_levers
+from workflow_scripts.classifier_device import (describe_device, loader_workers, machine_cores,
                                                 precision_for)
 from workflow_scripts.classifier_model import create_model
-from workflow_scripts.tables import write_json_atomically
 
 DEV_FILMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-dev" / "images"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as timm's models use
@@ -135,7 +136,6 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     precision = precision_for(device)
-    apply_cudnn_flags(device, deterministic=False, cudnn_benchmark=True)
     workers = loader_workers(args.workers if args.workers is not None else machine_cores())
     films = make_films(args.source, args.films, args.film_size, scratch / "films")
     started = time.perf_counter()
@@ -207,18 +207,11 @@ def speedup_line(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="bench-classifier-"))
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     try:
-        result = benchmark(args, scratch)
+        with torch_threads(args.threads), apply_cuda_levers(allow_tf32=cuda, cudnn_benchmark=cuda):  # config defaults
+            result = benchmark(args, scratch)
     finally:
-        torch.set_num_threads(threads)
         if args.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    if args.json:
-        write_json_atomically(args.json, result)
-    print(render(result))
-    print(speedup_line(result))
-    sys.stdout.flush()
-    return 0
+    return report(result, args.json, render(result), speedup_line(result))

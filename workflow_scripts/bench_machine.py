@@ -1,17 +1,48 @@
-"""The machine side of the benchmark: what it runs on, its matmul peak, FLOP counting on CPU, and
-host-memory sampling. Used by `workflow_scripts.benchmark`."""
+"""The machine side of the benchmarks: what they run on, its matmul peak, FLOP counting on CPU,
+host-memory sampling, the torch thread count of a run and how a finished run is reported. Used by
+`workflow_scripts.benchmark` and `workflow_scripts.bench_classifier`."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+# ----------------------------------------------------------------------------- a run
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with `threads` torch threads (None or 0: unchanged); restore the count after."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def report(result: dict[str, Any], json_path: str | Path | None, rendered: str, ratio_line: str) -> int:
+    """Write the figures as JSON (when asked), print the report and its side-by-side ratio line."""
+    from workflow_scripts.tables import write_json_atomically
+
+    if json_path:
+        write_json_atomically(json_path, result)
+    print(rendered)
+    print(ratio_line)
+    sys.stdout.flush()
+    return 0
 
 
 # ----------------------------------------------------------------------------- machine

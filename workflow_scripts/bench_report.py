@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from workflow_scripts.cells import quantity
+
 GUIDANCE = 7.5
 SCHEDULER = "dpmsolver++"
 # Model FLOPs per image of SD 1.5 at 512 px (shared/REFERENCES.md), for comparison with the count.
@@ -12,10 +14,6 @@ REFERENCE_TFLOP_PER_IMAGE = {"ours": 1.6, "reference": 2.7}
 
 def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:,.1f} MiB"
-
-
-def _num(value: float) -> str:
-    return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.1f}"
 
 
 def render(result: dict[str, Any]) -> str:
@@ -42,8 +40,8 @@ def render(result: dict[str, Any]) -> str:
     names = {"ours": "ours (cached latents + embeddings)", "reference": "reference (VAE + text encoder every step)"}
     for loop in ("ours", "reference"):
         row = training[loop]
-        lines.append(f"| {names[loop]} | {_num(row['images_per_second'])} | "
-                     + " ".join(_num(v) for v in row["per_repeat_images_per_second"])
+        lines.append(f"| {names[loop]} | {quantity(row['images_per_second'])} | "
+                     + " ".join(quantity(v) for v in row["per_repeat_images_per_second"])
                      + f" | {row['seconds_per_step']:.4f} | {row['tflop_per_image']:.4g} | {row['achieved_tflops']:.4g} | "
                      f"{100 * row['fraction_of_matmul_peak']:.1f}% |")
     lines += ["", f"Speed-up ours / reference, median of per-repeat ratios: **{training['speedup']:.2f}x** "
@@ -58,19 +56,19 @@ def render(result: dict[str, Any]) -> str:
     if "lever_sweep" in result:
         sweep = result["lever_sweep"]
         lines += ["", "## GPU levers (`hardware:` keys), one at a time, ours", "",
-                  f"Main run above: {_num(sweep['baseline_images_per_second'])} images/s.", "",
+                  f"Main run above: {quantity(sweep['baseline_images_per_second'])} images/s.", "",
                   "| lever | images/s | vs main run |", "|---|---|---|"]
         for row in sweep["rows"]:
             if row["images_per_second"] is None:
                 lines.append(f"| {row['lever']} | n/a | off on CPU |")
             else:
-                lines.append(f"| {row['lever']} | {_num(row['images_per_second'])} | {row.get('speedup_vs_main', 1.0):.2f}x |")
+                lines.append(f"| {row['lever']} | {quantity(row['images_per_second'])} | {row.get('speedup_vs_main', 1.0):.2f}x |")
         lines += ["", f"Note: {sweep['note']}."]
     if "generation" in result:
         lines += ["", f"## Generation (CFG {GUIDANCE}, {SCHEDULER}, VAE decode included)", "",
                   "| LoRA | steps | batch | images/s | s/batch |", "|---|---|---|---|---|"]
         for row in result["generation"]:
-            lines.append(f"| {row['variant']} | {row['steps']} | {row['batch_size']} | {_num(row['images_per_second'])} | "
+            lines.append(f"| {row['variant']} | {row['steps']} | {row['batch_size']} | {quantity(row['images_per_second'])} | "
                          f"{row['seconds_per_batch']:.3f} |")
     if "memory" in result:
         lines += ["", "## Peak memory of a training step (batch 1)", "",

@@ -55,13 +55,13 @@ from tqdm import tqdm
 
 from workflow_scripts.base_model import SD15_ARCH_CANDIDATES, load_components
 from workflow_scripts.bench_generation import measure_generation
-from workflow_scripts.bench_machine import machine_info, matmul_peak_tflops, register_cpu_attention_flops  # noqa: F401
+from workflow_scripts.bench_machine import (machine_info, matmul_peak_tflops, register_cpu_attention_flops,  # noqa: F401
+                                           report, torch_threads)
 from workflow_scripts.bench_report import REFERENCE_TFLOP_PER_IMAGE, render, speedup_line
 from workflow_scripts.bench_training import (SEED, apply_levers, build_bench, count_flops, measure_levers, measure_memory,
                                              run)
 from workflow_scripts.lora_training import COMPUTE_DTYPES, UNET_LORA_TARGETS, gpu_levers, hardware_settings, library_versions
 from workflow_scripts.errors import UserError, run_stage
-from workflow_scripts.tables import write_json_atomically
 from workflow_scripts.tiny_model import build_tiny_pipeline
 
 
@@ -328,19 +328,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_classifier.main(argv)
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         result = benchmark(args)
-    finally:
-        torch.set_num_threads(threads)
-    if args.json:
-        write_json_atomically(args.json, result)
-    print(render(result))
-    print(speedup_line(result))
-    sys.stdout.flush()
-    return 0
+    return report(result, args.json, render(result), speedup_line(result))
 
 
 if __name__ == "__main__":

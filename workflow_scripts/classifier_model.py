@@ -126,20 +126,6 @@ class FilmDataset(torch.utils.data.Dataset):
         return torch.from_numpy(film), torch.from_numpy(self.targets[index])
 
 
-class XrayLabelDataset(FilmDataset):
-    """(normalized image tensor (3, size, size), target vector) per row; targets default to zeros
-    (feature extraction)."""
-
-    def __init__(self, paths: Sequence[str], targets: np.ndarray | None, size: int,
-                 mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic") -> None:
-        super().__init__(paths, targets, size, interpolation)
-        self.mean, self.std = tuple(mean), tuple(std)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        film, target = super().__getitem__(index)
-        return normalize(film, self.mean, self.std), target
-
-
 def _seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)

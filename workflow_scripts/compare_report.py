@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts import stats
+from workflow_scripts.cells import fixed, with_ci
 from workflow_scripts.comparison import AGE_BANDS, DEMO_CSV, Study
 from workflow_scripts.labels import DataError
 from workflow_scripts.study import REFERENCE, ArmKind
@@ -34,23 +35,6 @@ class PageInputs:
     lora_summary: Path
     provenance: dict[str, Any]
     reader_study: Path | None = None  # score_reader_study's pooled.md, once readers' answers exist
-
-
-def number_or_text(value: Any, digits: int = 2) -> str:
-    """A number rounded, or a status text shortened for a table cell (the reason is given once, above it)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        text = str(value)
-        return "unavailable (see note)" if text.startswith("unavailable") else text
-    return "–" if math.isnan(number) else f"{number:.{digits}f}"
-
-
-def with_ci(value: float, low: float, high: float, signed: bool = False) -> str:
-    if not math.isfinite(value):
-        return "–"
-    form = "+.3f" if signed else ".3f"
-    return f"{value:{form}} [{low:{form}}, {high:{form}}]"
 
 
 def caveats(inputs: PageInputs) -> list[str]:
@@ -105,7 +89,7 @@ def arms_table(inputs: PageInputs) -> list[str]:
             cells += ["reference", "", ""]
         else:
             cells += [with_ci(row["delta_vs_ratio0"], row["delta_vs_ratio0_ci_low"], row["delta_vs_ratio0_ci_high"], True),
-                      number_or_text(row["p_holm_vs_ratio0"], 3), verdict_text(row, REFERENCE)]
+                      fixed(row["p_holm_vs_ratio0"], 3), verdict_text(row, REFERENCE)]
         if shares:
             cells.append(f"{row['share_of_more_real']:.0%}" if math.isfinite(row["share_of_more_real"]) else "")
         for c in controls:
@@ -235,7 +219,7 @@ def lora_lines(path: Path) -> list[str]:
     lora = json.loads(path.read_text())
     return ["## LoRA training", "",
             (f"{lora.get('steps')} steps ({lora.get('epochs')} epochs) on {lora.get('train_images')} images in "
-            f"{number_or_text(lora.get('train_seconds'), 1)} s, {number_or_text(lora.get('images_per_second'), 1)} images/s on "
+            f"{fixed(lora.get('train_seconds'), 1)} s, {fixed(lora.get('images_per_second'), 1)} images/s on "
             f"{lora.get('device')}; base model `{lora.get('base_model')}`, LoRA rank {lora.get('lora_rank')}."), ""]
 
 

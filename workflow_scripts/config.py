@@ -43,7 +43,7 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "train_classifier": ("dataset", "split", "balance", *(f"classifier.{key}" for key in (
         "model", "pretrained", "image_size", "epochs", "batch_size", "learning_rate", "weight_decay", "ratios",
         "bootstrap_samples", "num_workers", "train_steps", "validation_every", "pretrain_fraction", "deterministic")),
-                         "hardware.cudnn_benchmark"),
+                         "hardware.allow_tf32", "hardware.cudnn_benchmark"),
     "audit_memorization": ("dataset", "model", "evaluation"),
     "evaluate_fidelity": ("dataset", "model", "evaluation", "classifier.bootstrap_samples"),
     "compare": ("dataset", "split", "model", "generation", "classifier"),

@@ -24,10 +24,13 @@ TF32_SWITCHES = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.ba
 
 
 @contextlib.contextmanager
-def apply_cuda_levers(allow_tf32: bool, cudnn_benchmark: bool, deterministic: bool = False) -> Iterator[None]:
+def apply_cuda_levers(allow_tf32: bool, cudnn_benchmark: bool, deterministic: bool = False,
+                      strict: bool = True) -> Iterator[None]:
     """For the block: TF32 matmuls and convolutions (`allow_tf32`), cudnn kernel autotuning
-    (`cudnn_benchmark`, never with `deterministic`), and, with `deterministic`, deterministic kernels.
-    The caller passes False for levers that do not apply (e.g. on CPU). Restores the previous settings."""
+    (`cudnn_benchmark`, never with `deterministic`), and, with `deterministic`, cuDNN's deterministic
+    kernels plus (`strict`) torch's deterministic-algorithms mode, which raises on an op without a
+    deterministic kernel. The caller passes False for levers that do not apply (e.g. on CPU).
+    Restores the previous settings."""
     precision = "tf32" if allow_tf32 else "ieee"
     saved = ([switch.fp32_precision for switch in TF32_SWITCHES], torch.backends.cudnn.benchmark,
              torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
@@ -35,9 +38,10 @@ def apply_cuda_levers(allow_tf32: bool, cudnn_benchmark: bool, deterministic: bo
         switch.fp32_precision = precision
     torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
     if deterministic:
+        torch.backends.cudnn.deterministic = True
+    if deterministic and strict:
         # cuBLAS needs a fixed workspace to be deterministic; read when CUDA starts (before any GPU work).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True)
     try:
         yield

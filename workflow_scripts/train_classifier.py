@@ -47,8 +47,9 @@ from tqdm import tqdm
 
 from workflow_scripts.errors import ConfigError, DataError, TrainingError, run_stage
 from workflow_scripts.classifier_cache import CachedBatches, decoded_batches, sequential, source_name, study_store
-from workflow_scripts.classifier_device import (Precision, apply_cudnn_flags, describe_device, loader_workers,
-                                                pick_device, precision_for)
+from workflow_scripts.classifier_device import (Precision, describe_device, host_value, loader_workers, pick_device,
+                                                precision_for, predict)
+from workflow_scripts.hardware import apply_cuda_levers
 from workflow_scripts.classifier_model import class_names, create_model, encode_labels, macro_auroc, model_data_config
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts import stats
@@ -127,28 +128,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-def _host_value(tensor: torch.Tensor) -> float:
-    """The one place the training loop reads a device value back (a host sync): at log points only."""
-    return float(tensor)
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, loader: Iterable, precision: Precision, mean: Sequence[float],
-            std: Sequence[float]) -> tuple[np.ndarray, float]:
-    """Sigmoid probabilities (images, classes) and the mean BCE loss over `loader`'s (films, targets)."""
-    model.eval()
-    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
-    probs, total, count = [], torch.zeros((), device=precision.device), 0
-    for films, targets in loader:
-        with precision.autocast():
-            logits = model(precision.model_input(films, mean, std)).float()
-        targets = targets.to(precision.device, non_blocking=True)
-        total += loss_fn(logits, targets)
-        count += targets.numel()
-        probs.append(torch.sigmoid(logits))
-    return torch.cat(probs).cpu().numpy(), _host_value(total) / max(count, 1)
 
 
 def _clean_out_dir(out_dir: Path) -> Path:
@@ -261,7 +240,7 @@ def _fit(model: torch.nn.Module, train_batches: Iterable, val_batches: Iterable,
         progress.update(1)
         if step not in points:
             continue
-        train_loss = _host_value(total) / seen
+        train_loss = host_value(total) / seen
         if not np.isfinite(train_loss):
             raise TrainingError(f"loss became {train_loss} between steps {last + 1} and {step}; lower classifier.learning_rate")
         val_probs, val_loss = predict(model, val_batches, precision, mean, std)
@@ -307,18 +286,21 @@ def _run(config: dict[str, Any], data_dir: Path, files: tuple[str | Path | None,
     model, pretrained_weights = create_model(settings["model"], settings["pretrained"], len(classes))
     data_config = model_data_config(model)
     device = pick_device()
-    apply_cudnn_flags(device, settings["deterministic"], config["hardware"]["cudnn_benchmark"])
     precision = precision_for(device)
     model = precision.prepare_model(model)
     size = settings["image_size"]
     train_batches, val_batches, test_batches = _batches(data, (train_targets, val_targets, test_targets), schedule,
                                                         settings, data_config, synthetic_csv, cache_dir, show_progress)
-    log, best_state, best_step = _fit(model, train_batches, val_batches, val_targets, points, settings, precision,
-                                      data_config, f"classifier {arm.name} seed {seed}", show_progress)
-
-    # Test with the best step's weights.
-    model.load_state_dict(best_state)
-    test_probs, _ = predict(model, test_batches, precision, data_config["mean"], data_config["std"])
+    cuda = device.type == "cuda"
+    # classifier.deterministic: cuDNN's deterministic kernels only (timm's pooling has no deterministic
+    # CUDA backward, so torch's strict deterministic mode would refuse to train).
+    with apply_cuda_levers(cuda and config["hardware"]["allow_tf32"], cuda and config["hardware"]["cudnn_benchmark"],
+                           deterministic=cuda and settings["deterministic"], strict=False):
+        log, best_state, best_step = _fit(model, train_batches, val_batches, val_targets, points, settings, precision,
+                                          data_config, f"classifier {arm.name} seed {seed}", show_progress)
+        # Test with the best step's weights.
+        model.load_state_dict(best_state)
+        test_probs, _ = predict(model, test_batches, precision, data_config["mean"], data_config["std"])
     n_boot = settings["bootstrap_samples"]
     # Patient-clustered intervals (films of one patient are not independent), as in the table.
     scored = stats.run_aurocs(test_targets, test_probs, test["patient"].astype(str).to_numpy(), n_boot, seed)

@@ -212,13 +212,17 @@ def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizer, l
 # ----------------------------------------------------------------------------- validation
 
 
-def validation_prompts(config: dict[str, Any]) -> list[str]:
+def validation_prompts(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """(file name, prompt) per validation image grid: one per label named by the label, unless
+    training.validation_prompts lists prompts (each named by its own text)."""
     prompts = config["training"]["validation_prompts"]
-    return prompts or [make_prompt([label], config["prompt"]["template"]) for label in config["dataset"]["labels"]]
+    if prompts:
+        return [(slug(prompt), prompt) for prompt in prompts]
+    return [(slug(label), make_prompt([label], config["prompt"]["template"])) for label in config["dataset"]["labels"]]
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text.removeprefix("A chest X-ray with ")).strip("_")
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
 @torch.no_grad()
@@ -239,15 +243,15 @@ def run_validation(components, unet, text_encoder, config: dict[str, Any], step:
     unet.eval()
     step_dir = out_dir / f"step-{step}"
     step_dir.mkdir(parents=True, exist_ok=True)
-    for prompt in validation_prompts(config):
+    for name, prompt in validation_prompts(config):
         generator = torch.Generator(device=device).manual_seed(config["training"]["seed"])
         with autocast():
             images = pipeline(prompt, num_images_per_prompt=count, height=resolution, width=resolution, generator=generator,
                               num_inference_steps=config["training"]["validation_inference_steps"], output_type="np").images
         grid = np.concatenate(list((np.clip(images, 0, 1) * 255).round().astype(np.uint8)), axis=1)  # H x (count*W) x 3
-        Image.fromarray(grid).save(step_dir / f"{slug(prompt)}.png")
+        Image.fromarray(grid).save(step_dir / f"{name}.png")
         if writer is not None:
-            writer.add_image(f"validation/image_{slug(prompt)}", grid, step, dataformats="HWC")
+            writer.add_image(f"validation/image_{name}", grid, step, dataformats="HWC")
         maybe_fail("validation")
     unet.train(was_training)
 

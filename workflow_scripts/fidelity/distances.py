@@ -14,6 +14,8 @@ import contextlib
 import io
 import math
 import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -133,6 +135,30 @@ def prdc(real: np.ndarray, synthetic: np.ndarray, nearest_k: int) -> dict[str, f
 # ----------------------------------------------------------------------------- MS-SSIM diversity
 
 
+# ----------------------------------------------------------------------------- further set metrics
+
+
+@dataclass(frozen=True)
+class SetMetric:
+    """A distance between the real and the synthetic feature sets beyond FID and KID. It fills
+    `columns` of fidelity.csv (each shown in the fidelity table as "synthetic (floor)"); `compute`
+    returns their values, or a text saying why there are none. A new metric is one entry in
+    SET_METRICS (plus its test): evaluate and report read this list."""
+
+    name: str
+    columns: tuple[str, ...]
+    compute: Callable[[np.ndarray, np.ndarray, Mapping[str, Any]], dict[str, float] | str]
+
+
+SET_METRICS: tuple[SetMetric, ...] = (
+    SetMetric("prdc", ("precision", "recall", "density", "coverage"),
+              lambda real, synthetic, evaluation: prdc(real, synthetic, int(evaluation["prdc_k"]))),
+)
+
+
+# ----------------------------------------------------------------------------- diversity
+
+
 def ms_ssim_window(side: int) -> int | None:
     """The Gaussian window for 5-scale MS-SSIM at this image side: 11 (the standard) where the side
     allows it (> 160 px), else the largest odd window pytorch-msssim accepts; None below 33 px."""
@@ -181,7 +207,3 @@ def subsample(indices: np.ndarray, n: int, seed: int) -> np.ndarray:
     if n >= len(indices):
         return indices
     return np.sort(np.random.default_rng(seed).choice(indices, n, replace=False))
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

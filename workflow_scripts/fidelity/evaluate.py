@@ -25,7 +25,7 @@ from workflow_scripts.tables import LABEL_JOIN, Splits, json_safe, load_split, r
 
 # fid is a number or empty; fid_status says which: "ok", or why there is none (n < dims, extractor unavailable).
 FIDELITY_COLUMNS = ["extractor", "label", "comparison", "n", "fid", "fid_status", "kid_mean", "kid_std", "kid_subset_size",
-                    "precision", "recall", "density", "coverage", "notes"]
+                    *(column for metric in distances.SET_METRICS for column in metric.columns), "notes"]
 DIVERSITY_COLUMNS = ["label", "set", "images", "pairs", "ms_ssim", "window", "notes"]
 ADHERENCE_COLUMNS = ["label", "set", "positives", "negatives", "auroc", "ci_low", "ci_high", "notes"]
 OVERALL = "overall"
@@ -63,11 +63,12 @@ def _distance_row(extractor: str, label: str, comparison: str, real: np.ndarray,
         row["fid"], row["fid_status"] = value, "ok" if np.isfinite(value) else "n/a"
     row["kid_mean"], row["kid_std"], row["kid_subset_size"] = distances.kid(
         real, other, evaluation["kid_subset_size"], evaluation["kid_subsets"], seed)
-    scores = distances.prdc(real, other, int(evaluation["prdc_k"]))
-    if isinstance(scores, dict):
-        row.update(scores)
-    else:
-        notes.append(f"prdc {scores}")
+    for metric in distances.SET_METRICS:
+        scores = metric.compute(real, other, evaluation)
+        if isinstance(scores, dict):
+            row.update(scores)
+        else:
+            notes.append(f"{metric.name} {scores}")
     return {**row, "notes": "; ".join(notes)}
 
 
@@ -109,17 +110,21 @@ def diversity_rows(paths: dict[str, list[str]], sets: dict[str, list[set[str]]],
     return rows
 
 
-@torch.no_grad()
 def classifier_scores(model: torch.nn.Module, meta: dict[str, Any], paths: Sequence[str], device: str,
                       batch_size: int = 64) -> np.ndarray:
-    """Sigmoid probabilities (images, classes) of a classifier saved by train_classifier."""
-    from workflow_scripts.classifier_model import XrayLabelDataset, make_loader
+    """Sigmoid probabilities (images, classes) of a classifier saved by train_classifier, scored as its
+    test split was (classifier_device.predict; the loss against placeholder targets is not used)."""
+    from workflow_scripts.classifier_device import precision_for, predict
+    from workflow_scripts.classifier_model import FilmDataset, make_loader
 
-    dataset = XrayLabelDataset(list(paths), None, int(meta["image_size"]), meta["mean"], meta["std"],
-                               meta.get("interpolation", "bicubic"))
-    model = model.to(device).eval()
-    scores = [torch.sigmoid(model(images.to(device)).float()).cpu().numpy() for images, _ in make_loader(dataset, batch_size, 0)]
-    return np.concatenate(scores) if scores else np.zeros((0, len(meta["classes"])))
+    if not len(paths):
+        return np.zeros((0, len(meta["classes"])))
+    targets = np.zeros((len(paths), len(meta["classes"])), dtype=np.float32)
+    dataset = FilmDataset(list(paths), targets, int(meta["image_size"]), meta.get("interpolation", "bicubic"))
+    precision = precision_for(torch.device(device))
+    probs, _ = predict(precision.prepare_model(model), make_loader(dataset, batch_size, 0), precision,
+                       meta["mean"], meta["std"])
+    return probs
 
 
 def adherence_rows(syn_scores: np.ndarray, val_scores: np.ndarray, classes: list[str], sets: dict[str, list[set[str]]],

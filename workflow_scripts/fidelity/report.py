@@ -13,33 +13,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from workflow_scripts.cells import finite, significant
 from workflow_scripts.fidelity import FLOOR, SYNTHETIC
+from workflow_scripts.fidelity.distances import SET_METRICS
 
-
-def _num(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    number = _num(value)
-    if number is None:
-        return str(value) if isinstance(value, str) and value else "n/a"
-    return f"{number:.{digits}g}" if abs(number) < 1000 else f"{number:.0f}"
+SET_COLUMNS = [column for metric in SET_METRICS for column in metric.columns]
 
 
 def _fid(row: pd.Series) -> Any:
     """The row's FID, or why there is none (fid_status)."""
-    return row.get("fid") if _num(row.get("fid")) is not None else row.get("fid_status")
+    return row.get("fid") if finite(row.get("fid")) is not None else row.get("fid_status")
 
 
 def _pair(syn: Any, floor: Any, digits: int = 3) -> str:
-    if _num(syn) is None and _num(floor) is None:
-        return _fmt(syn, digits)  # one reason is enough
-    return f"{_fmt(syn, digits)} ({_fmt(floor, digits)})"
+    if finite(syn) is None and finite(floor) is None:
+        return significant(syn, digits)  # one reason is enough
+    return f"{significant(syn, digits)} ({significant(floor, digits)})"
 
 
 def _fidelity_tables(result: dict[str, Any]) -> list[str]:
@@ -51,17 +40,17 @@ def _fidelity_tables(result: dict[str, Any]) -> list[str]:
             continue
         lines += [f"**{name}** ({info['description']}; input {info['input_size']} px). "
                   "Each cell: synthetic vs real val (floor: real train vs real val, same n).", "",
-                  "| label | n | KID | FID | precision | recall | density | coverage |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| " + " | ".join(["label", "n", "KID", "FID", *SET_COLUMNS]) + " |",
+                  "|---|" + "---:|" * (3 + len(SET_COLUMNS))]
         mine = rows[rows["extractor"] == name]
         for label in dict.fromkeys(mine["label"]):
             syn = mine[(mine["label"] == label) & (mine["comparison"] == SYNTHETIC)].iloc[0]
             flo = mine[(mine["label"] == label) & (mine["comparison"] == FLOOR)].iloc[0]
-            spread = f" ± {_fmt(syn.get('kid_std'), 2)}" if (_num(syn.get("kid_std")) or 0) > 0 else ""
-            kid = (f"{_fmt(syn.get('kid_mean'))}{spread} ({_fmt(flo.get('kid_mean'))})"
-                   if _num(syn.get("kid_mean")) is not None else _fmt(_fid(syn)))
+            spread = f" ± {significant(syn.get('kid_std'), 2)}" if (finite(syn.get("kid_std")) or 0) > 0 else ""
+            kid = (f"{significant(syn.get('kid_mean'))}{spread} ({significant(flo.get('kid_mean'))})"
+                   if finite(syn.get("kid_mean")) is not None else significant(_fid(syn)))
             cells = [label, str(int(syn["n"])), kid, _pair(_fid(syn), _fid(flo), 4)]
-            cells += [_pair(syn.get(key), flo.get(key)) for key in ("precision", "recall", "density", "coverage")]
+            cells += [_pair(syn.get(key), flo.get(key)) for key in SET_COLUMNS]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -87,8 +76,8 @@ def render_markdown(result: dict[str, Any], plots: list[Path], out_dir: Path) ->
     for label in dict.fromkeys(diversity["label"]) if len(diversity) else []:
         syn = diversity[(diversity["label"] == label) & (diversity["set"] == "synthetic")].iloc[0]
         real = diversity[(diversity["label"] == label) & (diversity["set"] == "real val")].iloc[0]
-        lines.append(f"| {label} | {syn['images']} | {syn['pairs']} | {_fmt(syn['ms_ssim'] if syn['ms_ssim'] is not None else syn['notes'])} "
-                     f"| {_fmt(real['ms_ssim'] if real['ms_ssim'] is not None else real['notes'])} |")
+        lines.append(f"| {label} | {syn['images']} | {syn['pairs']} | {significant(syn['ms_ssim'] if syn['ms_ssim'] is not None else syn['notes'])} "
+                     f"| {significant(real['ms_ssim'] if real['ms_ssim'] is not None else real['notes'])} |")
     lines.append("")
 
     lines += ["### Prompt adherence", "",
@@ -104,10 +93,10 @@ def render_markdown(result: dict[str, Any], plots: list[Path], out_dir: Path) ->
             real = adherence[(adherence["label"] == label) & adherence["set"].str.startswith("real")].iloc[0]
 
             def auroc(row: pd.Series) -> str:
-                if _num(row["auroc"]) is None:
+                if finite(row["auroc"]) is None:
                     return row["notes"] or "n/a"
-                ci = f" [{_fmt(row['ci_low'], 2)}, {_fmt(row['ci_high'], 2)}]" if _num(row["ci_low"]) is not None else ""
-                return f"{_fmt(row['auroc'], 3)}{ci}"
+                ci = f" [{significant(row['ci_low'], 2)}, {significant(row['ci_high'], 2)}]" if finite(row["ci_low"]) is not None else ""
+                return f"{significant(row['auroc'], 3)}{ci}"
 
             lines.append(f"| {label} | {syn['positives']} / {syn['negatives']} | {auroc(syn)} | "
                          f"{real['positives']} / {real['negatives']} | {auroc(real)} |")
@@ -164,20 +153,20 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
     for extractor in dict.fromkeys(fidelity["extractor"]):
         mine = fidelity[(fidelity["extractor"] == extractor)]
         syn, flo = mine[mine["comparison"] == SYNTHETIC], mine[mine["comparison"] == FLOOR]
-        reliable = (syn["kid_mean"].map(_num).notna().to_numpy() & flo["kid_mean"].map(_num).notna().to_numpy())
+        reliable = (syn["kid_mean"].map(finite).notna().to_numpy() & flo["kid_mean"].map(finite).notna().to_numpy())
         syn, flo = syn[reliable], flo[reliable]  # labels with n < 2 (or an unavailable extractor): not plotted
         if syn.empty:
             continue
         labels = [f"{label}\n(n={int(n)})" for label, n in zip(syn["label"], syn["n"])]
-        fid_ok = syn["fid"].map(_num).notna().any()
+        fid_ok = syn["fid"].map(finite).notna().any()
         figure, axes = plt.subplots(1, 2 if fid_ok else 1, figsize=(11 if fid_ok else 7, 4), squeeze=False)
         def kid(frame):
-            return list(frame["kid_mean"].map(_num)), list(frame["kid_std"].map(lambda v: _num(v) or 0.0))
+            return list(frame["kid_mean"].map(finite)), list(frame["kid_std"].map(lambda v: finite(v) or 0.0))
 
         bars(axes[0][0], labels, [("synthetic vs real val", *kid(syn)), ("floor: real train vs real val", *kid(flo))], "KID")
         axes[0][0].set_title(f"KID, {extractor} features")
         if fid_ok:
-            bars(axes[0][1], labels, [("synthetic", list(syn["fid"].map(_num)), None), ("floor", list(flo["fid"].map(_num)), None)], "FID")
+            bars(axes[0][1], labels, [("synthetic", list(syn["fid"].map(finite)), None), ("floor", list(flo["fid"].map(finite)), None)], "FID")
             axes[0][1].set_title(f"FID, {extractor} (only where n >= dims)")
         figure.tight_layout()
         path = plot_dir / f"fidelity_{extractor}.png"
@@ -185,11 +174,11 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
         plt.close(figure)
         written.append(path)
 
-    if len(diversity) and diversity["ms_ssim"].map(_num).notna().any():
+    if len(diversity) and diversity["ms_ssim"].map(finite).notna().any():
         syn, real = diversity[diversity["set"] == "synthetic"], diversity[diversity["set"] == "real val"]
         figure, ax = plt.subplots(figsize=(7, 4))
         bars(ax, [f"{label}\n({int(n)} img)" for label, n in zip(syn["label"], syn["images"])],
-             [("synthetic", list(syn["ms_ssim"].map(_num)), None), ("real val", list(real["ms_ssim"].map(_num)), None)],
+             [("synthetic", list(syn["ms_ssim"].map(finite)), None), ("real val", list(real["ms_ssim"].map(finite)), None)],
              "mean pairwise MS-SSIM (lower = more diverse)")
         figure.tight_layout()
         path = plot_dir / "diversity_ms_ssim.png"
@@ -197,19 +186,19 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
         plt.close(figure)
         written.append(path)
 
-    if len(adherence) and adherence["auroc"].map(_num).notna().any():
+    if len(adherence) and adherence["auroc"].map(finite).notna().any():
         syn, real = adherence[adherence["set"].str.startswith("synthetic")], adherence[adherence["set"].str.startswith("real")]
         figure, ax = plt.subplots(figsize=(7, 4))
 
         def errors(frame: pd.DataFrame) -> np.ndarray:
-            value = frame["auroc"].map(lambda v: _num(v) or 0.0).to_numpy()
-            low = frame["ci_low"].map(lambda v: _num(v)).to_numpy(dtype=float)
-            high = frame["ci_high"].map(lambda v: _num(v)).to_numpy(dtype=float)
+            value = frame["auroc"].map(lambda v: finite(v) or 0.0).to_numpy()
+            low = frame["ci_low"].map(lambda v: finite(v)).to_numpy(dtype=float)
+            high = frame["ci_high"].map(lambda v: finite(v)).to_numpy(dtype=float)
             return np.nan_to_num(np.vstack([value - low, high - value]), nan=0.0).clip(min=0)
 
         x = np.arange(len(syn))
         for k, (name, frame) in enumerate((("synthetic (prompted label)", syn), ("real val (true label)", real))):
-            ax.bar(x + 0.4 * k, frame["auroc"].map(lambda v: _num(v) or 0.0), 0.4, yerr=errors(frame), capsize=2, label=name)
+            ax.bar(x + 0.4 * k, frame["auroc"].map(lambda v: finite(v) or 0.0), 0.4, yerr=errors(frame), capsize=2, label=name)
         ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set_xticks(x + 0.2, syn["label"], rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
