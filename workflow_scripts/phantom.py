@@ -318,9 +318,9 @@ def _nodule(g: _Geometry, rng: np.random.Generator) -> np.ndarray:
     for _ in range(n):
         side = int(rng.choice([-1, 1]))
         x, y = _lung_point(g, rng, side, (0.2, 0.75), (0.3, 0.85))
-        r = max(rng.uniform(0.02, 0.03), 2.4 / g.size)
+        r = max(rng.uniform(0.028, 0.038), 2.4 / g.size)  # a few px at the demo classifier's 64 px
         op = np.maximum(op, _blob(g, x, y, r, rng, 0.04))
-    return 0.85 * op
+    return 0.95 * op
 
 
 def _mass(g: _Geometry, rng: np.random.Generator) -> np.ndarray:
