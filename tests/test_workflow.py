@@ -20,7 +20,8 @@ verify: {max_images: 32, contact_sheet_images: 4}
 training: {max_train_steps: 6, save_steps: 3, validation_steps: 6, num_validation_images: 1,
            validation_inference_steps: 2, validation_prompts: [A chest X-ray with Mass]}
 generation: {images_per_label: 4, num_inference_steps: 2, batch_size: 4}
-classifier: {image_size: 32, epochs: 1, ratios: [0, 50], seeds: [0, 1], bootstrap_samples: 20, batch_size: 16}
+classifier: {image_size: 32, epochs: 1, ratios: [0, 50], seeds: [0, 1], bootstrap_samples: 20, batch_size: 16,
+             controls: [rebalanced, noise, more_real]}
 evaluation: {fid_dims: 64, kid_subset_size: 4, kid_subsets: 5}
 """
 
@@ -132,9 +133,6 @@ def _scheduled(result: subprocess.CompletedProcess) -> set[str]:
     return {line.split()[0] for line in stats.splitlines()[3:] if line.strip() and line.split()[0] != "total"}
 
 
-@pytest.mark.xfail(strict=False, reason="open: since the merged demo settings (pool_headroom 1.0, train_steps 200) this "
-                   "override also schedules plan_generation, merge_generation, make_noise_images and the audit; "
-                   "to be traced (extra work, not a wrong result)")
 def test_a_classifier_override_reruns_only_the_classifier_fidelity_and_table(demo_run: Path) -> None:
     # `seeds: [0, 1]` is the micro config's value, given as a list override: coerced, so it changes nothing.
     result = snakemake(demo_run, "-n", "--config", "split={seed: 7}", "classifier={epochs: 2, seeds: [0, 1]}")
@@ -167,11 +165,11 @@ def _scheduled_runs(dry_run_output: str) -> set[str]:
 
 
 def test_each_control_is_its_own_target_and_can_be_left_out(tmp_path: Path) -> None:
-    (tmp_path / "micro.yaml").write_text("classifier: {ratios: [0, 25], seeds: [0, 1]}\n")
-    default = snakemake(tmp_path, "-n", "--cores", "1")
-    assert _scheduled_runs(default.stdout) == {f"{arm}_seed{seed}" for arm in ("ratio0", "ratio25", "rebalanced", "noise",
-                                                                               "more_real") for seed in (0, 1)}
-    assert "make_noise_images" in default.stdout
+    (tmp_path / "micro.yaml").write_text("classifier: {ratios: [0, 25], seeds: [0, 1], controls: [rebalanced, noise, more_real]}\n")
+    listed = snakemake(tmp_path, "-n", "--cores", "1")
+    assert _scheduled_runs(listed.stdout) == {f"{arm}_seed{seed}" for arm in ("ratio0", "ratio25", "rebalanced", "noise",
+                                                                              "more_real") for seed in (0, 1)}
+    assert "make_noise_images" in listed.stdout
     (tmp_path / "micro.yaml").write_text("classifier: {ratios: [0, 25], seeds: [0, 1], controls: []}\n")
     without = snakemake(tmp_path, "-n", "--cores", "1")
     assert _scheduled_runs(without.stdout) == {f"ratio{r}_seed{s}" for r in (0, 25) for s in (0, 1)}
