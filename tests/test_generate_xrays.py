@@ -37,7 +37,8 @@ def trained(tmp_path_factory) -> dict[str, Any]:
                  "training.train_batch_size=4", "training.max_train_steps=3", "training.save_steps=2",
                  "training.validation_steps=1000", "training.validation_inference_steps=1", "training.num_validation_images=1",
                  "training.validation_prompts=[A chest X-ray with Mass]", "training.learning_rate=5e-3",
-                 "split.more_real_ratio=null", "classifier.controls=[rebalanced, noise]"]  # 16 patients: keep them all
+                 "split.more_real_ratio=null", "classifier.controls=[rebalanced, noise]",  # 16 patients: keep them all
+                 "split.test_fraction=0.25", "balance.max_per_label=null"]  # not the demo's data-limited split
     config_file = root / "config.yaml"
     config = load_config([REPO / "config" / "config.yaml"], overrides)
     config_file.write_text(json.dumps(config))  # JSON is YAML: the CLI reads it like a config file

@@ -231,11 +231,11 @@ def test_real_nih_images_prepare_with_balancing(tmp_path: Path) -> None:
     before = tree_checksum(SHARED_DATA)
     config = make_config({"csv": str(SHARED_DATA / "labels.csv"), "images": str(SHARED_DATA / "images"), "labels": NIH_VOCAB},
                          )
-    config["balance"]["max_per_label"] = 30
+    config["balance"]["max_per_label"] = 15  # below the commonest label's count under the demo's split
     summary = prepare(config, tmp_path / "out")
     assert tree_checksum(SHARED_DATA) == before
     assert summary["images"]["test"] > 30 and summary["skipped"] == 0
-    assert max(summary["label_counts"]["train"].values()) <= 30
+    assert max(summary["label_counts"]["train"].values()) <= 15
     assert summary["train_images_before_balance"] > summary["images"]["train"]
     # Rare NIH labels (Edema 9, Hernia 10 images) reach the test split thanks to the stratified split.
     assert {"Edema", "Hernia"} <= set(summary["label_counts"]["test"])
