@@ -106,7 +106,9 @@ def plan(components: dict[str, Any], n_patients: int, seeds_now: int, compared: 
         return lines + ["", "The seed variance is unknown (one seed per arm), so the rows cannot differ: run 2 or more seeds "
                         "of an arm to plan the number of seeds.", ""]
     lines += ["", f"With unlimited test patients the seeds alone set the MDE (e.g. 5 seeds: "
-              f"{planned_mde(components, 5, 1e6, level):+.3f}); more test patients cannot go below it.", ""]
+              f"{planned_mde(components, 5, 1e6, level):+.3f}); more test patients cannot go below it. With 2-3 "
+              "seeds the MDE may even rise with more test patients: the t quantile uses the Welch-Satterthwaite "
+              "df of the seed and patient terms, which falls to the seeds' few df as the patient term shrinks.", ""]
     return lines
 
 
