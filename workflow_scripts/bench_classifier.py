@@ -132,9 +132,13 @@ def _run_pair(args: argparse.Namespace, films: list[str], store: FilmStore, work
             "per_repeat": rates, "per_repeat_ratios": ratios, "speedup": statistics.median(ratios)}
 
 
+def bench_device(args: argparse.Namespace) -> torch.device:
+    """--device cuda, or auto where a GPU is present; else the CPU."""
+    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def benchmark(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = bench_device(args)
     precision = precision_for(device)
     workers = loader_workers(args.workers if args.workers is not None else machine_cores())
     films = make_films(args.source, args.films, args.film_size, scratch / "films")
@@ -207,7 +211,7 @@ def speedup_line(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="bench-classifier-"))
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    cuda = bench_device(args).type == "cuda"
     try:
         with torch_threads(args.threads), apply_cuda_levers(allow_tf32=cuda, cudnn_benchmark=cuda):  # config defaults
             result = benchmark(args, scratch)
