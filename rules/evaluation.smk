@@ -86,6 +86,7 @@ rule evaluate_fidelity:
         train=rules.prepare_dataset.output.train,
         val=rules.prepare_dataset.output.val,
         synthetic=rules.merge_generation.output.results,
+        base_synthetic=rules.generate_without_lora.output.results,
         classifier=reference_classifier,
         audit_summary=rules.audit_memorization.output.summary,
         config=stage_config_file("evaluate_fidelity"),
@@ -108,7 +109,8 @@ rule evaluate_fidelity:
         "../envs/cxr-synth.yaml"
     shell:
         "python -m workflow_scripts.evaluate_fidelity --config {input.config} --train {input.train} --val {input.val}"
-        " --synthetic {input.synthetic} --classifier {input.classifier} --audit-summary {input.audit_summary}"
+        " --synthetic {input.synthetic} --base-synthetic {input.base_synthetic} --classifier {input.classifier}"
+        " --audit-summary {input.audit_summary}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 

@@ -43,6 +43,31 @@ rule generate_label:
         " --output-dir {params.output_dir} > {log} 2>&1"
 
 
+rule generate_without_lora:
+    # The LoRA-off control: the plan's prompts and seeds drawn from the base model alone, scored beside
+    # the LoRA's images by evaluate_fidelity (what the LoRA adds). One job: no LoRA to wait for.
+    input:
+        plan=rules.plan_generation.output.plan,
+        base_model=base_model_input,
+        config=stage_config_file("generate_label"),
+    output:
+        results="results/synthetic_base/generation_results.csv",
+    params:
+        output_dir=lambda wildcards, output: os.path.dirname(output.results),
+        tiny_dir=rules.build_tiny_model.output.model,
+    resources:
+        gpu=1,
+    log:
+        "logs/generate_without_lora/generate_without_lora.log",
+    benchmark:
+        "benchmarks/generate_without_lora/generate_without_lora.tsv"
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "python -m workflow_scripts.generate_xrays --config {input.config} --no-lora --plan {input.plan}"
+        " --tiny-dir {params.tiny_dir} --output-dir {params.output_dir} --merged {output.results} > {log} 2>&1"
+
+
 rule merge_generation:
     input:
         results=planned_generation_results,

@@ -16,9 +16,26 @@ rule build_tiny_model:
         "python -m workflow_scripts.build_tiny_model --build-tiny {output.model} --resolution {params.resolution} > {log} 2>&1"
 
 
+rule pretrain_demo_base:
+    # Rebuilds the demo's shipped base (resources/demo-base) from scratch: about 40 minutes on 2 CPU cores.
+    # Not part of `all`; to use the rebuilt one, set model.pretrained: results/models/demo-base.
+    output:
+        model=directory("results/models/demo-base"),
+    log:
+        "logs/pretrain_demo_base/pretrain_demo_base.log",
+    benchmark:
+        "benchmarks/pretrain_demo_base/pretrain_demo_base.tsv"
+    threads: 2
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "python -m workflow_scripts.demo_base --out {output.model} --threads {threads} > {log} 2>&1"
+
+
 rule train_lora:
     input:
         train=rules.prepare_dataset.output.train,
+        val=rules.prepare_dataset.output.val,
         verified=rules.verify_dataset.output.report_json,
         base_model=base_model_input,
         config=stage_config_file("train_lora"),
@@ -28,6 +45,7 @@ rule train_lora:
         adapter="results/lora/final/pytorch_lora_weights.safetensors",
         kohya="results/lora/final/lora_kohya.safetensors",
         summary="results/lora/final/training_summary.json",
+        curve=report("results/lora/final/loss_curve.png", category="Generator"),
     params:
         output_dir=lambda wildcards, output: os.path.dirname(os.path.dirname(output.summary)),
         tiny_dir=rules.build_tiny_model.output.model,
@@ -41,5 +59,5 @@ rule train_lora:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "{params.launcher} -m workflow_scripts.train_lora --config {input.config} --train {input.train}"
+        "{params.launcher} -m workflow_scripts.train_lora --config {input.config} --train {input.train} --val {input.val}"
         " --output-dir {params.output_dir} --tiny-dir {params.tiny_dir} > {log} 2>&1"

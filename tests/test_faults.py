@@ -20,6 +20,7 @@ from workflow_scripts.images import check_image
 
 LORA_SUMMARY = "results/lora/final/training_summary.json"  # one of train_lora's declared outputs
 MICRO = """
+model: {{pretrained: tiny}}  # random weights: these tests check plumbing, not learning
 dataset: {{csv: {csv}, images: {images}}}
 demo: {{num_patients: 16, size: 64, seed: 0}}
 verify: {{max_images: 8, contact_sheet_images: 2}}

@@ -15,6 +15,7 @@ import yaml
 from conftest import REPO
 
 MICRO = """
+model: {pretrained: tiny}  # random weights: these tests check plumbing, not learning
 demo: {num_patients: 24, size: 64, seed: 1}
 split: {test_fraction: 0.25}  # 24 patients: not the demo's data-limited split
 balance: {max_per_label: null}

@@ -115,7 +115,7 @@ def _looks_like_path(s: str) -> bool:
 def _kind(pretrained: str) -> str:
     if pretrained == "tiny":
         return "tiny"
-    if Path(pretrained).expanduser().exists() or _looks_like_path(pretrained):
+    if Path(pretrained).expanduser().exists() or _looks_like_path(pretrained) or (_REPO_ROOT / pretrained).is_dir():
         return "local"
     return "hub"
 
@@ -143,6 +143,8 @@ def resolve_pretrained(pretrained: str, tiny_dir: Path = DEFAULT_TINY_DIR) -> st
         return str(tiny_dir)
     if kind == "local":
         path = Path(pretrained).expanduser()
+        if not path.exists() and not path.is_absolute() and (_REPO_ROOT / path).exists():
+            path = _REPO_ROOT / path  # a folder shipped in the repository (resources/demo-base), from any working directory
         if not path.exists():
             raise ModelNotFoundError(
                 f"model.pretrained '{pretrained}' looks like a local folder but it does not exist "

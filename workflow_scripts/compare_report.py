@@ -44,6 +44,11 @@ def caveats(inputs: PageInputs) -> list[str]:
         notes.append("**The generator is the offline tiny model with random weights**: its images are noise-like, so every "
                      "figure here exercises the pipeline and says nothing about real synthetic X-rays. Set `model.pretrained` "
                      "to Stable Diffusion 1.5 for real results.")
+    elif Path(str(config["model"]["pretrained"])).name == "demo-base":
+        notes.append("**The generator is the demo's tiny base** (pretrained on unlabelled phantom films, then LoRA fine-tuned "
+                     "on the labelled ones): what it can show is that the LoRA teaches the labels (prompt adherence with and "
+                     "without LoRA, in the fidelity section) and how the study reads a generator of phantoms; not whether "
+                     "Stable Diffusion 1.5's images of real radiographs help a classifier.")
     if config["dataset"]["csv"] == DEMO_CSV:
         notes.append("**The data are the embedded phantoms**, drawings for trying the pipeline, not medical images.")
     first = next(iter(study.runs.values()))[0].metrics

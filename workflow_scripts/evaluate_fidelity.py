@@ -3,6 +3,7 @@
     python -m workflow_scripts.evaluate_fidelity --config config/config.yaml \\
         --train results/data/train.csv --val results/data/val.csv \\
         --synthetic results/synthetic/generation_results.csv \\
+        --base-synthetic results/synthetic_base/generation_results.csv \\
         --classifier results/classifier/ratio0_seed0/model.pt \\
         --audit-summary results/evaluation/audit_summary.json --out-dir results/evaluation
 
@@ -26,7 +27,8 @@ import torch
 
 from workflow_scripts.errors import run_stage
 from workflow_scripts.config import add_config_arguments, config_from_args
-from workflow_scripts.fidelity.evaluate import SYNTHETIC, evaluate
+from workflow_scripts.fidelity import BASE, SYNTHETIC
+from workflow_scripts.fidelity.evaluate import evaluate
 from workflow_scripts.fidelity.features import build_extractors
 from workflow_scripts.tables import add_split_arguments, splits_from_args
 from workflow_scripts.labels import DataError
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     add_split_arguments(parser, ["train", "val"])
     parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"),
                         help="generation_results.csv of the synthetic images")
+    parser.add_argument("--base-synthetic", type=Path, default=None,
+                        help="generation_results.csv of the LoRA-off control (same prompts and seeds, base model alone)")
     parser.add_argument("--classifier", type=Path, default=None,
                         help="model.pt of the real-only classifier, for prompt adherence (omit: adherence unavailable)")
     parser.add_argument("--audit-summary", type=Path, default=None, help="audit_summary.json of the memorization audit")
@@ -64,12 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         audit_summary = json.loads(args.audit_summary.read_text())
     extractors = build_extractors(config["evaluation"], device, args.allow_download)
     result = evaluate(config, splits_from_args(args, ["train", "val"]), args.synthetic, args.out_dir, extractors, classifier,
-                      audit_summary, device=device, batch_size=args.batch_size)
+                      audit_summary, device=device, batch_size=args.batch_size, base_csv=args.base_synthetic)
     for name, info in result["settings"]["extractors"].items():
         print(f"{name}: {info['status']}")
     for row in result["rows"]:
-        if row["comparison"] == SYNTHETIC and "kid_mean" in row:
-            print(f"{row['extractor']:>9} {row['label']:>14}: n {row['n']:>4}, KID {row['kid_mean']:.4g}, "
+        if row["comparison"] in (SYNTHETIC, BASE) and "kid_mean" in row:
+            print(f"{row['extractor']:>9} {row['label']:>14} {row['comparison'].split(' vs ')[0]:>22}: n {row['n']:>4}, "
+                  f"KID {row['kid_mean']:.4g}, "
                   f"FID {row['fid'] if row['fid'] is not None else row['fid_status']}")
     print(f"wrote {args.out_dir / 'fidelity.md'}")
     return 0

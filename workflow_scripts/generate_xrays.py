@@ -3,9 +3,13 @@
     python -m workflow_scripts.generate_xrays --checkpoint results/lora/final --label Mass --num-images 20
     python -m workflow_scripts.generate_xrays --checkpoint results/lora/checkpoint-500 --prompt "A chest X-ray with Edema"
     python -m workflow_scripts.generate_xrays --checkpoint results/lora/final --generate-all-labels
+    python -m workflow_scripts.generate_xrays --no-lora --plan results/synthetic/plan.csv \
+        --output-dir results/synthetic_base --merged results/synthetic_base/generation_results.csv
 
 `--checkpoint` alone suffices: the checkpoint records the base model it was trained on
-(`--pretrained-model` overrides). Image counts come from `--num-images`, else from `--plan` (the
+(`--pretrained-model` overrides). `--no-lora` draws from the base model alone (model.pretrained): the
+LoRA-off control, with the same prompts and seeds. Without --label/--prompt, the labels are those of
+`--plan` (else a plan made from `--train`). Image counts come from `--num-images`, else from `--plan` (the
 plan_generation rule's plan.csv), else from a plan made here from `--train`. Sampling settings default
 to the config's `generation:` section; flags override them. Files and formats: workflow_scripts/generation.py.
 """
@@ -21,7 +25,7 @@ import pandas as pd
 from workflow_scripts.base_model import DEFAULT_TINY_DIR
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.errors import run_stage
-from workflow_scripts.generation import generate, generation_plan, label_job, lora_checkpoint, prompt_job
+from workflow_scripts.generation import generate, generation_plan, label_job, lora_checkpoint, merge, prompt_job
 from workflow_scripts.tables import LABEL_JOIN, load_split
 
 
@@ -40,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="every label, and every label combination of the training split")
     parser.add_argument("--checkpoint", type=Path, default=Path("results/lora/final"),
                         help="final/ or checkpoint-N/ folder, or the LoRA file in it")
+    parser.add_argument("--no-lora", action="store_true",
+                        help="the base model alone (model.pretrained or --pretrained-model): the LoRA-off control")
+    parser.add_argument("--merged", type=Path, help="also write every label's results into this one CSV")
     parser.add_argument("--pretrained-model", help="base model (default: the one the checkpoint records)")
     parser.add_argument("--plan", type=Path, help="plan CSV to take the image count from (the rule passes it)")
     parser.add_argument("--num-images", type=int, help="images per label (default: the plan)")
@@ -55,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=Path("results/synthetic"))
     args = parser.parse_args(argv)
     config = config_from_args(args, "generate_label")
-    lora_checkpoint(args.checkpoint)  # a folder without LoRA weights fails first, before any data is read
+    if not args.no_lora:
+        lora_checkpoint(args.checkpoint)  # a folder without LoRA weights fails first, before any data is read
 
     def train() -> pd.DataFrame:
         return load_split({"train": args.train}, "train")
@@ -66,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.label:
         jobs = [label_job(config, args.label)]
     else:
-        plan = generation_plan(all_combinations(config) if args.generate_all_labels else config, train())
+        plan = (pd.read_csv(args.plan, dtype={"key": str, "labels": str, "prompt": str})
+                if args.plan and not args.generate_all_labels
+                else generation_plan(all_combinations(config) if args.generate_all_labels else config, train()))
         jobs = [(row.key, row.labels.split(LABEL_JOIN), row.prompt) for row in plan.itertuples()]
     counts = {}
     if args.num_images is None:
@@ -78,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     sampling = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
                 "scheduler": args.scheduler, "seed": args.seed, "batch_size": args.batch_size,
                 "negative_prompt": args.negative_prompt}
-    total = generate(config, counted, args.checkpoint, args.output_dir, tiny_dir=args.tiny_dir,
+    total = generate(config, counted, None if args.no_lora else args.checkpoint, args.output_dir, tiny_dir=args.tiny_dir,
                      pretrained=args.pretrained_model, sampling=sampling)
+    if args.merged:
+        merge([args.output_dir / key / "generation_results.csv" for key, *_ in counted], args.merged)
     print(f"{total} images in {args.output_dir} ({len(jobs)} label(s))")
     return 0
 

@@ -124,12 +124,16 @@ def lora_checkpoint(path: Path) -> tuple[Path, str | None]:
     return path, base
 
 
-def load_generator(checkpoint: Path, pretrained: str | None, tiny_dir: Path, scheduler: str,
+def load_generator(checkpoint: Path | None, pretrained: str | None, tiny_dir: Path, scheduler: str,
                    hardware: dict[str, Any], dtype: torch.dtype, device: torch.device):
     """The base pipeline with the LoRA fused into its weights; refuses a LoRA that does not fit the base model.
+    `checkpoint` None: the base alone (the LoRA-off control), `pretrained` required.
 
     Loaded and fused in fp32 (the LoRA delta added once to full-precision weights), then cast to
     the sampling dtype, and the adapter layers removed: no LoRA call per UNet step."""
+    if checkpoint is None:
+        pipe = load_pipeline(pretrained, tiny_dir, torch.float32)
+        return finish_pipeline(pipe, scheduler, hardware, dtype, device), pretrained, None
     lora_dir, recorded_base = lora_checkpoint(checkpoint)
     base = pretrained or recorded_base
     if base is None:
@@ -144,6 +148,11 @@ def load_generator(checkpoint: Path, pretrained: str | None, tiny_dir: Path, sch
         raise GenerationError(f"no weight of the LoRA in {lora_dir} matched base model {base}: it was trained on {recorded_base}")
     pipe.fuse_lora()
     pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
+    return finish_pipeline(pipe, scheduler, hardware, dtype, device), base, lora_dir
+
+
+def finish_pipeline(pipe, scheduler: str, hardware: dict[str, Any], dtype: torch.dtype, device: torch.device):
+    """The sampling scheduler, memory levers, device and dtype of a loaded pipeline."""
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if hardware["enable_attention_slicing"]:
         pipe.enable_attention_slicing()
@@ -162,7 +171,7 @@ def load_generator(checkpoint: Path, pretrained: str | None, tiny_dir: Path, sch
 
         compile_settings()
         pipe.unet.compile()
-    return pipe, base, lora_dir
+    return pipe
 
 
 def generation_dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -262,19 +271,26 @@ def label_job(config: dict[str, Any], label: str) -> tuple[str, list[str], str]:
     return label_key(labels), labels, make_prompt(labels, config["prompt"]["template"])
 
 
-def generate(config: dict[str, Any], jobs: Sequence[tuple[str, list[str], str, int]], checkpoint: Path, output_dir: Path, *,
+#: The `checkpoint` column of images drawn by the base model alone (the LoRA-off control).
+NO_LORA = "none (base without LoRA)"
+
+
+def generate(config: dict[str, Any], jobs: Sequence[tuple[str, list[str], str, int]], checkpoint: Path | None, output_dir: Path, *,
              tiny_dir: Path, pretrained: str | None = None, sampling: dict[str, Any] | None = None) -> int:
     """Step 2 (rule generate_label): the missing images of each (key, labels, prompt, count) job.
     `sampling` overrides keys of the config's `generation:` section (num_inference_steps,
-    guidance_scale, scheduler, seed, batch_size, negative_prompt). Returns the number of images listed."""
+    guidance_scale, scheduler, seed, batch_size, negative_prompt). `checkpoint` None: the base model
+    (`pretrained`, else model.pretrained) without LoRA. Returns the number of images listed."""
     settings = {**config["generation"], **{key: value for key, value in (sampling or {}).items() if value is not None}}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = generation_dtype(settings["dtype"], device)
     hardware, cuda = config["hardware"], device.type == "cuda"
     # The same levers as training (off on CPU); sampling is never asked to be bit-deterministic across kernels.
     with apply_cuda_levers(cuda and hardware["allow_tf32"], cuda and hardware["cudnn_benchmark"]):
+        if checkpoint is None:
+            pretrained = pretrained or config["model"]["pretrained"]
         pipe, base, lora_dir = load_generator(checkpoint, pretrained, tiny_dir, settings["scheduler"], hardware, dtype, device)
-        print(f"base model {base}, LoRA {lora_dir} (fused), scheduler {settings['scheduler']}, device {device}, dtype {dtype}",
+        print(f"base model {base}, LoRA {lora_dir or 'none'}{' (fused)' if lora_dir else ''}, scheduler {settings['scheduler']}, device {device}, dtype {dtype}",
               file=sys.stderr)
         total = 0
         for key, labels, prompt, count in jobs:
@@ -282,7 +298,7 @@ def generate(config: dict[str, Any], jobs: Sequence[tuple[str, list[str], str, i
                 pipe, key, labels, prompt, count, output_dir, steps=settings["num_inference_steps"],
                 guidance=settings["guidance_scale"], scheduler=settings["scheduler"], seed=settings["seed"],
                 batch_size=settings["batch_size"], negative_prompt=settings["negative_prompt"],
-                resolution=config["model"]["resolution"], checkpoint=str(lora_dir))
+                resolution=config["model"]["resolution"], checkpoint=str(lora_dir) if lora_dir else NO_LORA)
             total += len(results)
     return total
 

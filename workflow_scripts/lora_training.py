@@ -48,7 +48,8 @@ MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "
 # may be resumed (config.result_config(config, "train_lora", ignore=...) leaves them out of its fingerprint).
 RESUMABLE_TRAINING_KEYS = tuple(f"training.{key}" for key in (
     "num_train_epochs", "max_train_steps", "save_steps", "checkpoints_total_limit", "validation_steps",
-    "num_validation_images", "validation_inference_steps", "validation_prompts", "deterministic"))
+    "num_validation_images", "validation_inference_steps", "validation_prompts", "deterministic", "val_loss_images",
+    "select_checkpoint"))
 
 
 # ----------------------------------------------------------------------------- hardware

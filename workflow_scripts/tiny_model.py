@@ -183,7 +183,7 @@ def write_clip_tokenizer_files(folder: Path, texts: Iterable[str]) -> dict[str, 
 # --------------------------------------------------------------------------------------------------
 
 
-def _tiny_unet(sample_size: int):
+def _tiny_unet(sample_size: int, blocks: tuple[int, ...] = TINY_UNET_BLOCK_OUT, heads: int = TINY_UNET_HEADS):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -191,12 +191,12 @@ def _tiny_unet(sample_size: int):
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=TINY_UNET_BLOCK_OUT,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        block_out_channels=blocks,
+        down_block_types=("CrossAttnDownBlock2D",) * len(blocks),
         mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D",) * len(blocks),
         cross_attention_dim=TINY_CROSS_ATTENTION_DIM,
-        attention_head_dim=TINY_UNET_HEADS,
+        attention_head_dim=heads,
         norm_num_groups=32,
         norm_eps=1e-5,
         act_fn="silu",
@@ -208,20 +208,20 @@ def _tiny_unet(sample_size: int):
     )
 
 
-def _tiny_vae(resolution: int):
+def _tiny_vae(resolution: int, blocks: tuple[int, ...] = TINY_VAE_BLOCK_OUT):
     from diffusers import AutoencoderKL
 
-    n = len(TINY_VAE_BLOCK_OUT)
+    n = len(blocks)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=TINY_VAE_BLOCK_OUT,
+        block_out_channels=blocks,
         layers_per_block=1,
         act_fn="silu",
         latent_channels=4,
-        norm_num_groups=32,
+        norm_num_groups=min(32, *blocks),
         sample_size=resolution,
         scaling_factor=0.18215,
     )
@@ -273,82 +273,56 @@ def _check_tokenizer(tokenizer, texts: Iterable[str]) -> None:
             raise RuntimeError(f"tiny tokenizer splits {piece!r} into {[t.value for t in ids]}")
 
 
-def build_tiny_pipeline(
-    out_dir: Path,
-    prompts_words: Iterable[str] = (),
-    resolution: int = 64,
-    seed: int = 0,
-) -> Path:
-    """Build the tiny SD 1.5 look-alike (random weights from ``seed``) and save it to ``out_dir``.
-
-    ``prompts_words``: extra words or whole prompts whose words should be single tokens.
-    The folder is written atomically: built in a temporary sibling folder, then renamed.
-    Returns ``out_dir``.
-    """
-    from diffusers import StableDiffusionPipeline
+def tiny_parts(prompts_words: Iterable[str] = (), resolution: int = 64, seed: int = 0,
+               unet_blocks: tuple[int, ...] = TINY_UNET_BLOCK_OUT, unet_heads: int = TINY_UNET_HEADS,
+               vae_blocks: tuple[int, ...] = TINY_VAE_BLOCK_OUT) -> dict:
+    """The tiny model's random-weight parts (``seed``) and its tokenizer files, written to a temporary
+    folder: {"tokenizer_dir", "tokenizer", "vocab", "unet", "vae", "text_encoder"}. The caller removes
+    ``tokenizer_dir`` (``save_pipeline`` does). ``prompts_words``: extra words or whole prompts whose
+    words should be single tokens."""
     from transformers import CLIPTokenizer
 
-    out_dir = Path(out_dir)
     vae_scale_factor = 2 ** (len(TINY_VAE_BLOCK_OUT) - 1)
-    if resolution <= 0 or resolution % (vae_scale_factor * 2 ** (len(TINY_UNET_BLOCK_OUT) - 1)):
-        raise ValueError(
-            f"resolution must be a positive multiple of "
-            f"{vae_scale_factor * 2 ** (len(TINY_UNET_BLOCK_OUT) - 1)}, got {resolution}"
-        )
+    multiple = vae_scale_factor * 2 ** (len(unet_blocks) - 1)
+    if resolution <= 0 or resolution % multiple:
+        raise ValueError(f"resolution must be a positive multiple of {multiple}, got {resolution}")
     texts = default_prompt_texts() + [str(w) for w in prompts_words]
+    tok_src = Path(tempfile.mkdtemp(prefix="tiny-tokenizer-"))
+    vocab = write_clip_tokenizer_files(tok_src, texts)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_src)
+    _check_tokenizer(tokenizer, texts)
+    torch.manual_seed(seed)
+    unet = _tiny_unet(resolution // vae_scale_factor, unet_blocks, unet_heads)
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae(resolution, vae_blocks)
+    torch.manual_seed(seed + 2)
+    text_encoder = _tiny_text_encoder(vocab)
+    return {"tokenizer_dir": tok_src, "tokenizer": tokenizer, "vocab": vocab, "unet": unet, "vae": vae,
+            "text_encoder": text_encoder}
 
+
+def save_pipeline(out_dir: Path, parts: dict, info: dict) -> Path:
+    """Save ``parts`` (from ``tiny_parts``, weights trained or not) as a diffusers Stable Diffusion folder
+    with SD 1.5's noise schedule, ``info`` as ``tiny_model_info.json``. Atomic: built in a temporary
+    sibling folder, then renamed over ``out_dir``."""
+    from diffusers import StableDiffusionPipeline
+
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        tok_src = tmp / "_tokenizer_src"
-        vocab = write_clip_tokenizer_files(tok_src, texts)
-        tokenizer = CLIPTokenizer.from_pretrained(tok_src)
-        _check_tokenizer(tokenizer, texts)
-
-        torch.manual_seed(seed)
-        unet = _tiny_unet(resolution // vae_scale_factor)
-        torch.manual_seed(seed + 1)
-        vae = _tiny_vae(resolution)
-        torch.manual_seed(seed + 2)
-        text_encoder = _tiny_text_encoder(vocab)
-        scheduler = sd15_noise_scheduler()
-
         pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
+            vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
+            scheduler=sd15_noise_scheduler(), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
         model_dir = tmp / "model"
         pipe.save_pretrained(model_dir, safe_serialization=True)
         # Tokenizer folder in SD 1.5's own layout (vocab.json + merges.txt, no tokenizer.json).
         shutil.rmtree(model_dir / "tokenizer")
-        shutil.copytree(tok_src, model_dir / "tokenizer")
-        (model_dir / "tiny_model_info.json").write_text(
-            json.dumps(
-                {
-                    "description": "tiny random-weight Stable Diffusion 1.5 look-alike (offline demo)",
-                    "seed": seed,
-                    "resolution": resolution,
-                    "vae_scale_factor": vae_scale_factor,
-                    "params": {
-                        "unet": _n_params(unet),
-                        "vae": _n_params(vae),
-                        "text_encoder": _n_params(text_encoder),
-                    },
-                    "vocab_size": len(vocab),
-                },
-                indent=2,
-            )
-        )
-
+        shutil.copytree(parts["tokenizer_dir"], model_dir / "tokenizer")
+        (model_dir / "tiny_model_info.json").write_text(json.dumps(info, indent=2))
         _normalize_permissions(model_dir)
-
-        # Atomic swap into place.
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "x")
@@ -358,4 +332,29 @@ def build_tiny_pipeline(
             os.replace(model_dir, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(parts["tokenizer_dir"], ignore_errors=True)
     return out_dir
+
+
+def model_info(parts: dict, description: str, seed: int, resolution: int) -> dict:
+    return {
+        "description": description,
+        "seed": seed,
+        "resolution": resolution,
+        "vae_scale_factor": 2 ** (len(TINY_VAE_BLOCK_OUT) - 1),
+        "params": {name: _n_params(parts[name]) for name in ("unet", "vae", "text_encoder")},
+        "vocab_size": len(parts["vocab"]),
+    }
+
+
+def build_tiny_pipeline(
+    out_dir: Path,
+    prompts_words: Iterable[str] = (),
+    resolution: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Build the tiny SD 1.5 look-alike (random weights from ``seed``) and save it to ``out_dir``
+    (atomically). Returns ``out_dir``."""
+    parts = tiny_parts(prompts_words, resolution, seed)
+    info = model_info(parts, "tiny random-weight Stable Diffusion 1.5 look-alike (offline demo)", seed, resolution)
+    return save_pipeline(out_dir, parts, info)

@@ -32,7 +32,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ from workflow_scripts.lora_training import (COMPUTE_DTYPES, GIB, LOG_EVERY, RESU
                                             encode_latent_cache, gpu_levers, hardware_settings, latent_shape,
                                             library_versions, make_optimizer, micro_batch_loss, optimize, set_train_mode,
                                             total_optimizer_steps, write_lora)
-from workflow_scripts.tables import Splits, add_split_arguments, make_prompt, split_path, splits_from_args
+from workflow_scripts.lora_validation import ValLoss, best_step, plot_losses, run_validation
+from workflow_scripts.tables import Splits, add_split_arguments, split_path, splits_from_args
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -61,6 +62,8 @@ class Position:
     micro_step: int = 0
     images_seen: int = 0
     train_seconds: float = 0.0
+    val_loss: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss"} at step 0 and every checkpoint
+    train_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last log)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -86,14 +89,13 @@ def train_data_hash(data_dir: Splits) -> str:
     return hashlib.sha256(split_path(data_dir, "train").read_bytes()).hexdigest()[:16]
 
 
-def image_batches(data_dir: Path, resolution: int, crop: str, batch_size: int):
-    """The number of training images, and `batches(rows)`: (pixels, prompts) of those rows of the
-    training split, in file order."""
+def image_batches(data_dir: Path, resolution: int, crop: str, batch_size: int, split: str = "train"):
+    """The number of images of `split`, and `batches(rows)`: (pixels, prompts) of those rows, in file order."""
     from torch.utils.data import DataLoader, Subset
 
     from workflow_scripts.xray_dataset import XrayPromptDataset
 
-    dataset = XrayPromptDataset(data_dir, resolution, split="train", crop=crop)
+    dataset = XrayPromptDataset(data_dir, resolution, split=split, crop=crop)
     workers = min(4, os.cpu_count() or 1) if len(dataset) > 256 else 0
 
     def batches(rows: range):
@@ -123,7 +125,8 @@ def resume_fingerprint(config: dict[str, Any], source: str, data_hash: str, worl
 
 
 def save_checkpoint(checkpoints_dir: Path, step: int, models: dict[str, torch.nn.Module], optimizer, lr_scheduler,
-                    accelerator, position: Position, fingerprint: dict[str, Any], keep: int) -> Path:
+                    accelerator, position: Position, fingerprint: dict[str, Any], keep: int,
+                    protect: int | None = None) -> Path:
     """Write checkpoint-<step> atomically: a run killed mid-save leaves only a `.partial` folder,
     which is ignored and cleared, and the previous checkpoint stays usable."""
     from safetensors.torch import save_file
@@ -150,7 +153,8 @@ def save_checkpoint(checkpoints_dir: Path, step: int, models: dict[str, torch.nn
         shutil.rmtree(final)
     os.replace(partial, final)
     for old in list_checkpoints(checkpoints_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != f"{CHECKPOINT_PREFIX}{protect}":  # the lowest val loss stays for select_checkpoint: val_loss
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -206,54 +210,8 @@ def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizer, l
         accelerator.scaler.load_state_dict(state["scaler"])
     restore_rng(state["rng"])
     recorded = json.loads((path / "position.json").read_text())
-    return Position(recorded["micro_step"], recorded["images_seen"], recorded["train_seconds"])
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def validation_prompts(config: dict[str, Any]) -> list[tuple[str, str]]:
-    """(file name, prompt) per validation image grid: one per label named by the label, unless
-    training.validation_prompts lists prompts (each named by its own text)."""
-    prompts = config["training"]["validation_prompts"]
-    if prompts:
-        return [(slug(prompt), prompt) for prompt in prompts]
-    return [(slug(label), make_prompt([label], config["prompt"]["template"])) for label in config["dataset"]["labels"]]
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
-
-
-@torch.no_grad()
-def run_validation(components, unet, text_encoder, config: dict[str, Any], step: int, device: torch.device,
-                   writer, out_dir: Path, autocast) -> None:
-    """Sample each validation prompt with the training components (no second model in memory)."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-    from PIL import Image
-
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=text_encoder, tokenizer=components.tokenizer, unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    resolution, count = config["model"]["resolution"], config["training"]["num_validation_images"]
-    was_training = unet.training
-    unet.eval()
-    step_dir = out_dir / f"step-{step}"
-    step_dir.mkdir(parents=True, exist_ok=True)
-    for name, prompt in validation_prompts(config):
-        generator = torch.Generator(device=device).manual_seed(config["training"]["seed"])
-        with autocast():
-            images = pipeline(prompt, num_images_per_prompt=count, height=resolution, width=resolution, generator=generator,
-                              num_inference_steps=config["training"]["validation_inference_steps"], output_type="np").images
-        grid = np.concatenate(list((np.clip(images, 0, 1) * 255).round().astype(np.uint8)), axis=1)  # H x (count*W) x 3
-        Image.fromarray(grid).save(step_dir / f"{name}.png")
-        if writer is not None:
-            writer.add_image(f"validation/image_{name}", grid, step, dataformats="HWC")
-        maybe_fail("validation")
-    unet.train(was_training)
+    return Position(recorded["micro_step"], recorded["images_seen"], recorded["train_seconds"],
+                    recorded.get("val_loss", []), [tuple(pair) for pair in recorded.get("train_loss", [])])
 
 
 # ----------------------------------------------------------------------------- run
@@ -303,6 +261,7 @@ class Run:
     total_steps: int
     checkpoints_dir: Path
     fingerprint: dict[str, Any]
+    val_loss: ValLoss | None  # None: no val split given, or it is empty
 
     @property
     def main(self) -> bool:
@@ -369,8 +328,40 @@ def setup_run(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir
                         components.noise_scheduler, components.vae.config.scaling_factor, accelerator.autocast)
     checkpoints_dir = output_dir / "checkpoints"
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    val_loss = build_val_loss(config, data_dir, output_dir, components, spec, accelerator, weight_dtype)
     return Run(config, spec, accelerator, components, trainable, optimizer, lr_scheduler, denoiser, cache, prompts, order,
-               levers, data_hash, total_steps, checkpoints_dir, resume_fingerprint(config, components.source, data_hash, world))
+               levers, data_hash, total_steps, checkpoints_dir, resume_fingerprint(config, components.source, data_hash, world),
+               val_loss)
+
+
+def build_val_loss(config: dict[str, Any], data_dir: Splits, output_dir: Path, components, spec: LoraSpec, accelerator,
+                   weight_dtype: torch.dtype) -> ValLoss | None:
+    """The val split's latents (the first `training.val_loss_images`, cached like the training
+    images) and prompts, for the held-out loss at every checkpoint; None without a val split."""
+    import hashlib
+
+    model_cfg = config["model"]
+    if not accelerator.is_main_process:  # the main process alone scores the val split
+        return None
+    try:
+        val_csv = split_path(data_dir, "val")
+    except ValueError:  # no --val given
+        return None
+    if not val_csv.is_file():
+        return None
+    count, batches = image_batches(data_dir, model_cfg["resolution"], model_cfg["crop"], spec.batch_size, split="val")
+    count = min(count, config["training"]["val_loss_images"] or count)
+    if count == 0:
+        return None
+    key = config_hash([components.source, model_cfg["resolution"], model_cfg["crop"], count,
+                       hashlib.sha256(val_csv.read_bytes()).hexdigest()[:16]])
+    device = accelerator.device
+    folder = encode_latent_cache(components.vae, batches, count, spec.batch_size, output_dir / "cache" / f"val-latents-{key}",
+                                 latent_shape(components.vae, model_cfg["resolution"]), device)
+    cache = LatentCache(folder, device, config["hardware"]["latent_cache_device_budget_gb"] * GIB)
+    prompts = Prompts.build(cache.prompts, components.tokenizer, components.text_encoder, device, weight_dtype,
+                            spec.train_text_encoder, accelerator.autocast)
+    return ValLoss.build(cache, prompts, components.vae.config.scaling_factor, spec.seed, spec.batch_size)
 
 
 def choose_start(run: Run, resume: str) -> Path | None:
@@ -400,6 +391,8 @@ def train_steps(run: Run, position: Position, last_saved: Path | None, output_di
     last_loss, logged = float("nan"), (position.images_seen, position.train_seconds)
     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0  # on the device until the next sync
     set_train_mode(trainable)
+    if run.val_loss is not None and not position.val_loss:
+        record_val_loss(run, position, 0, writer)  # the base without LoRA
     clock = time.perf_counter()  # runs only while training: checkpoints and validation are not counted
     while position.micro_step < run.total_steps * spec.accumulation:
         with accelerator.accumulate(*trainable.models.values()):
@@ -427,6 +420,7 @@ def train_steps(run: Run, position: Position, last_saved: Path | None, output_di
                                 "training.learning_rate, bf16 instead of fp16, or a smaller training.max_grad_norm")
         speed = (position.images_seen - logged[0]) / max(position.train_seconds - logged[1], 1e-9)
         logged = (position.images_seen, position.train_seconds)
+        position.train_loss.append((step, round(last_loss, 6)))
         progress.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{speed:.1f}")
         if writer is not None:
             writer.add_scalar("train/loss", last_loss, step)
@@ -434,8 +428,13 @@ def train_steps(run: Run, position: Position, last_saved: Path | None, output_di
             writer.add_scalar("train/images_per_second", speed, step)
         if final or step % training["save_steps"] == 0:
             if run.main:
+                if run.val_loss is not None:
+                    record_val_loss(run, position, step, writer)
+                    progress.set_postfix(loss=f"{last_loss:.4f}", val=f"{position.val_loss[-1]['loss']:.4f}")
+                protect = best_step(position.val_loss) if training["select_checkpoint"] == "val_loss" else None
                 last_saved = save_checkpoint(run.checkpoints_dir, step, trainable.models, optimizer, run.lr_scheduler,
-                                             accelerator, position, run.fingerprint, training["checkpoints_total_limit"])
+                                             accelerator, position, run.fingerprint, training["checkpoints_total_limit"],
+                                             protect)
             accelerator.wait_for_everyone()
         if (final or step % training["validation_steps"] == 0) and run.main:
             run_validation(run.components, accelerator.unwrap_model(run.denoiser.unet),
@@ -450,6 +449,31 @@ def train_steps(run: Run, position: Position, last_saved: Path | None, output_di
     return last_loss
 
 
+def record_val_loss(run: Run, position: Position, step: int, writer) -> None:
+    unet = run.accelerator.unwrap_model(run.denoiser.unet)
+    loss = run.val_loss(unet, run.accelerator.unwrap_model(run.denoiser.text_encoder), run.denoiser.noise_scheduler,
+                        run.denoiser.autocast)
+    position.val_loss.append({"step": step, "loss": round(loss, 6)})
+    if writer is not None:
+        writer.add_scalar("val/loss", loss, step)
+
+
+def select_final(run: Run, position: Position) -> int:
+    """The step whose LoRA becomes final: the last, or (training.select_checkpoint: val_loss) the
+    checkpoint with the lowest val loss, whose weights are then loaded into the model."""
+    chosen = best_step(position.val_loss) if run.config["training"]["select_checkpoint"] == "val_loss" else None
+    if chosen is None or chosen == run.total_steps:
+        return run.total_steps
+    from safetensors.torch import load_file
+
+    folder = run.checkpoints_dir / f"{CHECKPOINT_PREFIX}{chosen}"
+    for name, model in run.trainable.models.items():
+        load_trainable_state(run.accelerator.unwrap_model(model), load_file(folder / f"lora_{name}.safetensors"))
+    print(f"final LoRA: checkpoint {chosen} (lowest val loss {min(e['loss'] for e in position.val_loss if e['step'] > 0):.5f})",
+          file=sys.stderr)
+    return chosen
+
+
 def write_final(run: Run, position: Position, last_loss: float, start_from: Path | None, output_dir: Path) -> dict[str, Any]:
     """Phase 5: the final LoRA (diffusers and kohya formats) and training_summary.json, atomically."""
     config, accelerator = run.config, run.accelerator
@@ -457,12 +481,18 @@ def write_final(run: Run, position: Position, last_loss: float, start_from: Path
     final, partial = output_dir / "final", output_dir / "final.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    chosen = select_final(run, position)
+    plot_losses(position.train_loss, position.val_loss, partial / "loss_curve.png", chosen)
     write_lora(partial, accelerator.unwrap_model(run.denoiser.unet),
                accelerator.unwrap_model(run.denoiser.text_encoder) if run.spec.train_text_encoder else None)
     summary = {
         "steps": run.total_steps,
         "epochs": round(position.micro_step / run.order.batches_per_epoch, 3),
         "final_loss": last_loss,
+        "final_step": chosen,
+        "select_checkpoint": training["select_checkpoint"],
+        "val_loss": position.val_loss,  # [{"step", "loss"}]: step 0 is the base without LoRA
+        "val_images": len(run.val_loss) if run.val_loss is not None else 0,
         "train_images": len(run.cache),
         "images_seen": position.images_seen,
         "train_seconds": round(position.train_seconds, 3),
@@ -493,15 +523,17 @@ def write_final(run: Run, position: Position, last_loss: float, start_from: Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    add_split_arguments(parser, ["train"])
+    add_split_arguments(parser, ["train", "val"])
     parser.add_argument("--output-dir", type=Path, default=Path("results/lora"), help="checkpoints/, logs/, final/")
     parser.add_argument("--tiny-dir", type=Path, default=DEFAULT_TINY_DIR, help="where model.pretrained: tiny lives")
     parser.add_argument("--resume", default="latest", help="latest (default), none, or a checkpoint-N folder")
     args = parser.parse_args(argv)
-    summary = train(config_from_args(args, "train_lora"), splits_from_args(args, ["train"]), args.output_dir, args.tiny_dir, args.resume)
+    summary = train(config_from_args(args, "train_lora"), splits_from_args(args, ["train", "val"]), args.output_dir, args.tiny_dir, args.resume)
     if summary:
         print(f"trained {summary['steps']} steps ({summary['epochs']} epochs) in {summary['train_seconds']:.0f} s, "
-              f"{summary['images_per_second']:.1f} images/s, final loss {summary['final_loss']:.4f}; "
+              f"{summary['images_per_second']:.1f} images/s, final loss {summary['final_loss']:.4f}"
+              + (f", val loss {summary['val_loss'][0]['loss']:.4f} (base) -> {summary['val_loss'][-1]['loss']:.4f}"
+                 if summary["val_loss"] else "") + "; "
               f"LoRA in {args.output_dir / 'final'}")
     return 0
 

@@ -9,3 +9,9 @@ own CLI) and audit_search.py (its blocked nearest-image search, and that search'
 # The two comparisons of every fidelity row: synthetic images against the held-out real reference,
 # and the real-vs-real floor at the same n. Read by evaluate.py (which computes) and report.py (which shows).
 SYNTHETIC, FLOOR = "synthetic vs real val", "real train vs real val (floor)"
+# The LoRA-off control: the same prompts and seeds drawn by the base model alone (what the LoRA adds).
+BASE = "base without LoRA vs real val"
+# The `set` column of adherence.csv: who drew the images, and which label their score is read against.
+PROMPTED, BASE_PROMPTED, REAL_VAL = "synthetic (prompted label)", "base without LoRA", "real val (true label)"
+#: adherence.csv's `label` of the mean over labels (with its bootstrap interval).
+MACRO = "macro"

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from workflow_scripts.config import config_hash
-from workflow_scripts.fidelity import FLOOR, SYNTHETIC, distances
+from workflow_scripts.fidelity import BASE, BASE_PROMPTED, FLOOR, MACRO, PROMPTED, REAL_VAL, SYNTHETIC, distances
 from workflow_scripts.fidelity.features import Extractor, compute_features, load_images
 from workflow_scripts.labels import DataError
 from workflow_scripts.tables import LABEL_JOIN, Splits, json_safe, load_split, read_generation_results, split_path
@@ -75,12 +75,14 @@ def _distance_row(extractor: str, label: str, comparison: str, real: np.ndarray,
 def fidelity_rows(extractors: Sequence[Extractor], features: dict[str, dict[str, np.ndarray]],
                   plan: dict[str, dict[str, np.ndarray]], positions: dict[str, dict[int, int]],
                   evaluation: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per extractor, label and comparison (synthetic vs val; train vs val floor)."""
+    """One row per extractor, label and comparison (synthetic vs val; train vs val floor; the base
+    without LoRA vs val where its images are given)."""
     rows = []
+    others = [(SYNTHETIC, "synthetic"), (FLOOR, "train")] + ([(BASE, "base")] if "base" in features else [])
     for extractor in extractors:
         for label, picked in plan.items():
             if not extractor.available:
-                for comparison in (SYNTHETIC, FLOOR):
+                for comparison, _ in others:
                     rows.append({"extractor": extractor.name, "label": label, "comparison": comparison,
                                  "n": len(picked["val"]), "fid": None, "fid_status": extractor.status,
                                  "notes": extractor.status})
@@ -90,8 +92,9 @@ def fidelity_rows(extractors: Sequence[Extractor], features: dict[str, dict[str,
                 return features[name][extractor.name][[positions[name][i] for i in picked[name]]]
 
             real = take("val")
-            for comparison, other in ((SYNTHETIC, take("synthetic")), (FLOOR, take("train"))):
-                rows.append(_distance_row(extractor.name, label, comparison, real, other, evaluation, int(evaluation["seed"])))
+            for comparison, name in others:
+                rows.append(_distance_row(extractor.name, label, comparison, real, take(name), evaluation,
+                                          int(evaluation["seed"])))
     return rows
 
 
@@ -127,31 +130,39 @@ def classifier_scores(model: torch.nn.Module, meta: dict[str, Any], paths: Seque
     return probs
 
 
-def adherence_rows(syn_scores: np.ndarray, val_scores: np.ndarray, classes: list[str], sets: dict[str, list[set[str]]],
-                   labels: list[str], n_boot: int, seed: int, val_patients: np.ndarray) -> list[dict[str, Any]]:
-    """Per label: AUROC of the classifier's score for it, prompted label vs the rest on synthetic
-    images, true label vs the rest on real val images."""
+def adherence_rows(scored: Sequence[tuple[str, np.ndarray, list[set[str]], np.ndarray | None]], classes: list[str],
+                   labels: list[str], n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """Per label, and macro over labels: the AUROC of the classifier's score for the label, prompted (or
+    true) label vs the rest, for each (set name, scores, label sets, patient clusters) given. Synthetic
+    images are independent draws (clusters None); real val films cluster by patient."""
     from workflow_scripts.stats import run_aurocs
 
+    used = [label for label in labels if label in classes]
+    if not used:
+        return []
+    results = {}
+    for what, scores, cells, clusters in scored:
+        y = np.stack([has_label(cells, label) for label in used], axis=1)
+        results[what] = (y, run_aurocs(y, scores[:, [classes.index(label) for label in used]],
+                                       np.arange(len(y)) if clusters is None else clusters, n_boot, seed))
     rows = []
-    for label in [label for label in labels if label in classes]:
-        column = classes.index(label)
-        for what, scores, cells, clusters in (("synthetic (prompted label)", syn_scores, sets["synthetic"], None),
-                                              ("real val (true label)", val_scores, sets["val"], val_patients)):
-            y = has_label(cells, label)
-            # Synthetic images are independent draws; real val films cluster by patient.
-            result = run_aurocs(y, scores[:, column], np.arange(len(y)) if clusters is None else clusters, n_boot,
-                                seed)["per_label"][0]
-            rows.append({"label": label, "set": what, "positives": int(y.sum()), "negatives": int((~y).sum()),
-                         "auroc": result["auroc"], "ci_low": result["ci_low"], "ci_high": result["ci_high"],
-                         "notes": result.get("note", "")})
+    for number, label in enumerate([*used, MACRO]):
+        for what, (y, result) in results.items():
+            cell = result["macro"] if label == MACRO else result["per_label"][number]
+            positives = int(y.sum()) if label == MACRO else int(y[:, number].sum())
+            negatives = int((~y).sum()) if label == MACRO else int((~y[:, number]).sum())
+            rows.append({"label": label, "set": what, "positives": positives, "negatives": negatives,
+                         "auroc": cell["auroc"], "ci_low": cell["ci_low"], "ci_high": cell["ci_high"],
+                         "notes": cell.get("note", "")})
     return rows
 
 
 def evaluate(config: dict[str, Any], data_dir: Splits, synthetic_csv: str | Path, out_dir: str | Path,
              extractors: Sequence[Extractor], classifier: tuple[torch.nn.Module, dict[str, Any]] | None = None,
-             audit_summary: dict[str, Any] | None = None, device: str = "cpu", batch_size: int = 32) -> dict[str, Any]:
-    """Compute everything, write fidelity.csv/.json/.md, diversity.csv, adherence.csv and plots/."""
+             audit_summary: dict[str, Any] | None = None, device: str = "cpu", batch_size: int = 32,
+             base_csv: str | Path | None = None) -> dict[str, Any]:
+    """Compute everything, write fidelity.csv/.json/.md, diversity.csv, adherence.csv and plots/.
+    `base_csv`: the LoRA-off control's images (same prompts and seeds, base model alone), scored beside."""
     from workflow_scripts.fidelity.report import make_plots, render_markdown
 
     evaluation, vocabulary = config["evaluation"], list(config["dataset"]["labels"])
@@ -160,6 +171,8 @@ def evaluate(config: dict[str, Any], data_dir: Splits, synthetic_csv: str | Path
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = {"synthetic": read_generation_results(synthetic_csv), "val": load_split(data_dir, "val"),
               "train": load_split(data_dir, "train")}
+    if base_csv is not None:
+        frames["base"] = read_generation_results(base_csv)
     for name in ("val", "train"):
         if frames[name].empty:
             raise DataError(f"{split_path(data_dir, name)}: no images; fidelity needs real {name} images")
@@ -179,10 +192,11 @@ def evaluate(config: dict[str, Any], data_dir: Splits, synthetic_csv: str | Path
     if classifier is not None:
         model, meta = classifier
         classes = list(meta["classes"])
-        adherence = adherence_rows(classifier_scores(model, meta, paths["synthetic"], device),
-                                   classifier_scores(model, meta, paths["val"], device), classes, sets, labels,
-                                   int(config["classifier"]["bootstrap_samples"]), seed,
-                                   frames["val"]["patient"].astype(str).to_numpy())
+        scored = [(PROMPTED, "synthetic", None), *([(BASE_PROMPTED, "base", None)] if "base" in frames else []),
+                  (REAL_VAL, "val", frames["val"]["patient"].astype(str).to_numpy())]
+        adherence = adherence_rows([(what, classifier_scores(model, meta, paths[name], device), sets[name], clusters)
+                                    for what, name, clusters in scored], classes, labels,
+                                   int(config["classifier"]["bootstrap_samples"]), seed)
         adherence_note = f"real-only classifier {meta.get('model', '?')} ({meta.get('source', 'ratio 0')})"
 
     pd.DataFrame(rows, columns=FIDELITY_COLUMNS).to_csv(out_dir / "fidelity.csv", index=False)
@@ -192,6 +206,8 @@ def evaluate(config: dict[str, Any], data_dir: Splits, synthetic_csv: str | Path
         "rows": rows, "diversity": diversity, "adherence": adherence,
         "settings": {
             "reference": f"real val split ({len(frames['val'])} images, patients the generator never saw)",
+            "base_control": ("the same prompts and seeds drawn by the base model without LoRA "
+                             f"({len(frames['base'])} images)" if "base" in frames else None),
             "floor": "real train images against the same real val images, same n",
             "preprocessing": f"read_xray -> LoRA training transform to {resolution} px -> one antialiased bilinear "
                              "resize to each extractor's input",

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts.cells import finite, significant
-from workflow_scripts.fidelity import FLOOR, SYNTHETIC
+from workflow_scripts.fidelity import BASE, BASE_PROMPTED, FLOOR, PROMPTED, REAL_VAL, SYNTHETIC
 from workflow_scripts.fidelity.distances import SET_METRICS
 
 SET_COLUMNS = [column for metric in SET_METRICS for column in metric.columns]
@@ -31,6 +31,14 @@ def _pair(syn: Any, floor: Any, digits: int = 3) -> str:
     return f"{significant(syn, digits)} ({significant(floor, digits)})"
 
 
+def _kid(row: pd.Series, floor: pd.Series) -> str:
+    """KID ± its spread over subsets (the floor's KID), or why there is none."""
+    if finite(row.get("kid_mean")) is None:
+        return significant(_fid(row))
+    spread = f" ± {significant(row.get('kid_std'), 2)}" if (finite(row.get("kid_std")) or 0) > 0 else ""
+    return f"{significant(row.get('kid_mean'))}{spread} ({significant(floor.get('kid_mean'))})"
+
+
 def _fidelity_tables(result: dict[str, Any]) -> list[str]:
     rows = pd.DataFrame(result["rows"])
     lines: list[str] = []
@@ -38,19 +46,22 @@ def _fidelity_tables(result: dict[str, Any]) -> list[str]:
         if not info["status"].startswith("ok"):
             lines += [f"**{name}**: {info['status']}", ""]
             continue
-        lines += [f"**{name}** ({info['description']}; input {info['input_size']} px). "
-                  "Each cell: synthetic vs real val (floor: real train vs real val, same n).", "",
-                  "| " + " | ".join(["label", "n", "KID", "FID", *SET_COLUMNS]) + " |",
-                  "|---|" + "---:|" * (3 + len(SET_COLUMNS))]
         mine = rows[rows["extractor"] == name]
+        base = (mine["comparison"] == BASE).any()
+        lines += [f"**{name}** ({info['description']}; input {info['input_size']} px). "
+                  "Each cell: synthetic vs real val (floor: real train vs real val, same n)"
+                  + ("; the base model without LoRA, same prompts and seeds, in its own columns" if base else "") + ".", "",
+                  "| " + " | ".join(["label", "n", "KID", "FID", *SET_COLUMNS]
+                                    + (["KID without LoRA", "precision / recall without LoRA"] if base else [])) + " |",
+                  "|---|" + "---:|" * (3 + len(SET_COLUMNS) + 2 * base)]
         for label in dict.fromkeys(mine["label"]):
             syn = mine[(mine["label"] == label) & (mine["comparison"] == SYNTHETIC)].iloc[0]
             flo = mine[(mine["label"] == label) & (mine["comparison"] == FLOOR)].iloc[0]
-            spread = f" ± {significant(syn.get('kid_std'), 2)}" if (finite(syn.get("kid_std")) or 0) > 0 else ""
-            kid = (f"{significant(syn.get('kid_mean'))}{spread} ({significant(flo.get('kid_mean'))})"
-                   if finite(syn.get("kid_mean")) is not None else significant(_fid(syn)))
-            cells = [label, str(int(syn["n"])), kid, _pair(_fid(syn), _fid(flo), 4)]
+            cells = [label, str(int(syn["n"])), _kid(syn, flo), _pair(_fid(syn), _fid(flo), 4)]
             cells += [_pair(syn.get(key), flo.get(key)) for key in SET_COLUMNS]
+            if base:
+                off = mine[(mine["label"] == label) & (mine["comparison"] == BASE)].iloc[0]
+                cells += [_kid(off, flo), f"{significant(off.get('precision'))} / {significant(off.get('recall'))}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -86,19 +97,24 @@ def render_markdown(result: dict[str, Any], plots: list[Path], out_dir: Path) ->
               "(95% bootstrap CI). 0.5 = the synthetic images do not show what they were asked to show.", ""]
     adherence = pd.DataFrame(result["adherence"])
     if len(adherence):
-        lines += ["| label | synthetic: n pos / neg | AUROC synthetic | real val: n pos / neg | AUROC real val |",
-                  "|---|---:|---:|---:|---:|"]
+        base = (adherence["set"] == BASE_PROMPTED).any()
+        if base:
+            lines += ["The same prompts and seeds drawn by the base model without LoRA are scored the same way: "
+                      "the difference between the two columns is what the LoRA taught.", ""]
+        lines += ["| label | synthetic: n pos / neg | AUROC synthetic (LoRA) |" + (" AUROC base without LoRA |" if base else "")
+                  + " real val: n pos / neg | AUROC real val |", "|---|---:|---:|" + ("---:|" if base else "") + "---:|---:|"]
+
+        def auroc(row: pd.Series) -> str:
+            if finite(row["auroc"]) is None:
+                return row["notes"] or "n/a"
+            ci = f" [{significant(row['ci_low'], 2)}, {significant(row['ci_high'], 2)}]" if finite(row["ci_low"]) is not None else ""
+            return f"{significant(row['auroc'], 3)}{ci}"
+
         for label in dict.fromkeys(adherence["label"]):
-            syn = adherence[(adherence["label"] == label) & adherence["set"].str.startswith("synthetic")].iloc[0]
-            real = adherence[(adherence["label"] == label) & adherence["set"].str.startswith("real")].iloc[0]
-
-            def auroc(row: pd.Series) -> str:
-                if finite(row["auroc"]) is None:
-                    return row["notes"] or "n/a"
-                ci = f" [{significant(row['ci_low'], 2)}, {significant(row['ci_high'], 2)}]" if finite(row["ci_low"]) is not None else ""
-                return f"{significant(row['auroc'], 3)}{ci}"
-
-            lines.append(f"| {label} | {syn['positives']} / {syn['negatives']} | {auroc(syn)} | "
+            mine = adherence[adherence["label"] == label].set_index("set")
+            syn, real = mine.loc[PROMPTED], mine.loc[REAL_VAL]
+            off = f" {auroc(mine.loc[BASE_PROMPTED])} |" if base else ""
+            lines.append(f"| {label} | {syn['positives']} / {syn['negatives']} | {auroc(syn)} |{off} "
                          f"{real['positives']} / {real['negatives']} | {auroc(real)} |")
     else:
         lines.append(settings["adherence"])
@@ -187,7 +203,8 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
         written.append(path)
 
     if len(adherence) and adherence["auroc"].map(finite).notna().any():
-        syn, real = adherence[adherence["set"].str.startswith("synthetic")], adherence[adherence["set"].str.startswith("real")]
+        series = [(name, adherence[adherence["set"] == name]) for name in (PROMPTED, BASE_PROMPTED, REAL_VAL)
+                  if (adherence["set"] == name).any()]
         figure, ax = plt.subplots(figsize=(7, 4))
 
         def errors(frame: pd.DataFrame) -> np.ndarray:
@@ -196,11 +213,12 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
             high = frame["ci_high"].map(lambda v: finite(v)).to_numpy(dtype=float)
             return np.nan_to_num(np.vstack([value - low, high - value]), nan=0.0).clip(min=0)
 
-        x = np.arange(len(syn))
-        for k, (name, frame) in enumerate((("synthetic (prompted label)", syn), ("real val (true label)", real))):
-            ax.bar(x + 0.4 * k, frame["auroc"].map(lambda v: finite(v) or 0.0), 0.4, yerr=errors(frame), capsize=2, label=name)
+        x, width = np.arange(len(series[0][1])), 0.8 / len(series)
+        for k, (name, frame) in enumerate(series):
+            ax.bar(x + width * k, frame["auroc"].map(lambda v: finite(v) or 0.0), width, yerr=errors(frame), capsize=2,
+                   label=name)
         ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
-        ax.set_xticks(x + 0.2, syn["label"], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(x + width * (len(series) - 1) / 2, series[0][1]["label"], rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_ylabel("AUROC of the real-only classifier")
         ax.legend(fontsize=8)
