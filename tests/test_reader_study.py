@@ -9,6 +9,7 @@ import re
 import struct
 import subprocess
 import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,21 @@ from workflow_scripts.reader_study.answers import read_answers
 from workflow_scripts.reader_study.design import StudyError, read_study
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("reader_study")
+    data, synthetic = make_study_inputs(root)
+    build_study(study_config(), data, synthetic, root / "study")
+    return root
+
+
 @pytest.fixture
-def study(tmp_path: Path) -> Path:
-    data, synthetic = make_study_inputs(tmp_path)
-    build_study(study_config(), data, synthetic, tmp_path / "study")
+def study(built: Path, tmp_path: Path) -> Path:
+    """A fresh copy of one built study (inputs beside it, as make_study_inputs wrote them) per test."""
+    for name in ("data", "films", "synthetic", "study"):
+        shutil.copytree(built / name, tmp_path / name)
+    for table in [*(tmp_path / "data").glob("*.csv"), *(tmp_path / "synthetic").glob("*.csv"), tmp_path / "study" / "key" / "key.csv"]:
+        table.write_text(table.read_text().replace(str(built), str(tmp_path)))  # the copy's own files
     return tmp_path / "study"
 
 
@@ -211,8 +223,9 @@ def test_snakemake_knows_the_targets_and_keeps_them_out_of_all(tmp_path: Path) -
         return result.stdout
 
     jobs = lambda text: set(re.findall(r"^rule (\w+):", text, re.M))  # noqa: E731
-    assert {"reader_study"} <= jobs(dry(targets=("reader_study",))) and "score_reader_study" not in jobs(dry())
-    assert "reader_study" not in jobs(dry()), "the page is not part of `all` by default"
+    default = jobs(dry())
+    assert {"reader_study"} <= jobs(dry(targets=("reader_study",))) and "score_reader_study" not in default
+    assert "reader_study" not in default, "the page is not part of `all` by default"
     assert "reader_study" in jobs(dry("--config", "reader_study={in_all: true}"))
     write_answers(tmp_path / "results" / "reader_study" / "answers" / "r1.csv", "r1", [])
     assert {"reader_study", "score_reader_study", "compare"} <= jobs(dry()), "answers: scored, and in the table"

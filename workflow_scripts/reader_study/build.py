@@ -163,7 +163,11 @@ def keep_history(key_dir: Path, study: str) -> None:
     """Copy the key under history/<study>/ (answers to an earlier build stay scorable); an id already
     there with another key is refused (an HMAC collision of 8 hex digits: about 1 in 4 billion)."""
     folder = key_dir / "history" / study
-    if (folder / "key.csv").is_file() and (folder / "key.csv").read_bytes() != (key_dir / "key.csv").read_bytes():
+
+    def answers_key(path: Path) -> pd.DataFrame:  # what scoring reads (file paths may move with the data)
+        return pd.read_csv(path, dtype=str, keep_default_na=False)[["image_id", "source", "labels", "repeat_of"]]
+
+    if (folder / "key.csv").is_file() and not answers_key(folder / "key.csv").equals(answers_key(key_dir / "key.csv")):
         raise StudyError(f"{folder}: study id {study} was given to another key before; delete {key_dir / 'secret.txt'} "
                          "and rebuild (answers to earlier pages then need their key from history/)")
     folder.mkdir(parents=True, exist_ok=True)
