@@ -16,7 +16,7 @@ from tests.conftest import tree_checksum
 from tests.reader_study_inputs import build_study, make_study_inputs, study_config, write_answers
 from tests.test_reader_study import key_answers
 from workflow_scripts.reader_study import score as score_stage
-from workflow_scripts.reader_study.design import StudyError, read_study
+from workflow_scripts.reader_study.design import read_study
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,19 @@ def adherence_table(scores: pd.DataFrame, vocabulary: list[str]) -> list[str]:
     return lines
 
 
+def reasons_table(answers: pd.DataFrame, key: pd.DataFrame | None) -> list[str]:
+    """Why readers said synthetic, by what the image was: the tells readers see on synthetic images,
+    and what misleads them on real films."""
+    if key is None or "reason" not in answers or not (answers["reason"].fillna("") != "").any():
+        return []
+    given = answers[answers["reason"].fillna("") != ""]
+    sources = key.loc[given["image_id"], "source"].to_numpy()
+    counts = pd.crosstab(given["reason"].to_numpy(), sources).reindex(columns=["synthetic", "real"], fill_value=0)
+    lines = ["## Why readers said synthetic", "", "| reason | on synthetic images | on real films |", "|---|---:|---:|"]
+    lines += [f"| {md_cell(reason)} | {row['synthetic']} | {row['real']} |" for reason, row in counts.iterrows()]
+    return lines + [""]
+
+
 def kappa_line(pooled: dict[str, Any]) -> str:
     if not pooled["kappa_images"]:
         return "Fleiss' kappa: n/a (needs two or more readers who answered the same images)."
@@ -97,7 +110,7 @@ def kappa_line(pooled: dict[str, Any]) -> str:
             f" on {int(pooled['kappa_images'])} images every reader answered (bootstrap over images).")
 
 
-def render_scores(scores: pd.DataFrame, meta: dict[str, Any], answers: pd.DataFrame) -> str:
+def render_scores(scores: pd.DataFrame, meta: dict[str, Any], answers: pd.DataFrame, key: pd.DataFrame | None = None) -> str:
     pooled = scores.iloc[-1].to_dict()
     files = sorted(set(answers["file"]))
     lines = [f"# Reader study {meta['study']}: scores", "",
@@ -106,6 +119,7 @@ def render_scores(scores: pd.DataFrame, meta: dict[str, Any], answers: pd.DataFr
              f"+ {meta['repeats']} repeated, {meta['image_size']} px. Intervals: 95 %; per reader Wilson (rates) and a "
              f"bootstrap over patients (AUROC); all readers: {pooled['interval']}.", "",
              *reader_table(scores), "", kappa_line(pooled), "",
+             *reasons_table(answers, key),
              "## Findings marked (expert prompt adherence)", "", *adherence_table(scores, meta["findings"]), "",
              "## What the scores mean", ""]
     lines += [f"- {text}" for text in MEANING]

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = score(key, meta, answers, settings["bootstrap_samples"], settings["seed"])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     scores.assign(reader=scores["reader"].map(safe_cell)).to_csv(args.out_dir / "scores.csv", index=False)
-    (args.out_dir / "scores.md").write_text(render_scores(scores, meta, answers))
+    (args.out_dir / "scores.md").write_text(render_scores(scores, meta, answers, key))
     (args.out_dir / "pooled.md").write_text(render_pooled(scores, meta))
     print(scores[["reader", "n", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "sensitivity", "specificity",
                   "auroc"]].to_string(index=False))
