@@ -21,6 +21,7 @@ import pandas as pd
 from workflow_scripts.reader_study.design import (
     ANSWER_COLUMNS, EXTRA_COLUMNS, FINDING_JOIN, QUALITIES, REASONS, SOURCES, StudyError, split_image_id)
 
+POOLED_NAME = "all readers"  # score.POOLED
 MAX_LISTED = 20  # errors listed at once; the rest are counted
 STUDY_ID = re.compile(r"^[0-9a-f]{8}$")
 CONFIDENCE = re.compile(r"^[1-5]$")
@@ -51,6 +52,8 @@ def reader_name(text: str) -> tuple[str | None, str | None]:
         return None, "empty reader name"
     if any(unicodedata.category(char) == "Cc" or char in BIDI_CONTROLS for char in text if char not in " \t"):
         return None, f"reader name {text!r} holds control characters"
+    if name.casefold() == POOLED_NAME:
+        return None, f"reader name {name!r} is the name of the pooled row; use another"
     return name, None
 
 

@@ -29,12 +29,12 @@ from sklearn.metrics import roc_auc_score
 from workflow_scripts.errors import run_stage
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.reader_study.agreement import bootstrap_interval, fleiss_kappa, rank_auroc, wilson_interval
-from workflow_scripts.reader_study.answers import read_answers
+from workflow_scripts.reader_study.answers import POOLED_NAME, read_answers
 from workflow_scripts.reader_study.design import FINDING_JOIN, marked_column, read_study
 from workflow_scripts.reader_study.mrmc import mrmc_accuracy, mrmc_auroc
 from workflow_scripts.reader_study.report import render_pooled, render_scores, safe_cell
 
-POOLED = "all readers"
+POOLED = POOLED_NAME
 
 
 def scored_answers(answers: pd.DataFrame, key: pd.DataFrame) -> pd.DataFrame:
