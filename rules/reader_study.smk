@@ -1,4 +1,6 @@
 # Reader study: a blinded real-vs-synthetic page for radiologists -> the scores of their exported answers.
+# The page is built into page/ (the one file to send), the key into key/ (never sent; it also keeps
+# secret.txt and history/, which are not outputs, so a rebuild keeps them).
 # Targets of their own (`snakemake reader_study`, `snakemake score_reader_study`); in `all` with reader_study.in_all.
 # Input functions: rules/common.smk.
 
@@ -10,12 +12,13 @@ rule reader_study:
         synthetic=rules.merge_generation.output.results,
         config=stage_config_file("reader_study"),
     output:
-        page="results/reader_study/index.html",
-        key="results/reader_study/key.csv",
-        study="results/reader_study/study.json",
+        page="results/reader_study/page/index.html",
+        key="results/reader_study/key/key.csv",
+        study="results/reader_study/key/study.json",
     params:
         data_dir=lambda wildcards, input: os.path.dirname(input.val),
-        out_dir=lambda wildcards, output: os.path.dirname(output.page),
+        page_dir=lambda wildcards, output: os.path.dirname(output.page),
+        key_dir=lambda wildcards, output: os.path.dirname(output.key),
     log:
         "logs/reader_study/reader_study.log",
     benchmark:
@@ -24,7 +27,7 @@ rule reader_study:
         "../envs/cxr-synth.yaml"
     shell:
         "python -m workflow_scripts.reader_study.build --config {input.config} --data-dir {params.data_dir}"
-        " --synthetic {input.synthetic} --out-dir {params.out_dir} > {log} 2>&1"
+        " --synthetic {input.synthetic} --page-dir {params.page_dir} --key-dir {params.key_dir} > {log} 2>&1"
 
 
 rule score_reader_study:

@@ -9,6 +9,7 @@ import re
 import struct
 import subprocess
 import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +18,27 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO, tree_checksum
-from tests.reader_study_inputs import LABELS, PHI, make_study_inputs, study_config, write_answers
+from tests.reader_study_inputs import LABELS, PHI, build_study, make_study_inputs, study_config, write_answers
 from workflow_scripts.reader_study import score as score_stage
 from workflow_scripts.reader_study.answers import read_answers
-from workflow_scripts.reader_study.build import build
 from workflow_scripts.reader_study.design import StudyError, read_study
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("reader_study")
+    data, synthetic = make_study_inputs(root)
+    build_study(study_config(), data, synthetic, root / "study")
+    return root
+
+
 @pytest.fixture
-def study(tmp_path: Path) -> Path:
-    data, synthetic = make_study_inputs(tmp_path)
-    build(study_config(), data, synthetic, tmp_path / "study")
+def study(built: Path, tmp_path: Path) -> Path:
+    """A fresh copy of one built study (inputs beside it, as make_study_inputs wrote them) per test."""
+    for name in ("data", "films", "synthetic", "study"):
+        shutil.copytree(built / name, tmp_path / name)
+    for table in [*(tmp_path / "data").glob("*.csv"), *(tmp_path / "synthetic").glob("*.csv"), tmp_path / "study" / "key" / "key.csv"]:
+        table.write_text(table.read_text().replace(str(built), str(tmp_path)))  # the copy's own files
     return tmp_path / "study"
 
 
@@ -56,7 +67,7 @@ def key_answers(key: pd.DataFrame, flip: bool = False) -> list[tuple[str, str, i
 
 
 def test_the_draw_is_matched_per_label_and_never_uses_training_films(study: Path, tmp_path: Path) -> None:
-    key = pd.read_csv(study / "key.csv", dtype=str, keep_default_na=False)
+    key = pd.read_csv(study / "key" / "key.csv", dtype=str, keep_default_na=False)
     first = key[key["repeat_of"] == ""]
     for label in LABELS:
         real = first[(first["source"] == "real") & first["labels"].str.split("|").map(lambda labels: label in labels)]
@@ -73,18 +84,18 @@ def test_the_draw_is_matched_per_label_and_never_uses_training_films(study: Path
 
 def test_the_order_follows_the_seed(study: Path, tmp_path: Path) -> None:
     data, synthetic = tmp_path / "data", tmp_path / "synthetic" / "generation_results.csv"
-    build(study_config(), data, synthetic, tmp_path / "again")
-    build(study_config(seed=1), data, synthetic, tmp_path / "other")
-    files = [list(pd.read_csv(folder / "key.csv")["file"]) for folder in (study, tmp_path / "again", tmp_path / "other")]
+    build_study(study_config(), data, synthetic, tmp_path / "again")
+    build_study(study_config(seed=1), data, synthetic, tmp_path / "other")
+    files = [list(pd.read_csv(folder / "key" / "key.csv")["file"]) for folder in (study, tmp_path / "again", tmp_path / "other")]
     assert files[0] == files[1] and files[0] != files[2]
-    sources = list(pd.read_csv(study / "key.csv")["source"])
+    sources = list(pd.read_csv(study / "key" / "key.csv")["source"])
     assert sources != sorted(sources) and sources != sorted(sources, reverse=True)
 
 
 def test_the_page_does_not_reveal_the_key(study: Path) -> None:
-    page = (study / "index.html").read_text()
-    key = pd.read_csv(study / "key.csv", dtype=str)
-    data = page_data(study / "index.html")
+    page = (study / "page" / "index.html").read_text()
+    key = pd.read_csv(study / "key" / "key.csv", dtype=str)
+    data = page_data(study / "page" / "index.html")
     assert [image["id"] for image in data["images"]] == list(key["image_id"])
     assert all(set(image) == {"id", "src"} for image in data["images"]), "an image carries more than its id and pixels"
     for file in key["file"]:
@@ -96,9 +107,9 @@ def test_the_page_does_not_reveal_the_key(study: Path) -> None:
 
 
 def test_real_and_synthetic_images_are_encoded_alike_without_metadata(study: Path) -> None:
-    key = pd.read_csv(study / "key.csv", dtype=str).set_index("image_id")
+    key = pd.read_csv(study / "key" / "key.csv", dtype=str).set_index("image_id")
     seen = {}
-    for image in page_data(study / "index.html")["images"]:
+    for image in page_data(study / "page" / "index.html")["images"]:
         assert image["src"].startswith("data:image/png;base64,")
         raw = base64.b64decode(image["src"].split(",", 1)[1])
         assert png_chunks(raw) == ["IHDR", "IDAT", "IEND"], "metadata chunks (text, dpi, ICC) reached the page"
@@ -111,7 +122,7 @@ def test_real_and_synthetic_images_are_encoded_alike_without_metadata(study: Pat
 def test_a_study_with_nothing_to_pair_says_so(tmp_path: Path) -> None:
     data, synthetic = make_study_inputs(tmp_path)
     with pytest.raises(StudyError, match="real val/test"):
-        build(study_config(real_splits=["val"], images_per_label=3), data, _only_label(synthetic, "Mass"), tmp_path / "out")
+        build_study(study_config(real_splits=["val"], images_per_label=3), data, _only_label(synthetic, "Mass"), tmp_path / "out")
 
 
 def _only_label(synthetic: Path, label: str) -> Path:
@@ -123,14 +134,14 @@ def _only_label(synthetic: Path, label: str) -> Path:
 def run_score(study: Path, answers: Path, capsys: pytest.CaptureFixture) -> subprocess.CompletedProcess:
     """The scoring command line, in this process (as `python -m workflow_scripts.reader_study.score`)."""
     capsys.readouterr()
-    code = score_stage.main(["--key", str(study / "key.csv"), "--answers-dir", str(answers), "--out-dir", str(study),
+    code = score_stage.main(["--key", str(study / "key" / "key.csv"), "--answers-dir", str(answers), "--out-dir", str(study),
                              "--bootstrap-samples", "200"])
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess([], code, out, err)
 
 
 def test_a_reader_who_knows_the_key_scores_100_and_one_who_inverts_it_0(study: Path, capsys: pytest.CaptureFixture) -> None:
-    key, meta = read_study(study / "key.csv")
+    key, meta = read_study(study / "key" / "key.csv")
     answers = study / "answers"
     write_answers(answers / "oracle.csv", "oracle", key_answers(key))
     write_answers(answers / "contrarian.csv", "contrarian", key_answers(key, flip=True))
@@ -150,7 +161,7 @@ def test_a_reader_who_knows_the_key_scores_100_and_one_who_inverts_it_0(study: P
 
 
 def test_a_coin_flipping_reader_has_an_interval_that_covers_50_percent(study: Path) -> None:
-    key, meta = read_study(study / "key.csv")
+    key, meta = read_study(study / "key" / "key.csv")
     rng = np.random.default_rng(7)
     rows = [(image, str(rng.choice(["real", "synthetic"])), int(rng.integers(1, 6)), "No Finding") for image in key.index]
     write_answers(study / "answers" / "coin.csv", "coin", rows)
@@ -174,7 +185,7 @@ BAD_ANSWERS = {
 
 @pytest.mark.parametrize("case", list(BAD_ANSWERS))
 def test_bad_answers_are_named_by_file_and_line_and_left_alone(study: Path, case: str, capsys: pytest.CaptureFixture) -> None:
-    key, meta = read_study(study / "key.csv")
+    key, meta = read_study(study / "key" / "key.csv")
     lines, message = BAD_ANSWERS[case]
     answers = study / "answers"
     answers.mkdir()
@@ -212,8 +223,9 @@ def test_snakemake_knows_the_targets_and_keeps_them_out_of_all(tmp_path: Path) -
         return result.stdout
 
     jobs = lambda text: set(re.findall(r"^rule (\w+):", text, re.M))  # noqa: E731
-    assert {"reader_study"} <= jobs(dry(targets=("reader_study",))) and "score_reader_study" not in jobs(dry())
-    assert "reader_study" not in jobs(dry()), "the page is not part of `all` by default"
+    default = jobs(dry())
+    assert {"reader_study"} <= jobs(dry(targets=("reader_study",))) and "score_reader_study" not in default
+    assert "reader_study" not in default, "the page is not part of `all` by default"
     assert "reader_study" in jobs(dry("--config", "reader_study={in_all: true}"))
     write_answers(tmp_path / "results" / "reader_study" / "answers" / "r1.csv", "r1", [])
     assert {"reader_study", "score_reader_study", "compare"} <= jobs(dry()), "answers: scored, and in the table"
@@ -222,7 +234,7 @@ def test_snakemake_knows_the_targets_and_keeps_them_out_of_all(tmp_path: Path) -
 def test_comparison_includes_the_pooled_row_once_answers_are_scored(study: Path, tmp_path: Path, capsys) -> None:
     from tests.test_compare import run_compare  # the comparison's own small study
 
-    key, _ = read_study(study / "key.csv")
+    key, _ = read_study(study / "key" / "key.csv")
     write_answers(study / "answers" / "oracle.csv", "oracle", key_answers(key))
     assert run_score(study, study / "answers", capsys).returncode == 0
     # compare includes the pooled row it is given (--reader-study: the rule passes it once answers exist)
@@ -233,14 +245,14 @@ def test_comparison_includes_the_pooled_row_once_answers_are_scored(study: Path,
 
 
 def test_a_page_rebuilt_from_other_images_is_another_study(study: Path, tmp_path: Path, capsys) -> None:
-    old_key, _ = read_study(study / "key.csv")
+    old_key, _ = read_study(study / "key" / "key.csv")
     write_answers(tmp_path / "old_answers" / "r1.csv", "r1", key_answers(old_key)[:1])
     # generation re-run: same file names, other pixels
     synthetic = tmp_path / "synthetic" / "generation_results.csv"
     for file in pd.read_csv(synthetic)["file"]:
         Image.fromarray(255 - np.asarray(Image.open(file))).save(file)
-    build(study_config(), tmp_path / "data", synthetic, study)
-    new_key, new_meta = read_study(study / "key.csv")
+    build_study(study_config(), tmp_path / "data", synthetic, study)
+    new_key, new_meta = read_study(study / "key" / "key.csv")
     assert new_meta["study"] != old_key.index[0][:8]
     result = run_score(study, tmp_path / "old_answers", capsys)
     assert result.returncode == 2 and "belongs to another study" in result.stderr

@@ -1,14 +1,19 @@
 """What the page, the key and the answers share: the columns, the image ids and reading the key back.
 
-The study id (a hash of the study's content) prefixes every image id, so answers given on another
-study's page are recognised as such instead of being scored against the wrong key.
+The study id prefixes every image id, so answers given on another study's page are recognised as
+such instead of being scored against the wrong key. It is a keyed hash (HMAC) of the whole key under
+a random secret kept beside the key and never shipped: the same key gives the same id, any change of
+the key another one, and a reader who has every image of the page cannot test guesses of the key
+against it (round 1 hashed the content with the seed, and 20 images' key fell to a 44 s search).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,11 @@ from workflow_scripts.labels import NO_FINDING, DataError, read_csv_checked
 
 KEY_COLUMNS = ["image_id", "source", "labels", "repeat_of", "file"]
 ANSWER_COLUMNS = ["reader", "image_id", "answer", "confidence", "findings"]
+# What the page exports besides (round 1's five columns alone are still read): image quality, why a
+# synthetic answer (a reason and where on the image, x/y as fractions of its side), seconds spent.
+EXTRA_COLUMNS = ["quality", "reason", "x", "y", "seconds"]
+QUALITIES = ("good", "adequate", "poor", "non-diagnostic")
+REASONS = ("anatomy", "texture or noise", "edges or borders", "devices or text", "the finding", "other")
 SOURCES = ("real", "synthetic")
 CONFIDENCES = (1, 2, 3, 4, 5)
 FINDING_JOIN = "|"
@@ -28,11 +38,28 @@ class StudyError(DataError):
     """The reader study cannot be built or scored from what it was given (the message says why)."""
 
 
-def study_id(entries: Sequence[tuple[str, str]], seed: int) -> str:
-    """8 hex digits from the (source, image hash) pairs and the seed: the same study gets the same id,
-    and a page with other images another one, so its answers are never scored against this key."""
-    digest = hashlib.sha256(json.dumps([sorted(entries), seed]).encode()).hexdigest()
-    return digest[:8]
+SECRET_FILE = "secret.txt"  # beside key.csv; not a declared output, so a rebuild keeps it
+
+
+def study_secret(key_dir: Path) -> bytes:
+    """The key folder's secret (32 random hex digits), made on first use and kept across rebuilds."""
+    path = key_dir / SECRET_FILE
+    if not path.is_file():
+        key_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(16) + "\n")
+        path.chmod(0o600)
+    text = path.read_text().strip()
+    if not re.fullmatch(r"[0-9a-f]{32}", text):
+        raise StudyError(f"{path}: not a study secret (32 hex digits); delete it to make a new one "
+                         "(answers to pages built with the old one will then read as another study)")
+    return text.encode()
+
+
+def study_id(secret: bytes, content: Sequence[Sequence[Any]]) -> str:
+    """8 hex digits of HMAC-SHA256(secret, the key's content): the same key gives the same id; another
+    key (other images, order, repeats) another id; without the secret nothing about the key can be
+    checked against it."""
+    return hmac.new(secret, json.dumps(list(map(list, content))).encode(), hashlib.sha256).hexdigest()[:8]
 
 
 def image_ids(study: str, count: int) -> list[str]:
