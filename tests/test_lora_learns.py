@@ -71,8 +71,8 @@ def dataset(tmp_path_factory) -> tuple[Path, dict]:
         f"dataset.csv={root / 'Data_Entry_2017.csv'}", f"dataset.images={root / 'images'}",
         f"dataset.labels=[{', '.join(LABELS)}]", "split.val_fraction=0.2", "split.test_fraction=0.1",
         "split.more_real_ratio=null", "balance.max_per_label=null", f"model.pretrained={SHIPPED_DIR}",
-        "training.max_train_steps=80", "training.train_batch_size=8", "training.learning_rate=1e-3",
-        "training.save_steps=40", "training.validation_steps=1000", "training.num_validation_images=1",
+        "training.max_train_steps=400", "training.train_batch_size=8", "training.learning_rate=3e-3",
+        "training.save_steps=200", "training.validation_steps=1000", "training.num_validation_images=1",
         "training.validation_inference_steps=2", "training.validation_prompts=[A chest X-ray with Effusion]",
         "generation.num_inference_steps=10", "generation.batch_size=16",
     ])
@@ -80,7 +80,7 @@ def dataset(tmp_path_factory) -> tuple[Path, dict]:
     return root, config
 
 
-def train_and_draw(dataset, out: Path, learning_rate: float = 1e-3) -> tuple[dict, dict[str, list], dict[str, list]]:
+def train_and_draw(dataset, out: Path, learning_rate: float = 3e-3) -> tuple[dict, dict[str, list], dict[str, list]]:
     """Train (fresh), then draw each prompt with the LoRA and, same seeds, with the base alone."""
     from workflow_scripts.generation import generate, label_job
     from workflow_scripts.train_lora import train
@@ -109,8 +109,9 @@ def separation(scorer, drawn: dict[str, list]) -> float:
 def test_a_short_lora_run_teaches_the_prompted_findings(dataset, scorer, tmp_path) -> None:
     summary, lora, base = train_and_draw(dataset, tmp_path)
     curve = summary["val_loss"]
-    assert curve[0]["step"] == 0 and curve[-1]["step"] == 80
-    assert curve[-1]["loss"] < curve[0]["loss"] - 0.002, curve  # held-out loss under the labelled prompts falls
+    assert curve[0]["step"] == 0 and curve[-1]["step"] == 400
+    # held-out loss under the labelled prompts falls (by ~2 % here: most of the loss is noise no label explains)
+    assert curve[-1]["loss"] < 0.99 * curve[0]["loss"], curve
     with_lora, without = separation(scorer, lora), separation(scorer, base)
     assert abs(without) < 0.15, without  # the base alone cannot be asked for a finding
     assert with_lora > without + 0.25, (with_lora, without)
