@@ -41,8 +41,8 @@ def run_counts(runs: list[Run], key: str) -> int | str:
 @dataclass(frozen=True)
 class Headline:
     """"Does a synthetic arm gain over ratio0 AND noise AND rebalanced?" for each synthetic arm: the
-    intersection-union p (largest of its three p), Holm over the synthetic arms, one verdict for
-    the table as a whole at 5 %."""
+    intersection-union p (largest of its one-sided p against a gain), Holm over the synthetic arms,
+    one verdict for the table as a whole at 5 %."""
 
     references: tuple[str, ...]
     p: dict[str, float]  # arm -> intersection-union p
@@ -64,6 +64,7 @@ class Study:
     n_patients: int
     untrained: tuple[str, ...] = ()  # labels without training images (dataset.allow_absent_labels): never shown
     headline: Headline | None = None
+    seeds: stats.SeedModel | None = None  # the seed level behind every Δ: pooled over arms, or each arm's own
 
 
 # ----------------------------------------------------------------------------- reading runs
