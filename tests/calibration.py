@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts import compare
-from workflow_scripts.comparison import Run
+from workflow_scripts.comparison import Run, Study
 from workflow_scripts.study import parse_arm
 
 SEVEN_ARMS = ("ratio0", "ratio10", "ratio25", "ratio50", "rebalanced", "noise", "more_real")
@@ -71,13 +71,17 @@ def runs_of(scores: dict[str, np.ndarray]) -> dict[str, list[Run]]:
             for name, arm in scores.items()}
 
 
-def table(rng: np.random.Generator, design: Design, effects: dict[str, float] | None = None) -> pd.DataFrame:
-    """One simulated study's comparison table (compare.analyse -> compare.comparison_table)."""
+def study(rng: np.random.Generator, design: Design, effects: dict[str, float] | None = None) -> tuple[pd.DataFrame, Study]:
+    """One simulated study: its comparison table (compare.analyse -> compare.comparison_table, indexed by arm) and Study."""
     targets, patient, scores = simulate(rng, design, effects)
     arms = {name: parse_arm(name, CONFIG) for name in design.arms}
     classes = [f"L{k}" for k in range(design.n_labels)]
-    study = compare.analyse(arms, runs_of(scores), targets, patient, classes, 3, design.n_boot)
-    return compare.comparison_table(study).set_index("arm")
+    result = compare.analyse(arms, runs_of(scores), targets, patient, classes, 3, design.n_boot)
+    return compare.comparison_table(result).set_index("arm"), result
+
+
+def table(rng: np.random.Generator, design: Design, effects: dict[str, float] | None = None) -> pd.DataFrame:
+    return study(rng, design, effects)[0]
 
 
 def tables(repeats: int, design: Design, effects: dict[str, float] | None = None, seed: int = 0) -> list[pd.DataFrame]:
@@ -85,4 +89,46 @@ def tables(repeats: int, design: Design, effects: dict[str, float] | None = None
     return [table(rng, design, effects) for _ in range(repeats)]
 
 
-__all__ = ["DEMO", "Design", "PAIR", "SEVEN_ARMS", "replace", "simulate", "table", "tables"]
+@dataclass
+class Rates:
+    """What `repeats` simulated tables read, for the arm `planted` (its Δ vs ratio0) and the rest."""
+
+    repeats: int
+    gain: np.ndarray  # planted arm reads gain vs ratio0
+    flagged: np.ndarray  # planted arm reads gain or loss vs ratio0
+    covered: np.ndarray  # its 95 % Δ interval covers the planted arm's true Δ (0 when nothing is planted)
+    delta: np.ndarray
+    mde: np.ndarray
+    null_family: np.ndarray  # any other arm of the ratio0 family reads gain or loss (all truly equal to ratio0)
+    headline: np.ndarray  # the headline reads yes
+    planned: np.ndarray  # plan_power's expected MDE from this study for `plan_seeds` seeds (NaN unless asked)
+
+    @staticmethod
+    def se(share: float, repeats: int) -> float:
+        return float(np.sqrt(max(share * (1 - share), 1e-12) / repeats))
+
+
+def rates(repeats: int, design: Design, effect: float = 0.0, planted: str = "more_real", seed: int = 0,
+          truth: float = 0.0, plan_seeds: int | None = None) -> Rates:
+    """Run `repeats` studies with `effect` planted in `planted` and tally the table's verdicts."""
+    from workflow_scripts import power, stats
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(repeats):
+        frame, result = study(rng, design, {planted: effect} if effect else None)
+        row = frame.loc[planted]
+        others = frame.drop(index=["ratio0", planted])
+        planned = float("nan")
+        if plan_seeds:
+            components = power.variance_components(result.boot, result.evaluated)
+            level = stats.ALPHA / (len(design.arms) - 1)
+            planned = power.planned_mde(components, plan_seeds, 1, level, len(design.arms))
+        rows.append((row["verdict_vs_ratio0"] == stats.GAIN, row["verdict_vs_ratio0"] != stats.NO_DIFFERENCE,
+                     row["delta_vs_ratio0_ci_low"] <= truth <= row["delta_vs_ratio0_ci_high"], row["delta_vs_ratio0"],
+                     row["mde_vs_ratio0"], bool((others["verdict_vs_ratio0"] != stats.NO_DIFFERENCE).any()),
+                     bool(frame.get("verdict_headline", pd.Series(dtype=str)).eq(stats.GAIN).any()), planned))
+    return Rates(repeats, *(np.array(column) for column in zip(*rows)))
+
+
+__all__ = ["DEMO", "Design", "PAIR", "Rates", "SEVEN_ARMS", "rates", "replace", "simulate", "study", "table", "tables"]
