@@ -129,11 +129,11 @@ def headline_lines(study: Study) -> list[str]:
     against = " and ".join(head.references)
     if head.gains:
         answer = (f"**yes**: {', '.join(head.gains)} gain{'s' if len(head.gains) == 1 else ''} over {against} "
-                  f"(intersection-union p, Holm over the synthetic arms: "
+                  f"(one-sided intersection-union p, Holm over the synthetic arms: "
                   + ", ".join(f"{name} {head.p_holm[name]:.3f}" for name in head.gains) + ")")
     else:
         best = min(head.p_holm, key=lambda name: head.p_holm[name])
-        answer = (f"**no synthetic arm shows it** (smallest intersection-union p, Holm over the synthetic arms: "
+        answer = (f"**no synthetic arm shows it** (smallest one-sided intersection-union p, Holm over the synthetic arms: "
                   f"{best} {head.p_holm[best]:.3f})")
     missing = [name for name in ("noise", "rebalanced") if name not in head.references]
     note = f" Without the {' and '.join(missing)} control{'s' if len(missing) > 1 else ''} the line tests fewer references." if missing else ""

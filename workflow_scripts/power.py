@@ -86,9 +86,12 @@ def planned_mde(components: dict[str, Any], seeds: int, patient_factor: float, l
 
 
 def plan(components: dict[str, Any], n_patients: int, seeds_now: int, compared: int, target: float,
-         table_mdes: dict[str, float]) -> list[str]:
-    """The page: the table's MDE now, the components, a grid over seeds x test patients, the seeds needed per size."""
-    level, arms = stats.ALPHA / max(1, compared), compared + 1
+         table_mdes: dict[str, float], pooled: bool = True) -> list[str]:
+    """The page: the table's MDE now, the components, a grid over seeds x test patients, the seeds
+    needed per size. `pooled`: whether the table pooled the seed variance over its arms (if not, the
+    plan does not either: each Δ then rests on its two arms' seeds)."""
+    level = stats.ALPHA / max(1, compared)
+    arms = compared + 1 if pooled else 2
     now = ", ".join(f"{name} {value:+.3f}" for name, value in table_mdes.items()) or "none (ratio0 only)"
     lines = ["# Planning the study: seeds and test patients for a target minimum detectable effect", "",
              f"MDE now, as the table prints it (`mde_vs_{REFERENCE}`): **{now}**.", "",
@@ -97,9 +100,11 @@ def plan(components: dict[str, Any], n_patients: int, seeds_now: int, compared: 
              f"{components['seed_df']} df); seed × patient interaction sd {np.sqrt(components['interaction_var']):.4f} per run; "
              f"patient-level sd of a Δ vs {REFERENCE} {np.sqrt(components['patient_var']):.4f} "
              f"(from {components['patient_source']}).", "",
-             f"Expected MDE of a study with {arms} arms: the true Δ vs {REFERENCE} the table calls a gain with 80% probability "
-             f"at the level Holm's first step uses for {compared} arm(s) (α = {level:.4f}), its seed variance pooled over "
-             "the arms as the table pools it. Rows marked † (3 or fewer seeds) are unreliable: the seed variance rests on "
+             f"Expected MDE of a study with {compared + 1} arms: the true Δ vs {REFERENCE} the table calls a gain with 80% "
+             f"probability at the level Holm's first step uses for {compared} arm(s) (α = {level:.4f}), "
+             + (f"its seed variance pooled over the {arms} arms as the table pooled it. " if pooled else
+                "its seed variance each arm's own, as in the table (Bartlett's test rejected pooling). ")
+             + "Rows marked † (3 or fewer seeds) are unreliable: the seed variance rests on "
              "2 df per arm, the pooling needs every arm's seeds to agree, and one study's MDE may lie far from this figure.", "",
              "| seeds per arm | " + " | ".join(f"{n_patients * f} test patients" for f in PATIENT_FACTORS) + " |",
              "|---:|" + "---:|" * len(PATIENT_FACTORS)]
@@ -156,7 +161,7 @@ def power(config: dict[str, Any], run_dirs: list[Path], test_csv: Path, out: Pat
     compared = max(1, len([name for name in arms if name != REFERENCE]),
                    len(config["classifier"]["ratios"]) - 1 + len(config["classifier"]["controls"]))
     page = "\n".join(plan(components, len(np.unique(patients)), min(len(r) for r in by_arm.values()), compared,
-                          float(settings["target_mde"]), table_mdes))
+                          float(settings["target_mde"]), table_mdes, study.seeds is None or study.seeds.pooled))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(page)

@@ -20,12 +20,14 @@ neuroscience", Neurons, Behavior, Data analysis and Theory 3(5)), with seeds and
    report says so.
 
 A difference between two arms (`differences`) is tested on the t scale: its variance is the
-paired patient-level bootstrap variance plus each arm's seed-level variance (its seeds'
-deviations, shrunk as above, / S), and the t reference distribution takes the Welch-Satterthwaite
-degrees of freedom of the seed terms (S - 1 per arm; the patient term counts as known). So the
-p-value is valid at any level, in particular at the α/m Holm tests first, not only at 95 %. Its
-interval is Δ ± t·SE and its minimum detectable effect (`mde`) is (t_{1-a/2} + t_{0.8})·SE at
-the level a the verdict uses: the true Δ called a gain in 80 % of studies like this one.
+paired patient-level bootstrap variance (it holds the seed x patient interaction at 1 / S) plus
+each arm's seed-level variance / S: the seeds' spread less that interaction, pooled over the arms
+where Bartlett's test finds their spreads alike (`seed_model`). The t reference distribution takes
+the Welch-Satterthwaite degrees of freedom of the raw seed spreads behind it (S - 1 per arm, or
+their sum when pooled; the patient term counts as known), so the p-value is valid at any level, in
+particular at the α/m Holm tests first. Its interval is Δ ± t·SE; its minimum detectable effect
+(`mde`) is the true Δ the test at the level the verdict uses calls a gain in 80 % of studies like
+this one (noncentral t, corrected for SE being estimated), checked by simulating the table.
 
 AUROC on a resample is computed from the bootstrap counts of the patients: every score column is
 sorted once into a sparse patients-to-segments matrix, and all resamples go through one sparse
