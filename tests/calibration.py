@@ -1,5 +1,5 @@
 """A simulated study for the calibration tests: classifier runs of every arm built as `Run` objects
-and driven through the project's own `compare.analyse` -> `compare.comparison_table`, so a rate
+and driven through the project's own `comparison.analyse` -> `compare.comparison_table`, so a rate
 measured here is the rate of the table's verdicts, not of a formula.
 
 The test set is clustered by patient (1 + Poisson films each; a patient random effect raises both
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts import compare
-from workflow_scripts.comparison import Run, Study
+from workflow_scripts.comparison import Run, Study, analyse
 from workflow_scripts.study import parse_arm
 
 SEVEN_ARMS = ("ratio0", "ratio10", "ratio25", "ratio50", "rebalanced", "noise", "more_real")
@@ -72,11 +72,11 @@ def runs_of(scores: dict[str, np.ndarray]) -> dict[str, list[Run]]:
 
 
 def study(rng: np.random.Generator, design: Design, effects: dict[str, float] | None = None) -> tuple[pd.DataFrame, Study]:
-    """One simulated study: its comparison table (compare.analyse -> compare.comparison_table, indexed by arm) and Study."""
+    """One simulated study: its comparison table (analyse -> compare.comparison_table, indexed by arm) and Study."""
     targets, patient, scores = simulate(rng, design, effects)
     arms = {name: parse_arm(name, CONFIG) for name in design.arms}
     classes = [f"L{k}" for k in range(design.n_labels)]
-    result = compare.analyse(arms, runs_of(scores), targets, patient, classes, 3, design.n_boot)
+    result = analyse(arms, runs_of(scores), targets, patient, classes, 3, design.n_boot)
     return compare.comparison_table(result).set_index("arm"), result
 
 

@@ -205,7 +205,7 @@ def test_calibration_a_planted_difference_is_detected() -> None:
 
 
 # Calibration of the table's own verdicts: every study below is simulated run by run
-# (tests/calibration.py) and goes through compare.analyse -> compare.comparison_table; a rate is
+# (tests/calibration.py) and goes through comparison.analyse -> compare.comparison_table; a rate is
 # the share of repeats whose table reads so. Each check allows the nominal rate plus MC_MARGIN
 # binomial standard errors of that share (about a 2.3 % chance that a calibrated method fails
 # one bound by chance); the repeats, the standard error and the rate are in each message.

@@ -32,13 +32,10 @@ from workflow_scripts import stats
 from workflow_scripts.config import add_config_arguments, config_from_args, config_hash
 from workflow_scripts import compare_report as report
 from workflow_scripts.classifier_model import class_names
-from workflow_scripts.comparison import (AGE_BANDS, Headline, Run, Study, align_test_split, check_matched, group_arms,
-                                         load_run, run_counts)
-from workflow_scripts.study import REFERENCE, REFERENCES, Arm, ArmKind
+from workflow_scripts.comparison import (AGE_BANDS, BOOTSTRAP_SEED, Run, Study, align_test_split, analyse, check_matched,
+                                         group_arms, load_run, run_counts, scores_of)
+from workflow_scripts.study import REFERENCE, Arm, ArmKind
 from workflow_scripts.tables import Splits, add_split_arguments, label_counts, load_split, splits_from_args
-
-BOOTSTRAP_SEED = 0
-
 
 # ----------------------------------------------------------------------------- reading
 
@@ -68,55 +65,6 @@ def rare_labels(counts: dict[str, int], classes: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- analysis
-
-
-def scores_of(runs: list[Run], keep: np.ndarray | None = None) -> np.ndarray:
-    scores = np.stack([run.scores for run in runs])
-    return scores if keep is None else scores[:, keep]
-
-
-def headline(arms: dict[str, Arm], diffs: dict[str, dict[str, stats.Difference]]) -> Headline | None:
-    """The table's one question, "does a synthetic arm gain over ratio0 AND noise AND rebalanced?",
-    answered at 5 % for the table as a whole: per synthetic arm an intersection-union test over the
-    references present (the largest of its one-sided p against a gain; no correction within an
-    arm), Holm over the synthetic arms' one-sided p (a significant loss is no rejection here)."""
-    synthetic = [name for name, arm in arms.items() if arm.kind is ArmKind.SYNTHETIC]
-    references = tuple(ref for ref in REFERENCES if ref in diffs)
-    if not synthetic:
-        return None
-    tests = {name: stats.intersection_union([diffs[ref][name] for ref in references]) for name in synthetic}
-    adjusted = dict(zip(synthetic, stats.holm([p for p, _ in tests.values()])))
-    gains = tuple(name for name in synthetic if tests[name][1] and adjusted[name] < stats.ALPHA)
-    return Headline(references, {name: test[0] for name, test in tests.items()}, adjusted,
-                    {name: test[1] for name, test in tests.items()}, gains)
-
-
-def families(boot: dict[str, stats.ArmBootstrap], arms: dict[str, Arm], labels: np.ndarray | None = None,
-             seeds: stats.SeedModel | None = None) -> dict[str, dict[str, stats.Difference]]:
-    """Each reference arm present (ratio0, noise, rebalanced) with the arms compared with it: one Holm
-    family each. `seeds`: the table's seed level (default: pooled over the arms where homogeneous)."""
-    seeds = seeds or stats.seed_model(boot, labels)
-    diffs = {}
-    for reference in REFERENCES:
-        compared = [name for name, arm in arms.items() if reference in arm.compared_with and name != reference]
-        if reference in arms and compared:
-            diffs[reference] = stats.differences(boot, reference, compared, labels, seeds=seeds)
-    return diffs
-
-
-def analyse(arms: dict[str, Arm], runs: dict[str, list[Run]], targets: np.ndarray, patients: np.ndarray, classes: list[str],
-            min_positives: int, n_boot: int, untrained: tuple[str, ...] = ()) -> Study:
-    positives = targets.sum(axis=0).astype(int)
-    evaluated = (positives >= min_positives) & ~np.isin(classes, list(untrained))
-    if not evaluated.any():
-        raise DataError(f"no label has {min_positives} or more positives in the test split (counts: "
-                        f"{dict(zip(classes, positives.tolist()))}); lower classifier.min_test_positives or use more data")
-    boot = stats.hierarchical_bootstrap(targets, patients, {name: scores_of(runs[name]) for name in arms}, n_boot,
-                                        seed=BOOTSTRAP_SEED)
-    seeds = stats.seed_model(boot, evaluated)
-    diffs = families(boot, arms, evaluated, seeds)
-    return Study(arms, runs, classes, positives, evaluated, boot, diffs, len(targets), len(np.unique(patients)),
-                 tuple(untrained), headline(arms, diffs), seeds)
 
 
 def more_real_share(study: Study, name: str) -> tuple[float, float, float]:

@@ -4,7 +4,7 @@
         --runs results/classifier/*_seed* --test results/data/test.csv --out results/power.md
 
 Reads finished classifier runs (a pilot such as ratio0 with a few seeds, or a whole study), prints
-the MDE the table prints for them (the same `compare.analyse`), takes the study's variance
+the MDE the table prints for them (the same `comparison.analyse`), takes the study's variance
 components from the same two-level bootstrap (workflow_scripts.stats), and prints the MDE of a Δ
 vs ratio0 for other numbers of seeds per arm and test patients, and the fewest seeds that reach
 `classifier.target_mde` at each test-set size.
@@ -34,15 +34,14 @@ import numpy as np
 from workflow_scripts.errors import run_stage
 from workflow_scripts import stats
 from workflow_scripts.classifier_model import class_names
-from workflow_scripts.compare import analyse
-from workflow_scripts.comparison import align_test_split, check_matched, group_arms, load_run
+from workflow_scripts.comparison import align_test_split, analyse, check_matched, group_arms, load_run
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
 from workflow_scripts.labels import DataError, read_csv_checked
 from workflow_scripts.study import REFERENCE
 
 SEED_GRID = (2, 3, 5, 8, 10, 15, 20, 30)
 PATIENT_FACTORS = (1, 2, 4, 10)
-BOOTSTRAP_SEED = 0  # the halves' bootstrap (the table's own runs through compare.analyse)
+BOOTSTRAP_SEED = 0  # the halves' bootstrap (the table's own runs through comparison.analyse)
 
 
 def variance_components(boot: dict[str, stats.ArmBootstrap], labels: np.ndarray) -> dict[str, Any]:
