@@ -182,19 +182,10 @@ def run_study(repeats: int, effect: float = 0.0, todays_method: bool = False, se
     return covered / repeats, gains / repeats
 
 
-@pytest.mark.parametrize("seed_sd", [0.6, 0.0])
-def test_calibration_no_true_difference_covers_zero_at_the_nominal_rate(seed_sd: float) -> None:
-    # seeds of very different quality, and seeds that only rank single films differently (where
-    # counting their spread at both levels would cover far above 95%). 200 repeats: the binomial
-    # standard error at 95% is 1.5 points, so [0.90, 0.99] is about 3 SE either side
-    coverage, false_gains = run_study(200, seed_sd=seed_sd)
-    assert 0.90 <= coverage <= 0.99, coverage
-    assert false_gains <= 0.05
-
-
 def test_calibration_todays_image_level_seed_averaged_bootstrap_is_too_narrow() -> None:
-    # the same simulation with the old method: patients and seeds ignored, the interval misses 0 far too often
-    coverage, false_gains = run_study(100, todays_method=True)
+    # the same simulation with the old method: patients and seeds ignored, the interval misses 0 far
+    # too often. 60 repeats: SE 6.5 points at 50 % (a calibrated method covers in 95 %)
+    coverage, false_gains = run_study(60, todays_method=True)
     assert coverage < 0.80, coverage
     assert false_gains > 0.1
 
@@ -231,26 +222,36 @@ def described(name: str, share: float, repeats: int) -> str:
     return f"{name}: {share:.3f} (SE {calibration.Rates.se(share, repeats):.3f}, {repeats} repeats)"
 
 
-@pytest.mark.parametrize("design", [PAIR3, PAIR5], ids=["3 seeds", "5 seeds"])
+@pytest.mark.parametrize("design", [PAIR3, PAIR5, calibration.replace(PAIR3, seed_sd=0.0)],
+                         ids=["3 seeds", "5 seeds", "seeds differ only film by film"])
 def test_identical_arms_read_gain_or_loss_at_most_5_percent_and_their_intervals_cover(design) -> None:
     # two arms from one training process: gain or loss (Holm's level is alpha for one arm) at most
-    # 5 %; the 95 % Δ interval covers the true Δ of 0 in at least 95 %. 400 repeats: SE 1.1 points at 5 %
-    repeats = 400
+    # 5 %; the 95 % Δ interval covers the true Δ of 0 in at least 95 % and at most 99 % (seeds that
+    # only rank single films differently: counting their spread at both levels would cover far
+    # above 95 %). 300 repeats: SE 1.3 points at 5 %
+    repeats = 300
     result = calibration.rates(repeats, design, seed=100 + design.n_seeds)
     flagged, covered = result.flagged.mean(), result.covered.mean()
     assert flagged <= bound(0.05, repeats), described("gain or loss", flagged, repeats)
-    assert 0.95 - MC_MARGIN * calibration.Rates.se(0.95, repeats) <= covered, described("coverage", covered, repeats)
+    assert 0.95 - MC_MARGIN * calibration.Rates.se(0.95, repeats) <= covered <= 0.99, described("coverage", covered, repeats)
     assert flagged >= 0.005  # not vacuous: a test that never rejects would pass the bound
 
 
 def power_at_mde(design, effect: float, repeats: int, seed: int, plan_seeds: int | None = None) -> calibration.Rates:
-    """Plant more_real's Δ at the table's MDE: the printed MDE (its mean over repeats) must sit at the
-    true Δ (within 4 %, about 4 points of power), and the table must read gain in 80 % ± MC_MARGIN SE."""
+    """Plant more_real's Δ near the table's MDE. The printed MDE (its mean over repeats) must sit at the
+    true Δ (the mean estimate: Δ-hat is unbiased) within 2.5 standard errors of their difference + 1 %,
+    and the table must read gain in 80 % ± MC_MARGIN SE, the band moved by the plant's offset from
+    the printed MDE (1 point per %, the slope of a power curve at 80 %): the claim is power at the
+    printed figure, not at wherever the plant landed."""
     result = calibration.rates(repeats, design, effect, seed=seed, plan_seeds=plan_seeds)
     truth, printed, gain = result.delta.mean(), result.mde.mean(), result.gain.mean()
-    message = f"{described('gain', gain, repeats)}; true Δ {truth:.4f}, mean printed MDE {printed:.4f}"
-    assert abs(printed - truth) <= 0.04 * truth, message
-    assert abs(gain - 0.8) <= MC_MARGIN * calibration.Rates.se(0.8, repeats), message
+    offset = (truth - printed) / truth  # a plant above the printed MDE reads gain more often
+    se = math.sqrt(result.delta.var() + result.mde.var()) / math.sqrt(repeats) / truth
+    message = (f"{described('gain', gain, repeats)}; true Δ {truth:.4f}, mean printed MDE {printed:.4f} "
+               f"(offset {offset:+.1%} ± {se:.1%})")
+    assert abs(offset) <= 2.5 * se + 0.01, message
+    assert abs(gain - 0.8 - offset) <= MC_MARGIN * calibration.Rates.se(0.8, repeats), message
+    print(message)
     return result
 
 
