@@ -202,18 +202,29 @@ def test_more_real_is_a_control_and_each_synthetic_delta_is_a_share_of_it(tmp_pa
     assert rows.loc["more_real", "verdict_vs_ratio0"] == "gain" and np.isnan(rows.loc["more_real", "delta_vs_noise"])
     share = rows.loc["ratio50", "delta_vs_ratio0"] / rows.loc["more_real", "delta_vs_ratio0"]
     assert rows.loc["ratio50", "share_of_more_real"] == pytest.approx(share) and 0 < share < 1
+    low, high = rows.loc["ratio50", ["share_of_more_real_ci_low", "share_of_more_real_ci_high"]]
+    assert low < share < high  # Fieller's interval: the ratio of two noisy Δs is never printed bare
     assert np.isnan(rows.loc["noise", "share_of_more_real"])  # only synthetic arms are stated as a share
-    assert "positive control: more real images" in page and f"{share:.0%}" in page
-    # the headline: ratio50 beats ratio0, noise and rebalanced at once
+    assert "positive control: more real images" in page and f"{share:.0%} [{low:.0%}, {high:.0%}]" in page
+    # the headline: ratio50 beats ratio0, noise and rebalanced at once; its p is the largest one-sided p against a gain
     assert rows.loc["ratio50", "verdict_headline"] == "gain" and rows.loc["ratio10", "verdict_headline"] == "no measurable difference"
-    assert rows.loc["ratio50", "p_headline"] == pytest.approx(rows.loc["ratio50", ["p_vs_ratio0", "p_vs_noise",
-                                                                                   "p_vs_rebalanced"]].max())
+    one_sided = rows.loc["ratio50", ["p_gain_vs_ratio0", "p_gain_vs_noise", "p_gain_vs_rebalanced"]]
+    assert rows.loc["ratio50", "p_headline"] == pytest.approx(one_sided.max())
+    assert (one_sided * 2).tolist() == pytest.approx(rows.loc["ratio50", ["p_vs_ratio0", "p_vs_noise", "p_vs_rebalanced"]].tolist())
     assert "**Headline: do synthetic images give a gain over ratio0 and noise and rebalanced?** **yes**: ratio50" in page
 
 
 def test_a_positive_control_without_a_gain_is_a_caveat(tmp_path: Path) -> None:
     _, page, _ = run_compare(tmp_path, arms={"ratio0": ("real", 0), "more_real": ("control_more_real", 50)})
     assert "**The positive control more_real does not read gain**" in page and "could have detected ≥ +" in page
+
+
+def test_no_share_of_more_real_unless_more_real_reads_gain(tmp_path: Path) -> None:
+    # more_real as good as ratio0: a share of a Δ the study cannot tell from 0 would be noise over noise
+    table, page, _ = run_compare(tmp_path, arms={**ARMS, "more_real": ("control_more_real", 50)}, quality={"ratio50": 2.0})
+    rows = table.set_index("arm")
+    assert rows.loc["more_real", "verdict_vs_ratio0"] != "gain"
+    assert rows["share_of_more_real"].isna().all() and "Δ / Δ of more_real |" not in page
 
 
 def test_the_headline_needs_a_gain_over_every_reference(tmp_path: Path) -> None:

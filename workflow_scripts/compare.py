@@ -32,13 +32,10 @@ from workflow_scripts import stats
 from workflow_scripts.config import add_config_arguments, config_from_args, config_hash
 from workflow_scripts import compare_report as report
 from workflow_scripts.classifier_model import class_names
-from workflow_scripts.comparison import (AGE_BANDS, Headline, Run, Study, align_test_split, check_matched, group_arms,
-                                         load_run, run_counts)
-from workflow_scripts.study import REFERENCE, REFERENCES, Arm, ArmKind
+from workflow_scripts.comparison import (AGE_BANDS, BOOTSTRAP_SEED, Run, Study, align_test_split, analyse, check_matched,
+                                         group_arms, load_run, run_counts, scores_of)
+from workflow_scripts.study import REFERENCE, Arm, ArmKind
 from workflow_scripts.tables import Splits, add_split_arguments, label_counts, load_split, splits_from_args
-
-BOOTSTRAP_SEED = 0
-
 
 # ----------------------------------------------------------------------------- reading
 
@@ -70,59 +67,25 @@ def rare_labels(counts: dict[str, int], classes: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------- analysis
 
 
-def scores_of(runs: list[Run], keep: np.ndarray | None = None) -> np.ndarray:
-    scores = np.stack([run.scores for run in runs])
-    return scores if keep is None else scores[:, keep]
-
-
-def headline(arms: dict[str, Arm], diffs: dict[str, dict[str, stats.Difference]]) -> Headline | None:
-    """The table's one question, "does a synthetic arm gain over ratio0 AND noise AND rebalanced?",
-    answered at 5 % for the table as a whole: per synthetic arm an intersection-union test over the
-    references present (no correction within an arm), Holm over the synthetic arms."""
-    synthetic = [name for name, arm in arms.items() if arm.kind is ArmKind.SYNTHETIC]
-    references = tuple(ref for ref in REFERENCES if ref in diffs)
-    if not synthetic:
-        return None
-    tests = {name: stats.intersection_union([diffs[ref][name] for ref in references]) for name in synthetic}
-    adjusted = dict(zip(synthetic, stats.holm([p for p, _ in tests.values()])))
-    gains = tuple(name for name in synthetic if tests[name][1] and adjusted[name] < stats.ALPHA)
-    return Headline(references, {name: test[0] for name, test in tests.items()}, adjusted,
-                    {name: test[1] for name, test in tests.items()}, gains)
-
-
-def families(boot: dict[str, stats.ArmBootstrap], arms: dict[str, Arm],
-             labels: np.ndarray | None = None) -> dict[str, dict[str, stats.Difference]]:
-    """Each reference arm present (ratio0, noise, rebalanced) with the arms compared with it: one Holm family each."""
-    diffs = {}
-    for reference in REFERENCES:
-        compared = [name for name, arm in arms.items() if reference in arm.compared_with and name != reference]
-        if reference in arms and compared:
-            diffs[reference] = stats.differences(boot, reference, compared, labels)
-    return diffs
-
-
-def analyse(arms: dict[str, Arm], runs: dict[str, list[Run]], targets: np.ndarray, patients: np.ndarray, classes: list[str],
-            min_positives: int, n_boot: int, untrained: tuple[str, ...] = ()) -> Study:
-    positives = targets.sum(axis=0).astype(int)
-    evaluated = (positives >= min_positives) & ~np.isin(classes, list(untrained))
-    if not evaluated.any():
-        raise DataError(f"no label has {min_positives} or more positives in the test split (counts: "
-                        f"{dict(zip(classes, positives.tolist()))}); lower classifier.min_test_positives or use more data")
-    boot = stats.hierarchical_bootstrap(targets, patients, {name: scores_of(runs[name]) for name in arms}, n_boot,
-                                        seed=BOOTSTRAP_SEED)
-    diffs = families(boot, arms, evaluated)
-    return Study(arms, runs, classes, positives, evaluated, boot, diffs, len(targets), len(np.unique(patients)),
-                 tuple(untrained), headline(arms, diffs))
-
-
-def more_real_share(study: Study, name: str) -> float:
-    """Δ vs ratio0 of a synthetic arm as a fraction of the more_real control's Δ (NaN without a
-    more_real arm, or when its Δ is not positive: no ceiling to compare with)."""
+def more_real_share(study: Study, name: str) -> tuple[float, float, float]:
+    """Δ vs ratio0 of a synthetic arm as a fraction of the more_real control's Δ, with Fieller's 95 %
+    interval; NaN unless more_real reads *gain* (without a ceiling the study could see, the ratio of
+    two noisy Δs says nothing). Both Δs share ratio0: its seed variance and the paired patient
+    covariance enter the interval."""
+    nan = (float("nan"),) * 3
     ceiling = next((arm for arm, spec in study.arms.items() if spec.kind is ArmKind.MORE_REAL), None)
-    if ceiling is None or study.arms[name].kind is not ArmKind.SYNTHETIC:
-        return float("nan")
-    top = study.diffs[REFERENCE][ceiling].delta
-    return study.diffs[REFERENCE][name].delta / top if top > 0 else float("nan")
+    if ceiling is None or study.arms[name].kind is not ArmKind.SYNTHETIC or REFERENCE not in study.diffs:
+        return nan
+    top, bottom = study.diffs[REFERENCE][name], study.diffs[REFERENCE][ceiling]
+    if bottom.verdict != stats.GAIN:
+        return nan
+    boot, labels = study.boot, study.evaluated
+    reference = stats.macro(boot[REFERENCE].patient_samples, labels)
+    pair = np.stack([stats.macro(boot[arm].patient_samples, labels) - reference for arm in (name, ceiling)])
+    pair = pair[:, np.isfinite(pair).all(axis=0)]
+    seeds = study.seeds or stats.seed_model(boot, labels)
+    covariance = float(np.cov(pair)[0, 1]) + seeds.levels[REFERENCE].variance / len(boot[REFERENCE].seed_values)
+    return stats.ratio_interval(top, bottom, covariance)
 
 
 def comparison_table(study: Study) -> pd.DataFrame:
@@ -146,8 +109,9 @@ def comparison_table(study: Study) -> pd.DataFrame:
             row.update({f"delta_vs_{column}": d.delta if d else nan, f"delta_vs_{column}_ci_low": d.low if d else nan,
                         f"delta_vs_{column}_ci_high": d.high if d else nan, f"p_vs_{column}": d.p if d else nan,
                         f"p_holm_vs_{column}": d.p_holm if d else nan, f"verdict_vs_{column}": d.verdict if d else "",
-                        f"mde_vs_{column}": d.mde if d else nan})
-        row["share_of_more_real"] = more_real_share(study, name)
+                        f"mde_vs_{column}": d.mde if d else nan, f"p_gain_vs_{column}": d.p_gain if d else nan})
+        share = more_real_share(study, name)
+        row.update({"share_of_more_real": share[0], "share_of_more_real_ci_low": share[1], "share_of_more_real_ci_high": share[2]})
         if study.headline is not None:
             row["p_headline"] = study.headline.p.get(name, float("nan"))
             row["p_holm_headline"] = study.headline.p_holm.get(name, float("nan"))

@@ -77,6 +77,28 @@ def verdict_text(row: dict[str, Any], column: str) -> str:
     return verdict or "–"
 
 
+def share_text(row: dict[str, Any]) -> str:
+    """A synthetic arm's Δ as a share of more_real's, with Fieller's 95 % interval (shown only where
+    more_real reads gain; "unbounded" where the interval is)."""
+    share, low, high = (row.get(f"share_of_more_real{end}", float("nan")) for end in ("", "_ci_low", "_ci_high"))
+    if not math.isfinite(share):
+        return ""
+    return f"{share:.0%} [{low:.0%}, {high:.0%}]" if math.isfinite(low) and math.isfinite(high) else f"{share:.0%} [unbounded]"
+
+
+def seed_level_text(study: Study) -> str:
+    """How the seed-level variance behind every Δ was estimated: pooled over arms, or each arm's own."""
+    seeds = study.seeds
+    if seeds is None or not seeds.levels:
+        return ""
+    if seeds.pooled:
+        return (f" The seed-level variance is **pooled** over the {seeds.arms_pooled} arms with 2+ seeds ({seeds.df:.0f} df; "
+                f"Bartlett's test of equal seed variances p = {seeds.homogeneity_p:.2f} ≥ {stats.HOMOGENEITY_ALPHA}).")
+    return (" The seed-level variance is each arm's own (not pooled: "
+            + (f"Bartlett's test of equal seed variances p = {seeds.homogeneity_p:.3f} < {stats.HOMOGENEITY_ALPHA})."
+               if seeds.homogeneity_p < stats.HOMOGENEITY_ALPHA else "fewer than two arms with 2+ seeds)."))
+
+
 def arms_table(inputs: PageInputs) -> list[str]:
     study, table = inputs.study, inputs.table
     controls = [column for column in study.diffs if column != REFERENCE]
@@ -96,7 +118,7 @@ def arms_table(inputs: PageInputs) -> list[str]:
             cells += [with_ci(row["delta_vs_ratio0"], row["delta_vs_ratio0_ci_low"], row["delta_vs_ratio0_ci_high"], True),
                       fixed(row["p_holm_vs_ratio0"], 3), verdict_text(row, REFERENCE)]
         if shares:
-            cells.append(f"{row['share_of_more_real']:.0%}" if math.isfinite(row["share_of_more_real"]) else "")
+            cells.append(share_text(row))
         for c in controls:
             cells += [with_ci(row[f"delta_vs_{c}"], row[f"delta_vs_{c}_ci_low"], row[f"delta_vs_{c}_ci_high"], True),
                       verdict_text(row, c)]
@@ -112,11 +134,11 @@ def headline_lines(study: Study) -> list[str]:
     against = " and ".join(head.references)
     if head.gains:
         answer = (f"**yes**: {', '.join(head.gains)} gain{'s' if len(head.gains) == 1 else ''} over {against} "
-                  f"(intersection-union p, Holm over the synthetic arms: "
+                  f"(one-sided intersection-union p, Holm over the synthetic arms: "
                   + ", ".join(f"{name} {head.p_holm[name]:.3f}" for name in head.gains) + ")")
     else:
         best = min(head.p_holm, key=lambda name: head.p_holm[name])
-        answer = (f"**no synthetic arm shows it** (smallest intersection-union p, Holm over the synthetic arms: "
+        answer = (f"**no synthetic arm shows it** (smallest one-sided intersection-union p, Holm over the synthetic arms: "
                   f"{best} {head.p_holm[best]:.3f})")
     missing = [name for name in ("noise", "rebalanced") if name not in head.references]
     note = f" Without the {' and '.join(missing)} control{'s' if len(missing) > 1 else ''} the line tests fewer references." if missing else ""
@@ -132,22 +154,26 @@ def method_text(inputs: PageInputs) -> list[str]:
         "**How the intervals were computed.** A paired two-level (hierarchical) bootstrap "
         f"with {n_boot} resamples (Saravanan et al. 2020): each resample draws the {study.n_patients} test patients with "
         "replacement, all films of a drawn patient together, the same draw for every arm (so differences are paired), and "
-        "draws each arm's training seeds with replacement (deviations between seeds scaled by √(S/(S−1))·t/z for S seeds, "
+        "draws each arm's training seeds with replacement (deviations between seeds scaled by √(S/(S−1))·t/z for S seeds, t with S − 1 df, "
         "so that few seeds widen the interval). An arm's AUROC is the mean over its seeds; its 95% interval is the "
         "bootstrap percentile interval. Δ: its standard error adds the paired patient-level bootstrap variance and each "
-        "arm's seed variance; interval Δ ± t·SE and two-sided p from Student's t with the Welch–Satterthwaite degrees of "
-        "freedom of the seed terms, so p is valid at every level, also at the α/m Holm tests first. p is Holm-adjusted "
-        "within each family (" + "; ".join(families) + "). Per-label and subgroup intervals are not adjusted for multiplicity.",
+        "arm's seed variance (the seeds' spread less the seed × patient interaction the patient level already holds); "
+        "interval Δ ± t·SE and two-sided p from Student's t with the Welch–Satterthwaite degrees of freedom of the seeds' "
+        "spread, so p is valid at every level, also at the α/m Holm tests first." + seed_level_text(study) + " p is "
+        "Holm-adjusted within each family (" + "; ".join(families) + "). Per-label and subgroup intervals are not "
+        "adjusted for multiplicity.",
         "",
         ("**Verdict.** *gain* (or *loss*) when the Holm-adjusted p is below 0.05 and Δ is positive (negative); otherwise "
         "*no measurable difference*, which is not evidence that the arms are equal: it comes with the minimum detectable "
-        "effect (`mde_vs_<reference>` in comparison.csv), the true Δ this study would have called a gain with 80% "
-        "probability at the level Holm's first step uses (0.05 / arms in the family). Each family keeps its chance of any "
+        "effect (`mde_vs_<reference>` in comparison.csv), the true Δ a study like this one calls a gain with 80% "
+        "probability at the level Holm's first step uses (0.05 / arms in the family; noncentral t with the Δ's df, "
+        "calibrated by simulating this table). Each family keeps its chance of any "
         "false gain or loss at 5%; over the whole table (several families) that chance is larger, which is why the "
         "headline line has its own test. The 95% intervals are not adjusted, so an interval may exclude 0 while the "
         "adjusted verdict reads no measurable difference. A gain over ratio0 that is not also a gain over the noise or "
         "rebalanced control may come from more positives or longer exposure, not from realistic images; the more_real "
-        "control shows what as many new real images give (Δ / Δ of more_real: a synthetic arm's share of that ceiling)."),
+        "control shows what as many new real images give (Δ / Δ of more_real: a synthetic arm's share of that ceiling, "
+        "with Fieller's 95% interval, shown only where more_real reads gain)."),
     ]
 
 

@@ -1,5 +1,6 @@
 """What `compare` (the stage) computes and `compare_report` renders: the runs, arms and figures of one study,
-and how runs are read and checked (shared with the power planner)."""
+how runs are read and checked, and the analysis itself (`analyse`), shared with the power planner so
+that plan_power prints the table's own MDE."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pandas as pd
 
 from workflow_scripts import stats
 from workflow_scripts.labels import DataError
-from workflow_scripts.study import REFERENCE, Arm, ArmKind, table_order
+from workflow_scripts.study import REFERENCE, REFERENCES, Arm, ArmKind, table_order
 from workflow_scripts.tables import LABEL_JOIN
 
 DEMO_CSV = "results/demo_data/Data_Entry_2017.csv"
@@ -21,6 +22,7 @@ AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 200, ">=60"))
 REQUIRED_METRICS = ("arm", "arm_kind", "ratio", "seed", "optimizer_steps", "config_hash", "pretrained_weights", "classes",
                     "n_real_train", "n_synthetic_train")
 MATCHED = ("pretrained_weights", "config_hash", "optimizer_steps")  # must be equal across all runs of a study
+BOOTSTRAP_SEED = 0
 
 
 @dataclass
@@ -41,8 +43,8 @@ def run_counts(runs: list[Run], key: str) -> int | str:
 @dataclass(frozen=True)
 class Headline:
     """"Does a synthetic arm gain over ratio0 AND noise AND rebalanced?" for each synthetic arm: the
-    intersection-union p (largest of its three p), Holm over the synthetic arms, one verdict for
-    the table as a whole at 5 %."""
+    intersection-union p (largest of its one-sided p against a gain), Holm over the synthetic arms,
+    one verdict for the table as a whole at 5 %."""
 
     references: tuple[str, ...]
     p: dict[str, float]  # arm -> intersection-union p
@@ -64,6 +66,7 @@ class Study:
     n_patients: int
     untrained: tuple[str, ...] = ()  # labels without training images (dataset.allow_absent_labels): never shown
     headline: Headline | None = None
+    seeds: stats.SeedModel | None = None  # the seed level behind every Δ: pooled over arms, or each arm's own
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -146,3 +149,55 @@ def align_test_split(runs: list[Run], test: pd.DataFrame, classes: list[str]) ->
     test = test.set_index("path").loc[expected].reset_index()
     targets = np.array([[label in labels.split(LABEL_JOIN) for label in classes] for labels in test["labels"]], dtype=float)
     return test, targets
+
+
+# ----------------------------------------------------------------------------- the analysis (compare's and plan_power's)
+
+
+def scores_of(runs: list[Run], keep: np.ndarray | None = None) -> np.ndarray:
+    scores = np.stack([run.scores for run in runs])
+    return scores if keep is None else scores[:, keep]
+
+
+def headline(arms: dict[str, Arm], diffs: dict[str, dict[str, stats.Difference]]) -> Headline | None:
+    """The table's one question, "does a synthetic arm gain over ratio0 AND noise AND rebalanced?",
+    answered at 5 % for the table as a whole: per synthetic arm an intersection-union test over the
+    references present (the largest of its one-sided p against a gain; no correction within an
+    arm), Holm over the synthetic arms' one-sided p (a significant loss is no rejection here)."""
+    synthetic = [name for name, arm in arms.items() if arm.kind is ArmKind.SYNTHETIC]
+    references = tuple(ref for ref in REFERENCES if ref in diffs)
+    if not synthetic:
+        return None
+    tests = {name: stats.intersection_union([diffs[ref][name] for ref in references]) for name in synthetic}
+    adjusted = dict(zip(synthetic, stats.holm([p for p, _ in tests.values()])))
+    gains = tuple(name for name in synthetic if tests[name][1] and adjusted[name] < stats.ALPHA)
+    return Headline(references, {name: test[0] for name, test in tests.items()}, adjusted,
+                    {name: test[1] for name, test in tests.items()}, gains)
+
+
+def families(boot: dict[str, stats.ArmBootstrap], arms: dict[str, Arm], labels: np.ndarray | None = None,
+             seeds: stats.SeedModel | None = None) -> dict[str, dict[str, stats.Difference]]:
+    """Each reference arm present (ratio0, noise, rebalanced) with the arms compared with it: one Holm
+    family each. `seeds`: the table's seed level (default: pooled over the arms where homogeneous)."""
+    seeds = seeds or stats.seed_model(boot, labels)
+    diffs = {}
+    for reference in REFERENCES:
+        compared = [name for name, arm in arms.items() if reference in arm.compared_with and name != reference]
+        if reference in arms and compared:
+            diffs[reference] = stats.differences(boot, reference, compared, labels, seeds=seeds)
+    return diffs
+
+
+def analyse(arms: dict[str, Arm], runs: dict[str, list[Run]], targets: np.ndarray, patients: np.ndarray, classes: list[str],
+            min_positives: int, n_boot: int, untrained: tuple[str, ...] = ()) -> Study:
+    positives = targets.sum(axis=0).astype(int)
+    evaluated = (positives >= min_positives) & ~np.isin(classes, list(untrained))
+    if not evaluated.any():
+        raise DataError(f"no label has {min_positives} or more positives in the test split (counts: "
+                        f"{dict(zip(classes, positives.tolist()))}); lower classifier.min_test_positives or use more data")
+    boot = stats.hierarchical_bootstrap(targets, patients, {name: scores_of(runs[name]) for name in arms}, n_boot,
+                                        seed=BOOTSTRAP_SEED)
+    seeds = stats.seed_model(boot, evaluated)
+    diffs = families(boot, arms, evaluated, seeds)
+    return Study(arms, runs, classes, positives, evaluated, boot, diffs, len(targets), len(np.unique(patients)),
+                 tuple(untrained), headline(arms, diffs), seeds)

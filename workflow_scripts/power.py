@@ -3,21 +3,23 @@
     python -m workflow_scripts.power --config config/config.yaml \\
         --runs results/classifier/*_seed* --test results/data/test.csv --out results/power.md
 
-Reads finished classifier runs (a pilot such as ratio0 with a few seeds, or a whole study), takes
-the study's own variance components from the same two-level bootstrap as the table
-(workflow_scripts.stats), and prints the minimum detectable effect (MDE) of a Δ vs ratio0 for
-other numbers of seeds per arm and test patients, and the fewest seeds that reach
+Reads finished classifier runs (a pilot such as ratio0 with a few seeds, or a whole study), prints
+the MDE the table prints for them (the same `comparison.analyse`), takes the study's variance
+components from the same two-level bootstrap (workflow_scripts.stats), and prints the MDE of a Δ
+vs ratio0 for other numbers of seeds per arm and test patients, and the fewest seeds that reach
 `classifier.target_mde` at each test-set size.
 
-The model (docs/reading-the-table.md): Var(Δ) = V_patients · n / N + 2 σ²_seed / S for S seeds per
-arm and N test patients (n: the pilot's), t with the Satterthwaite degrees of freedom of the seed
-terms, tested at 0.05 / m (Holm's first level for m arms compared with ratio0), power 80 %.
-V_patients: the paired patient-level bootstrap variance of the compared arms' Δ vs ratio0 (mean
-over arms); in a ratio0-only pilot, that of two halves of its seeds (a floor: real arms that train
-on other data differ on some patients more than seeds do). σ²_seed: the seed-level variance of one
-run's macro AUROC, pooled over arms (deviations from the arm mean, less the part the patient
-level already carries). More test patients shrink only the first term: when 2 σ²_seed / S alone
-exceeds the target, only more seeds help.
+The model (docs/reading-the-table.md), for S seeds per arm and f times the pilot's test patients:
+    Var(Δ) = V_patients / f + 2 (σ²_seed + σ²_interaction / f) / S
+V_patients: the paired patient-level variance of a Δ vs ratio0 that no seed averages away (the
+bootstrap variance of the compared arms' Δ less their seeds' interaction / S; in a ratio0-only
+pilot, from two halves of its seeds, a floor: real arms that train on other data differ on some
+patients more than seeds do). σ²_seed: the seed-level variance of one run's macro AUROC (the seeds'
+spread less the interaction), pooled over arms. σ²_interaction: the part of one run's spread that
+comes from seeds ranking single films differently; it is measured on the test set, so it shrinks
+with more test patients AND with more seeds. The MDE is the table's own (`stats.mde`): noncentral t
+at 0.05 / m (Holm's first level for m arms compared with ratio0), power 80 %, with the
+Satterthwaite df of the seeds' spread pooled over the study's arms, as the table pools it.
 """
 
 from __future__ import annotations
@@ -32,84 +34,102 @@ import numpy as np
 from workflow_scripts.errors import run_stage
 from workflow_scripts import stats
 from workflow_scripts.classifier_model import class_names
-from workflow_scripts.comparison import align_test_split, check_matched, group_arms, load_run
+from workflow_scripts.comparison import align_test_split, analyse, check_matched, group_arms, load_run
 from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
 from workflow_scripts.labels import DataError, read_csv_checked
 from workflow_scripts.study import REFERENCE
 
 SEED_GRID = (2, 3, 5, 8, 10, 15, 20, 30)
 PATIENT_FACTORS = (1, 2, 4, 10)
-BOOTSTRAP_SEED = 0
+BOOTSTRAP_SEED = 0  # the halves' bootstrap (the table's own runs through comparison.analyse)
 
 
 def variance_components(boot: dict[str, stats.ArmBootstrap], labels: np.ndarray) -> dict[str, Any]:
-    """Seed variance of one run (pooled over arms with 2+ seeds) and the patient-level variance of a Δ vs ratio0."""
-    pooled, dof = 0.0, 0
-    for result in boot.values():
-        if result.seed_terms is not None and len(result.seed_values) > 1:
-            spread = stats.macro(result.seed_terms, labels)
-            pooled += float(np.var(spread, ddof=1)) * (len(spread) - 1)
-            dof += len(spread) - 1
+    """σ²_seed, σ²_interaction (pooled over arms with 2+ seeds, weights S - 1) and V_patients of a Δ vs ratio0."""
+    spreads = {name: result.seed_spread(labels) for name, result in boot.items() if len(result.seed_values) > 1}
+    dfs = {name: len(boot[name].seed_values) - 1 for name in spreads}
+    dof = sum(dfs.values())
+    raw = sum(dfs[name] * spread[0] for name, spread in spreads.items()) / dof if dof else float("nan")
+    interaction = max(0.0, sum(dfs[name] * spread[1] for name, spread in spreads.items()) / dof) if dof else 0.0
     others = [name for name in boot if name != REFERENCE]
     reference = stats.macro(boot[REFERENCE].patient_samples, labels)
+    patient_var, source = float("nan"), "none"
     if others:
-        patient_var = float(np.mean([np.nanvar(stats.macro(boot[name].patient_samples, labels) - reference, ddof=1)
-                                     for name in others]))
+        per_seed = {name: spreads.get(name, (0.0, 0.0))[1] / len(boot[name].seed_values) for name in boot}
+        patient_var = max(0.0, float(np.mean([np.nanvar(stats.macro(boot[name].patient_samples, labels) - reference, ddof=1)
+                                              - per_seed[name] - per_seed[REFERENCE] for name in others])))
         source = f"Δ of {len(others)} arm(s) vs {REFERENCE}"
-    else:
-        patient_var = float("nan")
-        source = "none"
-    return {"seed_var": pooled / dof if dof else float("nan"), "seed_df": dof, "patient_var": patient_var,
-            "patient_source": source}
+    return {"seed_var": max(0.0, raw - interaction) if dof else float("nan"), "interaction_var": interaction, "seed_df": dof,
+            "patient_var": patient_var, "patient_source": source}
 
 
-def halves_patient_var(targets: np.ndarray, patients: np.ndarray, scores: np.ndarray, labels: np.ndarray, n_boot: int) -> float:
+def halves_patient_var(targets: np.ndarray, patients: np.ndarray, scores: np.ndarray, labels: np.ndarray, n_boot: int,
+                       interaction: float) -> float:
     """Ratio0-only pilot: the paired patient-level variance of (mean of its first half of seeds -
-    mean of the second half), as if they were two arms."""
+    mean of the second half), as if they were two arms, less their seeds' interaction."""
     half = len(scores) // 2
     boot = stats.hierarchical_bootstrap(targets, patients, {"a": scores[:half], "b": scores[half:2 * half]}, n_boot,
                                         seed=BOOTSTRAP_SEED)
     difference = stats.macro(boot["a"].patient_samples, labels) - stats.macro(boot["b"].patient_samples, labels)
-    return float(np.nanvar(difference, ddof=1))
+    return max(0.0, float(np.nanvar(difference, ddof=1)) - 2 * interaction / half)
 
 
-def planned_mde(components: dict[str, Any], seeds: int, patient_factor: float, level: float) -> float:
-    """MDE of a Δ vs ratio0 with `seeds` per arm and patient_factor times the pilot's test patients."""
-    seed_part = components["seed_var"] / seeds if np.isfinite(components["seed_var"]) else 0.0
-    patient_part = components["patient_var"] / patient_factor
-    df = stats.satterthwaite(patient_part, [(seed_part, seeds - 1), (seed_part, seeds - 1)])
-    return stats.mde(float(np.sqrt(patient_part + 2 * seed_part)), df, level)
+def planned_mde(components: dict[str, Any], seeds: int, patient_factor: float, level: float, arms: int = 2) -> float:
+    """The MDE a study with `seeds` per arm, patient_factor times the pilot's test patients and
+    `arms` arms (whose seed variance the table pools) would print, on average."""
+    seed_var = components["seed_var"] if np.isfinite(components["seed_var"]) else 0.0
+    spread = seed_var + components["interaction_var"] / patient_factor  # what the planned study's seeds vary by
+    total = components["patient_var"] / patient_factor + 2 * spread / seeds
+    df = stats.satterthwaite(total, [(2 * spread / seeds, arms * (seeds - 1))])
+    return stats.mde(float(np.sqrt(total)), df, level, estimated=False)
 
 
-def plan(components: dict[str, Any], n_patients: int, seeds_now: int, compared: int, target: float) -> list[str]:
-    """The page: components, the MDE now, a grid over seeds x test patients, the seeds needed per size."""
+def plan(components: dict[str, Any], n_patients: int, seeds_now: int, compared: int, target: float,
+         table_mdes: dict[str, float], pooled: bool = True) -> list[str]:
+    """The page: the table's MDE now, the components, a grid over seeds x test patients, the seeds
+    needed per size. `pooled`: whether the table pooled the seed variance over its arms (if not, the
+    plan does not either: each Δ then rests on its two arms' seeds)."""
     level = stats.ALPHA / max(1, compared)
+    arms = compared + 1 if pooled else 2
+    now = ", ".join(f"{name} {value:+.3f}" for name, value in table_mdes.items()) or "none (ratio0 only)"
     lines = ["# Planning the study: seeds and test patients for a target minimum detectable effect", "",
+             f"MDE now, as the table prints it (`mde_vs_{REFERENCE}`): **{now}**.", "",
              f"Variance components from the finished runs ({n_patients} test patients, {seeds_now} seed(s) per arm): "
-             f"seed-level sd of one run's macro AUROC {np.sqrt(components['seed_var']):.4f} "
-             f"(pooled over arms, {components['seed_df']} df); patient-level sd of a Δ vs {REFERENCE} "
-             f"{np.sqrt(components['patient_var']):.4f} (from {components['patient_source']}).", "",
-             f"MDE: the true Δ vs {REFERENCE} called a gain with 80% probability at the level Holm's first step uses "
-             f"for {compared} arm(s) compared with {REFERENCE} (α = {level:.4f}).", "",
-             f"MDE now: **{planned_mde(components, max(seeds_now, 2), 1, level):+.3f}**" +
-             ("" if seeds_now > 1 else " (one seed: its seed variance is unknown; the figure assumes none)"), "",
+             f"seed-level sd of one run's macro AUROC {np.sqrt(components['seed_var']):.4f} (pooled over arms, "
+             f"{components['seed_df']} df); seed × patient interaction sd {np.sqrt(components['interaction_var']):.4f} per run; "
+             f"patient-level sd of a Δ vs {REFERENCE} {np.sqrt(components['patient_var']):.4f} "
+             f"(from {components['patient_source']}).", "",
+             f"Expected MDE of a study with {compared + 1} arms: the true Δ vs {REFERENCE} the table calls a gain with 80% "
+             f"probability at the level Holm's first step uses for {compared} arm(s) (α = {level:.4f}), "
+             + (f"its seed variance pooled over the {arms} arms as the table pooled it. " if pooled else
+                "its seed variance each arm's own, as in the table (Bartlett's test rejected pooling). ")
+             + "Rows marked † (3 or fewer seeds) are unreliable: the seed variance rests on "
+             "2 df per arm, the pooling needs every arm's seeds to agree, and one study's MDE may lie far from this figure.", "",
              "| seeds per arm | " + " | ".join(f"{n_patients * f} test patients" for f in PATIENT_FACTORS) + " |",
              "|---:|" + "---:|" * len(PATIENT_FACTORS)]
     for seeds in SEED_GRID:
-        lines.append(f"| {seeds} | " + " | ".join(f"{planned_mde(components, seeds, f, level):+.3f}" for f in PATIENT_FACTORS) + " |")
+        lines.append(f"| {seeds}{' †' if seeds <= 3 else ''} | "
+                     + " | ".join(f"{planned_mde(components, seeds, f, level, arms):+.3f}" for f in PATIENT_FACTORS) + " |")
     lines += ["", f"Target MDE {target:+.3f} (`classifier.target_mde`):", ""]
     for factor in PATIENT_FACTORS:
-        enough = next((s for s in range(2, 201) if planned_mde(components, s, factor, level) <= target), None)
-        lines.append(f"- {n_patients * factor} test patients: " + (f"{enough} seeds per arm" if enough else
-                                                                  "not reachable with up to 200 seeds (more test patients)"))
+        enough = next((s for s in range(2, 201) if planned_mde(components, s, factor, level, arms) <= target), None)
+        lines.append(f"- {n_patients * factor} test patients: " + (f"{enough} seeds per arm" + (" (†)" if enough <= 3 else "")
+                                                                  if enough else "not reachable with up to 200 seeds"))
     if not np.isfinite(components["seed_var"]):
         return lines + ["", "The seed variance is unknown (one seed per arm), so the rows cannot differ: run 2 or more seeds "
                         "of an arm to plan the number of seeds.", ""]
-    lines += ["", f"With unlimited test patients the seeds alone set the MDE (e.g. 5 seeds: "
-              f"{planned_mde(components, 5, 1e6, level):+.3f}); more test patients cannot go below it. With 2-3 "
-              "seeds the MDE may even rise with more test patients: the t quantile uses the Welch-Satterthwaite "
-              "df of the seed and patient terms, which falls to the seeds' few df as the patient term shrinks.", ""]
-    return lines
+    return lines + ["", advice(components, max(seeds_now, 2), level, arms), ""]
+
+
+def advice(components: dict[str, Any], seeds: int, level: float, arms: int) -> str:
+    """Which buys more from here: two more seeds per arm, or twice the test patients."""
+    now = planned_mde(components, seeds, 1, level, arms)
+    more_seeds, more_patients = planned_mde(components, seeds + 2, 1, level, arms), planned_mde(components, seeds, 2, level, arms)
+    choice = "more seeds" if more_seeds < more_patients else "more test patients"
+    floor = planned_mde(components, seeds, 1e6, level, arms)
+    return (f"From {seeds} seeds: {seeds + 2} seeds per arm give {more_seeds:+.3f}, twice the test patients {more_patients:+.3f} "
+            f"(now {now:+.3f}), so {choice} buy more here. With unlimited test patients {seeds} seeds still leave "
+            f"{floor:+.3f}: the seeds' own variance is a floor that only more seeds lower.")
 
 
 def power(config: dict[str, Any], run_dirs: list[Path], test_csv: Path, out: Path | None) -> str:
@@ -127,19 +147,20 @@ def power(config: dict[str, Any], run_dirs: list[Path], test_csv: Path, out: Pat
     if not labels.any():
         raise DataError(f"{test_csv}: no label has {settings['min_test_positives']} test positives")
     n_boot = settings["bootstrap_samples"]
-    boot = stats.hierarchical_bootstrap(targets, patients, {name: np.stack([r.scores for r in by_arm[name]]) for name in arms},
-                                        n_boot, seed=BOOTSTRAP_SEED)
-    components = variance_components(boot, labels)
+    reference = np.stack([r.scores for r in by_arm[REFERENCE]])
+    if len(arms) == 1 and len(reference) < 2:
+        raise DataError(f"only {REFERENCE} with one seed among --runs: run 2 or more seeds (or other arms) to plan")
+    study = analyse(arms, by_arm, targets, patients, classes, settings["min_test_positives"], n_boot)
+    components = variance_components(study.boot, study.evaluated)
     if not np.isfinite(components["patient_var"]):
-        reference = np.stack([r.scores for r in by_arm[REFERENCE]])
-        if len(reference) < 2:
-            raise DataError(f"only {REFERENCE} with one seed among --runs: run 2 or more seeds (or other arms) to plan")
-        components.update(patient_var=halves_patient_var(targets, patients, reference, labels, n_boot),
+        components.update(patient_var=halves_patient_var(targets, patients, reference, study.evaluated, n_boot,
+                                                         components["interaction_var"]),
                           patient_source=f"two halves of {REFERENCE}'s seeds (a floor)")
+    table_mdes = {name: d.mde for name, d in study.diffs.get(REFERENCE, {}).items()}
     compared = max(1, len([name for name in arms if name != REFERENCE]),
                    len(config["classifier"]["ratios"]) - 1 + len(config["classifier"]["controls"]))
     page = "\n".join(plan(components, len(np.unique(patients)), min(len(r) for r in by_arm.values()), compared,
-                          float(settings["target_mde"])))
+                          float(settings["target_mde"]), table_mdes, study.seeds is None or study.seeds.pooled))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(page)

@@ -20,12 +20,14 @@ neuroscience", Neurons, Behavior, Data analysis and Theory 3(5)), with seeds and
    report says so.
 
 A difference between two arms (`differences`) is tested on the t scale: its variance is the
-paired patient-level bootstrap variance plus each arm's seed-level variance (its seeds'
-deviations, shrunk as above, / S), and the t reference distribution takes the Welch-Satterthwaite
-degrees of freedom of the seed terms (S - 1 per arm; the patient term counts as known). So the
-p-value is valid at any level, in particular at the α/m Holm tests first, not only at 95 %. Its
-interval is Δ ± t·SE and its minimum detectable effect (`mde`) is (t_{1-a/2} + t_{0.8})·SE at
-the level a the verdict uses: the true Δ called a gain in 80 % of studies like this one.
+paired patient-level bootstrap variance (it holds the seed x patient interaction at 1 / S) plus
+each arm's seed-level variance / S: the seeds' spread less that interaction, pooled over the arms
+where Bartlett's test finds their spreads alike (`seed_model`). The t reference distribution takes
+the Welch-Satterthwaite degrees of freedom of the raw seed spreads behind it (S - 1 per arm, or
+their sum when pooled; the patient term counts as known), so the p-value is valid at any level, in
+particular at the α/m Holm tests first. Its interval is Δ ± t·SE; its minimum detectable effect
+(`mde`) is the true Δ the test at the level the verdict uses calls a gain in 80 % of studies like
+this one (noncentral t, corrected for SE being estimated), checked by simulating the table.
 
 AUROC on a resample is computed from the bootstrap counts of the patients: every score column is
 sorted once into a sparse patients-to-segments matrix, and all resamples go through one sparse
@@ -41,7 +43,10 @@ from typing import Any
 
 import numpy as np
 from scipy import sparse
-from scipy.stats import norm, rankdata
+from scipy.optimize import brentq
+from scipy.special import gammaln
+from scipy.stats import chi2, norm, rankdata
+from scipy.stats import nct as noncentral_t
 from scipy.stats import t as student_t
 
 LEVEL = 0.95  # two-sided interval level; alpha = 1 - LEVEL for the verdict
@@ -60,51 +65,51 @@ def auroc_columns(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.where((positives > 0) & (negatives > 0), auc, np.nan)
 
 
-class ColumnOperator:
-    """One score column turned, once, into a sparse matrix that maps patient bootstrap counts to the
+def column_entries(target: np.ndarray, score: np.ndarray, patient: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """One score column as the entries of a sparse matrix that maps patient bootstrap counts to the
     figures its AUROC needs, so every resample costs one sparse product instead of a sort.
 
     Sorted by score, the tie groups that hold a positive (K of them) cut the negatives into
     segments. For each of those groups k the rows hold, per patient, the number of negative films
     in the segment just below k, the negatives tied with k and the positives in k; a last row
     counts every negative. With counts c (patients) the weighted AUROC is
-    sum_k pos_k * (cumsum_k(segment) + tie_k / 2) / (sum_k pos_k * negatives)."""
-
-    def __init__(self, target: np.ndarray, score: np.ndarray, patient: np.ndarray, n_patients: int) -> None:
-        _, group = np.unique(score, return_inverse=True)  # tie groups, in score order
-        positive = target > 0
-        pos_groups = np.unique(group[positive])
-        k = len(pos_groups)
-        neg_group = group[~positive]
-        above = np.searchsorted(pos_groups, neg_group, side="right")  # first positive group above the negative
-        tied = np.searchsorted(pos_groups, neg_group, side="left")
-        is_tied = (tied < k) & (pos_groups[np.minimum(tied, k - 1)] == neg_group) if k else np.zeros(len(neg_group), bool)
-        keep = above < k
-        rows = np.concatenate([above[keep], k + tied[is_tied], 2 * k + np.searchsorted(pos_groups, group[positive]),
-                               np.full(len(neg_group), 3 * k)])
-        cols = np.concatenate([patient[~positive][keep], patient[~positive][is_tied], patient[positive], patient[~positive]])
-        self.k = k
-        self.matrix = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(3 * k + 1, n_patients))
-
-    def auroc(self, counts_t: np.ndarray) -> np.ndarray:
-        """AUROC under each column of `counts_t` (patients x resamples, bootstrap counts)."""
-        k = self.k
-        if k == 0:
-            return np.full(counts_t.shape[1], np.nan)
-        sums = self.matrix @ counts_t  # (3k + 1, resamples)
-        below = np.cumsum(sums[:k], axis=0)
-        positives = sums[2 * k:3 * k]
-        pairs = positives.sum(axis=0) * sums[3 * k]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(pairs > 0, (positives * (below + 0.5 * sums[k:2 * k])).sum(axis=0) / pairs, np.nan)
+    sum_k pos_k * (cumsum_k(segment) + tie_k / 2) / (sum_k pos_k * negatives).
+    Returns (rows, patient columns, K); the matrix has 3 K + 1 rows."""
+    _, group = np.unique(score, return_inverse=True)  # tie groups, in score order
+    positive = target > 0
+    pos_groups = np.unique(group[positive])
+    k = len(pos_groups)
+    neg_group = group[~positive]
+    above = np.searchsorted(pos_groups, neg_group, side="right")  # first positive group above the negative
+    tied = np.searchsorted(pos_groups, neg_group, side="left")
+    is_tied = (tied < k) & (pos_groups[np.minimum(tied, k - 1)] == neg_group) if k else np.zeros(len(neg_group), bool)
+    keep = above < k
+    rows = np.concatenate([above[keep], k + tied[is_tied], 2 * k + np.searchsorted(pos_groups, group[positive]),
+                           np.full(len(neg_group), 3 * k)])
+    cols = np.concatenate([patient[~positive][keep], patient[~positive][is_tied], patient[positive], patient[~positive]])
+    return rows, cols, k
 
 
 def weighted_auroc_columns(targets: np.ndarray, scores: np.ndarray, clusters: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """AUROC of every column when cluster j of `clusters` (codes 0..P-1) is counted counts[b, j]
-    times -> (resamples, columns)."""
+    times -> (resamples, columns). All columns go through one block sparse product."""
     counts_t = np.ascontiguousarray(counts.T)  # (patients, resamples): the layout the sparse product reads fastest
-    return np.stack([ColumnOperator(targets[:, k], scores[:, k], clusters, counts.shape[1]).auroc(counts_t)
-                     for k in range(targets.shape[1])], axis=1)
+    entries = [column_entries(targets[:, j], scores[:, j], clusters) for j in range(targets.shape[1])]
+    offsets = np.cumsum([0] + [3 * k + 1 for _, _, k in entries])
+    rows = np.concatenate([r + offset for (r, _, _), offset in zip(entries, offsets)])
+    cols = np.concatenate([c for _, c, _ in entries])
+    sums = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(offsets[-1], counts.shape[1])) @ counts_t
+    out = np.full((counts.shape[0], len(entries)), np.nan)
+    for j, ((_, _, k), offset) in enumerate(zip(entries, offsets)):
+        if k == 0:
+            continue
+        block = sums[offset:offset + 3 * k + 1]
+        below = np.cumsum(block[:k], axis=0)
+        positives = block[2 * k:3 * k]
+        pairs = positives.sum(axis=0) * block[3 * k]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, j] = np.where(pairs > 0, (positives * (below + 0.5 * block[k:2 * k])).sum(axis=0) / pairs, np.nan)
+    return out
 
 
 @dataclass
@@ -115,14 +120,22 @@ class ArmBootstrap:
     seed_values: np.ndarray  # (seeds, labels)
     samples: np.ndarray  # (resamples, labels)
     patient_samples: np.ndarray | None = None  # (resamples, labels): the seed mean on each patient resample
-    seed_terms: np.ndarray | None = None  # (seeds, labels): deviations from the seed mean, less the interaction
+    seed_samples: np.ndarray | None = None  # (seeds, resamples, labels): each seed on each patient resample
 
-    def seed_variance(self, labels: np.ndarray | None = None) -> tuple[float, float]:
-        """Seed-level variance of the macro seed mean, and its degrees of freedom (S - 1; one seed: 0, inf)."""
+    def seed_spread(self, labels: np.ndarray | None = None) -> tuple[float, float]:
+        """The variance between seeds of the macro AUROC on the whole test set (S - 1 df), and the part
+        of it that the seed x patient interaction explains (seeds ranking single films differently:
+        the patient bootstrap of the seed mean already carries it), about (mean single-seed bootstrap
+        variance - bootstrap variance of the seed mean) * S / (S - 1). (0, 0) for one seed."""
         n_seeds = len(self.seed_values)
-        if self.seed_terms is None or n_seeds < 2:
-            return 0.0, float("inf")
-        return float(np.var(macro(self.seed_terms, labels), ddof=1) / n_seeds), float(n_seeds - 1)
+        if n_seeds < 2 or self.seed_samples is None:
+            return 0.0, 0.0
+        raw = float(np.var(macro(self.seed_values, labels), ddof=1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # resamples where a label is undefined
+            single = np.nanvar(macro(self.seed_samples, labels), axis=1, ddof=1).mean()
+            mean = np.nanvar(macro(self.seed_samples.mean(axis=0), labels), ddof=1)
+        return raw, float((single - mean) * n_seeds / (n_seeds - 1))
 
     @property
     def estimate(self) -> np.ndarray:
@@ -138,11 +151,11 @@ def cluster_counts(clusters: np.ndarray, n_boot: int, rng: np.random.Generator) 
 
 def seed_scale(n_seeds: int, level: float = LEVEL) -> float:
     """Factor on each seed's deviation from the arm mean: sqrt(S / (S - 1)) makes the bootstrap
-    variance of the seed mean unbiased, and t / z widens it to Student-t width for the 2 (S - 1)
-    degrees of freedom of a difference between two arms of S seeds (with few seeds, normal-width
-    intervals would cover too rarely)."""
+    variance of the seed mean unbiased, and t / z widens it to Student-t width for the S - 1
+    degrees of freedom of one arm's seed mean (with few seeds, normal-width intervals would cover
+    too rarely: at 3 seeds t / z is 4.30 / 1.96)."""
     quantile = 1 - (1 - level) / 2
-    return float(np.sqrt(n_seeds / (n_seeds - 1)) * student_t.ppf(quantile, 2 * (n_seeds - 1)) / norm.ppf(quantile))
+    return float(np.sqrt(n_seeds / (n_seeds - 1)) * student_t.ppf(quantile, n_seeds - 1) / norm.ppf(quantile))
 
 
 def seed_shrink(values: np.ndarray, full: np.ndarray) -> np.ndarray:
@@ -203,9 +216,7 @@ def hierarchical_bootstrap(targets: np.ndarray, clusters: np.ndarray, arms: Mapp
             result[name] = ArmBootstrap(seed_values, patient_samples, patient_samples)
             continue
         samples = seed_resample(per_seed[name], seed_values, n_boot, rng)
-        terms = ((seed_values - seed_values.mean(axis=0)) * seed_shrink(per_seed[name], seed_values)
-                 if len(scores) > 1 else None)
-        result[name] = ArmBootstrap(seed_values, samples, patient_samples, terms)
+        result[name] = ArmBootstrap(seed_values, samples, patient_samples, per_seed[name])
     return result
 
 
@@ -293,27 +304,114 @@ def verdict(delta: float, adjusted_p: float, alpha: float = ALPHA) -> str:
     return GAIN if delta > 0 else LOSS
 
 
-def t_p_value(delta: float, se: float, df: float) -> float:
-    """Two-sided p-value of Δ = 0 from the t distribution with `df` degrees of freedom."""
+def t_p_value(delta: float, se: float, df: float, side: str = "two-sided") -> float:
+    """p-value of Δ = 0 from the t distribution with `df` degrees of freedom: two-sided, or one-sided
+    against a gain (`side="gain"`: small when Δ is large and positive)."""
     if not (np.isfinite(delta) and np.isfinite(se)):
         return float("nan")
     if se <= 0:
-        return 1.0 if delta == 0 else 0.0
+        return (1.0 if delta == 0 else 0.0) if side != "gain" else (0.0 if delta > 0 else 1.0)
+    if side == "gain":
+        return float(student_t.sf(delta / se, df))
     return float(min(1.0, 2 * student_t.sf(abs(delta) / se, df)))
 
 
-def mde(se: float, df: float, level: float, power: float = POWER) -> float:
-    """Minimum detectable effect: the true Δ whose estimate clears the two-sided critical value at
-    `level` with probability `power` (t with `df` degrees of freedom; normal when df is infinite)."""
-    return float((student_t.ppf(1 - level / 2, df) + student_t.ppf(power, df)) * se)
+def mde(se: float, df: float, level: float, power: float = POWER, estimated: bool = True) -> float:
+    """Minimum detectable effect: the true Δ that the two-sided t test at `level` calls a gain with
+    probability `power`, for a study whose Δ has standard error `se` estimated with `df` degrees of
+    freedom. Δ̂ / SE-hat is then noncentral t, so the MDE is SE times the noncentrality at which
+    P(T'(df, ncp) > t(1 - level/2, df)) = power (t plus t(power) falls short of it at few df).
+    `estimated`: `se` is one study's own estimate, whose mean is c4(df) x SE; dividing by c4 makes
+    the printed MDE right on average (the plug-in figure reads low, and a true Δ at it is found less
+    often than promised). A planner that knows its SE passes False."""
+    if not (np.isfinite(se) and se > 0):
+        return float("nan") if not np.isfinite(se) else 0.0
+    return float(se * noncentrality(df, level, power) / (c4(df) if estimated else 1.0))
 
 
-def satterthwaite(patient_var: float, seed_vars: Sequence[tuple[float, float]]) -> float:
-    """Welch-Satterthwaite degrees of freedom of patient_var + sum of seed variances (each with its
-    own df); the bootstrap's patient variance counts as known (infinite df)."""
-    total = patient_var + sum(v for v, _ in seed_vars)
-    denominator = sum(v * v / df for v, df in seed_vars if v > 0 and np.isfinite(df))
-    return float(total * total / denominator) if denominator > 0 else float("inf")
+def c4(df: float) -> float:
+    """E[sqrt(chi2_df / df)]: the mean of an estimated standard error over its true value."""
+    if not np.isfinite(df) or df > 1e4:
+        return 1.0
+    return float(np.exp(0.5 * np.log(2 / df) + gammaln((df + 1) / 2) - gammaln(df / 2)))
+
+
+def noncentrality(df: float, level: float, power: float = POWER) -> float:
+    """The noncentrality at which a noncentral t with `df` exceeds the two-sided critical value at
+    `level` with probability `power` (normal where df is infinite)."""
+    if not np.isfinite(df) or df > 1e4:
+        return float(norm.ppf(1 - level / 2) + norm.ppf(power))
+    critical = student_t.ppf(1 - level / 2, df)
+    start = critical + student_t.ppf(power, df)  # below the answer: the noncentral t is wider than t
+    return float(brentq(lambda ncp: noncentral_t.sf(critical, df, ncp) - power, start - 1, 3 * start + 10, xtol=1e-6))
+
+
+def satterthwaite(total: float, pieces: Sequence[tuple[float, float]]) -> float:
+    """Welch-Satterthwaite degrees of freedom of a variance estimate `total` whose uncertainty comes
+    from the mean squares `pieces` (coefficient x mean square, its df); the bootstrap's patient
+    variance counts as known (infinite df)."""
+    denominator = sum(v * v / df for v, df in pieces if v > 0 and np.isfinite(df) and df > 0)
+    return float(total * total / denominator) if denominator > 0 and total > 0 else float("inf")
+
+
+def bartlett(variances: Sequence[float], dfs: Sequence[float]) -> float:
+    """Bartlett's test that variances with these degrees of freedom share one value: its p-value
+    (1 where fewer than two variances, or all zero; 0 where only some are zero)."""
+    v, n = np.asarray(variances, float), np.asarray(dfs, float)
+    if len(v) < 2 or not (v > 0).any():
+        return 1.0
+    if not (v > 0).all():
+        return 0.0
+    total = n.sum()
+    pooled = float((n * v).sum() / total)
+    statistic = (total * np.log(pooled) - (n * np.log(v)).sum()) / (1 + ((1 / n).sum() - 1 / total) / (3 * (len(v) - 1)))
+    return float(chi2.sf(statistic, len(v) - 1))
+
+
+HOMOGENEITY_ALPHA = 0.10  # the seed variance is pooled over arms unless Bartlett's test rejects at this level
+
+
+@dataclass(frozen=True)
+class SeedLevel:
+    """The seed-level variance of one run's macro AUROC (the interaction removed, at least 0) and
+    the raw mean squares it is estimated from: (arm, weight x variance between its seeds, S - 1)."""
+
+    variance: float
+    pieces: tuple[tuple[str, float, float], ...]
+    pooled: bool = False
+
+
+@dataclass(frozen=True)
+class SeedModel:
+    """Each arm's SeedLevel, and whether they are one pooled estimate (Bartlett's p on the arms' raw
+    seed variances at least HOMOGENEITY_ALPHA) or each arm's own."""
+
+    levels: dict[str, SeedLevel]
+    pooled: bool
+    homogeneity_p: float
+    df: float  # degrees of freedom of the pooled raw seed variance (sum of S - 1), or of one arm's
+
+    @property
+    def arms_pooled(self) -> int:
+        return len(self.levels[next(iter(self.levels))].pieces) if self.pooled and self.levels else 0
+
+
+def seed_model(results: Mapping[str, ArmBootstrap], labels: np.ndarray | None = None, pool: bool = True) -> SeedModel:
+    """The seed level of every arm: pooled over the arms with 2+ seeds when `pool` and Bartlett's
+    test does not reject a common seed variance, else each arm's own. Pooling buys degrees of
+    freedom (7 arms x 3 seeds: 14 instead of 2 per arm), which is most of the power at few seeds."""
+    spreads = {name: arm.seed_spread(labels) for name, arm in results.items() if len(arm.seed_values) > 1}
+    dfs = {name: len(results[name].seed_values) - 1 for name in spreads}
+    own = {name: SeedLevel(max(0.0, raw - interaction), ((name, raw, dfs[name]),)) for name, (raw, interaction) in spreads.items()}
+    levels = {name: own.get(name, SeedLevel(0.0, ())) for name in results}
+    p = bartlett([raw for raw, _ in spreads.values()], list(dfs.values()))
+    if not pool or len(spreads) < 2 or p < HOMOGENEITY_ALPHA:
+        return SeedModel(levels, False, p, float(np.mean(list(dfs.values()))) if dfs else 0.0)
+    total = sum(dfs.values())
+    weights = {name: dfs[name] / total for name in spreads}
+    variance = max(0.0, sum(weights[name] * (raw - interaction) for name, (raw, interaction) in spreads.items()))
+    shared = SeedLevel(variance, tuple((name, weights[name] * raw, dfs[name]) for name, (raw, _) in spreads.items()), True)
+    return SeedModel({name: shared if name in spreads else levels[name] for name in results}, True, p, float(total))
 
 
 @dataclass(frozen=True)
@@ -328,43 +426,67 @@ class Difference:
     df: float = float("nan")
     mde: float = float("nan")  # at the level the verdict uses (alpha / m, Holm's first step)
     mde_level: float = float("nan")
+    p_gain: float = float("nan")  # one-sided p against a gain (the headline's)
 
 
-def difference_components(results: Mapping[str, ArmBootstrap], reference: str, name: str,
-                          labels: np.ndarray | None = None) -> tuple[float, float, float]:
-    """Δ of macro AUROC (arm - reference), its standard error and degrees of freedom."""
+def difference_components(results: Mapping[str, ArmBootstrap], reference: str, name: str, labels: np.ndarray | None = None,
+                          seeds: SeedModel | None = None) -> tuple[float, float, float]:
+    """Δ of macro AUROC (arm - reference), its standard error and degrees of freedom: the paired
+    patient-level bootstrap variance (it holds the seed x patient interaction at 1 / S) plus each
+    arm's seed-level variance / S, with the Satterthwaite df of the raw seed variances behind it."""
+    seeds = seeds or seed_model({key: results[key] for key in (reference, name)}, labels, pool=False)
     arm, ref = results[name], results[reference]
     delta = float(macro(arm.estimate, labels)) - float(macro(ref.estimate, labels))
     patient = macro(arm.patient_samples if arm.patient_samples is not None else arm.samples, labels) - macro(
         ref.patient_samples if ref.patient_samples is not None else ref.samples, labels)
     patient = patient[np.isfinite(patient)]
     patient_var = float(np.var(patient, ddof=1)) if len(patient) > 1 else float("nan")
-    seeds = [arm.seed_variance(labels), ref.seed_variance(labels)]
-    return delta, float(np.sqrt(patient_var + sum(v for v, _ in seeds))), satterthwaite(patient_var, seeds)
+    seed_var, pieces = 0.0, {}
+    for key in (name, reference):
+        level, n_seeds = seeds.levels[key], len(results[key].seed_values)
+        seed_var += level.variance / n_seeds
+        for source, mean_square, df in level.pieces:
+            pieces[source] = (pieces.get(source, (0.0, df))[0] + mean_square / n_seeds, df)
+    total = patient_var + seed_var
+    return delta, float(np.sqrt(total)), satterthwaite(total, list(pieces.values()))
 
 
 def differences(results: Mapping[str, ArmBootstrap], reference: str, compared: Sequence[str],
-                labels: np.ndarray | None = None, alpha: float = ALPHA) -> dict[str, Difference]:
+                labels: np.ndarray | None = None, alpha: float = ALPHA, seeds: SeedModel | None = None) -> dict[str, Difference]:
     """Macro-AUROC difference of each compared arm from `reference`: estimate, Δ ± t·SE interval,
-    t p-value, Holm-adjusted p over `compared` (one family), the verdict, and the minimum
-    detectable effect at alpha / m (the level Holm's first step uses; a later step uses a larger
-    level, so the figure is never optimistic)."""
-    rows = {name: difference_components(results, reference, name, labels) for name in compared}
+    t p-values (two-sided, and one-sided against a gain), Holm-adjusted two-sided p over `compared`
+    (one family), the verdict, and the minimum detectable effect at alpha / m (the level Holm's first
+    step uses; a later step uses a larger level, so the figure is never optimistic)."""
+    rows = {name: difference_components(results, reference, name, labels, seeds) for name in compared}
     adjusted = holm([t_p_value(delta, se, df) for delta, se, df in rows.values()])
     level = alpha / max(1, len(rows))
     out = {}
     for (name, (delta, se, df)), p_holm in zip(rows.items(), adjusted):
         half = float(student_t.ppf(1 - alpha / 2, df) * se)
         out[name] = Difference(delta, delta - half, delta + half, t_p_value(delta, se, df), float(p_holm),
-                               verdict(delta, p_holm, alpha), se, df, mde(se, df, level), level)
+                               verdict(delta, p_holm, alpha), se, df, mde(se, df, level), level,
+                               t_p_value(delta, se, df, side="gain"))
     return out
 
 
+def ratio_interval(top: Difference, bottom: Difference, covariance: float, level: float = LEVEL) -> tuple[float, float, float]:
+    """top.delta / bottom.delta with Fieller's interval (Fieller 1954) at `level`, t with the smaller
+    df; (ratio, NaN, NaN) where the denominator is not clear of 0 at that level (the interval is unbounded)."""
+    ratio = top.delta / bottom.delta if bottom.delta else float("nan")
+    t2 = float(student_t.ppf(1 - (1 - level) / 2, min(top.df, bottom.df))) ** 2
+    a = bottom.delta ** 2 - t2 * bottom.se ** 2
+    b = top.delta * bottom.delta - t2 * covariance
+    c = top.delta ** 2 - t2 * top.se ** 2
+    if not (np.isfinite(a) and a > 0) or b * b - a * c < 0:
+        return ratio, float("nan"), float("nan")
+    root = float(np.sqrt(b * b - a * c))
+    return ratio, (b - root) / a, (b + root) / a
+
+
 def intersection_union(parts: Sequence[Difference]) -> tuple[float, bool]:
-    """The headline test "gain over every reference": p = the largest of the parts' unadjusted p,
-    and a gain only if every Δ is positive (Berger 1982: an intersection-union test needs no
-    correction, its level is that of each part)."""
+    """The headline test "gain over every reference": p = the largest of the parts' one-sided p
+    against a gain (Berger 1982: an intersection-union test needs no correction, its level is that
+    of each part), and whether every Δ is positive."""
     if not parts:
         return float("nan"), False
-    p = max(part.p for part in parts)
-    return float(p), bool(all(part.delta > 0 for part in parts))
+    return float(max(part.p_gain for part in parts)), bool(all(part.delta > 0 for part in parts))
