@@ -14,6 +14,7 @@ if not workflow.overwrite_configfiles:
 
 include: "rules/common.smk"
 include: "rules/config.smk"
+include: "rules/weights.smk"
 include: "rules/data.smk"
 include: "rules/lora.smk"
 include: "rules/generation.smk"

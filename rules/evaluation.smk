@@ -6,6 +6,7 @@ rule train_classifier:
     input:
         unpack(classifier_inputs),
         config=stage_config_file("train_classifier"),
+        weights=weights_ready("train_classifier"),  # the weights check, before any job (rules/weights.smk)
     output:
         metrics="results/classifier/{arm}_seed{seed}/metrics.json",
         predictions="results/classifier/{arm}_seed{seed}/predictions.csv",

@@ -47,8 +47,9 @@ def caveats(inputs: PageInputs) -> list[str]:
     if config["dataset"]["csv"] == DEMO_CSV:
         notes.append("**The data are the embedded phantoms**, drawings for trying the pipeline, not medical images.")
     first = next(iter(study.runs.values()))[0].metrics
-    notes.append(f"Every run started from the same classifier weights ({first['pretrained_weights']}), ran "
-                 f"{first['optimizer_steps']} optimizer steps and shares config hash {first['config_hash']}.")
+    notes.append(f"Every classifier run started from {first['pretrained_weights']}, ran {first['optimizer_steps']} "
+                 f"optimizer steps and shares classifier config hash {first['config_hash']} (the train_classifier "
+                 "settings that define a run; `classifier_config_hash` in the provenance below).")
     single = [name for name, runs in study.runs.items() if len(runs) == 1]
     if single:
         notes.append(f"{', '.join(single)}: one training seed only, so its intervals lack training-seed variance and are too "

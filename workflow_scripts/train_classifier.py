@@ -283,7 +283,8 @@ def _run(config: dict[str, Any], data_dir: Path, files: tuple[str | Path | None,
     schedule = batch_schedule(mix["phase"].tolist(), phases, settings["batch_size"], seed)
 
     seed_everything(seed)
-    model, pretrained_weights = create_model(settings["model"], settings["pretrained"], len(classes))
+    model, pretrained_weights = create_model(settings["model"], settings["pretrained"], len(classes),
+                                             settings["allow_random_init"])
     data_config = model_data_config(model)
     device = pick_device()
     precision = precision_for(device)
