@@ -5,6 +5,10 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+# The landing page of `snakemake --report`: the study in a paragraph, its headline and one row per arm.
+report: "report/workflow.rst"
+
+
 # Defaults live in config/schema.yaml (SD 1.5). The demo overlay applies only when no
 # --configfile is given, so a real-data config stands alone.
 if not workflow.overwrite_configfiles:
@@ -21,6 +25,7 @@ include: "rules/generation.smk"
 include: "rules/evaluation.smk"
 include: "rules/cost.smk"
 include: "rules/reader_study.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -28,4 +33,5 @@ rule all:
     input:
         rules.verify_dataset.output,
         rules.compare.output,
+        rules.render_report_pages.output,
         reader_study_targets,

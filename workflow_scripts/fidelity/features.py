@@ -322,7 +322,7 @@ def build_rad_dino(evaluation: dict[str, Any], device: str | torch.device) -> Ex
     folder = _local_hub_folder(source)
     if folder is None:
         return Extractor("rad_dino", f"unavailable: {source} not found locally (no config.json in the Hugging Face cache "
-                                     f"or at that path); run `huggingface-cli download {RAD_DINO_ID}` (Hugging Face cache, "
+                                     f"or at that path); run `hf download {RAD_DINO_ID}` (Hugging Face cache, "
                                      "HF_HOME) or set evaluation.rad_dino to a local folder holding it", 768, 518)
     try:
         model = AutoModel.from_pretrained(folder, local_files_only=True)
@@ -330,7 +330,7 @@ def build_rad_dino(evaluation: dict[str, Any], device: str | torch.device) -> Ex
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return Extractor("rad_dino", f"unavailable: {source} not found locally ({first[:160]}); run "
-                                     f"`huggingface-cli download {RAD_DINO_ID}` (Hugging Face cache, HF_HOME) or set "
+                                     f"`hf download {RAD_DINO_ID}` (Hugging Face cache, HF_HOME) or set "
                                      "evaluation.rad_dino to a local folder holding it", 768, 518)
     crop = getattr(processor, "crop_size", None)
     height = crop.get("height") if isinstance(crop, dict) else getattr(crop, "height", None)  # dict or SizeDict
