@@ -260,24 +260,43 @@ def make_plots(table: pd.DataFrame, classes: list[str], rare: list[str], train: 
     import matplotlib.pyplot as plt
 
     plot_dir.mkdir(parents=True, exist_ok=True)
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    # Constrained layout and a legend outside the axes: no label is cut and the legend covers no point.
+    figure, axis = plt.subplots(figsize=(8, 4.5), layout="constrained")
     ratio_kinds = [str(ArmKind.REAL), str(ArmKind.SYNTHETIC)]
     ratio_arms = table[table["arm_kind"].isin(ratio_kinds)].sort_values("ratio")
     errors = [ratio_arms["macro_auroc_mean"] - ratio_arms["macro_auroc_ci_low"],
               ratio_arms["macro_auroc_ci_high"] - ratio_arms["macro_auroc_mean"]]
+    reference = table[table["arm"] == REFERENCE]
+    if len(reference):
+        ref = reference.iloc[0]
+        axis.axhspan(ref["macro_auroc_ci_low"], ref["macro_auroc_ci_high"], color="grey", alpha=0.12, linewidth=0)
+        axis.axhline(ref["macro_auroc_mean"], color="grey", linestyle="--", linewidth=1,
+                     label=f"{REFERENCE}, real only (95% CI)")
     axis.errorbar(ratio_arms["ratio"], ratio_arms["macro_auroc_mean"], yerr=errors, color="black", marker="s", capsize=4,
                   linewidth=2, label="real + synthetic (95% CI)")
     markers = {ArmKind.REBALANCED: ("D", "tab:blue"), ArmKind.NOISE: ("x", "tab:red"), ArmKind.PRETRAIN: ("^", "tab:green"),
                ArmKind.MORE_REAL: ("*", "tab:purple")}
-    for row in table[~table["arm_kind"].isin(ratio_kinds)].to_dict("records"):
+    # Controls get their own slots right of the ratios, named on the axis: a control mirrors a ratio
+    # (more_real and noise both mirror the largest) but is not "x % synthetic" (more_real has none).
+    ratios = sorted(ratio_arms["ratio"].unique()) or [0]
+    step = max(10.0, (max(ratios) - min(ratios)) / 4)
+    ticks, names = list(ratios), [f"{ratio}" for ratio in ratios]
+    controls = table[~table["arm_kind"].isin(ratio_kinds)]
+    for slot, row in enumerate(controls.to_dict("records"), start=1):
         marker, color = markers[ArmKind(row["arm_kind"])]
-        axis.errorbar([row["ratio"] + 1.0], [row["macro_auroc_mean"]], capsize=4, marker=marker, color=color, linestyle="none",
+        x = max(ratios) + slot * step
+        axis.errorbar([x], [row["macro_auroc_mean"]], capsize=4, marker=marker, color=color, linestyle="none", markersize=8,
                       yerr=[[row["macro_auroc_mean"] - row["macro_auroc_ci_low"]], [row["macro_auroc_ci_high"] - row["macro_auroc_mean"]]],
-                      label=f"{row['arm']} ({ArmKind(row['arm_kind']).display})")
-    axis.set(xlabel="synthetic share of the training set (%)", ylabel="test macro AUROC", title="AUROC vs synthetic share",
-             xticks=sorted(ratio_arms["ratio"].unique()))
-    axis.legend(fontsize=7)
-    figure.tight_layout()
+                      label=f"{row['arm']} (mirrors {row['ratio']}%)")
+        ticks.append(x)
+        names.append(str(row["arm"]))
+    if len(controls):
+        axis.axvline(max(ratios) + step / 2, color="lightgrey", linewidth=1)
+    axis.set_xticks(ticks, names, rotation=30 if len(controls) else 0, ha="right" if len(controls) else "center")
+    axis.set_xlim(min(ratios) - step / 2, ticks[-1] + step / 2)
+    axis.set(xlabel="synthetic share of the training set (%), then the controls", ylabel="test macro AUROC",
+             title="AUROC vs synthetic share")
+    figure.legend(loc="outside right upper", fontsize=7)
     figure.savefig(plot_dir / "auroc_vs_ratio.png", dpi=110)
     plt.close(figure)
     real_vs_synthetic(classes, train, synthetic, plot_dir / "real_vs_synthetic.png")

@@ -148,7 +148,6 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
                     ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
         ax.set_xticks(x + width * (len(series) - 1) / 2, labels, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
 
     for extractor in dict.fromkeys(fidelity["extractor"]):
         mine = fidelity[(fidelity["extractor"] == extractor)]
@@ -159,7 +158,9 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
             continue
         labels = [f"{label}\n(n={int(n)})" for label, n in zip(syn["label"], syn["n"])]
         fid_ok = syn["fid"].map(finite).notna().any()
-        figure, axes = plt.subplots(1, 2 if fid_ok else 1, figsize=(11 if fid_ok else 7, 4), squeeze=False)
+        # Constrained layout with the legend outside the axes: no label cut, no bar hidden.
+        figure, axes = plt.subplots(1, 2 if fid_ok else 1, figsize=(12 if fid_ok else 8, 4), squeeze=False,
+                                    layout="constrained")
         def kid(frame):
             return list(frame["kid_mean"].map(finite)), list(frame["kid_std"].map(lambda v: finite(v) or 0.0))
 
@@ -168,7 +169,7 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
         if fid_ok:
             bars(axes[0][1], labels, [("synthetic", list(syn["fid"].map(finite)), None), ("floor", list(flo["fid"].map(finite)), None)], "FID")
             axes[0][1].set_title(f"FID, {extractor} (only where n >= dims)")
-        figure.tight_layout()
+        figure.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
         path = plot_dir / f"fidelity_{extractor}.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
@@ -176,11 +177,12 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
 
     if len(diversity) and diversity["ms_ssim"].map(finite).notna().any():
         syn, real = diversity[diversity["set"] == "synthetic"], diversity[diversity["set"] == "real val"]
-        figure, ax = plt.subplots(figsize=(7, 4))
+        figure, ax = plt.subplots(figsize=(8, 4), layout="constrained")
         bars(ax, [f"{label}\n({int(n)} img)" for label, n in zip(syn["label"], syn["images"])],
              [("synthetic", list(syn["ms_ssim"].map(finite)), None), ("real val", list(real["ms_ssim"].map(finite)), None)],
-             "mean pairwise MS-SSIM (lower = more diverse)")
-        figure.tight_layout()
+             "mean pairwise MS-SSIM")
+        ax.set_title("Diversity: mean pairwise MS-SSIM (lower = more diverse)", fontsize=10)
+        figure.legend(loc="outside right upper", fontsize=8)
         path = plot_dir / "diversity_ms_ssim.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
@@ -188,7 +190,7 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
 
     if len(adherence) and adherence["auroc"].map(finite).notna().any():
         syn, real = adherence[adherence["set"].str.startswith("synthetic")], adherence[adherence["set"].str.startswith("real")]
-        figure, ax = plt.subplots(figsize=(7, 4))
+        figure, ax = plt.subplots(figsize=(8, 4), layout="constrained")
 
         def errors(frame: pd.DataFrame) -> np.ndarray:
             value = frame["auroc"].map(lambda v: finite(v) or 0.0).to_numpy()
@@ -197,14 +199,17 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
             return np.nan_to_num(np.vstack([value - low, high - value]), nan=0.0).clip(min=0)
 
         x = np.arange(len(syn))
+        top = 1.0
         for k, (name, frame) in enumerate((("synthetic (prompted label)", syn), ("real val (true label)", real))):
-            ax.bar(x + 0.4 * k, frame["auroc"].map(lambda v: finite(v) or 0.0), 0.4, yerr=errors(frame), capsize=2, label=name)
+            heights = frame["auroc"].map(lambda v: finite(v) or 0.0).to_numpy(dtype=float)
+            spread = errors(frame)
+            top = max(top, float((heights + spread[1]).max(initial=0.0)))
+            ax.bar(x + 0.4 * k, heights, 0.4, yerr=spread, capsize=2, label=name)
         ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set_xticks(x + 0.2, syn["label"], rotation=30, ha="right", fontsize=8)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, top + 0.05)  # room above 1.0: an interval reaching 1 keeps its cap
         ax.set_ylabel("AUROC of the real-only classifier")
-        ax.legend(fontsize=8)
-        figure.tight_layout()
+        figure.legend(loc="outside right upper", fontsize=8)
         path = plot_dir / "prompt_adherence.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
