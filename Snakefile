@@ -34,4 +34,5 @@ rule all:
         rules.verify_dataset.output,
         rules.compare.output,
         rules.render_report_pages.output,
+        rules.plot_training_curves.output,
         reader_study_targets,

@@ -12,6 +12,7 @@ rule train_classifier:
         predictions="results/classifier/{arm}_seed{seed}/predictions.csv",
         model="results/classifier/{arm}_seed{seed}/model.pt",
         composition="results/classifier/{arm}_seed{seed}/composition.csv",
+        train_log="results/classifier/{arm}_seed{seed}/train_log.csv",  # also in tensorboard/ beside it
     params:
         synthetic=lambda wildcards, input: f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else "",
         exclude=lambda wildcards, input: f"--exclude-synthetic {input.exclude}" if "exclude" in input.keys() else "",

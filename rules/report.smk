@@ -42,5 +42,28 @@ rule render_report_pages:
         " --fidelity {input.fidelity} --verify {input.verify} --out-dir {params.out_dir} > {log} 2>&1"
 
 
+rule plot_training_curves:
+    # One plot per arm, every seed a line (the same values as tensorboard --logdir results/classifier).
+    input:
+        logs=study_runs(output="train_log"),
+    output:
+        plots=report(
+            expand("results/plots/curves_{arm}.png", arm=arm_names(config)),
+            category="4. Training curves",
+        ),
+    params:
+        runs=lambda wildcards, input: " ".join(os.path.dirname(path) for path in input.logs),
+        out_dir=lambda wildcards, output: os.path.dirname(output.plots[0]),
+    log:
+        "logs/plot_training_curves/plot_training_curves.log",
+    benchmark:
+        "benchmarks/plot_training_curves/plot_training_curves.tsv"
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "python -m workflow_scripts.curves --runs {params.runs} --out-dir {params.out_dir} > {log} 2>&1"
+
+
 localrules:
     render_report_pages,
+    plot_training_curves,

@@ -69,6 +69,8 @@ def fresh_clone(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A working directory as a user has it: the NIH layout of config/nih_chestxray14.yaml holding a
     small dataset, and the weights of the real configs in an otherwise empty Hugging Face cache."""
     workdir = tmp_path_factory.mktemp("fresh")
+    for folder in ("config", "profiles"):  # what a clone holds beside the Snakefile (given with -s)
+        (workdir / folder).symlink_to(REPO / folder)
     make_nih_dataset(workdir / "data" / "nih", num_patients=12)
     cache = workdir / "hf" / "hub"
     fake_hf_file(cache, weights.SD15_ID, "model_index.json")
@@ -87,10 +89,7 @@ def test_each_documented_snakemake_command_runs_as_printed(command: str, fresh_c
         pytest.skip("the report is built and opened in a browser by test_workflow.py")
     if "--unlock" not in args:
         args = [*args, "--dry-run"]
-    # As printed, from the repository root (config paths are relative to it), on the fresh working directory.
-    if "--configfile" in args:
-        index = args.index("--configfile")
-        args[index + 1] = str(REPO / args[index + 1])
-    result = subprocess.run([sys.executable, "-m", "snakemake", *args, "-s", str(REPO / "Snakefile"), "-d", str(workdir)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    # As printed, in the fresh clone's root (nothing of the repository's own results/ is read or written).
+    result = subprocess.run([sys.executable, "-m", "snakemake", *args, "-s", str(REPO / "Snakefile")],
+                            cwd=workdir, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, f"{where}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"

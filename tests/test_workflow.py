@@ -138,7 +138,8 @@ def _scheduled(result: subprocess.CompletedProcess) -> set[str]:
 def test_a_classifier_override_reruns_only_the_classifier_fidelity_and_table(demo_run: Path) -> None:
     # `seeds: [0, 1]` is the micro config's value, given as a list override: coerced, so it changes nothing.
     result = snakemake(demo_run, "-n", "--config", "split={seed: 7}", "classifier={epochs: 2, seeds: [0, 1]}")
-    assert _scheduled(result) == {"write_stage_config", "train_classifier", "evaluate_fidelity", "compare", "all"}
+    assert _scheduled(result) == {"write_stage_config", "train_classifier", "evaluate_fidelity", "compare",
+                                  "render_report_pages", "plot_training_curves", "all"}
     assert "results/config/train_classifier.yaml" in result.stdout and "results/config/train_lora.yaml" not in result.stdout
 
 
