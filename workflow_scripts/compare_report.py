@@ -78,7 +78,7 @@ def arms_table(inputs: PageInputs) -> list[str]:
     controls = [column for column in study.diffs if column != REFERENCE]
     shares = "share_of_more_real" in table and table["share_of_more_real"].notna().any()
     header = ("| arm | kind | synthetic share | seeds | real + synthetic images | test images / patients | macro AUROC (mean ± sd) "
-              "| 95% CI | Δ vs ratio0 [95% CI] | p (Holm) | verdict |" + (" Δ / Δ of more_real |" if shares else "")
+              "| 95% CI | Δ vs ratio0 [95% CI] | p (Holm) | verdict |" + (" share of more_real's Δ ¹ |" if shares else "")
               + "".join(f" Δ vs {c} [95% CI] | verdict vs {c} |" for c in controls))
     lines = [header, "|---|---|---:|---:|---:|---:|---:|---|---|---:|---|" + ("---:|" if shares else "") + "---|---|" * len(controls)]
     for row in table.to_dict("records"):
@@ -97,6 +97,12 @@ def arms_table(inputs: PageInputs) -> list[str]:
             cells += [with_ci(row[f"delta_vs_{c}"], row[f"delta_vs_{c}_ci_low"], row[f"delta_vs_{c}_ci_high"], True),
                       verdict_text(row, c)]
         lines.append("| " + " | ".join(cells) + " |")
+    if shares:
+        lines += ["", "¹ Share of more_real's Δ: the arm's Δ vs ratio0 divided by that of the more_real positive control "
+                      "(as many new real images as the synthetic arm adds): how much of a real-data gain the synthetic "
+                      "images reach. 100 %: as much as new real films; 0 %: nothing; below 0: the arm loses where more "
+                      "real data gains (−83 %: it loses 0.83 times what more_real gains). A point estimate, read only "
+                      "where more_real reads gain."]
     return lines
 
 
@@ -123,7 +129,7 @@ def headline_lines(study: Study) -> list[str]:
 def method_text(inputs: PageInputs) -> list[str]:
     study = inputs.study
     n_boot = inputs.provenance["bootstrap"]["resamples"]
-    families = [f"the {len(diffs)} arms compared with {ref}" for ref, diffs in study.diffs.items()]
+    families = [f"the {len(diffs)} arm{'' if len(diffs) == 1 else 's'} compared with {ref}" for ref, diffs in study.diffs.items()]
     return [
         "**How the intervals were computed.** A paired two-level (hierarchical) bootstrap "
         f"with {n_boot} resamples (Saravanan et al. 2020): each resample draws the {study.n_patients} test patients with "
@@ -143,7 +149,7 @@ def method_text(inputs: PageInputs) -> list[str]:
         "headline line has its own test. The 95% intervals are not adjusted, so an interval may exclude 0 while the "
         "adjusted verdict reads no measurable difference. A gain over ratio0 that is not also a gain over the noise or "
         "rebalanced control may come from more positives or longer exposure, not from realistic images; the more_real "
-        "control shows what as many new real images give (Δ / Δ of more_real: a synthetic arm's share of that ceiling)."),
+        "control shows what as many new real images give (¹ share of more_real's Δ: a synthetic arm's share of that gain)."),
     ]
 
 

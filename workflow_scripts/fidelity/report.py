@@ -56,6 +56,27 @@ def _fidelity_tables(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def negative_control_verdict(flagged: int, n: int, quantile_percent: float | None) -> str:
+    """The real-test flag rate read against the rate the threshold was calibrated for: a threshold at
+    the q-th percentile of real val -> train distances flags about q % of unseen real films by design.
+    More than Binomial(n, q)'s 95th percentile reads "above calibration"."""
+    from scipy.stats import binom
+
+    if not n or quantile_percent is None:
+        return "Real test images: no verdict (no test images or no calibration quantile recorded)."
+    expected = quantile_percent / 100
+    ceiling = int(binom.ppf(0.95, n, expected))
+    rate = f"{flagged} of {n} ({flagged / n:.1%})"
+    if flagged <= ceiling:
+        return (f"**Real test images: as calibrated.** {rate} flagged; the threshold sits at the {quantile_percent:g}% "
+                f"quantile of real val -> train distances, so about {expected * n:.1f} of {n} unseen real films are "
+                f"expected under it by design (up to {ceiling} is within chance, 95%).")
+    return (f"**Real test images: above calibration.** {rate} flagged, more than the {ceiling} that {quantile_percent:g}% "
+            f"calibration allows by chance (95%): real films of other patients lie this close to training films more "
+            "often than the val films did (near-identical films across patients, or a val split unlike test); read the "
+            "synthetic flag count with that in mind.")
+
+
 def render_markdown(result: dict[str, Any], plots: list[Path], out_dir: Path) -> str:
     settings = result["settings"]
     lines = ["## Fidelity, diversity, prompt adherence and memorization", "",
@@ -116,7 +137,8 @@ def render_markdown(result: dict[str, Any], plots: list[Path], out_dir: Path) ->
                   "| check | n | flagged |", "|---|---:|---:|",
                   f"| synthetic images | {audit['n']} | {audit['flagged']} |",
                   f"| planted perturbed copies of training images (must be caught) | {positive['n']} | {positive['flagged']} |",
-                  f"| real test images, other patients (must not be) | {negative['n']} | {negative['flagged']} |", ""]
+                  f"| real test images, other patients (must not be) | {negative['n']} | {negative['flagged']} |", "",
+                  negative_control_verdict(negative["flagged"], negative["n"], audit["thresholds"].get("quantile_percent")), ""]
     else:
         lines += ["unavailable: no audit_summary.json given", ""]
 
