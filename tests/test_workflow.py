@@ -150,7 +150,7 @@ def test_the_report_opens_on_the_answer_in_a_browser(report_page: Path, tmp_path
             assert arm in shown, arm
         assert summary.location["y"] + 200 < 900  # on the first screen, not below the fold
         # The full table: its link opens comparison.html in the report's frame.
-        driver.find_element(By.LINK_TEXT, "comparison.html").click()
+        driver.find_element(By.LINK_TEXT, "the whole table").click()
         frame = WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "iframe"))
         driver.switch_to.frame(frame)
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.TAG_NAME, "table"))
