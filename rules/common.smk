@@ -12,11 +12,18 @@ shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:
 
 from workflow_scripts.comparison import DEMO_CSV  # the demo_dataset rule's label file
 from workflow_scripts.config import STAGE_CONFIG, stage_config, validate_config, write_stage_config
+from workflow_scripts.rerun_reasons import stage_changes
 from workflow_scripts.study import ARM_PATTERN, REFERENCE, arm_names, parse_arm
 from workflow_scripts.weights import inventory as weights_inventory, render as render_weights, stop_message
 
 # Friendly messages for every bad key, then snakemake.utils.validate fills in the defaults.
 validate_config(config)
+
+# The keys that re-run a stage, named (Snakemake's own reason prints both whole configurations).
+if workflow.is_main_process:
+    _changed = stage_changes({stage: stage_config(config, stage) for stage in STAGE_CONFIG})
+    if _changed:
+        print("Configuration changed since these stages last ran (they re-run):", *_changed, sep="\n", file=sys.stderr)
 
 if os.path.isdir(config["dataset"]["csv"]):
     raise WorkflowError(f"dataset.csv: {config['dataset']['csv']} is a folder; point it at the label file itself.")

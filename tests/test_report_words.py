@@ -48,3 +48,15 @@ def test_the_landing_summary_holds_the_headline_every_arm_and_the_caveats(tmp_pa
     assert "<b>more_real</b></td><td>0.866</td><td>+0.056 [+0.026, +0.085]</td><td>gain" in summary
     page = markdown_page(tmp_path / "comparison.md", "t")
     assert "<table>" in page and 'src="data:image/png;base64,' in page  # the plot travels inside the page
+
+
+def test_a_rerun_names_the_changed_keys_only(tmp_path: Path) -> None:
+    from workflow_scripts.rerun_reasons import changed_keys, stage_changes
+
+    old = {"classifier": {"epochs": 1, "seeds": [0, 1], "model": "m"}, "split": {"seed": 7}}
+    new = {"classifier": {"epochs": 2, "seeds": [0, 1, 2], "model": "m"}, "split": {"seed": 7}, "hardware": {"x": True}}
+    assert changed_keys(old, new) == ["classifier.epochs 1 -> 2", "classifier.seeds [0, 1] -> [0, 1, 2]",
+                                      'hardware "(absent)" -> {"x": true}']
+    (tmp_path / "train_classifier.yaml").write_text("# written by write_stage_config\nclassifier: {epochs: 1, model: m}\n")
+    lines = stage_changes({"train_classifier": {"classifier": {"epochs": 2, "model": "m"}}, "compare": {}}, tmp_path)
+    assert lines == ["  train_classifier: classifier.epochs 1 -> 2"]  # compare never ran: nothing to compare
