@@ -116,3 +116,18 @@ def test_fidelity_plots_keep_labels_legends_and_error_bars_readable(tmp_path: Pa
     caps = np.concatenate([line.get_ydata() for line in adherence_axis.lines if line.get_marker() == "_"])
     assert caps.max() <= adherence_axis.get_ylim()[1]
     assert "MS-SSIM" in saved["diversity_ms_ssim.png"].axes[0].get_ylabel()
+
+
+def test_training_curves_draw_every_seed_of_an_arm(tmp_path: Path, saved) -> None:
+    from workflow_scripts import curves
+
+    for seed in (0, 1, 2):
+        run = tmp_path / f"ratio50_seed{seed}"
+        run.mkdir()
+        pd.DataFrame({"step": [25, 50, 75], "train_loss": [0.6, 0.4, 0.3], "val_loss": [0.62, 0.5, 0.45],
+                      "val_macro_auroc": [0.6, 0.7, 0.75 + seed / 100]}).to_csv(run / "train_log.csv", index=False)
+    assert curves.main(["--runs", *map(str, sorted(tmp_path.glob("*_seed*"))), "--out-dir", str(tmp_path / "plots")]) == 0
+    check_readable(saved, ["curves_ratio50.png"])
+    loss_axis, auroc_axis = saved["curves_ratio50.png"].axes
+    assert len(auroc_axis.lines) == 3 and len(loss_axis.lines) == 6  # every seed: train and val loss, val AUROC
+    assert curves.main(["--runs", str(tmp_path / "nowhere_seed0"), "--out-dir", str(tmp_path)]) == 2  # a clear error
