@@ -35,7 +35,9 @@ def _inline_images(body: str, base: Path) -> str:
 
     def replace(match: re.Match) -> str:
         source = html.unescape(match.group(2))
-        path = (base / source) if not Path(source).is_absolute() else Path(source)
+        # fidelity.md names its plots relative to results/ (it is included in comparison.md there).
+        candidates = [Path(source)] if Path(source).is_absolute() else [base / source, base.parent / source]
+        path = next((candidate for candidate in candidates if candidate.is_file()), candidates[0])
         if source.startswith("data:") or not path.is_file():
             return match.group(0)
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
