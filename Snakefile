@@ -5,6 +5,10 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+# The landing page of `snakemake --report`: the study in a paragraph, its headline and one row per arm.
+report: "report/workflow.rst"
+
+
 # Defaults live in config/schema.yaml (SD 1.5). The demo overlay applies only when no
 # --configfile is given, so a real-data config stands alone.
 if not workflow.overwrite_configfiles:
@@ -14,12 +18,14 @@ if not workflow.overwrite_configfiles:
 
 include: "rules/common.smk"
 include: "rules/config.smk"
+include: "rules/weights.smk"
 include: "rules/data.smk"
 include: "rules/lora.smk"
 include: "rules/generation.smk"
 include: "rules/evaluation.smk"
 include: "rules/cost.smk"
 include: "rules/reader_study.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -27,4 +33,6 @@ rule all:
     input:
         rules.verify_dataset.output,
         rules.compare.output,
+        rules.render_report_pages.output,
+        rules.plot_training_curves.output,
         reader_study_targets,

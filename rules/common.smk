@@ -12,10 +12,18 @@ shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:
 
 from workflow_scripts.comparison import DEMO_CSV  # the demo_dataset rule's label file
 from workflow_scripts.config import STAGE_CONFIG, stage_config, validate_config, write_stage_config
+from workflow_scripts.rerun_reasons import stage_changes
 from workflow_scripts.study import ARM_PATTERN, REFERENCE, arm_names, parse_arm
+from workflow_scripts.weights import inventory as weights_inventory, render as render_weights, stop_message
 
 # Friendly messages for every bad key, then snakemake.utils.validate fills in the defaults.
 validate_config(config)
+
+# The keys that re-run a stage, named (Snakemake's own reason prints both whole configurations).
+if workflow.is_main_process:
+    _changed = stage_changes({stage: stage_config(config, stage) for stage in STAGE_CONFIG})
+    if _changed:
+        print("Configuration changed since these stages last ran (they re-run):", *_changed, sep="\n", file=sys.stderr)
 
 if os.path.isdir(config["dataset"]["csv"]):
     raise WorkflowError(f"dataset.csv: {config['dataset']['csv']} is a folder; point it at the label file itself.")
@@ -129,3 +137,33 @@ def reference_classifier(wildcards=None):
     """model.pt of the real-only arm's first seed: the classifier that scores prompt adherence."""
     seed = config["classifier"]["seeds"][0]
     return f"results/classifier/{REFERENCE}_seed{seed}/model.pt"
+
+
+# The weights check (rules/weights.smk): it runs while Snakemake builds the DAG, before any job.
+_weights_state = {}  # the check runs once per Snakemake process
+
+
+def check_weights():
+    """List every weight the configuration needs (once) and stop, naming all missing ones, when a
+    required one is absent. Only the main process checks: a cluster job's own Snakemake does not."""
+    if "done" in _weights_state or not workflow.is_main_process:
+        return
+    _weights_state["done"] = True
+    weights = weights_inventory(config)
+    message = stop_message(weights)
+    if message:
+        raise WorkflowError(message)
+    print(render_weights(weights), file=sys.stderr)
+
+
+def weights_ready(rule_name):
+    """An input function (of the rules that load weights) that adds no file: it runs the check while
+    the DAG is built, unless this job's outputs already exist (a finished job loads nothing)."""
+
+    def check(wildcards):
+        outputs = expand(list(getattr(rules, rule_name).output), **dict(wildcards.items()))
+        if not all(os.path.exists(path) for path in outputs):
+            check_weights()
+        return []
+
+    return check

@@ -56,8 +56,10 @@ rule verify_dataset:
         config=stage_config_file("verify_dataset"),
     output:
         report_json="results/data/verify_report.json",
-        report_md=report("results/data/verify_report.md", category="Data"),
-        contact_sheet=report("results/data/verify_contact_sheet.png", category="Data"),
+        report_md="results/data/verify_report.md",  # in the report as results/report/verify_report.html
+        contact_sheet=report(
+            "results/data/verify_contact_sheet.png", category="3. Data", labels={"page": "plot: contact sheet"}
+        ),
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.report_json),
     log:

@@ -6,11 +6,13 @@ rule train_classifier:
     input:
         unpack(classifier_inputs),
         config=stage_config_file("train_classifier"),
+        weights=weights_ready("train_classifier"),  # the weights check, before any job (rules/weights.smk)
     output:
         metrics="results/classifier/{arm}_seed{seed}/metrics.json",
         predictions="results/classifier/{arm}_seed{seed}/predictions.csv",
         model="results/classifier/{arm}_seed{seed}/model.pt",
         composition="results/classifier/{arm}_seed{seed}/composition.csv",
+        train_log="results/classifier/{arm}_seed{seed}/train_log.csv",  # also in tensorboard/ beside it
     params:
         synthetic=lambda wildcards, input: f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else "",
         exclude=lambda wildcards, input: f"--exclude-synthetic {input.exclude}" if "exclude" in input.keys() else "",
@@ -91,12 +93,19 @@ rule evaluate_fidelity:
         audit_summary=rules.audit_memorization.output.summary,
         config=stage_config_file("evaluate_fidelity"),
     output:
-        fidelity=report("results/evaluation/fidelity.csv", category="Fidelity"),
+        fidelity=report(
+            "results/evaluation/fidelity.csv", category="2. Fidelity", labels={"page": "fidelity.csv (download)"}
+        ),
         fidelity_json="results/evaluation/fidelity.json",
         fidelity_md="results/evaluation/fidelity.md",
         diversity="results/evaluation/diversity.csv",
         adherence="results/evaluation/adherence.csv",
-        plots=directory("results/evaluation/plots"),
+        plots=report(
+            directory("results/evaluation/plots"),
+            patterns=["{name}.png"],
+            category="2. Fidelity",
+            labels={"page": "plot: {name}"},
+        ),
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.fidelity),
     resources:
@@ -128,10 +137,14 @@ rule compare:
         reader_study=reader_study_scores,  # the reader study's pooled row, once answers exist
         config=stage_config_file("compare"),
     output:
-        table_md=report("results/comparison.md", category="Comparison"),
-        table_csv=report("results/comparison.csv", category="Comparison"),
-        auroc_plot=report("results/plots/auroc_vs_ratio.png", category="Comparison"),
-        grid=report("results/plots/real_vs_synthetic.png", category="Fidelity"),
+        table_md="results/comparison.md",  # in the report as results/report/comparison.html
+        table_csv=report("results/comparison.csv", category="1. Answer", labels={"page": "comparison.csv (download)"}),
+        auroc_plot=report(
+            "results/plots/auroc_vs_ratio.png", category="1. Answer", labels={"page": "plot: AUROC vs synthetic share"}
+        ),
+        grid=report(
+            "results/plots/real_vs_synthetic.png", category="2. Fidelity", labels={"page": "plot: real vs synthetic"}
+        ),
     params:
         runs=lambda wildcards, input: " ".join(os.path.dirname(path) for path in input.metrics),
         out_dir=lambda wildcards, output: os.path.dirname(output.table_csv),

@@ -39,6 +39,7 @@ rule train_lora:
         verified=rules.verify_dataset.output.report_json,
         base_model=base_model_input,
         config=stage_config_file("train_lora"),
+        weights=weights_ready("train_lora"),  # the weights check, before any job (rules/weights.smk)
     output:
         # Only the final LoRA files are declared: checkpoints/ survives a failed or re-run job and the
         # next run resumes from its latest checkpoint. final/ is written whole, by one rename.

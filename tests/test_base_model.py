@@ -213,10 +213,10 @@ def test_hub_id_offline_raises_clear_error(monkeypatch, tmp_path):
     with pytest.raises(ModelNotFoundError) as info:
         load_components(repo, tmp_path / "tiny")
     msg = str(info.value)
-    assert f"huggingface-cli download {repo} --local-dir" in msg
+    assert f"hf download {repo} --local-dir" in msg
     assert "model.pretrained: tiny" in msg
     assert isinstance(info.value, RuntimeError)
-    with pytest.raises(ModelNotFoundError, match="huggingface-cli download"):
+    with pytest.raises(ModelNotFoundError, match="hf download"):
         load_pipeline(repo, tmp_path / "tiny")
 
 

@@ -157,7 +157,7 @@ def test_without_weights_every_extractor_says_what_to_download(empty_homes: Path
     assert list(built) == ["pixels", "inception", "xrv", "rad_dino"] and built["pixels"].available
     for name, words in (("inception", [features.FID_WEIGHTS_URL, str(empty_homes / "torch")]),
                         ("xrv", ["github.com/mlmed/torchxrayvision", str(empty_homes / "xrv"), "evaluation.xrv_weights_dir"]),
-                        ("rad_dino", ["huggingface-cli download microsoft/rad-dino", "evaluation.rad_dino"])):
+                        ("rad_dino", ["hf download microsoft/rad-dino", "evaluation.rad_dino"])):
         assert not built[name].available and built[name].status.startswith("unavailable: ")
         assert all(word in built[name].status for word in words), built[name].status
 

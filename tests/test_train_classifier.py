@@ -78,12 +78,14 @@ def test_model_weights_are_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     with pytest.raises(ConfigError, match="not a timm model"):
         create_model("no_such_net", True, 3)
-    assert create_model("resnet18", False, 3)[1] == "none (classifier.pretrained: false)"
+    assert create_model("resnet18", False, 3)[1] == "random initialisation (classifier.pretrained: false)"
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    model, weights = create_model("resnet18", True, 3)  # empty cache, offline: random init, said so
-    assert weights.startswith("unavailable: HF_HUB_OFFLINE is set") and "HF_HOME" in weights
+    with pytest.raises(ConfigError, match="snakemake download_weights"):  # empty cache, offline: a stop...
+        create_model("resnet18", True, 3)
+    model, weights = create_model("resnet18", True, 3, allow_random_init=True)  # ...or random init, said so
+    assert weights.startswith("random initialisation: no ImageNet weights") and "HF_HUB_OFFLINE is set" in weights
     assert model.fc.out_features == 3
 
     # Weights in the Hugging Face cache are used offline (a stand-in checkpoint here).
@@ -95,7 +97,7 @@ def test_model_weights_are_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     reference = timm.create_model("resnet18")
     safetensors.torch.save_file(reference.state_dict(), repo / "snapshots" / "abc" / "model.safetensors")
     model, weights = create_model("resnet18", True, 3)
-    assert weights == "imagenet (timm: timm/resnet18.a1_in1k)"
+    assert weights == "ImageNet weights (timm: timm/resnet18.a1_in1k)"
     assert torch.equal(model.conv1.weight, reference.conv1.weight) and model.fc.out_features == 3
 
 
@@ -190,7 +192,7 @@ def test_e2e_outputs(demo: dict) -> None:
         assert key in metrics, key
     assert metrics["classes"] == classes and metrics["model"] == "resnet18"
     weights = metrics["pretrained_weights"]
-    assert weights.startswith("imagenet (timm: ") or (weights.startswith("unavailable: ") and "HF_HOME" in weights)
+    assert weights.startswith("ImageNet weights (timm: ") or weights.startswith("random initialisation: no ImageNet")
     train, val, test = (load_split(data_dir, split) for split in ("train", "val", "test"))
     assert metrics["n_real_train"] == len(train)
     assert metrics["n_synthetic_train"] == synthetic_count(len(train), 25) > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -107,10 +108,59 @@ def test_the_whole_dag_ends_in_the_comparison_table(demo_run: Path) -> None:
     assert (results / "plots" / "auroc_vs_ratio.png").is_file()
 
 
-def test_report_page_holds_the_table_and_plots(demo_run: Path) -> None:
+@pytest.fixture(scope="module")
+def report_page(demo_run: Path) -> Path:
     snakemake(demo_run, "--report", str(demo_run / "report.html"))
-    page = (demo_run / "report.html").read_text(errors="replace")
-    assert "comparison.csv" in page and "auroc_vs_ratio.png" in page
+    return demo_run / "report.html"
+
+
+def test_report_page_holds_the_table_and_plots(report_page: Path) -> None:
+    page = report_page.read_text(errors="replace")
+    for name in ("comparison.html", "comparison.csv", "auroc_vs_ratio.png", "fidelity.html", "verify_report.html",
+                 "curves_ratio50.png", "prompt_adherence.png"):
+        assert name in page, name
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+                    reason="Chromium not installed: apt-get install chromium chromium-driver (.ci/run does)")
+def test_the_report_opens_on_the_answer_in_a_browser(report_page: Path, tmp_path: Path) -> None:
+    """Headless Chromium opens the report: its first screen names the study's arms and the headline
+    as text, and the comparison page renders as a table (not a download link).
+    REPORT_SCREENS=<folder> keeps the screenshots."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1366,900", f"--user-data-dir={tmp_path / 'p'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)), options=options)
+    screens = Path(os.environ.get("REPORT_SCREENS", tmp_path))
+    screens.mkdir(parents=True, exist_ok=True)
+    try:
+        driver.get(report_page.as_uri())
+        summary = WebDriverWait(driver, 30).until(lambda d: d.find_element(By.CSS_SELECTOR, ".cxr-summary"))
+        driver.save_screenshot(str(screens / "report_landing.png"))
+        shown = summary.text
+        assert "Headline" in shown and "Δ vs ratio0" in shown
+        for arm in ("ratio0", "ratio50", "noise", "more_real", "rebalanced"):
+            assert arm in shown, arm
+        assert summary.location["y"] + 200 < 900  # on the first screen, not below the fold
+        # The full table: its link opens comparison.html in the report's frame.
+        driver.find_element(By.LINK_TEXT, "the whole table").click()
+        frame = WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "iframe"))
+        driver.switch_to.frame(frame)
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.TAG_NAME, "table"))
+        cells = [cell.text for cell in driver.find_elements(By.CSS_SELECTOR, "table td")]
+        assert "more_real" in cells and "ratio50" in cells
+        driver.switch_to.default_content()
+        driver.save_screenshot(str(screens / "report_comparison.png"))
+    finally:
+        driver.quit()
 
 
 def test_command_line_overrides_reach_the_stage(demo_run: Path) -> None:
@@ -139,7 +189,8 @@ def _scheduled(result: subprocess.CompletedProcess) -> set[str]:
 def test_a_classifier_override_reruns_only_the_classifier_fidelity_and_table(demo_run: Path) -> None:
     # `seeds: [0, 1]` is the micro config's value, given as a list override: coerced, so it changes nothing.
     result = snakemake(demo_run, "-n", "--config", "split={seed: 7}", "classifier={epochs: 2, seeds: [0, 1]}")
-    assert _scheduled(result) == {"write_stage_config", "train_classifier", "evaluate_fidelity", "compare", "all"}
+    assert _scheduled(result) == {"write_stage_config", "train_classifier", "evaluate_fidelity", "compare",
+                                  "render_report_pages", "plot_training_curves", "all"}
     assert "results/config/train_classifier.yaml" in result.stdout and "results/config/train_lora.yaml" not in result.stdout
 
 

@@ -155,7 +155,7 @@ def resolve_pretrained(pretrained: str, tiny_dir: Path = DEFAULT_TINY_DIR) -> st
                 f"'{pretrained}' is not a diffusers Stable Diffusion folder: it has neither "
                 f"model_index.json nor unet/config.json. Point model.pretrained at the folder that holds "
                 f"model_index.json and the unet/, vae/, text_encoder/, tokenizer/, scheduler/ subfolders "
-                f"(as downloaded by `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 "
+                f"(as downloaded by `hf download stable-diffusion-v1-5/stable-diffusion-v1-5 "
                 f"--local-dir models/sd15`); single-file .ckpt/.safetensors checkpoints are not supported."
             )
         return str(path)
@@ -164,9 +164,9 @@ def resolve_pretrained(pretrained: str, tiny_dir: Path = DEFAULT_TINY_DIR) -> st
 
 def _download_hint(repo_id: str, local_dir: str = "models/sd15") -> str:
     return (
-        f"Download it where the network allows: `huggingface-cli download {repo_id} "
-        f"--local-dir {local_dir}` (or `hf download {repo_id} --local-dir {local_dir}`), copy the folder "
-        f"here and set model.pretrained: {local_dir} in your config; or log in (`huggingface-cli login`) "
+        f"Download it where the network allows: `hf download {repo_id} --local-dir {local_dir}` "
+        f"(or `snakemake download_weights`), copy the folder here and set model.pretrained: {local_dir} "
+        f"in your config; or log in (`hf auth login`) "
         f"if the hub asks for it. For an offline demo use model.pretrained: tiny."
     )
 

@@ -25,7 +25,6 @@ from workflow_scripts.images import BadImageError, read_xray
 from workflow_scripts.labels import NO_FINDING, DataError
 from workflow_scripts.tables import LABEL_JOIN
 
-WEIGHTS_HINT = "place the timm weights in the Hugging Face cache (HF_HOME) to use them"
 
 
 # ----------------------------------------------------------------------------- labels
@@ -176,17 +175,20 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def create_model(name: str, pretrained: bool, num_classes: int) -> tuple[torch.nn.Module, str]:
+def create_model(name: str, pretrained: bool, num_classes: int,
+                 allow_random_init: bool = False) -> tuple[torch.nn.Module, str]:
     """`timm.create_model(name, pretrained, num_classes)` that never hangs offline: without network,
-    weights come from the local cache or the model starts from random init. Returns the model and
-    what weights it started from (recorded in metrics.json)."""
+    weights come from the local cache; where they cannot be had, a ConfigError, or random init with
+    `allow_random_init` (classifier.allow_random_init). Returns the model and what it started from,
+    in words (recorded in metrics.json, quoted by the table)."""
     import timm
 
     if not timm.is_model(name):
         raise ConfigError(f"classifier.model {name!r} is not a timm model (e.g. resnet18, densenet121, "
                           "convnext_tiny; `timm.list_models()` lists them)")
     if not pretrained:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes), "none (classifier.pretrained: false)"
+        return (timm.create_model(name, pretrained=False, num_classes=num_classes),
+                "random initialisation (classifier.pretrained: false)")
 
     try:
         cfg_object = timm.models.get_pretrained_cfg(name)
@@ -205,13 +207,18 @@ def create_model(name: str, pretrained: bool, num_classes: int) -> tuple[torch.n
             try:
                 overlay = {"pretrained_cfg_overlay": {"file": local}} if local else {}
                 model = timm.create_model(name, pretrained=True, num_classes=num_classes, **overlay)
-                return model, f"imagenet (timm: {source})"
+                return model, f"ImageNet weights (timm: {source})"
             except Exception as exc:  # noqa: BLE001 - download, cache and format errors all mean "no weights"
                 reason = _short(f"{type(exc).__name__}: {exc}")
-    print(f"warning: ImageNet weights for {name} unavailable ({reason}); training from random init",
-          file=sys.stderr)
+    if not allow_random_init:
+        raise ConfigError(f"classifier.pretrained: ImageNet weights for {name} unavailable ({reason}). Fetch them "
+                          "with `snakemake download_weights` (or `python -m workflow_scripts.weights --download`) where "
+                          "the hub is reachable, or set classifier.allow_random_init: true to train from random "
+                          "initialisation, or classifier.pretrained: false.")
+    print(f"warning: ImageNet weights for {name} unavailable ({reason}); training from random initialisation "
+          "(classifier.allow_random_init: true)", file=sys.stderr)
     return (timm.create_model(name, pretrained=False, num_classes=num_classes),
-            f"unavailable: {reason}; {WEIGHTS_HINT}")
+            f"random initialisation: no ImageNet weights for {name} ({reason}; classifier.allow_random_init: true)")
 
 
 def model_data_config(model: torch.nn.Module) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import pandas as pd
 
 from workflow_scripts.errors import ConfigError, DataError, run_stage
 from workflow_scripts import stats
-from workflow_scripts.config import add_config_arguments, config_from_args, config_hash
+from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts import compare_report as report
 from workflow_scripts.classifier_model import class_names
 from workflow_scripts.comparison import (AGE_BANDS, BOOTSTRAP_SEED, Run, Study, align_test_split, analyse, check_matched,
@@ -216,8 +216,9 @@ def compare(config: dict[str, Any], run_dirs: list[Path], fidelity_page: Path, l
     groups, best = subgroup_table(study, test, targets, patients, min_positives, n_boot)
 
     provenance = {
-        "config_hash": config_hash(config),
-        "runs_config_hash": runs[0].metrics["config_hash"],
+        # One hash, named: what defines every classifier run of the study (metrics.json's config_hash,
+        # equal across runs); the table's own settings are in results/config/compare.yaml.
+        "classifier_config_hash": runs[0].metrics["config_hash"],
         "optimizer_steps": runs[0].metrics["optimizer_steps"],
         "runs": [str(run.path) for run in runs],
         "bootstrap": {"resamples": n_boot, "seed": BOOTSTRAP_SEED, "level": stats.LEVEL},

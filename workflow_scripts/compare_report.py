@@ -52,8 +52,9 @@ def caveats(inputs: PageInputs) -> list[str]:
     if config["dataset"]["csv"] == DEMO_CSV:
         notes.append("**The data are the embedded phantoms**, drawings for trying the pipeline, not medical images.")
     first = next(iter(study.runs.values()))[0].metrics
-    notes.append(f"Every run started from the same classifier weights ({first['pretrained_weights']}), ran "
-                 f"{first['optimizer_steps']} optimizer steps and shares config hash {first['config_hash']}.")
+    notes.append(f"Every classifier run started from {first['pretrained_weights']}, ran {first['optimizer_steps']} "
+                 f"optimizer steps and shares classifier config hash {first['config_hash']} (the train_classifier "
+                 "settings that define a run; `classifier_config_hash` in the provenance below).")
     single = [name for name, runs in study.runs.items() if len(runs) == 1]
     if single:
         notes.append(f"{', '.join(single)}: one training seed only, so its intervals lack training-seed variance and are too "
@@ -104,7 +105,7 @@ def arms_table(inputs: PageInputs) -> list[str]:
     controls = [column for column in study.diffs if column != REFERENCE]
     shares = "share_of_more_real" in table and table["share_of_more_real"].notna().any()
     header = ("| arm | kind | synthetic share | seeds | real + synthetic images | test images / patients | macro AUROC (mean ± sd) "
-              "| 95% CI | Δ vs ratio0 [95% CI] | p (Holm) | verdict |" + (" Δ / Δ of more_real |" if shares else "")
+              "| 95% CI | Δ vs ratio0 [95% CI] | p (Holm) | verdict |" + (" share of more_real's Δ ¹ |" if shares else "")
               + "".join(f" Δ vs {c} [95% CI] | verdict vs {c} |" for c in controls))
     lines = [header, "|---|---|---:|---:|---:|---:|---:|---|---|---:|---|" + ("---:|" if shares else "") + "---|---|" * len(controls)]
     for row in table.to_dict("records"):
@@ -123,6 +124,12 @@ def arms_table(inputs: PageInputs) -> list[str]:
             cells += [with_ci(row[f"delta_vs_{c}"], row[f"delta_vs_{c}_ci_low"], row[f"delta_vs_{c}_ci_high"], True),
                       verdict_text(row, c)]
         lines.append("| " + " | ".join(cells) + " |")
+    if shares:
+        lines += ["", "¹ Share of more_real's Δ: the arm's Δ vs ratio0 divided by that of the more_real positive control "
+                      "(as many new real images as the synthetic arm adds): how much of a real-data gain the synthetic "
+                      "images reach. 100 %: as much as new real films; 0 %: nothing; below 0: the arm loses where more "
+                      "real data gains (−83 %: it loses 0.83 times what more_real gains). A point estimate, read only "
+                      "where more_real reads gain."]
     return lines
 
 
@@ -149,7 +156,7 @@ def headline_lines(study: Study) -> list[str]:
 def method_text(inputs: PageInputs) -> list[str]:
     study = inputs.study
     n_boot = inputs.provenance["bootstrap"]["resamples"]
-    families = [f"the {len(diffs)} arms compared with {ref}" for ref, diffs in study.diffs.items()]
+    families = [f"the {len(diffs)} arm{'' if len(diffs) == 1 else 's'} compared with {ref}" for ref, diffs in study.diffs.items()]
     return [
         "**How the intervals were computed.** A paired two-level (hierarchical) bootstrap "
         f"with {n_boot} resamples (Saravanan et al. 2020): each resample draws the {study.n_patients} test patients with "
@@ -172,8 +179,8 @@ def method_text(inputs: PageInputs) -> list[str]:
         "headline line has its own test. The 95% intervals are not adjusted, so an interval may exclude 0 while the "
         "adjusted verdict reads no measurable difference. A gain over ratio0 that is not also a gain over the noise or "
         "rebalanced control may come from more positives or longer exposure, not from realistic images; the more_real "
-        "control shows what as many new real images give (Δ / Δ of more_real: a synthetic arm's share of that ceiling, "
-        "with Fieller's 95% interval, shown only where more_real reads gain)."),
+        "control shows what as many new real images give (¹ share of more_real's Δ: a synthetic arm's share of that "
+        "gain, with Fieller's 95% interval, shown only where more_real reads gain)."),
     ]
 
 
@@ -290,24 +297,43 @@ def make_plots(table: pd.DataFrame, classes: list[str], rare: list[str], train: 
     import matplotlib.pyplot as plt
 
     plot_dir.mkdir(parents=True, exist_ok=True)
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    # Constrained layout and a legend outside the axes: no label is cut and the legend covers no point.
+    figure, axis = plt.subplots(figsize=(8, 4.5), layout="constrained")
     ratio_kinds = [str(ArmKind.REAL), str(ArmKind.SYNTHETIC)]
     ratio_arms = table[table["arm_kind"].isin(ratio_kinds)].sort_values("ratio")
     errors = [ratio_arms["macro_auroc_mean"] - ratio_arms["macro_auroc_ci_low"],
               ratio_arms["macro_auroc_ci_high"] - ratio_arms["macro_auroc_mean"]]
+    reference = table[table["arm"] == REFERENCE]
+    if len(reference):
+        ref = reference.iloc[0]
+        axis.axhspan(ref["macro_auroc_ci_low"], ref["macro_auroc_ci_high"], color="grey", alpha=0.12, linewidth=0)
+        axis.axhline(ref["macro_auroc_mean"], color="grey", linestyle="--", linewidth=1,
+                     label=f"{REFERENCE}, real only (95% CI)")
     axis.errorbar(ratio_arms["ratio"], ratio_arms["macro_auroc_mean"], yerr=errors, color="black", marker="s", capsize=4,
                   linewidth=2, label="real + synthetic (95% CI)")
     markers = {ArmKind.REBALANCED: ("D", "tab:blue"), ArmKind.NOISE: ("x", "tab:red"), ArmKind.PRETRAIN: ("^", "tab:green"),
                ArmKind.MORE_REAL: ("*", "tab:purple")}
-    for row in table[~table["arm_kind"].isin(ratio_kinds)].to_dict("records"):
+    # Controls get their own slots right of the ratios, named on the axis: a control mirrors a ratio
+    # (more_real and noise both mirror the largest) but is not "x % synthetic" (more_real has none).
+    ratios = sorted(ratio_arms["ratio"].unique()) or [0]
+    step = max(10.0, (max(ratios) - min(ratios)) / 4)
+    ticks, names = list(ratios), [f"{ratio}" for ratio in ratios]
+    controls = table[~table["arm_kind"].isin(ratio_kinds)]
+    for slot, row in enumerate(controls.to_dict("records"), start=1):
         marker, color = markers[ArmKind(row["arm_kind"])]
-        axis.errorbar([row["ratio"] + 1.0], [row["macro_auroc_mean"]], capsize=4, marker=marker, color=color, linestyle="none",
+        x = max(ratios) + slot * step
+        axis.errorbar([x], [row["macro_auroc_mean"]], capsize=4, marker=marker, color=color, linestyle="none", markersize=8,
                       yerr=[[row["macro_auroc_mean"] - row["macro_auroc_ci_low"]], [row["macro_auroc_ci_high"] - row["macro_auroc_mean"]]],
-                      label=f"{row['arm']} ({ArmKind(row['arm_kind']).display})")
-    axis.set(xlabel="synthetic share of the training set (%)", ylabel="test macro AUROC", title="AUROC vs synthetic share",
-             xticks=sorted(ratio_arms["ratio"].unique()))
-    axis.legend(fontsize=7)
-    figure.tight_layout()
+                      label=f"{row['arm']} (mirrors {row['ratio']}%)")
+        ticks.append(x)
+        names.append(str(row["arm"]))
+    if len(controls):
+        axis.axvline(max(ratios) + step / 2, color="lightgrey", linewidth=1)
+    axis.set_xticks(ticks, names, rotation=30 if len(controls) else 0, ha="right" if len(controls) else "center")
+    axis.set_xlim(min(ratios) - step / 2, ticks[-1] + step / 2)
+    axis.set(xlabel="synthetic share of the training set (%), then the controls", ylabel="test macro AUROC",
+             title="AUROC vs synthetic share")
+    figure.legend(loc="outside right upper", fontsize=7)
     figure.savefig(plot_dir / "auroc_vs_ratio.png", dpi=110)
     plt.close(figure)
     real_vs_synthetic(classes, train, synthetic, plot_dir / "real_vs_synthetic.png")

@@ -41,7 +41,7 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     # The classifier keys a run reads, and not seeds, controls or the pool headroom: adding a seed or
     # a control leaves the runs already made alone.
     "train_classifier": ("dataset", "split", "balance", *(f"classifier.{key}" for key in (
-        "model", "pretrained", "image_size", "epochs", "batch_size", "learning_rate", "weight_decay", "ratios",
+        "model", "pretrained", "allow_random_init", "image_size", "epochs", "batch_size", "learning_rate", "weight_decay", "ratios",
         "bootstrap_samples", "num_workers", "train_steps", "validation_every", "pretrain_fraction", "deterministic")),
                          "hardware.allow_tf32", "hardware.cudnn_benchmark"),
     "audit_memorization": ("dataset", "model", "evaluation"),
@@ -53,6 +53,8 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
         "images_per_label", "real_splits", "repeats", "image_size", "seed"))),
     "score_reader_study": ("reader_study.answers_dir", "reader_study.bootstrap_samples", "reader_study.seed"),
     "plan_power": ("dataset", "classifier"),
+    "download_weights": ("model.pretrained", "classifier.model", "classifier.pretrained", "classifier.allow_random_init",
+                         "evaluation"),
 }
 
 

@@ -21,14 +21,16 @@ the model's ImageNet mean/std. No flips: left and right matter in a chest X-ray.
 
 Outputs (written to OUT.partial, then renamed to OUT): metrics.json, predictions.csv (test images:
 path, labels, prob_<class> per class), composition.csv (label, real_positives, synthetic_positives,
-effective_positives), train_log.csv (step, train_loss, val_loss, val_macro_auroc), training_set.csv
-(the mix: path, labels, source, phase) and model.pt, which `classifier_model.load_classifier` reads back.
+effective_positives), train_log.csv (step, train_loss, val_loss, val_macro_auroc; the same curves in
+tensorboard/), training_set.csv (the mix: path, labels, source, phase) and model.pt, which
+`classifier_model.load_classifier` reads back.
 The model, its images and its metrics are in workflow_scripts.classifier_model.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -36,7 +38,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,8 @@ from workflow_scripts.study import (Arm, ArmKind, read_reserve, arm_training_set
 
 PROB_PREFIX = "prob_"  # predictions.csv: one column prob_<class> per class
 EVALUATION_SPLITS = ("train", "val", "test")  # the more_real arm reads the reserve as its --synthetic pool
-OUTPUT_FILES = ("metrics.json", "predictions.csv", "train_log.csv", "training_set.csv", "composition.csv", "model.pt")
+OUTPUT_FILES = ("metrics.json", "predictions.csv", "train_log.csv", "training_set.csv", "composition.csv", "model.pt",
+                "tensorboard")
 
 
 # ----------------------------------------------------------------------------- labels and data
@@ -208,13 +211,37 @@ def _batches(data: Mapping[str, Any], targets: Sequence[np.ndarray], schedule: l
     return tuple(CachedBatches(store, p, t, order) for p, t, order in zip(paths, targets, orders))
 
 
+@contextlib.contextmanager
+def tensorboard_curves(log_dir: Path) -> Iterator[Callable[[Mapping[str, Any]], None]]:
+    """A callback writing a validation point's train loss, val loss and val macro AUROC to TensorBoard
+    (one run per arm and seed: `tensorboard --logdir results/classifier`), flushed at once so that a
+    running job can be followed."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(log_dir))
+
+    def write(row: Mapping[str, Any]) -> None:
+        writer.add_scalar("loss/train", row["train_loss"], row["step"])
+        writer.add_scalar("loss/val", row["val_loss"], row["step"])
+        if row["val_macro_auroc"] is not None:
+            writer.add_scalar("auroc/val_macro", row["val_macro_auroc"], row["step"])
+        writer.flush()
+
+    try:
+        yield write
+    finally:
+        writer.close()
+
+
 def _fit(model: torch.nn.Module, train_batches: Iterable, val_batches: Iterable, val_targets: np.ndarray,
          points: Sequence[int], settings: Mapping[str, Any], precision: Precision, data_config: Mapping[str, Any],
-         desc: str, show_progress: bool) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], int]:
+         desc: str, show_progress: bool, curves: Callable[[Mapping[str, Any]], None] | None = None,
+         ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], int]:
     """One optimizer step per batch of `train_batches` (uint8 films, targets); validation on the real
     val split after each step in `points`, keeping the best weights (val macro AUROC, earliest on
     ties; lowest val loss where no val label has both classes). The loss stays on the device
-    between validation points (no host sync per step). Returns the log, the best weights and their step."""
+    between validation points (no host sync per step); `curves` gets each validation point's row as it
+    is measured. Returns the log, the best weights and their step."""
     fused = {"fused": True} if precision.device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"],
                                   weight_decay=settings["weight_decay"], **fused)
@@ -247,6 +274,8 @@ def _fit(model: torch.nn.Module, train_batches: Iterable, val_batches: Iterable,
         model.train()
         val_auroc = macro_auroc(val_targets, val_probs)
         log.append({"step": step, "train_loss": train_loss, "val_loss": val_loss, "val_macro_auroc": val_auroc})
+        if curves is not None:
+            curves(log[-1])
         total, seen, last = torch.zeros((), device=precision.device), 0, step
         maybe_fail("classifier_validation")
         key = (val_auroc, -step) if val_auroc is not None else (float("-inf"), -val_loss, -step)
@@ -283,7 +312,8 @@ def _run(config: dict[str, Any], data_dir: Path, files: tuple[str | Path | None,
     schedule = batch_schedule(mix["phase"].tolist(), phases, settings["batch_size"], seed)
 
     seed_everything(seed)
-    model, pretrained_weights = create_model(settings["model"], settings["pretrained"], len(classes))
+    model, pretrained_weights = create_model(settings["model"], settings["pretrained"], len(classes),
+                                             settings["allow_random_init"])
     data_config = model_data_config(model)
     device = pick_device()
     precision = precision_for(device)
@@ -296,8 +326,9 @@ def _run(config: dict[str, Any], data_dir: Path, files: tuple[str | Path | None,
     # CUDA backward, so torch's strict deterministic mode would refuse to train).
     with apply_cuda_levers(cuda and config["hardware"]["allow_tf32"], cuda and config["hardware"]["cudnn_benchmark"],
                            deterministic=cuda and settings["deterministic"], strict=False):
-        log, best_state, best_step = _fit(model, train_batches, val_batches, val_targets, points, settings, precision,
-                                          data_config, f"classifier {arm.name} seed {seed}", show_progress)
+        with tensorboard_curves(partial / "tensorboard") as curves:
+            log, best_state, best_step = _fit(model, train_batches, val_batches, val_targets, points, settings, precision,
+                                              data_config, f"classifier {arm.name} seed {seed}", show_progress, curves)
         # Test with the best step's weights.
         model.load_state_dict(best_state)
         test_probs, _ = predict(model, test_batches, precision, data_config["mean"], data_config["std"])

@@ -9,6 +9,7 @@ to one n: the smallest of synthetic, real val and real train (and evaluation.max
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from workflow_scripts.config import config_hash
 from workflow_scripts.fidelity import BASE, BASE_PROMPTED, FLOOR, MACRO, PROMPTED, REAL_VAL, SYNTHETIC, distances
@@ -102,7 +104,7 @@ def diversity_rows(paths: dict[str, list[str]], sets: dict[str, list[set[str]]],
                    evaluation: dict[str, Any], resolution: int) -> list[dict[str, Any]]:
     """Mean pairwise MS-SSIM within each label, synthetic and real val at the same number of images."""
     rows, seed = [], int(evaluation["seed"])
-    for number, label in enumerate(labels):
+    for number, label in enumerate(tqdm(labels, desc="MS-SSIM diversity", unit="label", file=sys.stderr)):
         picked = plan_samples({"synthetic": sets["synthetic"], "val": sets["val"]}, [label],
                               int(evaluation["diversity_images"]), seed + 7 + number)[label]
         for name, what in (("synthetic", "synthetic"), ("val", "real val")):
@@ -184,7 +186,8 @@ def evaluate(config: dict[str, Any], data_dir: Splits, synthetic_csv: str | Path
     plan = plan_samples(sets, labels, evaluation.get("max_images_per_label"), seed)
     needed = {name: sorted({int(i) for picked in plan.values() for i in picked[name]}) for name in frames}
     positions = {name: {row: k for k, row in enumerate(rows)} for name, rows in needed.items()}
-    features = {name: compute_features(extractors, [paths[name][i] for i in rows], resolution, batch_size)
+    features = {name: compute_features(extractors, [paths[name][i] for i in rows], resolution, batch_size,
+                                       desc=f"features of {name} images")
                 for name, rows in needed.items()}
     rows = fidelity_rows(extractors, features, plan, positions, evaluation)
     diversity = diversity_rows(paths, sets, labels, evaluation, resolution)

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 
 from workflow_scripts.config import ConfigError
@@ -110,15 +112,15 @@ def load_images(paths: Sequence[str | Path], resolution: int) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_features(extractors: Sequence[Extractor], paths: Sequence[str | Path], resolution: int,
-                     batch_size: int = 32, num_workers: int = 0) -> dict[str, np.ndarray]:
+                     batch_size: int = 32, num_workers: int = 0, desc: str | None = None) -> dict[str, np.ndarray]:
     """{extractor name: (len(paths), dims) float64} for every available extractor; each image is
-    read and transformed once for all of them."""
+    read and transformed once for all of them. `desc`: a progress bar (stderr, the rule's log) by that name."""
     usable = [extractor for extractor in extractors if extractor.available]
     out: dict[str, list[np.ndarray]] = {extractor.name: [] for extractor in usable}
     if usable and paths:
         loader = torch.utils.data.DataLoader(ModelImages(paths, resolution), batch_size=batch_size,
                                              shuffle=False, num_workers=num_workers)
-        for batch in loader:
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=desc is None, file=sys.stderr):
             for extractor in usable:
                 out[extractor.name].append(extractor.embed(batch).double().cpu().numpy())
     return {name: (np.concatenate(parts) if parts else np.empty((0, next(e.dims for e in usable if e.name == name))))
@@ -322,7 +324,7 @@ def build_rad_dino(evaluation: dict[str, Any], device: str | torch.device) -> Ex
     folder = _local_hub_folder(source)
     if folder is None:
         return Extractor("rad_dino", f"unavailable: {source} not found locally (no config.json in the Hugging Face cache "
-                                     f"or at that path); run `huggingface-cli download {RAD_DINO_ID}` (Hugging Face cache, "
+                                     f"or at that path); run `hf download {RAD_DINO_ID}` (Hugging Face cache, "
                                      "HF_HOME) or set evaluation.rad_dino to a local folder holding it", 768, 518)
     try:
         model = AutoModel.from_pretrained(folder, local_files_only=True)
@@ -330,7 +332,7 @@ def build_rad_dino(evaluation: dict[str, Any], device: str | torch.device) -> Ex
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return Extractor("rad_dino", f"unavailable: {source} not found locally ({first[:160]}); run "
-                                     f"`huggingface-cli download {RAD_DINO_ID}` (Hugging Face cache, HF_HOME) or set "
+                                     f"`hf download {RAD_DINO_ID}` (Hugging Face cache, HF_HOME) or set "
                                      "evaluation.rad_dino to a local folder holding it", 768, 518)
     crop = getattr(processor, "crop_size", None)
     height = crop.get("height") if isinstance(crop, dict) else getattr(crop, "height", None)  # dict or SizeDict

@@ -67,6 +67,27 @@ def _fidelity_tables(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def negative_control_verdict(flagged: int, n: int, quantile_percent: float | None) -> str:
+    """The real-test flag rate read against the rate the threshold was calibrated for: a threshold at
+    the q-th percentile of real val -> train distances flags about q % of unseen real films by design.
+    More than Binomial(n, q)'s 95th percentile reads "above calibration"."""
+    from scipy.stats import binom
+
+    if not n or quantile_percent is None:
+        return "Real test images: no verdict (no test images or no calibration quantile recorded)."
+    expected = quantile_percent / 100
+    ceiling = int(binom.ppf(0.95, n, expected))
+    rate = f"{flagged} of {n} ({flagged / n:.1%})"
+    if flagged <= ceiling:
+        return (f"**Real test images: as calibrated.** {rate} flagged; the threshold sits at the {quantile_percent:g}% "
+                f"quantile of real val -> train distances, so about {expected * n:.1f} of {n} unseen real films are "
+                f"expected under it by design (up to {ceiling} is within chance, 95%).")
+    return (f"**Real test images: above calibration.** {rate} flagged, more than the {ceiling} that {quantile_percent:g}% "
+            f"calibration allows by chance (95%): real films of other patients lie this close to training films more "
+            "often than the val films did (near-identical films across patients, or a val split unlike test); read the "
+            "synthetic flag count with that in mind.")
+
+
 def render_markdown(result: dict[str, Any], plots: list[Path], out_dir: Path) -> str:
     settings = result["settings"]
     lines = ["## Fidelity, diversity, prompt adherence and memorization", "",
@@ -132,7 +153,8 @@ def render_markdown(result: dict[str, Any], plots: list[Path], out_dir: Path) ->
                   "| check | n | flagged |", "|---|---:|---:|",
                   f"| synthetic images | {audit['n']} | {audit['flagged']} |",
                   f"| planted perturbed copies of training images (must be caught) | {positive['n']} | {positive['flagged']} |",
-                  f"| real test images, other patients (must not be) | {negative['n']} | {negative['flagged']} |", ""]
+                  f"| real test images, other patients (must not be) | {negative['n']} | {negative['flagged']} |", "",
+                  negative_control_verdict(negative["flagged"], negative["n"], audit["thresholds"].get("quantile_percent")), ""]
     else:
         lines += ["unavailable: no audit_summary.json given", ""]
 
@@ -164,7 +186,6 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
                     ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
         ax.set_xticks(x + width * (len(series) - 1) / 2, labels, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
 
     for extractor in dict.fromkeys(fidelity["extractor"]):
         mine = fidelity[(fidelity["extractor"] == extractor)]
@@ -175,7 +196,9 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
             continue
         labels = [f"{label}\n(n={int(n)})" for label, n in zip(syn["label"], syn["n"])]
         fid_ok = syn["fid"].map(finite).notna().any()
-        figure, axes = plt.subplots(1, 2 if fid_ok else 1, figsize=(11 if fid_ok else 7, 4), squeeze=False)
+        # Constrained layout with the legend outside the axes: no label cut, no bar hidden.
+        figure, axes = plt.subplots(1, 2 if fid_ok else 1, figsize=(12 if fid_ok else 8, 4), squeeze=False,
+                                    layout="constrained")
         def kid(frame):
             return list(frame["kid_mean"].map(finite)), list(frame["kid_std"].map(lambda v: finite(v) or 0.0))
 
@@ -184,7 +207,7 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
         if fid_ok:
             bars(axes[0][1], labels, [("synthetic", list(syn["fid"].map(finite)), None), ("floor", list(flo["fid"].map(finite)), None)], "FID")
             axes[0][1].set_title(f"FID, {extractor} (only where n >= dims)")
-        figure.tight_layout()
+        figure.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
         path = plot_dir / f"fidelity_{extractor}.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
@@ -192,11 +215,12 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
 
     if len(diversity) and diversity["ms_ssim"].map(finite).notna().any():
         syn, real = diversity[diversity["set"] == "synthetic"], diversity[diversity["set"] == "real val"]
-        figure, ax = plt.subplots(figsize=(7, 4))
+        figure, ax = plt.subplots(figsize=(8, 4), layout="constrained")
         bars(ax, [f"{label}\n({int(n)} img)" for label, n in zip(syn["label"], syn["images"])],
              [("synthetic", list(syn["ms_ssim"].map(finite)), None), ("real val", list(real["ms_ssim"].map(finite)), None)],
-             "mean pairwise MS-SSIM (lower = more diverse)")
-        figure.tight_layout()
+             "mean pairwise MS-SSIM")
+        ax.set_title("Diversity: mean pairwise MS-SSIM (lower = more diverse)", fontsize=10)
+        figure.legend(loc="outside right upper", fontsize=8)
         path = plot_dir / "diversity_ms_ssim.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
@@ -205,7 +229,7 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
     if len(adherence) and adherence["auroc"].map(finite).notna().any():
         series = [(name, adherence[adherence["set"] == name]) for name in (PROMPTED, BASE_PROMPTED, REAL_VAL)
                   if (adherence["set"] == name).any()]
-        figure, ax = plt.subplots(figsize=(7, 4))
+        figure, ax = plt.subplots(figsize=(8, 4), layout="constrained")
 
         def errors(frame: pd.DataFrame) -> np.ndarray:
             value = frame["auroc"].map(lambda v: finite(v) or 0.0).to_numpy()
@@ -213,16 +237,17 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
             high = frame["ci_high"].map(lambda v: finite(v)).to_numpy(dtype=float)
             return np.nan_to_num(np.vstack([value - low, high - value]), nan=0.0).clip(min=0)
 
-        x, width = np.arange(len(series[0][1])), 0.8 / len(series)
+        x, width, top = np.arange(len(series[0][1])), 0.8 / len(series), 1.0
         for k, (name, frame) in enumerate(series):
-            ax.bar(x + width * k, frame["auroc"].map(lambda v: finite(v) or 0.0), width, yerr=errors(frame), capsize=2,
-                   label=name)
+            heights = frame["auroc"].map(lambda v: finite(v) or 0.0).to_numpy(dtype=float)
+            spread = errors(frame)
+            top = max(top, float((heights + spread[1]).max(initial=0.0)))
+            ax.bar(x + width * k, heights, width, yerr=spread, capsize=2, label=name)
         ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set_xticks(x + width * (len(series) - 1) / 2, series[0][1]["label"], rotation=30, ha="right", fontsize=8)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, top + 0.05)  # room above 1.0: an interval reaching 1 keeps its cap
         ax.set_ylabel("AUROC of the real-only classifier")
-        ax.legend(fontsize=8)
-        figure.tight_layout()
+        figure.legend(loc="outside right upper", fontsize=8)
         path = plot_dir / "prompt_adherence.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
