@@ -248,7 +248,7 @@ def test_subgroups_by_sex_and_age_only_when_the_test_split_has_them(tmp_path: Pa
 def test_fidelity_and_audit_are_included_once_from_the_fidelity_stage(tmp_path: Path) -> None:
     _, page, _ = run_compare(tmp_path / "md")
     assert page.count("KID (n=4): 0.1 (floor 0.01)") == 1 and page.count("## Memorization audit") == 1
-    assert "random weights" in page and "phantoms" in page  # the demo honesty banner
+    assert "tiny base" in page and "phantoms" in page  # the demo honesty banner: what its generator can and cannot show
     paths = write_study(tmp_path / "none" / "in")
     paths["evaluation"].unlink()
     config = load_config([REPO / "config" / "config.yaml"], [f"dataset.labels={LABELS}", "classifier.min_test_positives=5"])
