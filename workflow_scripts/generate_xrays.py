@@ -22,6 +22,7 @@ from workflow_scripts.base_model import DEFAULT_TINY_DIR
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.errors import run_stage
 from workflow_scripts.generation import generate, generation_plan, label_job, lora_checkpoint, prompt_job
+from workflow_scripts.provenance import refresh_stale_images
 from workflow_scripts.tables import LABEL_JOIN, load_split
 
 
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     sampling = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
                 "scheduler": args.scheduler, "seed": args.seed, "batch_size": args.batch_size,
                 "negative_prompt": args.negative_prompt}
+    # Images another LoRA or other settings made are removed first: generate makes only the missing ones.
+    refresh_stale_images(config, counted, args.checkpoint, args.output_dir, tiny_dir=args.tiny_dir,
+                         pretrained=args.pretrained_model, sampling=sampling)
     total = generate(config, counted, args.checkpoint, args.output_dir, tiny_dir=args.tiny_dir,
                      pretrained=args.pretrained_model, sampling=sampling)
     print(f"{total} images in {args.output_dir} ({len(jobs)} label(s))")
