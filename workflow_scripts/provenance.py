@@ -74,7 +74,7 @@ def base_fingerprint(base: str | None, tiny_dir: Path) -> str | None:
     return folder_fingerprint(resolved) if resolved.is_dir() else None
 
 
-def generation_record(settings: dict[str, Any], *, lora_sha256: str, base: str | None, base_print: str | None,
+def generation_record(settings: dict[str, Any], *, lora_sha256: str | None, base: str | None, base_print: str | None,
                       prompt: str, resolution: int, dtype: str) -> dict[str, Any]:
     """The record of one key: `settings` is the effective `generation:` section (config plus flags)."""
     return {"version": PROVENANCE_VERSION, "lora_sha256": lora_sha256, "base_model": base,
@@ -124,22 +124,22 @@ def reconcile_key(key_dir: Path, key: str, record: dict[str, Any]) -> int:
     return len(images)
 
 
-def refresh_stale_images(config: dict[str, Any], jobs: Sequence[tuple], checkpoint: Path, output_dir: Path, *,
+def refresh_stale_images(config: dict[str, Any], jobs: Sequence[tuple], checkpoint: Path | None, output_dir: Path, *,
                          tiny_dir: Path, pretrained: str | None = None, sampling: dict[str, Any] | None = None) -> int:
     """Before `generation.generate` with the same arguments: remove each job's images that another
-    LoRA, base model, prompt or sampling setting made, so that generation makes them again. Returns
-    the number removed."""
+    LoRA, base model, prompt or sampling setting made, so that generation makes them again.
+    `checkpoint` None: the base model alone (`pretrained`), recorded as LoRA None. Returns the number removed."""
     import torch
 
     from workflow_scripts.generation import generation_dtype, lora_checkpoint
     from workflow_scripts.lora_training import LORA_FILE
 
     settings = {**config["generation"], **{key: value for key, value in (sampling or {}).items() if value is not None}}
-    lora_dir, recorded_base = lora_checkpoint(checkpoint)
+    lora_dir, recorded_base = lora_checkpoint(checkpoint) if checkpoint is not None else (None, None)
     base = pretrained or recorded_base
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = str(generation_dtype(settings["dtype"], device)).removeprefix("torch.")
-    base_print, lora_sha256 = base_fingerprint(base, tiny_dir), file_sha256(lora_dir / LORA_FILE)
+    base_print, lora_sha256 = base_fingerprint(base, tiny_dir), file_sha256(lora_dir / LORA_FILE) if lora_dir else None
     removed = 0
     for key, _labels, prompt, _count in jobs:
         record = generation_record(settings, lora_sha256=lora_sha256, base=base, base_print=base_print,
