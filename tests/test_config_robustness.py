@@ -78,3 +78,23 @@ def test_null_on_config_means_null_where_the_key_allows_it() -> None:
     config["dataset"]["path_column"] = "null"  # a key that does not allow null keeps the string
     validate_config(config)
     assert config["dataset"]["path_column"] == "null"
+
+
+def test_a_reserve_for_an_arm_that_never_runs(tmp_path: Path, capsys) -> None:
+    import pandas as pd
+
+    from workflow_scripts.demo_dataset import make_demo_dataset
+    from workflow_scripts.prepare_dataset import prepare
+
+    make_demo_dataset(tmp_path / "demo", num_patients=16, size=64, seed=0)
+    data = [f"dataset.csv={tmp_path / 'demo' / 'Data_Entry_2017.csv'}", f"dataset.images={tmp_path / 'demo' / 'images'}",
+            "split.test_fraction=0.25", "balance.max_per_label=null"]
+    config = load_config([DEMO], [*data, "classifier.controls=[noise]"])
+    assert config["split"]["more_real_ratio"] is None
+    assert "split.more_real_ratio 50 read as null" in capsys.readouterr().err
+    prepare(config, tmp_path / "without")
+    with_more_real = load_config([DEMO], [*data, "classifier.controls=[noise, more_real]"])
+    prepare(with_more_real, tmp_path / "with")
+    without = {name: pd.read_csv(tmp_path / "without" / f"{name}.csv") for name in ("train", "reserve")}
+    assert without["reserve"].empty  # every training patient stays in training
+    assert len(without["train"]) == len(pd.read_csv(tmp_path / "with" / "train.csv")) + len(pd.read_csv(tmp_path / "with" / "reserve.csv"))

@@ -264,7 +264,18 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     validate(config, str(SCHEMA_PATH), set_default=True)
     _check_cross_field_rules(config)
+    _no_reserve_without_more_real(config)
     return config
+
+
+def _no_reserve_without_more_real(config: dict[str, Any]) -> None:
+    """The data stage reserves patients only for the more_real control: without it in
+    classifier.controls, split.more_real_ratio would take patients from training for nothing."""
+    split, controls = config["split"], config.get("classifier", {}).get("controls", [])
+    if split.get("more_real_ratio") is not None and "more_real" not in controls:
+        print(f"note: split.more_real_ratio {split['more_real_ratio']} read as null: classifier.controls {controls} has no "
+              "more_real, so no patients are reserved for it", file=sys.stderr)
+        split["more_real_ratio"] = None
 
 
 LABEL_JOIN = "|"  # labels within a cell of the split CSVs (tables.LABEL_JOIN; kept here to check names)
