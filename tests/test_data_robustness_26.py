@@ -31,3 +31,16 @@ def test_patient_ids_12_and_12_0_follow_the_zeros_rule(tmp_path: Path, capsys, p
     assert code == 0 and mine["patient"].nunique() == patients
     if policy == "merge":
         assert set(mine["patient"]) == {"12"} and mine["split"].nunique() == 1  # never one in reserve, one in test
+
+
+@pytest.mark.parametrize(("cell", "message"), [("x" * 300 + ".png", "has a name of 304 bytes (at most 255)"),
+                                               ("images/a\0b.png", "holds a NUL byte")])
+def test_a_path_cell_no_filesystem_accepts_is_refused_with_its_line(tmp_path: Path, capsys, cell: str, message: str) -> None:
+    csv = generic_copy(tmp_path / "user", real_rows())
+    frame = pd.read_csv(csv, dtype=str)
+    frame.loc[3, "path"] = cell
+    frame.to_csv(csv, index=False)
+    before = tree_checksum(tmp_path / "user")
+    code, err = run(tmp_path, capsys, csv, tmp_path / "user", fmt="csv")
+    assert code == 2 and f"{csv} line 5: image path" in err and message in err and "Traceback" not in err
+    assert tree_checksum(tmp_path / "user") == before
