@@ -44,12 +44,13 @@ from workflow_scripts.errors import TrainingError, run_stage
 from workflow_scripts.base_model import DEFAULT_TINY_DIR, load_components
 from workflow_scripts.config import add_config_arguments, config_from_args, config_hash, result_config, result_hash
 from workflow_scripts.faults import maybe_fail
+from workflow_scripts.integrity import checkpoint_problem, latest_intact
 from workflow_scripts.lora_training import (COMPUTE_DTYPES, GIB, LOG_EVERY, RESUMABLE_TRAINING_KEYS, BatchOrder, Denoiser,
                                             LatentCache, LoraSpec, Prompts, Trainable, build_trainable_model,
                                             encode_latent_cache, gpu_levers, hardware_settings, latent_shape,
                                             library_versions, make_optimizer, micro_batch_loss, optimize, set_train_mode,
                                             total_optimizer_steps, write_lora)
-from workflow_scripts.tables import Splits, add_split_arguments, make_prompt, split_path, splits_from_args
+from workflow_scripts.tables import Splits, add_split_arguments, file_key, make_prompt, split_path, splits_from_args
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -165,11 +166,15 @@ def choose_checkpoint(checkpoints_dir: Path, resume: str, fingerprint: dict[str,
         found = list_checkpoints(checkpoints_dir)
         if not found:
             return None
-        chosen = found[-1]
+        chosen = latest_intact(found)  # a damaged checkpoint is moved aside with a note: the previous one is used
+        if chosen is None:
+            return None
     else:
         chosen = Path(resume)
         if not (chosen / "position.json").is_file():
             raise TrainingError(f"--resume {resume}: not a checkpoint folder (no position.json)")
+        if problem := checkpoint_problem(chosen):
+            raise TrainingError(f"--resume {resume}: the checkpoint is damaged: {problem}")
     recorded = json.loads((chosen / "position.json").read_text())["fingerprint"]
     differences = {key: (recorded.get(key), value) for key, value in fingerprint.items() if recorded.get(key) != value}
     if not differences:
@@ -222,7 +227,9 @@ def validation_prompts(config: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+    """A validation image's file name: ASCII text as before; any other (Cyrillic) by tables.file_key, never empty."""
+    ascii_slug = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+    return ascii_slug if ascii_slug and text.isascii() else file_key(text)
 
 
 @torch.no_grad()
