@@ -98,3 +98,22 @@ def test_a_reserve_for_an_arm_that_never_runs(tmp_path: Path, capsys) -> None:
     without = {name: pd.read_csv(tmp_path / "without" / f"{name}.csv") for name in ("train", "reserve")}
     assert without["reserve"].empty  # every training patient stays in training
     assert len(without["train"]) == len(pd.read_csv(tmp_path / "with" / "train.csv")) + len(pd.read_csv(tmp_path / "with" / "reserve.csv"))
+
+
+def test_cyrillic_labels_get_a_unique_key_and_a_valid_file_name(tmp_path: Path) -> None:
+    import re
+
+    from PIL import Image
+
+    from workflow_scripts.generation import label_key, parse_labels
+    from workflow_scripts.train_lora import slug
+
+    vocabulary = ["Кардиомегалия", "Отёк", "Сardiomegaly", "Cardiomegaly", "No Finding", "Mass", "Mass!"]
+    keys = [label_key([label]) for label in vocabulary]
+    assert len(set(keys)) == len(keys) and all(keys)  # on main: '' for both Cyrillic labels
+    assert all(re.fullmatch(r"[A-Za-z0-9_]+(\+[A-Za-z0-9_]+)*", key) for key in keys)  # the label wildcard (rules/common.smk)
+    assert keys[3:6] == ["Cardiomegaly", "No_Finding", "Mass"]  # readable keys unchanged
+    assert [parse_labels(key, vocabulary) for key in keys] == [[label] for label in vocabulary]
+    assert slug("A chest X-ray with Mass") == "A_chest_X_ray_with_Mass"
+    name = slug("Кардиомегалия")  # a validation image named after its label
+    Image.new("L", (4, 4)).save(tmp_path / f"{name}.png")  # on main: '.png', "unknown file extension"
