@@ -11,12 +11,20 @@ sys.path.insert(0, workflow.basedir)
 shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 from workflow_scripts.comparison import DEMO_CSV  # the demo_dataset rule's label file
-from workflow_scripts.config import STAGE_CONFIG, stage_config, validate_config, write_stage_config
+from workflow_scripts.config import (
+    STAGE_CONFIG,
+    check_config_files,
+    stage_config,
+    validate_config,
+    write_stage_config,
+)
 from workflow_scripts.rerun_reasons import stage_changes
 from workflow_scripts.study import ARM_PATTERN, REFERENCE, arm_names, parse_arm
 from workflow_scripts.weights import inventory as weights_inventory, render as render_weights, stop_message
 
-# Friendly messages for every bad key, then snakemake.utils.validate fills in the defaults.
+# A key written twice in a config file is refused (naming the file and both lines), then friendly
+# messages for every bad key, then snakemake.utils.validate fills in the defaults.
+check_config_files(workflow.configfiles)
 validate_config(config)
 
 # The keys that re-run a stage, named (Snakemake's own reason prints both whole configurations).

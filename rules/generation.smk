@@ -24,7 +24,8 @@ rule generate_label:
         config=stage_config_file("generate_label"),
     output:
         # Images are not declared one by one: after a failure they stay, and the re-run makes only
-        # the missing ones (each is written atomically, so none is ever truncated).
+        # the missing ones (each is written atomically, so none is ever truncated); images another
+        # LoRA or other settings made are made again (provenance.json in each label folder).
         results="results/synthetic/{label}/generation_results.csv",
     params:
         output_dir=lambda wildcards, output: os.path.dirname(os.path.dirname(output.results)),

@@ -169,3 +169,43 @@ def test_training_loop_reads_device_values_only_at_validation_points(monkeypatch
 def test_a_non_finite_loss_stops_training_at_the_next_validation_point() -> None:
     with pytest.raises(train_classifier.TrainingError, match="between steps 1 and 4"):
         _tiny_fit(steps=6, points=[4, 6], targets=float("nan"))
+
+
+# ----------------------------------------------------------------------------- damaged caches (issue #26)
+
+
+def _cache_file(tmp_path: Path) -> Path:
+    (npy,) = (tmp_path / "cache" / "test-32px-bicubic").glob("*.npy")
+    return npy
+
+
+def _damage_swap_rows(npy: Path) -> None:
+    films = np.load(npy, mmap_mode="r+")
+    first = np.array(films[0])
+    films[0], films[1] = films[1], first
+    films.flush()
+
+
+def _damage_cut(npy: Path) -> None:
+    data = npy.read_bytes()
+    npy.write_bytes(data[: len(data) // 2])
+
+
+def _damage_manifest(npy: Path) -> None:
+    manifest = npy.with_suffix(".json")
+    manifest.write_text(manifest.read_text()[:20])
+
+
+@pytest.mark.parametrize("damage", [_damage_swap_rows, _damage_cut, _damage_manifest],
+                         ids=["swapped rows of the classifier cache", "a cut classifier cache", "a cut manifest"])
+def test_swapped_rows_or_a_cut_classifier_cache_are_rebuilt_with_a_note(films: list[str], tmp_path: Path, damage,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    sources = {path: Path(path).read_bytes() for path in films}
+    expected = np.stack([read_film(path, 32) for path in films])
+    assert np.array_equal(cache_films(films, tmp_path / "cache", "test", 32, show_progress=False), expected)
+    damage(_cache_file(tmp_path))
+    capsys.readouterr()
+    again = cache_films(films, tmp_path / "cache", "test", 32, show_progress=False)
+    assert np.array_equal(again, expected)  # each test film scored with its own pixels
+    assert "; rebuilding it" in capsys.readouterr().err
+    assert {path: Path(path).read_bytes() for path in films} == sources  # no film touched

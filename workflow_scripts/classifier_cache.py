@@ -6,8 +6,12 @@ the uint8 pixels `classifier_model.film_pixels` makes (short side resized, cente
 when read) and `<fingerprint>.json` (the paths, in row order). The fingerprint covers the
 preprocessing (size, interpolation, CACHE_VERSION) and every source file (path, size in bytes,
 modification time), so a changed film, list or setting gets a new cache and a stale one is never
-read. Every arm and seed of a study reads the same caches; normalization (and any augmentation)
-runs on the cached tensors, on the training device.
+read. The manifest also records a CRC-32 of the pixels as written, in row order: each use checks
+the cache's content against it (one read of the file), so a cache cut short, corrupted or with rows
+swapped is removed and rebuilt with a note instead of feeding wrong pixels or a traceback. (A CRC,
+not a cryptographic hash: it guards against accidents, at twice sha256's speed.) Every arm and seed
+of a study reads the same caches; normalization (and any augmentation) runs on the cached tensors,
+on the training device.
 
 Concurrency (Snakemake runs several classifier jobs at once): the first job to need a cache builds
 it under an exclusive file lock, in a `.partial` file renamed into place when complete; the others
@@ -22,6 +26,7 @@ import hashlib
 import json
 import os
 import sys
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +39,7 @@ from workflow_scripts.classifier_device import machine_cores
 from workflow_scripts.classifier_model import read_film
 from workflow_scripts.labels import DataError
 
-CACHE_VERSION = 1  # raise when film_pixels changes what it computes
+CACHE_VERSION = 2  # raise when film_pixels changes what it computes (2: the manifest records the content's CRC)
 CHUNK = 256  # films decoded per round of the thread pool (bounds the memory in flight)
 
 
@@ -95,13 +100,42 @@ def cache_films(paths: Sequence[str], cache_dir: str | Path, name: str, size: in
     folder.mkdir(parents=True, exist_ok=True)
     # Opened under the lock too: a job building another version of this cache removes stale files.
     with _locked(folder / ".lock"):
-        if not images.is_file():  # built by no job yet (or while this one waited)
+        films = _open_checked(images, paths, size) if images.is_file() else None
+        if films is None:  # built by no job yet (or while this one waited), or found damaged
             _build(images, paths, size, interpolation, threads or machine_cores(), name, show_progress)
-        films = np.load(images, mmap_mode="r")
-    if films.shape != (len(paths), size, size) or films.dtype != np.uint8:
-        raise DataError(f"{images}: a cache of shape {films.shape} {films.dtype}, expected "
-                        f"{(len(paths), size, size)} uint8; delete {images.parent} and run again")
+            films = np.load(images, mmap_mode="r")
     return films
+
+
+def content_crc(films: np.ndarray) -> str:
+    """CRC-32 of the shape and the cached pixels in row order (read in chunks: the array may be memory-mapped)."""
+    crc = zlib.crc32(repr(films.shape).encode())
+    for start in range(0, len(films), CHUNK):
+        crc = zlib.crc32(np.ascontiguousarray(films[start:start + CHUNK]).data, crc)
+    return f"{crc:08x}"
+
+
+def _open_checked(images: Path, paths: list[str], size: int) -> np.ndarray | None:
+    """The cache when its shape, paths and content are those its manifest records; else None, after a
+    note and the removal of the damaged files (the caller rebuilds it)."""
+    manifest = images.with_suffix(".json")
+    try:
+        films = np.load(images, mmap_mode="r")
+        recorded = json.loads(manifest.read_text())
+        if films.shape != (len(paths), size, size) or films.dtype != np.uint8:
+            problem = f"shape {films.shape} {films.dtype}, expected {(len(paths), size, size)} uint8"
+        elif not isinstance(recorded, dict) or recorded.get("paths") != paths:
+            problem = f"its list of films ({manifest.name}) is not the one asked for"
+        elif recorded.get("crc32") != content_crc(films):
+            problem = "its pixels are not those written (cut, corrupted or rows moved)"
+        else:
+            return films
+    except (OSError, ValueError) as error:  # cut short: "mmap length is greater than file size", bad JSON
+        problem = f"unreadable ({str(error).splitlines()[0][:200]})"
+    print(f"classifier cache {images}: {problem}; rebuilding it", file=sys.stderr, flush=True)
+    images.unlink(missing_ok=True)
+    manifest.unlink(missing_ok=True)
+    return None
 
 
 def _build(images: Path, paths: list[str], size: int, interpolation: str, threads: int, name: str,
@@ -111,10 +145,11 @@ def _build(images: Path, paths: list[str], size: int, interpolation: str, thread
         target = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
         _decode_into(target, paths, size, interpolation, threads, f"decode once: {name}", show_progress)
         target.flush()
+        digest = content_crc(target)
         del target
         manifest = images.with_suffix(".json")
         manifest.write_text(json.dumps({"version": CACHE_VERSION, "size": size, "interpolation": interpolation,
-                                        "paths": paths}) + "\n")
+                                        "crc32": digest, "paths": paths}) + "\n")
         os.replace(partial, images)
     except BaseException:
         partial.unlink(missing_ok=True)

@@ -72,12 +72,42 @@ class Study:
 # ----------------------------------------------------------------------------- reading runs
 
 
+def rerun_hint(run_dir: Path) -> str:
+    return (f"the run is damaged (cut short or overwritten): delete {run_dir} and run Snakemake again, which "
+            "trains this arm and seed again")
+
+
+def read_run_table(path: Path, run_dir: Path, **read_csv: Any) -> pd.DataFrame:
+    """A CSV of a run folder; unreadable (cut short, not text) is a DataError naming it and what to re-run."""
+    try:
+        return pd.read_csv(path, **read_csv)
+    except (ValueError, UnicodeDecodeError) as error:  # pandas' ParserError and EmptyDataError are ValueErrors
+        raise DataError(f"{path}: not a readable table ({str(error).splitlines()[0][:200]}); {rerun_hint(run_dir)}") from None
+
+
+def probabilities(predictions: pd.DataFrame, columns: list[str], path: Path, run_dir: Path) -> np.ndarray:
+    """The probability columns as floats; a cell that is not a finite number (a row cut short) is a
+    DataError naming its line of the file."""
+    values = predictions[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise DataError(f"{path}, line {row + 2}: {columns[column]} is {predictions[columns[column]].iloc[row]!r}, "
+                        f"not a number; {rerun_hint(run_dir)}")
+    return values
+
+
 def load_run(run_dir: Path, classes: list[str]) -> Run:
     """One run folder, checked: the metrics keys the table needs, a probability column per class."""
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
         raise DataError(f"{metrics_path}: not found; is {run_dir} a classifier run folder?")
-    metrics = json.loads(metrics_path.read_text())
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DataError(f"{metrics_path}: not valid JSON ({error}); {rerun_hint(run_dir)}") from None
+    if not isinstance(metrics, dict):
+        raise DataError(f"{metrics_path}: not a JSON object; {rerun_hint(run_dir)}")
     missing = [key for key in REQUIRED_METRICS if key not in metrics]
     if missing:
         raise DataError(f"{metrics_path}: missing {', '.join(missing)}; re-run the classifier with this version")
@@ -88,7 +118,7 @@ def load_run(run_dir: Path, classes: list[str]) -> Run:
     predictions_path = run_dir / "predictions.csv"
     if not predictions_path.is_file():
         raise DataError(f"{predictions_path}: not found")
-    predictions = pd.read_csv(predictions_path, dtype={"path": str, "labels": str}, keep_default_na=False)
+    predictions = read_run_table(predictions_path, run_dir, dtype={"path": str, "labels": str}, keep_default_na=False)
     columns = [f"prob_{label}" for label in classes]
     absent = [c for c in ["path", *columns] if c not in predictions.columns]
     if absent:
@@ -97,8 +127,12 @@ def load_run(run_dir: Path, classes: list[str]) -> Run:
     composition_path = run_dir / "composition.csv"
     if not composition_path.is_file():
         raise DataError(f"{composition_path}: not found (label composition of the run's training set)")
-    composition = pd.read_csv(composition_path)
-    return Run(run_dir, metrics, predictions["path"].tolist(), predictions[columns].to_numpy(dtype=float), composition)
+    composition = read_run_table(composition_path, run_dir)
+    if "n_test" in metrics and len(predictions) != metrics["n_test"]:
+        raise DataError(f"{predictions_path}: {len(predictions)} rows, but {metrics_path} records {metrics['n_test']} "
+                        f"test images; {rerun_hint(run_dir)}")
+    return Run(run_dir, metrics, predictions["path"].tolist(), probabilities(predictions, columns, predictions_path, run_dir),
+               composition)
 
 
 def check_matched(runs: list[Run]) -> None:

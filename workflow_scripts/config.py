@@ -194,6 +194,9 @@ def _as_integer(value: Any, types: list[str], where: str) -> Any:
     return value
 
 
+YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
 def _coerce(value: Any, spec: Mapping[str, Any], where: str = "") -> Any:
     """`value` as the number, boolean or null the schema `spec` asks for, where it is a string that
     reads as one or a float that is a whole number where an integer is asked for; lists item by item
@@ -205,6 +208,10 @@ def _coerce(value: Any, spec: Mapping[str, Any], where: str = "") -> Any:
         return [_coerce(item, spec.get("items", {}), f"{where}[{index}]") for index, item in enumerate(value)]
     types = spec.get("type", [])
     types = [types] if isinstance(types, str) else types
+    if isinstance(value, str) and value.strip() in YAML_NULLS and "null" in types:
+        # `--config "dataset={patient_column: null}"`: Snakemake's parser keeps `null` a string; for a
+        # key that allows null it means null (a column literally named "null" cannot be named so).
+        return None
     if not isinstance(value, str) or not types or "string" in types:
         return _as_integer(value, types, where)
     parsed = _as_integer(parse_scalar(value), types, where)
@@ -226,14 +233,26 @@ def coerce_scalars(config: dict[str, Any], schema: Mapping[str, Any], where: str
             config[key] = _coerce(config[key], spec, f"{where}{key}" if not where else f"{where}.{key}")
 
 
+def nonfinite_errors(value: Any, where: str = "") -> list[str]:
+    """'dotted.key: nan is not a finite number' for every NaN or infinity in `value`: every comparison
+    with NaN is false, so the schema's ranges (minimum, maximum) would let it through."""
+    if isinstance(value, Mapping):
+        return [error for key, item in value.items() for error in nonfinite_errors(item, f"{where}.{key}" if where else str(key))]
+    if isinstance(value, list):
+        return [error for index, item in enumerate(value) for error in nonfinite_errors(item, f"{where}[{index}]")]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{where}: {value!r} is not a finite number; every number of the configuration must be finite"]
+    return []
+
+
 def config_errors(config: Mapping[str, Any]) -> list[str]:
-    """Every schema violation as 'dotted.key: what is wrong', in a stable order."""
+    """Every schema violation and non-finite number as 'dotted.key: what is wrong', in a stable order."""
     validator = jsonschema.Draft202012Validator(_load_schema())
     messages = []
     for error in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
         where = ".".join(str(part) for part in error.absolute_path) or "(top level)"
         messages.append(f"{where}: {error.message}")
-    return messages
+    return messages + nonfinite_errors(config)
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -247,7 +266,18 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     validate(config, str(SCHEMA_PATH), set_default=True)
     _check_cross_field_rules(config)
+    _no_reserve_without_more_real(config)
     return config
+
+
+def _no_reserve_without_more_real(config: dict[str, Any]) -> None:
+    """The data stage reserves patients only for the more_real control: without it in
+    classifier.controls, split.more_real_ratio would take patients from training for nothing."""
+    split, controls = config["split"], config.get("classifier", {}).get("controls", [])
+    if split.get("more_real_ratio") is not None and "more_real" not in controls:
+        print(f"note: split.more_real_ratio {split['more_real_ratio']} read as null: classifier.controls {controls} has no "
+              "more_real, so no patients are reserved for it", file=sys.stderr)
+        split["more_real_ratio"] = None
 
 
 LABEL_JOIN = "|"  # labels within a cell of the split CSVs (tables.LABEL_JOIN; kept here to check names)
@@ -298,20 +328,59 @@ def _check_cross_field_rules(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"prompt.template: {config['prompt']['template']!r}: {problem}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error: PyYAML keeps
+    the last value and drops the first without a word (a second `split:` block loses the first's seed)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line)
+        except TypeError:  # an unhashable key: construct_mapping says so
+            continue
+        if first != key_node.start_mark.line:
+            raise ConfigError(f"{key_node.start_mark.name}: key {key!r} is written twice, on line {first + 1} and on line "
+                              f"{key_node.start_mark.line + 1}; YAML would keep only the second: merge them into one")
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """One config file as a mapping; a missing file, bad YAML, a duplicate key or a top level that is
+    not a mapping is a ConfigError naming the file (and the lines)."""
+    try:
+        with open(path) as handle:
+            loaded = yaml.load(handle, Loader=_UniqueKeyLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return loaded
+
+
+def check_config_files(paths: Iterable[str | Path]) -> None:
+    """Snakemake has read these files with PyYAML already (a key written twice silently dropped):
+    read them again strictly, so that a duplicate key is refused naming the file and both lines."""
+    for path in paths:
+        read_config_file(path)
+
+
 def load_config(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Merge YAML files in order, apply `--set` overrides, validate and fill defaults."""
     config: dict[str, Any] = {}
     for path in paths:
-        try:
-            with open(path) as handle:
-                loaded = yaml.safe_load(handle) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        config = deep_merge(config, loaded)
+        config = deep_merge(config, read_config_file(path))
     return validate_config(apply_overrides(config, overrides))
 
 

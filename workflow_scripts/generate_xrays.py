@@ -26,6 +26,7 @@ from workflow_scripts.base_model import DEFAULT_TINY_DIR
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.errors import run_stage
 from workflow_scripts.generation import generate, generation_plan, label_job, lora_checkpoint, merge, prompt_job
+from workflow_scripts.provenance import refresh_stale_images
 from workflow_scripts.tables import LABEL_JOIN, load_split
 
 
@@ -88,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     sampling = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
                 "scheduler": args.scheduler, "seed": args.seed, "batch_size": args.batch_size,
                 "negative_prompt": args.negative_prompt}
-    total = generate(config, counted, None if args.no_lora else args.checkpoint, args.output_dir, tiny_dir=args.tiny_dir,
+    checkpoint = None if args.no_lora else args.checkpoint
+    # Images another LoRA or other settings made are removed first: generate makes only the missing ones.
+    refresh_stale_images(config, counted, checkpoint, args.output_dir, tiny_dir=args.tiny_dir,
+                         pretrained=args.pretrained_model, sampling=sampling)
+    total = generate(config, counted, checkpoint, args.output_dir, tiny_dir=args.tiny_dir,
                      pretrained=args.pretrained_model, sampling=sampling)
     if args.merged:
         merge([args.output_dir / key / "generation_results.csv" for key, *_ in counted], args.merged)

@@ -34,7 +34,8 @@ from workflow_scripts.errors import GenerationError
 from workflow_scripts.faults import maybe_fail
 from workflow_scripts.hardware import DTYPES, apply_cuda_levers
 from workflow_scripts.lora_training import LORA_FILE
-from workflow_scripts.tables import LABEL_JOIN, RESULT_COLUMNS, label_counts, load_split, make_prompt, save_png_atomically
+from workflow_scripts.tables import (LABEL_JOIN, RESULT_COLUMNS, file_key, label_counts, load_split, make_prompt,
+                                     save_png_atomically)
 from workflow_scripts.study import pool_size_needed
 
 PLAN_COLUMNS = ["key", "labels", "prompt", "count"]
@@ -45,8 +46,9 @@ KEY_JOIN = "+"
 
 
 def label_key(labels: Sequence[str]) -> str:
-    """["Effusion", "No Finding"] -> "Effusion+No_Finding": a file- and wildcard-safe name."""
-    return KEY_JOIN.join(re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_") for label in labels)
+    """["Effusion", "No Finding"] -> "Effusion+No_Finding": a file- and wildcard-safe name, unique per
+    label set (tables.file_key: a label of any script gets a hashed ASCII key)."""
+    return KEY_JOIN.join(file_key(label) for label in labels)
 
 
 def parse_labels(text: str, vocabulary: Sequence[str]) -> list[str]:

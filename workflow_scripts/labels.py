@@ -167,8 +167,10 @@ def is_missing(value: str) -> bool:
 
 
 def _without_zeros(patient: str) -> str:
-    """'007' -> '7', 'P-0042' -> 'P-42': every run of digits as its number."""
-    return re.sub(r"\d+", lambda match: str(int(match.group())), patient)
+    """'007' -> '7', 'P-0042' -> 'P-42': every run of digits as its number; '12.0' -> '12' too (a
+    spreadsheet's round trip writes the id 12 as the float 12.0, the same patient spelled otherwise)."""
+    whole = re.fullmatch(r"(\d+)\.0+", patient)
+    return re.sub(r"\d+", lambda match: str(int(match.group())), whole.group(1) if whole else patient)
 
 
 def generic_patients(csv_path: Path, rows: Sequence[int], ids: Sequence[str], zeros: str) -> list[str]:
@@ -184,7 +186,7 @@ def generic_patients(csv_path: Path, rows: Sequence[int], ids: Sequence[str], ze
         clash = next((found for found in spellings.values() if len(found) > 1), None)
         if clash:
             shown = ", ".join(f"{patient!r} (line {row})" for patient, row in clash.items())
-            raise DataError(f"{csv_path}: patient ids {shown} differ only by leading zeros; whether they are one "
+            raise DataError(f"{csv_path}: patient ids {shown} differ only by leading zeros (or a trailing .0); whether they are one "
                             "patient is unknown. Set dataset.patient_id_zeros: merge (one patient) or keep (two "
                             "patients), or correct the ids")
     return list(ids)

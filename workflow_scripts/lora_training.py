@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from workflow_scripts.errors import TrainingError
 from workflow_scripts.hardware import apply_cuda_levers
+from workflow_scripts.integrity import latent_cache_problem, write_latent_check
 
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -238,11 +239,16 @@ def encode_latent_cache(vae, batches: Callable[[range], Iterable[tuple[torch.Ten
     """Write `latents.npy` (count x 2 x C x h x w, fp16: mean and std of each image's VAE latent) and
     `prompts.json` into `folder`. Each of the `world` processes encodes its `shard`, given as
     `batches(rows)`, straight into the one memory-mapped file (no host copy of the whole cache), so no
-    process waits for the whole encode. Atomic: a killed encode leaves only `<folder>.partial`."""
+    process waits for the whole encode. Atomic: a killed encode leaves only `<folder>.partial`. The
+    shape and CRC written in `check.json` let a later run rebuild a cache damaged on disk (integrity)."""
     from tqdm import tqdm
 
     if (folder / "latents.npy").is_file():  # every process looks before the first barrier: all agree
-        return folder
+        problem = latent_cache_problem(folder)  # a cache cut short or corrupted on disk is rebuilt
+        if problem is None:
+            return folder
+        if rank == 0:
+            print(f"note: latent cache {folder}: {problem}; rebuilding it", file=sys.stderr)
     if count == 0:
         raise TrainingError("latent cache: the training split has no images")
     partial = folder.with_name(folder.name + ".partial")
@@ -271,6 +277,7 @@ def encode_latent_cache(vae, batches: Callable[[range], Iterable[tuple[torch.Ten
         (partial / "prompts.json").write_text(json.dumps([p for path in shares for p in json.loads(path.read_text())]))
         for path in shares:
             path.unlink()
+        write_latent_check(partial)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(partial, folder)
     barrier()

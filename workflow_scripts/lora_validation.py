@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from workflow_scripts.faults import maybe_fail
-from workflow_scripts.tables import make_prompt
+from workflow_scripts.tables import file_key, make_prompt
 
 #: Timesteps each val image is scored at (evenly spread over the schedule): one random timestep per
 #: image would make the curve as noisy as the training loss.
@@ -115,7 +115,9 @@ def validation_prompts(config: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+    """A validation image's file name: ASCII text as before; any other (Cyrillic) by tables.file_key, never empty."""
+    ascii_slug = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+    return ascii_slug if ascii_slug and text.isascii() else file_key(text)
 
 
 @torch.no_grad()

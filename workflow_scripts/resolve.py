@@ -113,6 +113,23 @@ def why_unusable(path: Path, image: str) -> str:
     return f"{path} is not a regular file (a {kind})"
 
 
+NAME_MAX, PATH_MAX = 255, 4096  # bytes: Linux's limits (ext4, xfs, btrfs; macOS and Windows allow no more)
+
+
+def impossible_path(image: str) -> str | None:
+    """Why no filesystem accepts `image` as a path (a NUL byte, a name over 255 bytes, a path over
+    4096 bytes), or None. Refused by name and line instead of an OSError at the first stat."""
+    if "\0" in image:
+        return "holds a NUL byte"
+    encoded = os.fsencode(image)
+    longest = max((len(part) for part in encoded.split(b"/")), default=0)
+    if longest > NAME_MAX:
+        return f"has a name of {longest} bytes (at most {NAME_MAX})"
+    if len(encoded) > PATH_MAX:
+        return f"is {len(encoded)} bytes long (at most {PATH_MAX})"
+    return None
+
+
 def resolve_paths(
     frame: pd.DataFrame, root: Path, search_by_name: bool, csv_path: Path, allow_outside: bool = False,
     notes: list[str] | None = None,
@@ -129,6 +146,10 @@ def resolve_paths(
     index: dict[Path, dict[str, list[str]]] = {}
     for row, image in zip(frame["row"], frame["image"]):
         where = f"{csv_path} line {row}"
+        impossible = impossible_path(image)
+        if impossible:
+            raise DataError(f"{where}: image path {image[:80]!r}{'…' if len(image) > 80 else ''} {impossible}, so no "
+                            "filesystem holds such a file; correct the row")
         if not allow_outside and _leaves(image):
             raise DataError(f"{where}: image {image} is outside dataset.images ({root}); rows resolve under it. Write "
                             "the path relative to dataset.images, or set dataset.allow_outside_paths: true")

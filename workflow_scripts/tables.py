@@ -33,6 +33,20 @@ RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "sche
 # ----------------------------------------------------------------------------- splits
 
 
+def file_key(text: str) -> str:
+    """A file- and wildcard-safe ASCII name for a label or prompt, unique per text: `No Finding` ->
+    `No_Finding` (kept readable where that loses nothing but spaces); any other text (Cyrillic, a
+    homoglyph, punctuation that would merge two labels) -> its ASCII letters and digits plus 8 hex
+    digits of its sha256: `Кардиомегалия` -> `label_4c1b…`, `Сardiomegaly` (Cyrillic С) -> `ardiomegaly_…`."""
+    import hashlib
+    import re
+
+    ascii_part = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+    if ascii_part and ascii_part == re.sub(r"\s+", "_", text.strip()):
+        return ascii_part
+    return f"{ascii_part or 'label'}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
 def make_prompt(labels: Sequence[str], template: str = "A chest X-ray with {labels}") -> str:
     """`["Fibrosis", "Pneumonia"]` -> "A chest X-ray with Fibrosis and Pneumonia" (labels already in
     vocabulary order). The template is checked at config time (config.prompt_template_problem)."""

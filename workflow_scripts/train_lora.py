@@ -44,6 +44,7 @@ from workflow_scripts.errors import TrainingError, run_stage
 from workflow_scripts.base_model import DEFAULT_TINY_DIR, load_components
 from workflow_scripts.config import add_config_arguments, config_from_args, config_hash, result_config, result_hash
 from workflow_scripts.faults import maybe_fail
+from workflow_scripts.integrity import checkpoint_problem, latest_intact
 from workflow_scripts.lora_training import (COMPUTE_DTYPES, GIB, LOG_EVERY, RESUMABLE_TRAINING_KEYS, BatchOrder, Denoiser,
                                             LatentCache, LoraSpec, Prompts, Trainable, build_trainable_model,
                                             encode_latent_cache, gpu_levers, hardware_settings, latent_shape,
@@ -169,11 +170,15 @@ def choose_checkpoint(checkpoints_dir: Path, resume: str, fingerprint: dict[str,
         found = list_checkpoints(checkpoints_dir)
         if not found:
             return None
-        chosen = found[-1]
+        chosen = latest_intact(found)  # a damaged checkpoint is moved aside with a note: the previous one is used
+        if chosen is None:
+            return None
     else:
         chosen = Path(resume)
         if not (chosen / "position.json").is_file():
             raise TrainingError(f"--resume {resume}: not a checkpoint folder (no position.json)")
+        if problem := checkpoint_problem(chosen):
+            raise TrainingError(f"--resume {resume}: the checkpoint is damaged: {problem}")
     recorded = json.loads((chosen / "position.json").read_text())["fingerprint"]
     differences = {key: (recorded.get(key), value) for key, value in fingerprint.items() if recorded.get(key) != value}
     if not differences:
