@@ -99,7 +99,7 @@ def classifier_inputs(wildcards):
 
 def arm_seed_outputs(name):
     """`name` (metrics.json, ...) in the run folder of every seed of classifier.seeds, for the arm wildcard."""
-    return expand("results/classifier/{{arm}}_seed{seed}/" + name, seed=config["classifier"]["seeds"])
+    return expand("results/classifier/{{arm}}_seed{seed}/{name}", seed=config["classifier"]["seeds"], name=name)
 
 
 def study_runs(arms=None, output="metrics"):
