@@ -46,7 +46,8 @@ def run_stage(main: Main) -> Main:
 
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
-        started = process_seconds() if argv is None else None  # a real command line, not a test's call
+        # A real command line writing to a log (not a terminal, not a test's main([...]) call).
+        started = process_seconds() if argv is None and not sys.stderr.isatty() else None
         if started is not None:  # read by workflow_scripts.breakdown: the job's fixed cost
             print(f"{STARTUP_PREFIX}{started:.2f} s (interpreter and imports, before the stage's work)",
                   file=sys.stderr, flush=True)
