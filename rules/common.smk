@@ -113,11 +113,16 @@ def classifier_inputs(wildcards):
     return inputs
 
 
+def arm_seed_outputs(name):
+    """`name` (metrics.json, ...) in the run folder of every seed of classifier.seeds, for the arm wildcard."""
+    return expand("results/classifier/{{arm}}_seed{seed}/{name}", seed=config["classifier"]["seeds"], name=name)
+
+
 def study_runs(arms=None, output="metrics"):
     """One output of train_classifier (metrics.json by default) for every seed of `arms` (default:
     every arm of the study, classifier.ratios then classifier.controls)."""
     return expand(
-        getattr(rules.train_classifier.output, output),
+        getattr(rules.train_classifier_seed.output, output),
         arm=arms if arms is not None else arm_names(config),
         seed=config["classifier"]["seeds"],
     )

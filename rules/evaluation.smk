@@ -2,11 +2,44 @@
 # -> the table.
 
 
+# One job per arm runs its seeds one after another in one process (the imports, the model library and
+# the decode-once caches are paid once per arm, not per seed); each seed keeps its own declared outputs.
 rule train_classifier:
     input:
         unpack(classifier_inputs),
         config=stage_config_file("train_classifier"),
         weights=weights_ready("train_classifier"),  # the weights check, before any job (rules/weights.smk)
+    output:
+        metrics=arm_seed_outputs("metrics.json"),
+        predictions=arm_seed_outputs("predictions.csv"),
+        model=arm_seed_outputs("model.pt"),
+        composition=arm_seed_outputs("composition.csv"),
+    params:
+        synthetic=lambda wildcards, input: f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else "",
+        exclude=lambda wildcards, input: f"--exclude-synthetic {input.exclude}" if "exclude" in input.keys() else "",
+        seeds=" ".join(str(seed) for seed in config["classifier"]["seeds"]),
+        out_dirs=lambda wildcards, output: " ".join(os.path.dirname(path) for path in output.metrics),
+    resources:
+        gpu=1,
+    log:
+        "logs/train_classifier/{arm}.log",
+    benchmark:
+        "benchmarks/train_classifier/{arm}.tsv"
+    conda:
+        "../envs/cxr-synth.yaml"
+    shell:
+        "python -m workflow_scripts.train_classifier --config {input.config} --train {input.train} --val {input.val}"
+        " --test {input.test}"
+        " {params.synthetic} {params.exclude} --arm {wildcards.arm} --seed {params.seeds} --out-dir {params.out_dirs}"
+        " > {log} 2>&1"
+
+
+# One seed alone: what a seed outside classifier.seeds runs, and a single-seed re-run of a seed in it
+# (`snakemake --allowed-rules train_classifier_seed --forcerun train_classifier_seed -- <its metrics.json>`).
+rule train_classifier_seed:
+    input:
+        unpack(classifier_inputs),
+        config=stage_config_file("train_classifier"),
     output:
         metrics="results/classifier/{arm}_seed{seed}/metrics.json",
         predictions="results/classifier/{arm}_seed{seed}/predictions.csv",
@@ -20,15 +53,18 @@ rule train_classifier:
     resources:
         gpu=1,
     log:
-        "logs/train_classifier/{arm}_seed{seed}.log",
+        "logs/train_classifier_seed/{arm}_seed{seed}.log",
     benchmark:
-        "benchmarks/train_classifier/{arm}_seed{seed}.tsv"
+        "benchmarks/train_classifier_seed/{arm}_seed{seed}.tsv"
     conda:
         "../envs/cxr-synth.yaml"
     shell:
         "python -m workflow_scripts.train_classifier --config {input.config} --train {input.train} --val {input.val}"
         " --test {input.test}"
         " {params.synthetic} {params.exclude} --arm {wildcards.arm} --seed {wildcards.seed} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+ruleorder: train_classifier > train_classifier_seed
 
 
 # Each control is its own target (`snakemake train_noise_control`), run by `all` when listed in

@@ -18,6 +18,8 @@ from workflow_scripts.demo_dataset import make_demo_dataset
 from workflow_scripts.faults import ENV
 from workflow_scripts.images import check_image
 
+pytestmark = pytest.mark.slow  # every test here runs Snakemake for real, several times
+
 LORA_SUMMARY = "results/lora/final/training_summary.json"  # one of train_lora's declared outputs
 MICRO = """
 model: {{pretrained: tiny}}  # random weights: these tests check plumbing, not learning

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import split_flags
+from workflow_scripts import classifier_cache
 from workflow_scripts.classifier_model import (class_names, create_model, encode_labels,
                                                load_classifier, preprocess)
 from workflow_scripts.config import ConfigError, load_config
@@ -274,14 +275,21 @@ def test_e2e_saved_model_loads_with_its_preprocessing(demo: dict) -> None:
     assert model.num_classes == len(meta["classes"])
 
 
-def test_e2e_rerun_through_cli_is_reproducible(demo: dict) -> None:
+def test_e2e_rerun_through_cli_is_reproducible(demo: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One process runs seed 1 then seed 0, as the workflow runs an arm's seeds: seed 0 must come out as
+    # it did alone (nothing leaks from one seed to the next), and every film comes from the caches the
+    # earlier arms built (a rebuild here would fail).
     out = demo["out"].with_name("cli_ratio25_seed0")
+    other = demo["out"].with_name("cli_ratio25_seed1")
     argv = ["--config", str(REPO / "config" / "config.yaml"), *[f"--set={o}" for o in demo["overrides"]],
             *split_flags(demo["data_dir"]), "--synthetic", str(demo["synthetic_csv"]),
-            "--arm", "ratio25", "--seed", "0", "--out-dir", str(out), "--cache-dir", str(demo["cache"])]
+            "--arm", "ratio25", "--seed", "1", "0", "--out-dir", str(other), str(out), "--cache-dir", str(demo["cache"])]
     (out).mkdir(parents=True)
     (out / "metrics.json").write_text("{}")  # an old result: replaced
+    monkeypatch.setattr(classifier_cache, "_build", lambda *args, **kwargs: pytest.fail("cache rebuilt"))
     assert main(argv) == 0
+    assert (out / "predictions.csv").read_bytes() == (demo["out"] / "predictions.csv").read_bytes()
+    assert json.loads((other / "metrics.json").read_text())["seed"] == 1
     again = json.loads((out / "metrics.json").read_text())
     first = demo["metrics"]
     assert again["test"]["macro"] == first["test"]["macro"]
@@ -326,4 +334,9 @@ def test_e2e_errors(demo: dict, tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "needs a generated image list" in capsys.readouterr().err
     assert main([*base, "--arm", "ratio_x", "--out-dir", str(tmp_path / "d")]) == 2
     assert "expected ratio<percent>" in capsys.readouterr().err
+    # Seeds and output folders pair one to one.
+    assert base[-2:] == ["--seed", "0"]
+    assert main([*base[:-2], "--arm", "ratio0", "--seed", "0", "1", "--out-dir", str(tmp_path / "f")]) == 2
+    assert "needs as many distinct --out-dir folders" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()

@@ -48,6 +48,7 @@ def demo_run(tmp_path_factory) -> Path:
     return workdir
 
 
+@pytest.mark.slow  # the whole DAG through Snakemake, once per module
 def test_data_stage_runs_end_to_end_on_the_demo(demo_run: Path) -> None:
     data = demo_run / "results" / "data"
     report = json.loads((data / "verify_report.json").read_text())
@@ -62,6 +63,7 @@ def test_data_stage_runs_end_to_end_on_the_demo(demo_run: Path) -> None:
         assert (demo_run / "benchmarks" / rule / f"{rule}.tsv").exists()
 
 
+@pytest.mark.slow  # the whole DAG through Snakemake, once per module
 def test_lora_is_trained_through_snakemake_and_checkpoints_survive(demo_run: Path) -> None:
     lora = demo_run / "results" / "lora"
     summary = json.loads((lora / "final" / "training_summary.json").read_text())
@@ -71,6 +73,7 @@ def test_lora_is_trained_through_snakemake_and_checkpoints_survive(demo_run: Pat
     assert list((lora / "logs").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # the whole DAG through Snakemake, once per module
 def test_generation_runs_one_job_per_label_and_merges(demo_run: Path) -> None:
     synthetic = demo_run / "results" / "synthetic"
     merged = pd.read_csv(synthetic / "generation_results.csv")
@@ -85,6 +88,7 @@ def test_generation_runs_one_job_per_label_and_merges(demo_run: Path) -> None:
         assert (demo_run / "logs" / "generate_label" / f"{key}.log").is_file()
 
 
+@pytest.mark.slow  # the whole DAG through Snakemake, once per module
 def test_the_whole_dag_ends_in_the_comparison_table(demo_run: Path) -> None:
     results = demo_run / "results"
     table = pd.read_csv(results / "comparison.csv")
@@ -114,6 +118,7 @@ def report_page(demo_run: Path) -> Path:
     return demo_run / "report.html"
 
 
+@pytest.mark.slow  # the whole DAG through Snakemake, once per module
 def test_report_page_holds_the_table_and_plots(report_page: Path) -> None:
     page = report_page.read_text(errors="replace")
     for name in ("comparison.html", "comparison.csv", "auroc_vs_ratio.png", "fidelity.html", "verify_report.html",
@@ -124,6 +129,7 @@ def test_report_page_holds_the_table_and_plots(report_page: Path) -> None:
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
                     reason="Chromium not installed: apt-get install chromium chromium-driver (.ci/run does)")
 def test_the_report_opens_on_the_answer_in_a_browser(report_page: Path, tmp_path: Path) -> None:
@@ -163,11 +169,13 @@ def test_the_report_opens_on_the_answer_in_a_browser(report_page: Path, tmp_path
         driver.quit()
 
 
+@pytest.mark.slow  # the whole DAG through Snakemake, once per module
 def test_command_line_overrides_reach_the_stage(demo_run: Path) -> None:
     summary = json.loads((demo_run / "results" / "data" / "prepare_summary.json").read_text())
     assert summary["seeds"]["split"] == 7
 
 
+@pytest.mark.slow  # the whole DAG through Snakemake, once per module
 def test_rerunning_one_target_is_a_no_op_then_forced(demo_run: Path) -> None:
     result = snakemake(demo_run, "--cores", "1", "--config", "split={seed: 7}", "-n", targets=("results/data/train.csv",))
     assert "Nothing to be done" in result.stdout + result.stderr
@@ -175,6 +183,7 @@ def test_rerunning_one_target_is_a_no_op_then_forced(demo_run: Path) -> None:
     assert "prepare_dataset" in result.stdout and "demo_dataset" not in result.stdout.split("Job stats")[-1]
 
 
+@pytest.mark.slow  # the whole DAG through Snakemake, once per module
 def test_changed_split_settings_rerun_the_data_stage(demo_run: Path) -> None:
     result = snakemake(demo_run, "--cores", "1", "--config", "split={seed: 8}", "-n")
     assert "prepare_dataset" in result.stdout
@@ -186,6 +195,7 @@ def _scheduled(result: subprocess.CompletedProcess) -> set[str]:
     return {line.split()[0] for line in stats.splitlines()[3:] if line.strip() and line.split()[0] != "total"}
 
 
+@pytest.mark.slow  # the whole DAG through Snakemake, once per module
 def test_a_classifier_override_reruns_only_the_classifier_fidelity_and_table(demo_run: Path) -> None:
     # `seeds: [0, 1]` is the micro config's value, given as a list override: coerced, so it changes nothing.
     result = snakemake(demo_run, "-n", "--config", "split={seed: 7}", "classifier={epochs: 2, seeds: [0, 1]}")
@@ -194,6 +204,15 @@ def test_a_classifier_override_reruns_only_the_classifier_fidelity_and_table(dem
     assert "results/config/train_classifier.yaml" in result.stdout and "results/config/train_lora.yaml" not in result.stdout
 
 
+@pytest.mark.slow  # the whole DAG through Snakemake, once per module
+def test_one_seed_of_an_arm_reruns_alone(demo_run: Path) -> None:
+    # An arm's seeds run in one job; docs/long-runs.md's command re-runs one seed by itself.
+    result = snakemake(demo_run, "-n", "--allowed-rules", "train_classifier_seed", "--forcerun", "train_classifier_seed",
+                       "--config", "split={seed: 7}", targets=("results/classifier/ratio0_seed1/metrics.json",))
+    assert _scheduled(result) == {"train_classifier_seed"} and "--seed 1 --out-dir" in result.stdout
+
+
+@pytest.mark.slow  # the whole DAG through Snakemake, once per module
 def test_a_generation_override_does_not_retrain_the_lora(demo_run: Path) -> None:
     result = snakemake(demo_run, "-n", "--config", "split={seed: 7}", "generation={num_inference_steps: 3}")
     scheduled = _scheduled(result)
@@ -201,6 +220,7 @@ def test_a_generation_override_does_not_retrain_the_lora(demo_run: Path) -> None
     assert not scheduled & {"train_lora", "prepare_dataset", "verify_dataset", "build_tiny_model"}
 
 
+@pytest.mark.slow  # the whole DAG through Snakemake, once per module
 def test_each_stage_gets_only_its_declared_config(demo_run: Path) -> None:
     written = yaml.safe_load((demo_run / "results" / "config" / "plan_generation.yaml").read_text())
     assert set(written) == {"classifier", "dataset", "generation", "prompt"} and set(written["classifier"]) == {"ratios", "pool_headroom"}
@@ -224,6 +244,7 @@ def test_each_control_is_its_own_target_and_can_be_left_out(tmp_path: Path) -> N
     assert _scheduled_runs(listed.stdout) == {f"{arm}_seed{seed}" for arm in ("ratio0", "ratio25", "rebalanced", "noise",
                                                                               "more_real") for seed in (0, 1)}
     assert "make_noise_images" in listed.stdout
+    assert listed.stdout.count("rule train_classifier:") == 5  # one job per arm runs both seeds
     (tmp_path / "micro.yaml").write_text("classifier: {ratios: [0, 25], seeds: [0, 1], controls: []}\n")
     without = snakemake(tmp_path, "-n", "--cores", "1")
     assert _scheduled_runs(without.stdout) == {f"ratio{r}_seed{s}" for r in (0, 25) for s in (0, 1)}
@@ -233,6 +254,7 @@ def test_each_control_is_its_own_target_and_can_be_left_out(tmp_path: Path) -> N
     assert "make_noise_images" in only.stdout
     one = snakemake(tmp_path, "-n", "--cores", "1", targets=("results/classifier/rebalanced_seed7/metrics.json",))
     assert _scheduled_runs(one.stdout) == {"rebalanced_seed7"} and "make_noise_images" not in one.stdout
+    assert "rule train_classifier_seed:" in one.stdout  # a seed outside classifier.seeds runs alone
 
 
 def test_missing_real_dataset_stops_snakemake_with_a_pointer(tmp_path: Path) -> None:

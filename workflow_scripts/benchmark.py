@@ -3,6 +3,7 @@
     python -m workflow_scripts.benchmark                       # tiny model on CPU, full-size SD 1.5 on a GPU
     python -m workflow_scripts.benchmark --model sd15 --device cuda --json benchmarks/benchmark.json
     python -m workflow_scripts.benchmark --quick               # smallest settings (the test)
+    python -m workflow_scripts.benchmark --demo-breakdown      # a finished run: seconds per rule (workflow_scripts.breakdown)
 
 What it measures, all on the same model, compute dtype, resolution and LoRA config (peft, rank 4,
 UNET_LORA_TARGETS, one shared AdamW from `lora_training.make_optimizer`):
@@ -322,7 +323,14 @@ def _benchmark(args: argparse.Namespace, settings: Settings, model: Model, devic
 def main(argv: list[str] | None = None) -> int:
     stage = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     stage.add_argument("--stage", choices=["lora", "classifier"], default="lora")
+    stage.add_argument("--demo-breakdown", action="store_true")
     chosen, argv = stage.parse_known_args(argv)
+    if chosen.demo_breakdown:  # a finished run's seconds per rule (workflow_scripts.breakdown, which starts faster)
+        from workflow_scripts import breakdown
+
+        parser = argparse.ArgumentParser(description=breakdown.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        breakdown.add_arguments(parser)
+        return breakdown.run(parser.parse_args(argv))
     if chosen.stage == "classifier":  # its own options: --stage classifier --help
         from workflow_scripts import bench_classifier
 

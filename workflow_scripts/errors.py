@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 
@@ -45,6 +46,11 @@ def run_stage(main: Main) -> Main:
 
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
+        # A real command line writing to a log (not a terminal, not a test's main([...]) call).
+        started = process_seconds() if argv is None and not sys.stderr.isatty() else None
+        if started is not None:  # read by workflow_scripts.breakdown: the job's fixed cost
+            print(f"{STARTUP_PREFIX}{started:.2f} s (interpreter and imports, before the stage's work)",
+                  file=sys.stderr, flush=True)
         try:
             return main(argv)
         except UserError as error:
@@ -52,3 +58,16 @@ def run_stage(main: Main) -> Main:
             return 2
 
     return wrapped
+
+
+STARTUP_PREFIX = "startup: "  # the first line of every stage's log
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux /proc; None where it cannot be read)."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+            return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None

@@ -5,6 +5,9 @@
         --synthetic results/synthetic/generation_results.csv \\
         --arm ratio25 --seed 0 --out-dir results/classifier/ratio25_seed0
 
+Several seeds of one arm in one process (`--seed 0 1 2 --out-dir D0 D1 D2`, as the workflow runs
+an arm) give each seed the outputs it would get alone: the imports and the cache are paid once.
+
 One run, read top to bottom:
 1. the real training images come only from `load_split(data_dir, "train")`; the arm adds its
    synthetic draw (stratified by label, seeded; `--exclude-synthetic` images left out of the pool),
@@ -410,26 +413,37 @@ def main(argv: list[str] | None = None) -> int:
                              "for --arm noise results/synthetic_noise/generation_results.csv; not read for ratio0)")
     parser.add_argument("--exclude-synthetic", type=Path, default=None, metavar="CSV",
                         help="CSV with a `file` column: synthetic images (as in generation_results.csv) left out of the pool")
-    parser.add_argument("--seed", type=int, required=True, help="training seed (synthetic draw, init, order)")
-    parser.add_argument("--out-dir", type=Path, required=True, help="e.g. results/classifier/ratio25_seed0")
+    parser.add_argument("--seed", type=int, nargs="+", required=True,
+                        help="training seed (synthetic draw, init, order); several run one after another")
+    parser.add_argument("--out-dir", type=Path, nargs="+", required=True,
+                        help="e.g. results/classifier/ratio25_seed0; one per --seed, in the same order")
     parser.add_argument("--cache-dir", type=Path, default=Path("results/classifier_cache"),
                         help="decode-once caches of the splits and pools, shared by every arm and seed "
                              "(default: results/classifier_cache)")
     parser.add_argument("--no-cache", action="store_true", help="decode every film at every access instead (slow)")
     args = parser.parse_args(argv)
+    if len(args.seed) != len(args.out_dir) or len(set(args.out_dir)) != len(args.out_dir):
+        raise ConfigError(f"--seed {' '.join(map(str, args.seed))} needs as many distinct --out-dir folders, "
+                          f"got {len(args.out_dir)}: {' '.join(map(str, args.out_dir))}")
     synthetic = args.synthetic or Path("results/synthetic_noise/generation_results.csv" if args.arm == "noise"
                                        else "results/synthetic/generation_results.csv")
-    metrics = train_classifier(config_from_args(args, "train_classifier"), splits_from_args(args, EVALUATION_SPLITS), synthetic,
-                               args.arm, args.seed, args.out_dir, args.exclude_synthetic,
-                               cache_dir=None if args.no_cache else args.cache_dir)
+    config, splits = config_from_args(args, "train_classifier"), splits_from_args(args, EVALUATION_SPLITS)
+    for seed, out_dir in zip(args.seed, args.out_dir):  # train_classifier reseeds everything per seed
+        metrics = train_classifier(config, splits, synthetic, args.arm, seed, out_dir, args.exclude_synthetic,
+                                   cache_dir=None if args.no_cache else args.cache_dir)
+        print(summary_line(metrics, out_dir), flush=True)
+    return 0
+
+
+def summary_line(metrics: Mapping[str, Any], out_dir: Path) -> str:
+    """One line per finished run for the log."""
     macro = metrics["test"]["macro"]
     shown = (f"{macro['auroc']:.3f} (95% CI {macro['ci_low']:.3f}-{macro['ci_high']:.3f})"
              if macro["auroc"] is not None and macro["ci_low"] is not None else str(macro["auroc"]))
-    print(f"arm {metrics['arm']} seed {metrics['seed']}: {metrics['n_real_train']} real + {metrics['n_oversampled_train']} "
-          f"oversampled + {metrics['n_synthetic_train']} synthetic, {metrics['optimizer_steps']} steps, best step "
-          f"{metrics['best_step']}, test macro AUROC {shown} in {metrics['seconds']:.0f} s; weights: "
-          f"{metrics['pretrained_weights']}; outputs in {args.out_dir}")
-    return 0
+    return (f"arm {metrics['arm']} seed {metrics['seed']}: {metrics['n_real_train']} real + {metrics['n_oversampled_train']} "
+            f"oversampled + {metrics['n_synthetic_train']} synthetic, {metrics['optimizer_steps']} steps, best step "
+            f"{metrics['best_step']}, test macro AUROC {shown} in {metrics['seconds']:.0f} s; weights: "
+            f"{metrics['pretrained_weights']}; outputs in {out_dir}")
 
 
 if __name__ == "__main__":

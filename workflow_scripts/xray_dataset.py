@@ -6,13 +6,15 @@ No random augmentation: a horizontal flip would move the heart to the right (dex
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from workflow_scripts.images import read_xray
 from workflow_scripts.tables import load_split
@@ -26,22 +28,41 @@ def pad_to_square(image: Image.Image, resolution: int) -> Image.Image:
     return ImageOps.pad(image, (resolution, resolution), method=Image.Resampling.BILINEAR, color=0)
 
 
-def model_transform(resolution: int, crop: str = "center") -> transforms.Compose:
+def model_transform(resolution: int, crop: str = "center") -> Callable[[Image.Image], torch.Tensor]:
     """Make the image square (`center`: resize the short side, centre-crop the long one; `pad`: fit the
-    long side, pad the short one), grayscale to 3 channels, scale to [-1, 1]."""
+    long side, pad the short one), grayscale to 3 channels, scale to [-1, 1]. torchvision's
+    Resize/CenterCrop/Grayscale/ToTensor/Normalize, written out with PIL and numpy (bit-identical,
+    tests/test_train_lora.py) because importing torchvision costs every job that reads films seconds
+    (torchvision.ops imports torch._dynamo)."""
     if crop not in CROPS:
         raise ValueError(f"model.crop must be one of {CROPS}, got {crop!r}")
+    return partial(_to_model_tensor, resolution=resolution, crop=crop)
+
+
+def _to_model_tensor(image: Image.Image, resolution: int, crop: str) -> torch.Tensor:
     if crop == "pad":
-        square = [transforms.Grayscale(num_output_channels=1), transforms.Lambda(partial(pad_to_square, resolution=resolution))]
+        image = pad_to_square(image.convert("L"), resolution)
     else:
-        square = [transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
-                  transforms.CenterCrop(resolution)]
-    return transforms.Compose([
-        *square,
-        transforms.Grayscale(num_output_channels=3),
-        transforms.ToTensor(),
-        transforms.Normalize([0.5], [0.5]),
-    ])
+        image = _center_crop(_resize_short_side(image, resolution), resolution)
+    gray = np.asarray(image.convert("L"), dtype=np.uint8)
+    pixels = torch.from_numpy(np.ascontiguousarray(np.stack([gray] * 3))).to(torch.get_default_dtype()).div(255)
+    return pixels.sub_(0.5).div_(0.5)
+
+
+def _resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's Resize(size) on a PIL image: the short side to `size`, the long side truncated."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
+    return image if new_size == image.size else image.resize(new_size, Image.Resampling.BILINEAR)
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's CenterCrop(size) on a PIL image at least `size` on both sides."""
+    width, height = image.size
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
 
 
 class XrayPromptDataset(Dataset):
