@@ -292,7 +292,8 @@ def generate(config: dict[str, Any], jobs: Sequence[tuple[str, list[str], str, i
         if checkpoint is None:
             pretrained = pretrained or config["model"]["pretrained"]
         pipe, base, lora_dir = load_generator(checkpoint, pretrained, tiny_dir, settings["scheduler"], hardware, dtype, device)
-        print(f"base model {base}, LoRA {lora_dir or 'none'}{' (fused)' if lora_dir else ''}, scheduler {settings['scheduler']}, device {device}, dtype {dtype}",
+        lora = f"{lora_dir} (fused)" if lora_dir else "none"
+        print(f"base model {base}, LoRA {lora}, scheduler {settings['scheduler']}, device {device}, dtype {dtype}",
               file=sys.stderr)
         total = 0
         for key, labels, prompt, count in jobs:
