@@ -72,6 +72,7 @@ def dataset(tmp_path_factory) -> tuple[Path, dict]:
         f"dataset.labels=[{', '.join(LABELS)}]", "split.val_fraction=0.2", "split.test_fraction=0.1",
         "split.more_real_ratio=null", "balance.max_per_label=null", f"model.pretrained={SHIPPED_DIR}",
         "training.max_train_steps=400", "training.train_batch_size=8", "training.learning_rate=3e-3",
+        "training.lr_scheduler=constant", "training.lr_warmup_steps=0",
         "training.save_steps=200", "training.validation_steps=1000", "training.num_validation_images=1",
         "training.validation_inference_steps=2", "training.validation_prompts=[A chest X-ray with Effusion]",
         "generation.num_inference_steps=10", "generation.batch_size=16",
