@@ -14,6 +14,7 @@ rule train_classifier:
         predictions=arm_seed_outputs("predictions.csv"),
         model=arm_seed_outputs("model.pt"),
         composition=arm_seed_outputs("composition.csv"),
+        train_log=arm_seed_outputs("train_log.csv"),  # also in tensorboard/ beside it
     params:
         synthetic=lambda wildcards, input: f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else "",
         exclude=lambda wildcards, input: f"--exclude-synthetic {input.exclude}" if "exclude" in input.keys() else "",
