@@ -164,7 +164,7 @@ def test_real_data_configs_hold_only_what_they_mean() -> None:
 
 def test_a_stage_sees_only_what_it_declares() -> None:
     config = load_stage_config([REPO / "config" / "config.yaml"], "plan_generation")
-    assert config["classifier"]["ratios"] == [0, 50] and config["generation"]["plan"] == "fixed"
+    assert config["classifier"]["ratios"] == [0, 10, 25, 50] and config["generation"]["plan"] == "fixed"
     with pytest.raises(ConfigError, match=r"stage plan_generation reads config 'classifier.epochs', which it does not "
                                           r"declare.*STAGE_CONFIG\['plan_generation'\]"):
         config["classifier"]["epochs"]
@@ -190,7 +190,8 @@ def test_every_rule_gets_its_own_stage_config() -> None:
     for smk in (REPO / "rules").glob("*.smk"):
         for block in re.split(r"^(?=(?:rule|checkpoint) )", smk.read_text(), flags=re.M)[1:]:
             rules[re.match(r"\w+ (\w+):", block).group(1)] = block
-    shared = {"train_classifier_seed": "train_classifier"}  # one seed alone runs the arm rule's stage
+    shared = {"train_classifier_seed": "train_classifier",  # one seed alone runs the arm rule's stage
+              "generate_without_lora": "generate_label"}  # the LoRA-off control samples as generate_label does
     for name, block in rules.items():
         if "--config" in block:
             stage = shared.get(name, name)
