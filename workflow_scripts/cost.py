@@ -228,7 +228,8 @@ def render(config: dict[str, Any], sizes: Sizes, stages: list[dict[str, Any]], g
     lines = [f"# Cost of this run on one {name}", "",
              f"Splits: {sizes.train:,} train, {sizes.val:,} val, {sizes.test:,} test images ({sizes.source}). "
              f"Model: SD 1.5 architecture at {config['model']['resolution']} px"
-             + (" (the demo's tiny model does a small fraction of these FLOPs)" if config["model"]["pretrained"] == "tiny"
+             + (" (the demo's tiny model does a small fraction of these FLOPs)"
+                if config["model"]["pretrained"] == "tiny" or Path(str(config["model"]["pretrained"])).name == "demo-base"
                 else "") + f"; classifier {config['classifier']['model']} at {config['classifier']['image_size']} px.",
              f"Time: counted FLOP at {utilisation:.0%} down to {utilisation / 2:.0%} of the {name}'s dense bf16 peak "
              f"({bf16:g} TFLOP/s; fp32 {fp32:g} for the audit), or the decodes at {decode_ms:g} ms per image on "
