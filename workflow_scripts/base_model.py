@@ -120,6 +120,15 @@ def _kind(pretrained: str) -> str:
     return "hub"
 
 
+def local_folder(pretrained: str) -> Path:
+    """A local model.pretrained as a folder: relative to the working directory, else to the repository
+    (a folder shipped in it, such as resources/demo-base, from any working directory)."""
+    path = Path(pretrained).expanduser()
+    if not path.exists() and not path.is_absolute() and (_REPO_ROOT / path).exists():
+        return _REPO_ROOT / path
+    return path
+
+
 def resolve_pretrained(pretrained: str, tiny_dir: Path = DEFAULT_TINY_DIR) -> str:
     """Map ``model.pretrained`` to what ``from_pretrained`` gets: a folder path or a hub id.
 
@@ -142,9 +151,7 @@ def resolve_pretrained(pretrained: str, tiny_dir: Path = DEFAULT_TINY_DIR) -> st
             )
         return str(tiny_dir)
     if kind == "local":
-        path = Path(pretrained).expanduser()
-        if not path.exists() and not path.is_absolute() and (_REPO_ROOT / path).exists():
-            path = _REPO_ROOT / path  # a folder shipped in the repository (resources/demo-base), from any working directory
+        path = local_folder(pretrained)
         if not path.exists():
             raise ModelNotFoundError(
                 f"model.pretrained '{pretrained}' looks like a local folder but it does not exist "

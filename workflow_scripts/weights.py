@@ -91,10 +91,11 @@ def base_model_weight(pretrained: str) -> Weight:
     if pretrained == "tiny":
         return Weight("Stable Diffusion base: the tiny random-weight model", key, "built offline",
                       "results/models/tiny-sd (the build_tiny_model rule builds it)", True, False)
-    folder = Path(pretrained).expanduser()
+    from workflow_scripts.base_model import _kind, local_folder
+
+    folder = local_folder(pretrained)
     if (folder / "model_index.json").is_file():
         return Weight("Stable Diffusion base (local diffusers folder)", key, pretrained, str(folder), True, True)
-    from workflow_scripts.base_model import _kind
 
     cached = hf_cached(pretrained, "model_index.json") if _kind(pretrained) == "hub" else None
     if cached:
