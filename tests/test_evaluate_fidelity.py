@@ -19,7 +19,7 @@ from PIL import Image
 from tests.conftest import REPO, make_config, split_flags
 from workflow_scripts import evaluate_fidelity as cli
 from workflow_scripts.demo_dataset import make_demo_dataset
-from workflow_scripts.fidelity import audit, distances, features
+from workflow_scripts.fidelity import BASE, BASE_PROMPTED, MACRO, PROMPTED, REAL_VAL, audit, distances, features
 from workflow_scripts.fidelity.evaluate import FLOOR, SYNTHETIC, adherence_rows, evaluate, label_sets
 from workflow_scripts.prepare_dataset import prepare
 from workflow_scripts.tables import load_split
@@ -281,12 +281,17 @@ def test_adherence_auroc_per_prompted_label() -> None:
     rng = np.random.default_rng(0)
     shows = y + 0.1 * rng.random(y.shape)  # images that show their prompt
     blind = rng.random(y.shape)             # images that show nothing
-    rows = adherence_rows(blind, shows, classes, sets, ["Mass", "Nodule", "No Finding", "overall"], 50, 0,
-                          np.arange(len(syn_labels)) // 2)
-    assert [(r["label"], r["set"][:4]) for r in rows] == [("Mass", "synt"), ("Mass", "real"), ("Nodule", "synt"), ("Nodule", "real")]
-    assert all(r["auroc"] == 1.0 for r in rows if r["set"].startswith("real"))
-    assert all(0.25 < r["auroc"] < 0.75 for r in rows if r["set"].startswith("synthetic"))
+    rows = adherence_rows([(PROMPTED, blind, sets["synthetic"], None), (BASE_PROMPTED, shows, sets["synthetic"], None),
+                           (REAL_VAL, shows, sets["val"], np.arange(len(syn_labels)) // 2)],
+                          classes, ["Mass", "Nodule", "No Finding", "overall"], 50, 0)
+    assert [(r["label"], r["set"]) for r in rows] == [(label, kind) for label in ("Mass", "Nodule", MACRO)
+                                                      for kind in (PROMPTED, BASE_PROMPTED, REAL_VAL)]
+    assert all(r["auroc"] == 1.0 for r in rows if r["set"] != PROMPTED)
+    assert all(0.25 < r["auroc"] < 0.75 for r in rows if r["set"] == PROMPTED)
     assert rows[0]["positives"] == 20 and rows[0]["negatives"] == 20
+    macro = rows[-3]  # the mean over labels, with its own bootstrap interval
+    assert macro["label"] == MACRO and macro["ci_low"] < macro["auroc"] < macro["ci_high"]
+    assert macro["auroc"] == pytest.approx(np.mean([r["auroc"] for r in rows[:-3] if r["set"] == PROMPTED]))
 
 
 def test_cli_with_the_real_only_classifier(prepared: dict, tmp_path: Path, empty_homes: Path,
@@ -306,10 +311,17 @@ def test_cli_with_the_real_only_classifier(prepared: dict, tmp_path: Path, empty
                                                       "diversity_pairs": 5, "diversity_images": 4}}))
     args = ["--config", str(REPO / "config" / "config.yaml"), str(config_file), *split_flags(prepared["data_dir"], "train", "val"),
             "--synthetic", str(csv), "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--no-download"]
-    assert cli.main(args + ["--classifier", str(classifier)]) == 0, capsys.readouterr().err
+    # the LoRA-off control's images are scored beside the LoRA's (here: the same films, so the same figures)
+    assert cli.main(args + ["--classifier", str(classifier), "--base-synthetic", str(csv)]) == 0, capsys.readouterr().err
     assert "xrv: unavailable:" in capsys.readouterr().out
     adherence = pd.read_csv(tmp_path / "out" / "adherence.csv")
-    assert set(adherence["label"]) <= set(classes) and adherence["auroc"].notna().any()
+    assert set(adherence["label"]) <= {*classes, MACRO} and adherence["auroc"].notna().any()
+    by_set = adherence.set_index(["label", "set"])["auroc"]
+    assert by_set[(MACRO, BASE_PROMPTED)] == pytest.approx(by_set[(MACRO, PROMPTED)])
+    fidelity = pd.read_csv(tmp_path / "out" / "fidelity.csv")
+    pixels = fidelity[(fidelity["extractor"] == "pixels") & (fidelity["label"] == "overall")].set_index("comparison")
+    assert pixels.loc[BASE, "n"] == pixels.loc[SYNTHETIC, "n"] and np.isfinite(pixels.loc[BASE, "kid_mean"])
+    assert "without LoRA" in (tmp_path / "out" / "fidelity.md").read_text()
     assert "unavailable" in (tmp_path / "out" / "fidelity.md").read_text()
     assert cli.main(args[:7] + ["--synthetic", str(tmp_path / "none.csv"), "--out-dir", str(tmp_path / "x")]) == 2
     assert "none.csv" in capsys.readouterr().err

@@ -39,7 +39,8 @@ def trained(tmp_path_factory) -> dict[str, Any]:
                  "training.validation_prompts=[A chest X-ray with Mass]", "training.learning_rate=5e-3",
                  "split.more_real_ratio=null", "classifier.controls=[rebalanced, noise]",  # 16 patients: keep them all
                  "split.test_fraction=0.25", "balance.max_per_label=null",  # not the demo's data-limited split
-                 "model.pretrained=tiny"]  # random weights: plumbing, not learning
+                 "model.pretrained=tiny", "training.lr_warmup_steps=0",
+                 "training.lr_scheduler=constant_with_warmup"]  # random weights: plumbing, not learning
     config_file = root / "config.yaml"
     config = load_config([REPO / "config" / "config.yaml"], overrides)
     config_file.write_text(json.dumps(config))  # JSON is YAML: the CLI reads it like a config file

@@ -18,6 +18,7 @@ from matplotlib.text import Text  # noqa: E402
 from conftest import write_png  # noqa: E402
 from workflow_scripts import compare_report  # noqa: E402
 from workflow_scripts.fidelity import FLOOR, SYNTHETIC  # noqa: E402
+from workflow_scripts.fidelity import BASE_PROMPTED, PROMPTED, REAL_VAL  # noqa: E402
 from workflow_scripts.fidelity import report as fidelity_report  # noqa: E402
 from workflow_scripts.study import ArmKind  # noqa: E402
 
@@ -107,7 +108,7 @@ def test_fidelity_plots_keep_labels_legends_and_error_bars_readable(tmp_path: Pa
     # Intervals that reach 1.0: their caps must stay inside the axes.
     adherence = pd.DataFrame([{"label": label, "set": kind, "positives": 10, "negatives": 30, "auroc": value,
                                "ci_low": value - 0.1, "ci_high": min(1.0, value + 0.1), "notes": ""}
-                              for kind, value in (("synthetic (prompted)", 0.97), ("real val (true)", 0.93)) for label in LABELS])
+                              for kind, value in ((PROMPTED, 0.97), (BASE_PROMPTED, 0.55), (REAL_VAL, 0.93)) for label in LABELS])
     written = fidelity_report.make_plots(fidelity, diversity, adherence, tmp_path / "plots")
     assert [path.name for path in written] == ["fidelity_pixels.png", "diversity_ms_ssim.png", "prompt_adherence.png"]
     check_readable(saved, [path.name for path in written])

@@ -36,7 +36,8 @@ def make_train_config(setup: dict[str, Any], *overrides: str) -> dict[str, Any]:
         f"dataset.csv={demo / 'Data_Entry_2017.csv'}", f"dataset.images={demo / 'images'}",
         "training.train_batch_size=4", "training.max_train_steps=4", "training.save_steps=2",
         "training.validation_steps=1000", "training.num_validation_images=1", "training.validation_inference_steps=2",
-        "training.validation_prompts=[A chest X-ray with Cardiomegaly]", "model.pretrained=tiny", *overrides,
+        "training.validation_prompts=[A chest X-ray with Cardiomegaly]", "model.pretrained=tiny", "training.lr_warmup_steps=0",
+        "training.lr_scheduler=constant_with_warmup", *overrides,
     ])
     data_dir = setup["root"] / "data"
     if not (data_dir / "train.csv").exists():

@@ -21,7 +21,7 @@ demo: {num_patients: 24, size: 64, seed: 1}
 split: {test_fraction: 0.25}  # 24 patients: not the demo's data-limited split
 balance: {max_per_label: null}
 verify: {max_images: 32, contact_sheet_images: 4}
-training: {max_train_steps: 6, save_steps: 3, validation_steps: 6, num_validation_images: 1,
+training: {lr_scheduler: constant_with_warmup, lr_warmup_steps: 0, max_train_steps: 6, save_steps: 3, validation_steps: 6, num_validation_images: 1,
            validation_inference_steps: 2, validation_prompts: [A chest X-ray with Mass]}
 generation: {images_per_label: 4, num_inference_steps: 2, batch_size: 4}
 classifier: {image_size: 32, epochs: 1, ratios: [0, 50], seeds: [0, 1], bootstrap_samples: 20, batch_size: 16,
