@@ -26,7 +26,8 @@ model: {{pretrained: tiny}}  # random weights: these tests check plumbing, not l
 dataset: {{csv: {csv}, images: {images}}}
 demo: {{num_patients: 16, size: 64, seed: 0}}
 verify: {{max_images: 8, contact_sheet_images: 2}}
-training: {{lr_scheduler: constant_with_warmup, lr_warmup_steps: 0, train_batch_size: 4, max_train_steps: 8, save_steps: 2, validation_steps: 4, num_validation_images: 1,
+training: {{lr_scheduler: constant_with_warmup, lr_warmup_steps: 0, train_batch_size: 4, max_train_steps: 8, save_steps: 2,
+           validation_steps: 4, num_validation_images: 1,
            validation_inference_steps: 1, validation_prompts: [A chest X-ray with Mass]}}
 generation: {{images_per_label: 5, num_inference_steps: 2, batch_size: 2}}
 classifier: {{image_size: 32, epochs: 2, ratios: [0], controls: [], seeds: [0], bootstrap_samples: 10, batch_size: 16}}
