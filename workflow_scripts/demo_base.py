@@ -111,10 +111,10 @@ def draw_films(recipe: Recipe, workers: int = 2) -> tuple[torch.Tensor, list[str
 
     from PIL import Image
 
-    from workflow_scripts.demo_dataset import _plan_patients
+    from workflow_scripts.phantom import plan_patients
     from workflow_scripts.xray_dataset import model_transform
 
-    plan = _plan_patients(recipe.films, np.random.default_rng([recipe.seed, 0]))
+    plan = plan_patients(recipe.films, np.random.default_rng([recipe.seed, 0]))
     jobs = [(recipe.seed, patient, recipe.size, labels) for patient, labels in enumerate(plan)]
     with get_context("fork").Pool(workers) as pool:
         drawn = list(tqdm(pool.imap(_draw, jobs, chunksize=32), total=len(jobs), desc="drawing films", unit="film",
