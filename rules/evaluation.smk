@@ -36,7 +36,7 @@ rule train_classifier:
 
 
 # One seed alone: what a seed outside classifier.seeds runs, and a single-seed re-run of a seed in it
-# (`snakemake --allowed-rules train_classifier_seed --forcerun train_classifier_seed -- <its metrics.json>`).
+# (a seed outside classifier.seeds).
 rule train_classifier_seed:
     input:
         unpack(classifier_inputs),
