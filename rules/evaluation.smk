@@ -35,8 +35,7 @@ rule train_classifier:
         " > {log} 2>&1"
 
 
-# One seed alone: what a seed outside classifier.seeds runs, and a single-seed re-run of a seed in it
-# (a seed outside classifier.seeds).
+# One seed alone: what a seed outside classifier.seeds runs.
 rule train_classifier_seed:
     input:
         unpack(classifier_inputs),
