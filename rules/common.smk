@@ -24,7 +24,7 @@ from workflow_scripts.weights import inventory as weights_inventory, render as r
 
 # The demo overlay, only when no --configfile is given. Read strictly first: Snakemake's own reader
 # names neither file nor line for a tab or an empty file. (A --configfile Snakemake reads before
-# the workflow starts; `python -m workflow_scripts.config --config FILE` names the line there.)
+# the workflow starts; the config CLI, workflow_scripts/config.py --config FILE, names the line there.)
 if not workflow.overwrite_configfiles:
     check_config_files(["config/config.yaml"])
 
