@@ -123,7 +123,9 @@ def test_a_dicom_without_preamble_and_file_meta_is_read(tmp_path: Path, implicit
 
     film = np.asarray(Image.open(SHARED_DATA / "images" / real_rows()["Image Index"][0]).convert("L")).astype("uint16") * 16
     raw = _raw_dicom(tmp_path / "raw.dcm", film, implicit)
+    before = tree_checksum(tmp_path)
     assert check_image(raw) is None  # on main: "cannot decode ... install a decoder"
+    assert tree_checksum(tmp_path) == before  # the transfer syntax is set on the dataset read, never in the file
     assert np.array_equal(np.asarray(read_xray(raw)), np.asarray(read_xray(write_dicom(tmp_path / "whole.dcm", film))))
     reason = check_image(_raw_dicom(tmp_path / "cut.dcm", film, implicit, cut=1000))
     assert reason and "without preamble and file meta" in reason and "install a decoder" not in reason
@@ -135,9 +137,11 @@ def test_a_homoglyph_label_is_shown_distinguishably(tmp_path: Path, capsys) -> N
     assert ",Mass," in lines[1]
     lines[1] = lines[1].replace(",Mass,", ",\u041cass,")  # a Cyrillic capital Em: 'Мass'
     csv.write_text("\n".join(lines) + "\n")
+    before = tree_checksum(tmp_path / "user")
     code, err = run(tmp_path, capsys, csv, tmp_path / "user", fmt="csv")
     assert code == 2 and f"{csv} line 2" in err  # on main the message showed 'Мass' beside 'Mass', nothing else
     assert "character 1 is U+041C CYRILLIC CAPITAL LETTER EM" in err and "is not 'Mass'" in err
+    assert tree_checksum(tmp_path / "user") == before
 
 
 def test_a_blank_line_before_the_header_is_ignored_and_lines_stay_right(tmp_path: Path, capsys) -> None:
@@ -148,6 +152,8 @@ def test_a_blank_line_before_the_header_is_ignored_and_lines_stay_right(tmp_path
     code, err = run(tmp_path, capsys, csv, tmp_path / "user", fmt="csv")
     assert code == 2 and f"{csv} line 5 " in err and "unknown label(s) ['Nodule']" in err, err  # on main: "found []"
     csv.write_text("\n \n" + "\n".join(lines) + "\n")
+    before = tree_checksum(tmp_path / "user")
     code, err = run(tmp_path, capsys, csv, tmp_path / "user", fmt="csv")
+    assert tree_checksum(tmp_path / "user") == before
     assert code == 0 and "2 blank line(s) before the header ignored (the header is line 3)" in err
     assert len(splits(tmp_path)) == 2 * SINGLE_FILM_PATIENTS
