@@ -9,13 +9,8 @@ min_version("9.0")
 report: "report/workflow.rst"
 
 
-# Defaults live in config/schema.yaml (SD 1.5). The demo overlay applies only when no
-# --configfile is given, so a real-data config stands alone.
-if not workflow.overwrite_configfiles:
-
-    configfile: "config/config.yaml"
-
-
+# Defaults live in config/schema.yaml (SD 1.5). The demo overlay (config/config.yaml) applies only
+# when no --configfile is given, so a real-data config stands alone: rules/common.smk reads it.
 include: "rules/common.smk"
 include: "rules/config.smk"
 include: "rules/weights.smk"

@@ -22,6 +22,15 @@ from workflow_scripts.rerun_reasons import stage_changes
 from workflow_scripts.study import ARM_PATTERN, REFERENCE, arm_names, parse_arm
 from workflow_scripts.weights import inventory as weights_inventory, render as render_weights, stop_message
 
+# The demo overlay, only when no --configfile is given. Read strictly first: Snakemake's own reader
+# names neither file nor line for a tab or an empty file. (A --configfile Snakemake reads before
+# the workflow starts; the config CLI, workflow_scripts/config.py --config FILE, names the line there.)
+if not workflow.overwrite_configfiles:
+    check_config_files(["config/config.yaml"])
+
+    configfile: "config/config.yaml"
+
+
 # A key written twice in a config file is refused (naming the file and both lines), then friendly
 # messages for every bad key, then snakemake.utils.validate fills in the defaults.
 check_config_files(workflow.configfiles)

@@ -72,6 +72,7 @@ rule generate_without_lora:
 rule merge_generation:
     input:
         results=planned_generation_results,
+        plan=rules.plan_generation.output.plan,
         config=stage_config_file("merge_generation"),
     output:
         results="results/synthetic/generation_results.csv",
@@ -81,7 +82,7 @@ rule merge_generation:
         "../envs/cxr-synth.yaml"
     shell:
         "python -m workflow_scripts.merge_generation --config {input.config} --results {input.results}"
-        " --merged {output.results} > {log} 2>&1"
+        " --plan {input.plan} --merged {output.results} > {log} 2>&1"
 
 
 rule make_noise_images:

@@ -4,6 +4,7 @@ key written twice in a YAML file refused naming the file and both lines; `null` 
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,43 @@ def test_cyrillic_labels_get_a_unique_key_and_a_valid_file_name(tmp_path: Path) 
     assert slug("A chest X-ray with Mass") == "A_chest_X_ray_with_Mass"
     name = slug("Кардиомегалия")  # a validation image named after its label
     Image.new("L", (4, 4)).save(tmp_path / f"{name}.png")  # on main: '.png', "unknown file extension"
+
+
+# ----------------------------------------------------------------------------- round 3, the rest (robust-26b)
+
+
+def test_two_labels_with_one_file_key_are_refused_naming_both(capsys) -> None:
+    # NIH writes Pleural_Thickening; a hand-written vocabulary may add the spaced spelling beside it.
+    with pytest.raises(ConfigError, match=r"dataset.labels: 'Pleural Thickening' and 'Pleural_Thickening' get one file "
+                                          r"name 'Pleural_Thickening'"):
+        load_config([DEMO], ["dataset.labels=[Pleural Thickening, Pleural_Thickening, No Finding]"])
+    assert prepare_dataset.main(["--set", "dataset.labels=[Mass, mass, No Finding]", "--out-dir", "/nonexistent/out"]) == 2
+    assert "'Mass' and 'mass' get the file names 'Mass' and 'mass', one name on a case-insensitive filesystem" in capsys.readouterr().err
+
+
+def test_two_labels_that_look_alike_are_refused_showing_the_difference() -> None:
+    with pytest.raises(ConfigError, match=r"'\u0421ardiomegaly' \(character 1 is U\+0421 CYRILLIC CAPITAL LETTER ES\) and "
+                                          r"'Cardiomegaly' look the same on screen"):
+        load_config([DEMO], ["dataset.labels=[\u0421ardiomegaly, Cardiomegaly, No Finding]"])
+    load_config([DEMO], ["dataset.labels=[Кардиомегалия, Отёк, No Finding]"])  # another script is no clash
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("split:\n\tseed: 1\n", "config/config.yaml line 2, column 1: not valid YAML: found character '\\t' that cannot start "
+                            "any token (a tab: YAML indents with spaces only)"),
+    ("# every key commented out\n", "config/config.yaml: the config file is empty"),
+])
+def test_a_tab_indented_or_empty_config_file_is_refused_naming_file_and_line(tmp_path: Path, text: str, message: str) -> None:
+    # Snakemake reads the demo overlay (config/config.yaml of the working directory) itself, and says only
+    # "Config file is not valid JSON or YAML" / "must be given as JSON or YAML with keys at top level".
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(text)
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and message in result.stdout + result.stderr, result.stdout + result.stderr
+    assert (tmp_path / "config" / "config.yaml").read_text() == text
+    with pytest.raises(ConfigError, match=re.escape(message.replace("config/config.yaml", str(tmp_path / "config" / "config.yaml")))):
+        load_config([tmp_path / "config" / "config.yaml"])  # a stage's --config FILE: the same message
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(ConfigError, match="empty.yaml: the config file is empty"):
+        load_config([tmp_path / "empty.yaml"])

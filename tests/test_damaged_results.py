@@ -53,3 +53,51 @@ def test_a_finished_run_with_one_result_file_cut_short(tmp_path: Path, capsys, n
     assert re.search(message, err) and f"delete {run} and run Snakemake again" in err, err
     assert not (tmp_path / "out" / "comparison.md").exists()
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before
+
+
+def _generated_key(out: Path, key: str, count: int) -> Path:
+    """A label folder as generate_key leaves it: count PNGs (copies of a real film) and their list."""
+    import shutil
+
+    import pandas as pd
+
+    from conftest import SHARED_DATA
+    from workflow_scripts.tables import RESULT_COLUMNS
+
+    (out / key).mkdir(parents=True)
+    films = sorted((SHARED_DATA / "images").glob("*.png"))[:count]
+    rows = []
+    for index, film in enumerate(films):
+        shutil.copyfile(film, out / key / f"{key}_{index:04d}.png")
+        rows.append([str(out / key / f"{key}_{index:04d}.png"), f"A chest X-ray with {key}", key, index, 10, 7.5,
+                     "dpmsolver++", "results/lora/final", "float32", "cpu"])
+    pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(out / key / "generation_results.csv", index=False)
+    return out / key / "generation_results.csv"
+
+
+def _cut_last_line(path: Path) -> None:
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]))  # cut at a line boundary: every line whole, one image fewer
+
+
+@pytest.mark.parametrize("damage, message, plan", [
+    (cut_in_last_number, "its last line ends without a line break, so it was cut short", False),
+    (_cut_last_line, "it lists 3 images where the plan (results/synthetic/plan.csv) asks for 4", True),
+])
+def test_a_cut_per_label_generation_list_is_named_not_blamed_on_images_per_label(tmp_path: Path, capsys, damage,
+                                                                                message: str, plan: bool) -> None:
+    from workflow_scripts.merge_generation import main as merge_main
+
+    out = tmp_path / "synthetic"
+    lists = [_generated_key(out, key, 4) for key in ("Mass", "No_Finding")]
+    (out / "plan.csv").write_text("key,labels,prompt,count\nMass,Mass,A chest X-ray with Mass,4\n"
+                                  "No_Finding,No Finding,A chest X-ray with No Finding,4\n")
+    damage(lists[0])
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*")) if p.is_file()}
+    code = merge_main(["--config", str(REPO / "config" / "config.yaml"), "--results", *map(str, lists),
+                       *(["--plan", str(out / "plan.csv")] if plan else []), "--merged", str(out / "generation_results.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{lists[0]}: {message}" in err, err  # on main: merged; the classifier then said
+    assert "generate_label for Mass" in err and "images_per_label" not in err  # "raise generation.images_per_label"
+    assert not (out / "generation_results.csv").exists()
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before

@@ -227,7 +227,8 @@ def test_plan_and_merge_clis_write_what_the_generation_rules_read(trained, tmp_p
         assert generate(trained, out, "--label", label, "--plan", str(plan_csv), "--num-inference-steps", "1") == 0
     merged = tmp_path / "synthetic" / "generation_results.csv"
     parts = [str(out / label / "generation_results.csv") for label in ("Mass", "Effusion")]
-    assert merge_generation.main(["--config", str(trained["config_file"]), "--results", *parts, "--merged", str(merged)]) == 0
+    assert merge_generation.main(["--config", str(trained["config_file"]), "--results", *parts, "--plan", str(plan_csv),
+                                  "--merged", str(merged)]) == 0  # as the rule runs it: each list holds its planned count
     frame = pd.read_csv(merged)
     counts = dict(zip(expected["key"], expected["count"]))
     assert frame["labels"].tolist() == ["Mass"] * counts["Mass"] + ["Effusion"] * counts["Effusion"]

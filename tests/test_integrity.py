@@ -4,6 +4,7 @@ rebuilt or skipped with a note (the previous checkpoint used), never a traceback
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from pathlib import Path
 
@@ -99,3 +100,56 @@ def test_array_crc_sees_moved_rows_and_reads_in_chunks(monkeypatch) -> None:
     monkeypatch.setattr(integrity, "CHUNK_BYTES", 5)  # one row per chunk: the same CRC
     assert array_crc(array) == whole
     assert array_crc(array[[1, 0, 2, 3]]) != whole
+
+
+# ----------------------------------------------------------------------------- NaN latents (round 3, robust-26b)
+
+
+def test_nan_in_the_cached_latents_is_rebuilt_not_blamed_on_the_learning_rate(setup, finished, tmp_path, capsys) -> None:  # noqa: F811
+    from workflow_scripts.integrity import write_latent_check
+
+    out = copy_of(finished, tmp_path)
+    inputs = demo_hashes(setup)
+    [folder] = (out / "cache").glob("latents-*")
+    written = np.array(np.load(folder / "latents.npy"))
+    array = np.load(folder / "latents.npy", mmap_mode="r+")
+    array[:, 0, 0, 0, 0] = np.nan  # as an fp16 VAE that overflowed would have cached it: the CRC is of these bytes
+    array.flush()
+    del array
+    write_latent_check(folder)
+    checkpoints = {p.name: hashlib.sha256((p / "lora_unet.safetensors").read_bytes()).hexdigest()
+                   for p in list_checkpoints(out / "checkpoints")}
+    capsys.readouterr()
+    longer = run(setup, out, "training.max_train_steps=6")  # on main: "loss became nan ... try a lower learning_rate"
+    err = capsys.readouterr().err
+    assert f"latent cache {folder}: latents.npy holds NaN or infinite values for {len(written)} image(s); rebuilding it" in err
+    assert np.array_equal(np.load(folder / "latents.npy"), written) and longer["resumed_from"].endswith("checkpoint-4")
+    resumed = out / "checkpoints" / "checkpoint-4" / "lora_unet.safetensors"  # the good checkpoint stays where it was
+    assert hashlib.sha256(resumed.read_bytes()).hexdigest() == checkpoints["checkpoint-4"]
+    assert not list(out.glob("checkpoints_stale_*")) and demo_hashes(setup) == inputs
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_a_vae_giving_nan_latents_is_named_with_the_image_before_anything_is_cached(tmp_path, named: bool) -> None:
+    from types import SimpleNamespace
+
+    from workflow_scripts.errors import TrainingError
+    from workflow_scripts.lora_training import encode_latent_cache
+
+    class OverflowingVae:  # an fp16 VAE that overflows on one film
+        dtype = torch.float16
+
+        def encode(self, pixels):
+            mean = torch.zeros(len(pixels), 4, 2, 2)
+            mean[1, 0, 0, 0] = float("inf")
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=torch.ones_like(mean)))
+
+    def batches(rows):  # train_lora's batches name their images; the benchmark's do not
+        names = [[f"films/{i}.png" for i in rows]] if named else []
+        yield torch.zeros(len(rows), 3, 16, 16), ["A chest X-ray with Mass"] * len(rows), *names
+
+    shown = "films/1.png" if named else "image 1 of the split (file order)"
+    with pytest.raises(TrainingError, match=rf"NaN or infinite latents for 1 image\(s\) of a batch \({re.escape(shown)}\).*"
+                                            r"not the learning rate"):
+        encode_latent_cache(OverflowingVae(), batches, 3, 3, tmp_path / "latents-x", (4, 2, 2), torch.device("cpu"))
+    assert not (tmp_path / "latents-x").exists()  # on main: cached, then every loss NaN

@@ -23,6 +23,7 @@ import jsonschema
 import yaml
 
 from workflow_scripts.errors import ConfigError, run_stage
+from workflow_scripts.label_text import vocabulary_clashes
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
 
@@ -319,6 +320,10 @@ def _check_cross_field_rules(config: Mapping[str, Any]) -> None:
     if joined:
         raise ConfigError(f"dataset.labels: {joined} contain {LABEL_JOIN!r}, the character the split files join "
                           "labels with, so they would be read back as two labels; rename them (e.g. '_' for '|')")
+    clashes = vocabulary_clashes(dataset["labels"])
+    if clashes:
+        raise ConfigError("dataset.labels: " + "; ".join(clashes) + ". If two of them are one finding, keep one spelling "
+                          "(and write it so in the label file); otherwise rename one")
     for key in ("csv", "images"):
         if dataset[key].startswith("~"):
             raise ConfigError(f"dataset.{key}: {dataset[key]!r} starts with '~', which is not expanded to your home "
@@ -361,17 +366,28 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    if loaded is None:
-        return {}
+        raise ConfigError(_yaml_error(path, error)) from None
+    if loaded is None:  # Snakemake refuses such a file too, naming neither file nor line
+        raise ConfigError(f"{path}: the config file is empty (or holds only comments); write the keys to change, or "
+                          "leave the file out")
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return loaded
 
 
+def _yaml_error(path: str | Path, error: yaml.YAMLError) -> str:
+    """One line naming the file, the line and column, and what is wrong (a tab is the usual culprit)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if "\t" in problem or "'\\t'" in problem:
+        problem += " (a tab: YAML indents with spaces only)"
+    return f"{where}: not valid YAML: {problem}"
+
+
 def check_config_files(paths: Iterable[str | Path]) -> None:
-    """Snakemake has read these files with PyYAML already (a key written twice silently dropped):
-    read them again strictly, so that a duplicate key is refused naming the file and both lines."""
+    """Read config files strictly: a duplicate key (PyYAML keeps the last without a word), bad YAML
+    (a tab) or an empty file is refused naming the file and line, which Snakemake's reader does not."""
     for path in paths:
         read_config_file(path)
 

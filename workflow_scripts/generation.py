@@ -224,7 +224,9 @@ def generate_key(pipe, key: str, labels: list[str], prompt: str, count: int, out
         "steps": steps, "guidance": guidance, "scheduler": scheduler, "checkpoint": checkpoint,
         "dtype": str(pipe.unet.dtype).removeprefix("torch."), "device": device_name(device),
     }, columns=RESULT_COLUMNS)
-    results.to_csv(key_dir / "generation_results.csv", index=False)
+    partial = key_dir / "generation_results.csv.partial"  # written whole or not at all
+    results.to_csv(partial, index=False)
+    partial.replace(key_dir / "generation_results.csv")
     return results
 
 
@@ -306,8 +308,37 @@ def generate(config: dict[str, Any], jobs: Sequence[tuple[str, list[str], str, i
     return total
 
 
-def merge(csvs: Sequence[Path], merged: Path) -> pd.DataFrame:
-    """Step 3 (rule merge_generation): every key's generation_results.csv in one list, in the order given."""
+def key_results_problem(csv: Path, count: int | None) -> str | None:
+    """What shows a key's generation_results.csv cut short or damaged (generate_key writes it whole,
+    `count` rows, ending in a newline), or None. `count`: the plan's, where known."""
+    data = csv.read_bytes()
+    if not data.endswith(b"\n"):
+        return "its last line ends without a line break, so it was cut short"
+    try:
+        frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        return f"it is not a readable CSV ({str(error).splitlines()[0]})"
+    if list(frame.columns) != RESULT_COLUMNS:
+        return f"its columns are {list(frame.columns)}, not {RESULT_COLUMNS}"
+    empty = frame.index[(frame.drop(columns=["labels", "prompt"]) == "").any(axis=1)]  # labels: "" for a free prompt
+    if len(empty):
+        return f"line {empty[0] + 2} has empty cells"
+    if count is not None and len(frame) != count:
+        return f"it lists {len(frame)} images where the plan (results/synthetic/plan.csv) asks for {count}"
+    return None
+
+
+def merge(csvs: Sequence[Path], merged: Path, counts: dict[str, int] | None = None) -> pd.DataFrame:
+    """Step 3 (rule merge_generation): every key's generation_results.csv in one list, in the order
+    given. A list cut short or damaged is refused naming it and what re-makes it: its few rows
+    missing would otherwise surface only as a pool too small for an arm. `counts`: the plan's per key."""
+    for csv in csvs:
+        problem = key_results_problem(Path(csv), None if counts is None else counts.get(Path(csv).parent.name))
+        if problem:
+            raise GenerationError(
+                f"{csv}: {problem}; the list is damaged, not the generation settings. Delete it and re-run the "
+                f"workflow: Snakemake re-runs generate_label for {Path(csv).parent.name}, which keeps the images this LoRA "
+                "and these settings made and writes the list again")
     frames = [pd.read_csv(csv, dtype={"labels": str, "prompt": str}) for csv in csvs]
     result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_COLUMNS)
     merged.parent.mkdir(parents=True, exist_ok=True)

@@ -263,9 +263,15 @@ def _read_dicom(path: str | Path) -> Image.Image:
     if frames > 1:
         raise BadImageError(path, f"multi-frame DICOM ({frames} frames), not a single radiograph",
                             "export the single radiograph frame as its own file")
+    raw = _raw_dataset_syntax(ds)
     try:
         arr = ds.pixel_array
     except Exception as err:  # decoder boundary: missing codec, bad length, odd syntax...
+        if raw:
+            raise BadImageError(
+                path, f"DICOM without preamble and file meta information (no transfer syntax): read as {raw}, its "
+                f"pixel data does not decode ({type(err).__name__}: {err})",
+                "re-export it as a DICOM file (with the 128-byte preamble, 'DICM' and the file meta header)") from err
         raise BadImageError(
             path, f"cannot decode DICOM pixel data ({type(err).__name__}: {err})",
             "re-export the file; if it is compressed, install a decoder (pylibjpeg / python-gdcm)",
@@ -289,6 +295,23 @@ def _read_dicom(path: str | Path) -> Image.Image:
     if photometric == "MONOCHROME1":  # low values are white in MONOCHROME1
         out = 255 - out
     return _with_stored(Image.fromarray(out), np.asarray(values), "DICOM", window)
+
+
+def _raw_dataset_syntax(ds) -> str | None:
+    """For a DICOM written without preamble and file meta (older PACS exports; pydicom reads it with
+    force=True): set the transfer syntax its encoding shows and return its name, so that the pixels
+    decode. Such a file cannot hold compressed pixels (those need the file meta), so the syntax is
+    one of the uncompressed ones. None for a file with file meta."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if "TransferSyntaxUID" in ds.file_meta:
+        return None
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return None
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    ds.file_meta.TransferSyntaxUID = syntax
+    return syntax.name
 
 
 def _numbers(value) -> str:

@@ -6,7 +6,7 @@ rebuilt or skipped with a note instead of ending in a traceback or being used.
   memory-mapped file is never copied whole). A CRC, not a cryptographic hash: it guards against
   accidents (a cut file, a bad block, rows moved), at about twice sha256's speed.
 - `latent_cache_problem`: what is wrong with a latent cache folder (`latents.npy`, `prompts.json`,
-  `check.json` holding the CRC written with it), or None.
+  `check.json` holding the CRC written with it; a NaN or infinite latent), or None.
 - `checkpoint_problem` / `latest_intact`: what is wrong with a checkpoint folder (every JSON parses,
   every safetensors and `.pt` file loads), and the newest intact one of a list.
 """
@@ -53,7 +53,17 @@ def latent_cache_problem(folder: Path) -> str | None:
         return f"prompts.json lists {len(prompts) if isinstance(prompts, list) else 'no'} prompts for {len(array)} images"
     if check.get("crc32") != array_crc(array):
         return "latents.npy is not what was written (its CRC differs)"
+    nonfinite = nonfinite_rows(array)
+    if nonfinite:  # written so by an older version, which cached what the VAE gave: rebuilt, and checked then
+        return f"latents.npy holds NaN or infinite values for {nonfinite} image(s)"
     return None
+
+
+def nonfinite_rows(array: np.ndarray) -> int:
+    """How many rows (images) of `array` hold a NaN or infinite value, read in chunks."""
+    rows = max(1, CHUNK_BYTES // max(1, array[:1].nbytes))
+    return sum(int((~np.isfinite(np.asarray(array[start:start + rows]).reshape(min(rows, len(array) - start), -1))
+                    .all(axis=1)).sum()) for start in range(0, len(array), rows))
 
 
 def write_latent_check(folder: Path) -> None:

@@ -19,16 +19,18 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts.errors import DataError
+from workflow_scripts.label_text import looks_like, shown, shown_list
 
 SKIP_COLUMNS = ["source", "row", "path", "reason"]
 NIH_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 NIH_DEMOGRAPHICS = ("Patient Gender", "Patient Age")
 CHEXPERT_DEMOGRAPHICS = ("Sex", "Age")
-CHEXPERT_PATIENT = re.compile(r"patient(\d+)")
+CHEXPERT_PATIENT = re.compile(r"patient(\d+)")  # a whole path component: patient00001
 CHEXPERT_VIEW = re.compile(r"_(frontal|lateral)\.[a-z]+$", re.IGNORECASE)  # view1_frontal.jpg
 NIH_IMAGE_NAME = re.compile(r"^(\d+)_\d+\.png$", re.IGNORECASE)  # 00000075_000.png: patient 75, film 0
 DEMOGRAPHIC_COLUMNS = ("sex", "age")
 NO_FINDING = "No Finding"
+SUPPORT_DEVICES = "Support Devices"  # a CheXpert observation that is no pathology
 # Spellings of "no value" that pandas, R, Excel and hand edits leave in id cells: as empty as a blank.
 MISSING_SPELLINGS = frozenset({"nan", "none", "null", "na", "n/a", "#n/a", "nil", "<na>", "nat", "-", "?"})
 
@@ -53,8 +55,10 @@ def read_csv_checked(
         raise DataError(f"{csv_path}: is a folder, not a CSV file ({what}); point it at the file itself")
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: {what} not found{hint}")
+    above = leading_blank_lines(csv_path)
     try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skip_blank_lines=not keep_blank_lines)
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skip_blank_lines=not keep_blank_lines,
+                            skiprows=above)
     except pd.errors.EmptyDataError:
         raise DataError(f"{csv_path}: the file is empty (expected a header and one row per image)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
@@ -62,7 +66,9 @@ def read_csv_checked(
     header = _header(csv_path)
     missing = [column for column in required if column not in header]
     if missing:
-        raise DataError(f"{csv_path}: missing column(s) {missing}; found {header}{hint}")
+        lookalikes = [f"{shown(column)} is not {shown(twin)}" for column in missing if (twin := looks_like(column, header))]
+        raise DataError(f"{csv_path}: missing column(s) {shown_list(missing)}; found {shown_list(header)}{hint}"
+                        + (f" (a column only looks like it: {'; '.join(lookalikes)})" if lookalikes else ""))
     twice = sorted({column for column, count in Counter(header).items() if count > 1 and column in required})
     if twice:  # pandas would rename the second one 'x.1' and read the first without a word
         where = "; ".join(f"{column!r} in columns {[i + 1 for i, name in enumerate(header) if name == column]}"
@@ -72,33 +78,53 @@ def read_csv_checked(
     return frame
 
 
+def leading_blank_lines(csv_path: Path) -> int:
+    """How many blank (or whitespace-only) lines come before the header: they are skipped like every
+    blank line, and the header is the line after them."""
+    count = 0
+    with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        for line in handle:
+            if line.strip():
+                break
+            count += 1
+    return count
+
+
 def _header(csv_path: Path) -> list[str]:
     """The header row as written (pandas renames a repeated name 'x' to 'x.1')."""
     with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        for _ in range(leading_blank_lines(csv_path)):
+            handle.readline()
         return next(csv.reader(handle), [])
 
 
 def record_lines(csv_path: Path) -> list[int]:
-    """The line each data record starts on (header = line 1, blank lines counted as records, as
-    pandas reads them with skip_blank_lines=False): a quoted cell holding a newline spans lines."""
+    """The line each data record starts on (the file's first line is line 1; blank lines before the
+    header are skipped, blank lines after it counted as records, as pandas reads them with
+    skip_blank_lines=False): a quoted cell holding a newline spans lines."""
+    above = leading_blank_lines(csv_path)
     with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        for _ in range(above):
+            handle.readline()
         reader = csv.reader(handle)
         next(reader, None)
-        starts, end = [], reader.line_num
+        starts, end = [], above + reader.line_num
         for _ in reader:
             starts.append(end + 1)
-            end = reader.line_num
+            end = above + reader.line_num
     return starts
 
 
 def _read_label_file(csv_path: Path, required: Sequence[str], format_name: str, notes: list[str] | None) -> pd.DataFrame:
     frame = read_csv_checked(csv_path, required, "label file (dataset.csv)",
                              f". dataset.format '{format_name}' expects {list(required)}", keep_blank_lines=True)
-    # Line numbers as a user sees them in an editor (header is line 1), counted before blank lines
+    # Line numbers as a user sees them in an editor (the file's first line is line 1), counted before blank lines
     # are dropped and across quoted newlines, so that messages point at the right line. (Should the
     # csv module and pandas ever count records differently, rows fall back to index + 2.)
-    lines = record_lines(csv_path)
-    frame.insert(0, "row", lines if len(lines) == len(frame) else np.arange(2, len(frame) + 2))
+    lines, above = record_lines(csv_path), leading_blank_lines(csv_path)
+    if above:
+        note(f"{csv_path}: {above} blank line(s) before the header ignored (the header is line {above + 1})", notes)
+    frame.insert(0, "row", lines if len(lines) == len(frame) else np.arange(above + 2, above + len(frame) + 2))
     blank = (frame.drop(columns="row").apply(lambda column: column.str.strip()) == "").all(axis=1)
     if blank.any():
         inner = frame["row"][blank & (frame.index < np.flatnonzero(~blank).max(initial=-1))].tolist()
@@ -219,7 +245,15 @@ def _chexpert_labels(
     if uncertain and uncertain_policy == "positive":
         positive = [label for label in vocabulary if label in positive or label in uncertain]
     if NO_FINDING in positive and len(positive) > 1:
-        positive.remove(NO_FINDING)  # a finding wins over a contradictory "No Finding"
+        # CheXpert marks No Finding only where no pathology is positive or uncertain; Support Devices
+        # is no pathology, so "No Finding" beside it stands (the device is the label). Beside a finding
+        # the row contradicts itself: which one is true is unknown.
+        findings = [label for label in positive if label not in (NO_FINDING, SUPPORT_DEVICES)]
+        if findings:
+            raise DataError(f"{csv_path} line {record['row']} ({record['Path'].strip()}): 'No Finding' is positive "
+                            f"together with finding(s) {findings}; which is true is unknown. Correct the row (No Finding "
+                            "blank or 0, or the findings)")
+        positive.remove(NO_FINDING)
     return positive, uncertain
 
 
@@ -233,6 +267,14 @@ def _chexpert_view(csv_path: Path, row: int, path: str, view: str) -> str:
                         "name does not say the view (..._frontal.jpg / ..._lateral.jpg); write Frontal or Lateral, "
                         "or set dataset.frontal_only: false")
     return view
+
+
+def chexpert_patient_folder(path: str) -> re.Match[str] | None:
+    """The match of the path's last component that is exactly `patientNNNNN` (CheXpert's
+    .../patient00001/study1/view1_frontal.jpg), or None. The last, and whole: a folder above the
+    tree (`/data/patient2_backup/CheXpert-v1.0/...`) must not make every film patient 2."""
+    parts = re.split(r"[\\/]", path)
+    return next((match for part in reversed(parts) if (match := CHEXPERT_PATIENT.fullmatch(part))), None)
 
 
 def read_chexpert(
@@ -271,7 +313,7 @@ def read_chexpert(
             skipped.append((record["row"], record["Path"], reason))
         labels_per_row.append(positive)
     paths = frame["Path"].str.strip()
-    matches = [CHEXPERT_PATIENT.search(path) for path in paths]
+    matches = [chexpert_patient_folder(path) for path in paths]
     orphans = [row for row, match, kept in zip(frame["row"], matches, keep) if kept and not match]
     if orphans:
         note(f"{csv_path}: {len(orphans)} path(s) have no patientNNNNN folder (first: line {orphans[0]}); each "
@@ -357,9 +399,12 @@ def check_rows(frame: pd.DataFrame, vocabulary: Sequence[str], csv_path: Path) -
             raise DataError(f"{where}: no label (use 'No Finding' for normal images if it is in dataset.labels)")
         unknown = [label for label in record.labels if label not in known]
         if unknown:
+            lookalikes = [f"{shown(label)} is not {shown(twin)}" for label in unknown
+                          if (twin := looks_like(label, vocabulary))]
             raise DataError(
-                f"{where}: unknown label(s) {unknown}; dataset.labels is {list(vocabulary)}. "
-                "Add the label to dataset.labels or correct the row"
+                f"{where}: unknown label(s) {shown_list(unknown)}; dataset.labels is {shown_list(vocabulary)}. "
+                + (f"It only looks like a label of dataset.labels: {'; '.join(lookalikes)}. " if lookalikes else "")
+                + "Add the label to dataset.labels or correct the row"
             )
         if NO_FINDING in record.labels and len(record.labels) > 1:
             raise DataError(f"{where}: 'No Finding' together with findings {record.labels}")

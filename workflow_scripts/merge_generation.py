@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.errors import run_stage
 from workflow_scripts.generation import merge
@@ -21,9 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     parser.add_argument("--results", nargs="*", type=Path, default=[], metavar="CSV", help="per-label generation_results.csv files")
     parser.add_argument("--merged", type=Path, default=Path("results/synthetic/generation_results.csv"), help="the list to write")
+    parser.add_argument("--plan", type=Path, help="plan.csv: each list must hold its key's planned count (a cut list is refused)")
     args = parser.parse_args(argv)
     config_from_args(args, "merge_generation")  # a bad configuration is refused here as in every stage
-    merged = merge(args.results, args.merged)
+    counts = None
+    if args.plan:
+        plan = pd.read_csv(args.plan, dtype={"key": str})
+        counts = dict(zip(plan["key"], plan["count"].astype(int)))
+    merged = merge(args.results, args.merged, counts)
     print(f"merged {len(merged)} images from {len(args.results)} label(s) into {args.merged}")
     return 0
 

@@ -45,8 +45,17 @@ def check_images_root(root: Path) -> None:
 
 
 def _files_by_name(root: Path) -> dict[str, list[Path]]:
+    """Every file below `root` by name. Symlinked folders are followed (NIH's images_001 is often a
+    link to another disk), each real folder once: a link back up the tree is no endless walk, and a
+    folder reached by two links does not make every file two candidates."""
     by_name: dict[str, list[Path]] = {}
-    for folder, _, files in os.walk(root):
+    seen: set[str] = set()
+    for folder, folders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
         for name in files:
             by_name.setdefault(name, []).append(Path(folder) / name)
     return by_name

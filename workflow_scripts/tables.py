@@ -22,6 +22,7 @@ from PIL import Image
 
 from workflow_scripts import config
 from workflow_scripts.errors import DataError
+from workflow_scripts.label_text import file_key  # noqa: F401 (re-exported: stages import it from here)
 from workflow_scripts.labels import read_csv_checked
 
 SPLITS = ("train", "val", "test", "reserve")  # reserve: patients kept for the more_real control (study.py)
@@ -31,20 +32,6 @@ RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "sche
 
 
 # ----------------------------------------------------------------------------- splits
-
-
-def file_key(text: str) -> str:
-    """A file- and wildcard-safe ASCII name for a label or prompt, unique per text: `No Finding` ->
-    `No_Finding` (kept readable where that loses nothing but spaces); any other text (Cyrillic, a
-    homoglyph, punctuation that would merge two labels) -> its ASCII letters and digits plus 8 hex
-    digits of its sha256: `Кардиомегалия` -> `label_4c1b…`, `Сardiomegaly` (Cyrillic С) -> `ardiomegaly_…`."""
-    import hashlib
-    import re
-
-    ascii_part = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
-    if ascii_part and ascii_part == re.sub(r"\s+", "_", text.strip()):
-        return ascii_part
-    return f"{ascii_part or 'label'}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def make_prompt(labels: Sequence[str], template: str = "A chest X-ray with {labels}") -> str:

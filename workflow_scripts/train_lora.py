@@ -3,8 +3,8 @@
     python -m workflow_scripts.train_lora --config config/config.yaml [--resume latest|none|PATH]
     accelerate launch --multi_gpu --num_processes 4 -m workflow_scripts.train_lora --config ...
 
-The pieces live in `workflow_scripts.lora_training` (shared with the benchmark); `train_steps` below is
-the loop, top to bottom. The phases:
+The pieces live in `workflow_scripts.lora_training` (shared with the benchmark), the latent cache in
+`latent_cache` and the checkpoints in `lora_checkpoints`; `train_steps` below is the loop, top to bottom. The phases:
 1. build the trainable model: base model (hub id, local diffusers folder, or the offline `tiny`
    model) frozen, LoRA (peft) on the UNet attention projections (optionally the text encoder);
 2. the latent cache: every training image encoded to its VAE latent distribution once, each process
@@ -27,58 +27,30 @@ import argparse
 import json
 import math
 import os
-import random
-import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from workflow_scripts.errors import TrainingError, run_stage
 from workflow_scripts.base_model import DEFAULT_TINY_DIR, load_components
-from workflow_scripts.config import add_config_arguments, config_from_args, config_hash, result_config, result_hash
+from workflow_scripts.config import add_config_arguments, config_from_args, config_hash, result_hash
 from workflow_scripts.faults import maybe_fail
-from workflow_scripts.integrity import checkpoint_problem, latest_intact
-from workflow_scripts.lora_training import (COMPUTE_DTYPES, GIB, LOG_EVERY, RESUMABLE_TRAINING_KEYS, BatchOrder, Denoiser,
+from workflow_scripts.lora_training import (COMPUTE_DTYPES, GIB, LOG_EVERY, BatchOrder, Denoiser,
                                             LatentCache, LoraSpec, Prompts, Trainable, build_trainable_model,
                                             encode_latent_cache, gpu_levers, hardware_settings, latent_shape,
                                             library_versions, make_optimizer, micro_batch_loss, optimize, set_train_mode,
                                             total_optimizer_steps, write_lora)
+from workflow_scripts.lora_checkpoints import (CHECKPOINT_PREFIX, Position, choose_checkpoint,  # noqa: F401 (re-exported)
+                                               list_checkpoints, load_checkpoint, load_trainable_state, restore_rng,
+                                               resume_fingerprint, save_checkpoint, trainable_state)
 from workflow_scripts.lora_validation import ValLoss, best_step, plot_losses, run_validation
 from workflow_scripts.tables import Splits, add_split_arguments, split_path, splits_from_args
-
-CHECKPOINT_PREFIX = "checkpoint-"
-
-
-@dataclass
-class Position:
-    """Where training stands, in micro-batches: everything else derives from it."""
-
-    micro_step: int = 0
-    images_seen: int = 0
-    train_seconds: float = 0.0
-    val_loss: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss"} at step 0 and every checkpoint
-    train_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last log)
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: param.detach().cpu().clone() for name, param in model.named_parameters() if param.requires_grad}
-
-
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = [name for name in state if name not in params]
-    if missing:
-        raise TrainingError(f"checkpoint holds weights the model lacks, e.g. {missing[0]}")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
 
 
 # ----------------------------------------------------------------------------- data
@@ -91,7 +63,7 @@ def train_data_hash(data_dir: Splits) -> str:
 
 
 def image_batches(data_dir: Path, resolution: int, crop: str, batch_size: int, split: str = "train"):
-    """The number of images of `split`, and `batches(rows)`: (pixels, prompts) of those rows, in file order."""
+    """The number of images of `split`, and `batches(rows)`: (pixels, prompts, paths) of those rows, in file order."""
     from torch.utils.data import DataLoader, Subset
 
     from workflow_scripts.xray_dataset import XrayPromptDataset
@@ -101,122 +73,9 @@ def image_batches(data_dir: Path, resolution: int, crop: str, batch_size: int, s
 
     def batches(rows: range):
         loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=workers)
-        return ((batch["pixel_values"], batch["prompt"]) for batch in loader)
+        return ((batch["pixel_values"], batch["prompt"], batch["path"]) for batch in loader)
 
     return len(dataset), batches
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    found = [p for p in checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*") if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
-
-
-def resume_fingerprint(config: dict[str, Any], source: str, data_hash: str, world_size: int) -> dict[str, Any]:
-    """What must be equal for a checkpoint to continue this run: the result-defining keys of `model:`
-    and `training:` less RESUMABLE_TRAINING_KEYS (epochs, step limits, saving, validation,
-    determinism), the resolved base model (for model.pretrained), the training data (for the data
-    sections) and the number of processes."""
-    defining = result_config(config, "train_lora", ignore=("dataset", "split", "balance", "prompt", "model.pretrained",
-                                                           *RESUMABLE_TRAINING_KEYS))
-    return {"base_model": source, **defining["model"], **defining["training"], "train_data": data_hash,
-            "processes": world_size}
-
-
-def save_checkpoint(checkpoints_dir: Path, step: int, models: dict[str, torch.nn.Module], optimizer, lr_scheduler,
-                    accelerator, position: Position, fingerprint: dict[str, Any], keep: int,
-                    protect: int | None = None) -> Path:
-    """Write checkpoint-<step> atomically: a run killed mid-save leaves only a `.partial` folder,
-    which is ignored and cleared, and the previous checkpoint stays usable."""
-    from safetensors.torch import save_file
-
-    final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}"
-    partial = checkpoints_dir / f"{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for name, model in models.items():
-        save_file(trainable_state(accelerator.unwrap_model(model)), partial / f"lora_{name}.safetensors")
-    maybe_fail("checkpoint_save")
-    # Also in diffusers' format, so any checkpoint can be sampled (generate_xrays --checkpoint checkpoint-N).
-    write_lora(partial, accelerator.unwrap_model(models["unet"]),
-               accelerator.unwrap_model(models["text_encoder"]) if "text_encoder" in models else None)
-    torch.save({
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }, partial / "training_state.pt")
-    (partial / "position.json").write_text(json.dumps({"step": step, **asdict(position), "fingerprint": fingerprint}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    for old in list_checkpoints(checkpoints_dir)[:-keep]:
-        if old.name != f"{CHECKPOINT_PREFIX}{protect}":  # the lowest val loss stays for select_checkpoint: val_loss
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def choose_checkpoint(checkpoints_dir: Path, resume: str, fingerprint: dict[str, Any]) -> Path | None:
-    """The checkpoint to resume from: `latest` (default), `none`, or a path. A checkpoint made under
-    another configuration is never used silently: its folder is moved aside and training starts fresh."""
-    for partial in checkpoints_dir.glob("*.partial"):
-        shutil.rmtree(partial, ignore_errors=True)  # a save that was killed midway
-    if resume == "none":
-        return None
-    if resume == "latest":
-        found = list_checkpoints(checkpoints_dir)
-        if not found:
-            return None
-        chosen = latest_intact(found)  # a damaged checkpoint is moved aside with a note: the previous one is used
-        if chosen is None:
-            return None
-    else:
-        chosen = Path(resume)
-        if not (chosen / "position.json").is_file():
-            raise TrainingError(f"--resume {resume}: not a checkpoint folder (no position.json)")
-        if problem := checkpoint_problem(chosen):
-            raise TrainingError(f"--resume {resume}: the checkpoint is damaged: {problem}")
-    recorded = json.loads((chosen / "position.json").read_text())["fingerprint"]
-    differences = {key: (recorded.get(key), value) for key, value in fingerprint.items() if recorded.get(key) != value}
-    if not differences:
-        return chosen
-    if resume != "latest":
-        raise TrainingError(f"--resume {resume}: made under another configuration: "
-                            + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in differences.items()))
-    stale = checkpoints_dir.parent / f"checkpoints_stale_{time.strftime('%Y%m%d-%H%M%S')}"
-    os.replace(checkpoints_dir, stale)
-    checkpoints_dir.mkdir()
-    print("note: the checkpoints in " + str(checkpoints_dir) + " were made under another configuration ("
-          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differences.items())
-          + f"); moved them to {stale} and starting fresh", file=sys.stderr)
-    return None
-
-
-def restore_rng(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizer, lr_scheduler, accelerator) -> Position:
-    from safetensors.torch import load_file
-
-    for name, model in models.items():
-        load_trainable_state(accelerator.unwrap_model(model), load_file(path / f"lora_{name}.safetensors"))
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if accelerator.scaler is not None and state["scaler"] is not None:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    restore_rng(state["rng"])
-    recorded = json.loads((path / "position.json").read_text())
-    return Position(recorded["micro_step"], recorded["images_seen"], recorded["train_seconds"],
-                    recorded.get("val_loss", []), [tuple(pair) for pair in recorded.get("train_loss", [])])
 
 
 # ----------------------------------------------------------------------------- run
@@ -421,8 +280,9 @@ def train_steps(run: Run, position: Position, last_saved: Path | None, output_di
         loss_sum, loss_count = torch.zeros_like(loss_sum), 0
         if not math.isfinite(last_loss):
             kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
-            raise TrainingError(f"loss became {last_loss} by step {step}; training stopped and {kept}. Try a lower "
-                                "training.learning_rate, bf16 instead of fp16, or a smaller training.max_grad_norm")
+            raise TrainingError(f"loss became {last_loss} by step {step}; training stopped and {kept}. The cached "
+                                "latents are finite (checked as they were cached), so training itself diverged: try a "
+                                "lower training.learning_rate, bf16 instead of fp16, or a smaller training.max_grad_norm")
         speed = (position.images_seen - logged[0]) / max(position.train_seconds - logged[1], 1e-9)
         logged = (position.images_seen, position.train_seconds)
         position.train_loss.append((step, round(last_loss, 6)))
