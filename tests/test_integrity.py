@@ -13,7 +13,7 @@ import torch
 from test_train_lora import final_weights, run, setup  # noqa: F401 (setup: the module's fixture)
 
 from workflow_scripts.integrity import array_crc, checkpoint_problem
-from workflow_scripts.train_lora import list_checkpoints
+from workflow_scripts.lora_checkpoints import list_checkpoints
 
 
 def cut(path: Path) -> None:

@@ -3,22 +3,24 @@
     python -m workflow_scripts.train_lora --config config/config.yaml [--resume latest|none|PATH]
     accelerate launch --multi_gpu --num_processes 4 -m workflow_scripts.train_lora --config ...
 
-The pieces live in `workflow_scripts.lora_training` (shared with the benchmark); `train_steps` below is
-the loop, top to bottom. The phases:
-1. build the trainable model: base model (hub id, local diffusers folder, or the offline `tiny`
-   model) frozen, LoRA (peft) on the UNet attention projections (optionally the text encoder);
-2. the latent cache: every training image encoded to its VAE latent distribution once, each process
+The whole run reads top to bottom in this file; the model and its loss are in `lora_model`, the
+latent cache in `latent_cache`, checkpoints and the exported LoRA in `lora_checkpoints`, the val
+loss and validation images in `lora_validation`. The phases, in the order of the code:
+1. config and device: `train` picks the device and the `hardware:` levers that apply there;
+2. models (`setup_run`): base model (hub id, local diffusers folder, or the offline `tiny` model)
+   frozen, LoRA (peft) on the UNet attention projections (optionally the text encoder);
+3. the latent cache: every training image encoded to its VAE latent distribution once, each process
    encoding its share (fp16, memory-mapped; on the device when it fits `hardware.latent_cache_device_budget_gb`, else
    gathered per batch from host memory), and every distinct prompt once;
-3. steps: all randomness of a micro-step (latent sample, noise, timestep) comes from a generator
-   seeded by (seed, micro-step, rank), and each epoch's order from (seed, epoch): a run resumed from
-   any checkpoint follows the very same path as one never stopped;
-4. at an optimizer step: every `save_steps` an atomic checkpoint (LoRA weights, optimizer, LR
+4. the loop (`train_steps`): all randomness of a micro-step (latent sample, noise, timestep) comes
+   from a generator seeded by (seed, micro-step, rank), and each epoch's order from (seed, epoch): a
+   run resumed from any checkpoint follows the very same path as one never stopped. The host reads
+   the loss back only every LOG_EVERY steps (progress bar, NaN check, TensorBoard);
+5. at an optimizer step: every `save_steps` an atomic checkpoint (LoRA weights, optimizer, LR
    scheduler, scaler, RNG, position) in results/lora/checkpoints/ — not a Snakemake output, so it
    survives failures and re-runs resume from it; every `validation_steps` sample images into TensorBoard;
-5. the final write: `final/pytorch_lora_weights.safetensors` (`StableDiffusionPipeline.load_lora_weights(dir)`),
+6. the final write (`write_final`): `final/pytorch_lora_weights.safetensors` (`StableDiffusionPipeline.load_lora_weights(dir)`),
    `final/lora_kohya.safetensors` (WebUI / ComfyUI) and `final/training_summary.json`.
-The host reads the loss back only every LOG_EVERY steps (progress bar, NaN check, TensorBoard).
 """
 
 from __future__ import annotations
@@ -27,208 +29,33 @@ import argparse
 import json
 import math
 import os
-import random
-import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.errors import TrainingError, run_stage
 from workflow_scripts.base_model import DEFAULT_TINY_DIR, load_components
-from workflow_scripts.config import add_config_arguments, config_from_args, config_hash, result_config, result_hash
+from workflow_scripts.config import add_config_arguments, config_from_args, config_hash, result_hash
+from workflow_scripts.errors import TrainingError, run_stage
 from workflow_scripts.faults import maybe_fail
-from workflow_scripts.integrity import checkpoint_problem, latest_intact
-from workflow_scripts.lora_training import (COMPUTE_DTYPES, GIB, LOG_EVERY, RESUMABLE_TRAINING_KEYS, BatchOrder, Denoiser,
-                                            LatentCache, LoraSpec, Prompts, Trainable, build_trainable_model,
-                                            encode_latent_cache, gpu_levers, hardware_settings, latent_shape,
-                                            library_versions, make_optimizer, micro_batch_loss, optimize, set_train_mode,
-                                            total_optimizer_steps, write_lora)
+from workflow_scripts.hardware import DTYPES, gpu_levers, hardware_settings
+from workflow_scripts.latent_cache import GIB, LatentCache, encode_latent_cache, latent_shape
+from workflow_scripts.lora_checkpoints import (CHECKPOINT_PREFIX, Position, choose_checkpoint, load_checkpoint,
+                                               load_lora_state, resume_fingerprint, save_checkpoint, write_lora)
+from workflow_scripts.lora_model import (Denoiser, LoraSpec, Prompts, Trainable, build_trainable_model, diffusion_loss,
+                                         library_versions, make_optimizer, set_train_mode)
 from workflow_scripts.lora_validation import ValLoss, best_step, plot_losses, run_validation
 from workflow_scripts.tables import Splits, add_split_arguments, split_path, splits_from_args
 
-CHECKPOINT_PREFIX = "checkpoint-"
+LOG_EVERY = 10  # optimizer steps between host syncs
 
 
-@dataclass
-class Position:
-    """Where training stands, in micro-batches: everything else derives from it."""
-
-    micro_step: int = 0
-    images_seen: int = 0
-    train_seconds: float = 0.0
-    val_loss: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss"} at step 0 and every checkpoint
-    train_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last log)
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: param.detach().cpu().clone() for name, param in model.named_parameters() if param.requires_grad}
-
-
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = [name for name in state if name not in params]
-    if missing:
-        raise TrainingError(f"checkpoint holds weights the model lacks, e.g. {missing[0]}")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def train_data_hash(data_dir: Splits) -> str:
-    import hashlib
-
-    return hashlib.sha256(split_path(data_dir, "train").read_bytes()).hexdigest()[:16]
-
-
-def image_batches(data_dir: Path, resolution: int, crop: str, batch_size: int, split: str = "train"):
-    """The number of images of `split`, and `batches(rows)`: (pixels, prompts) of those rows, in file order."""
-    from torch.utils.data import DataLoader, Subset
-
-    from workflow_scripts.xray_dataset import XrayPromptDataset
-
-    dataset = XrayPromptDataset(data_dir, resolution, split=split, crop=crop)
-    workers = min(4, os.cpu_count() or 1) if len(dataset) > 256 else 0
-
-    def batches(rows: range):
-        loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=workers)
-        return ((batch["pixel_values"], batch["prompt"]) for batch in loader)
-
-    return len(dataset), batches
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    found = [p for p in checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*") if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
-
-
-def resume_fingerprint(config: dict[str, Any], source: str, data_hash: str, world_size: int) -> dict[str, Any]:
-    """What must be equal for a checkpoint to continue this run: the result-defining keys of `model:`
-    and `training:` less RESUMABLE_TRAINING_KEYS (epochs, step limits, saving, validation,
-    determinism), the resolved base model (for model.pretrained), the training data (for the data
-    sections) and the number of processes."""
-    defining = result_config(config, "train_lora", ignore=("dataset", "split", "balance", "prompt", "model.pretrained",
-                                                           *RESUMABLE_TRAINING_KEYS))
-    return {"base_model": source, **defining["model"], **defining["training"], "train_data": data_hash,
-            "processes": world_size}
-
-
-def save_checkpoint(checkpoints_dir: Path, step: int, models: dict[str, torch.nn.Module], optimizer, lr_scheduler,
-                    accelerator, position: Position, fingerprint: dict[str, Any], keep: int,
-                    protect: int | None = None) -> Path:
-    """Write checkpoint-<step> atomically: a run killed mid-save leaves only a `.partial` folder,
-    which is ignored and cleared, and the previous checkpoint stays usable."""
-    from safetensors.torch import save_file
-
-    final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}"
-    partial = checkpoints_dir / f"{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for name, model in models.items():
-        save_file(trainable_state(accelerator.unwrap_model(model)), partial / f"lora_{name}.safetensors")
-    maybe_fail("checkpoint_save")
-    # Also in diffusers' format, so any checkpoint can be sampled (generate_xrays --checkpoint checkpoint-N).
-    write_lora(partial, accelerator.unwrap_model(models["unet"]),
-               accelerator.unwrap_model(models["text_encoder"]) if "text_encoder" in models else None)
-    torch.save({
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }, partial / "training_state.pt")
-    (partial / "position.json").write_text(json.dumps({"step": step, **asdict(position), "fingerprint": fingerprint}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    for old in list_checkpoints(checkpoints_dir)[:-keep]:
-        if old.name != f"{CHECKPOINT_PREFIX}{protect}":  # the lowest val loss stays for select_checkpoint: val_loss
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def choose_checkpoint(checkpoints_dir: Path, resume: str, fingerprint: dict[str, Any]) -> Path | None:
-    """The checkpoint to resume from: `latest` (default), `none`, or a path. A checkpoint made under
-    another configuration is never used silently: its folder is moved aside and training starts fresh."""
-    for partial in checkpoints_dir.glob("*.partial"):
-        shutil.rmtree(partial, ignore_errors=True)  # a save that was killed midway
-    if resume == "none":
-        return None
-    if resume == "latest":
-        found = list_checkpoints(checkpoints_dir)
-        if not found:
-            return None
-        chosen = latest_intact(found)  # a damaged checkpoint is moved aside with a note: the previous one is used
-        if chosen is None:
-            return None
-    else:
-        chosen = Path(resume)
-        if not (chosen / "position.json").is_file():
-            raise TrainingError(f"--resume {resume}: not a checkpoint folder (no position.json)")
-        if problem := checkpoint_problem(chosen):
-            raise TrainingError(f"--resume {resume}: the checkpoint is damaged: {problem}")
-    recorded = json.loads((chosen / "position.json").read_text())["fingerprint"]
-    differences = {key: (recorded.get(key), value) for key, value in fingerprint.items() if recorded.get(key) != value}
-    if not differences:
-        return chosen
-    if resume != "latest":
-        raise TrainingError(f"--resume {resume}: made under another configuration: "
-                            + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in differences.items()))
-    stale = checkpoints_dir.parent / f"checkpoints_stale_{time.strftime('%Y%m%d-%H%M%S')}"
-    os.replace(checkpoints_dir, stale)
-    checkpoints_dir.mkdir()
-    print("note: the checkpoints in " + str(checkpoints_dir) + " were made under another configuration ("
-          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differences.items())
-          + f"); moved them to {stale} and starting fresh", file=sys.stderr)
-    return None
-
-
-def restore_rng(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizer, lr_scheduler, accelerator) -> Position:
-    from safetensors.torch import load_file
-
-    for name, model in models.items():
-        load_trainable_state(accelerator.unwrap_model(model), load_file(path / f"lora_{name}.safetensors"))
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if accelerator.scaler is not None and state["scaler"] is not None:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    restore_rng(state["rng"])
-    recorded = json.loads((path / "position.json").read_text())
-    return Position(recorded["micro_step"], recorded["images_seen"], recorded["train_seconds"],
-                    recorded.get("val_loss", []), [tuple(pair) for pair in recorded.get("train_loss", [])])
-
-
-# ----------------------------------------------------------------------------- run
-
-
-def peak_memory_bytes(device: torch.device) -> dict[str, int]:
-    import resource
-
-    peak = {"host_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if device.type == "cuda":
-        peak["gpu_max_allocated"] = torch.cuda.max_memory_allocated(device)
-    return peak
+# ----------------------------------------------------------------------------- 1. config and device
 
 
 def train(config: dict[str, Any], data_dir: Splits, output_dir: Path, tiny_dir: Path, resume: str = "latest") -> dict[str, Any]:
@@ -275,6 +102,7 @@ class Run:
 
 def _train(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: Path, resume: str,
            levers: dict[str, bool]) -> dict[str, Any]:
+    """The phases in order: models and cache, the checkpoint to resume from, the loop, the final write."""
     run = setup_run(config, data_dir, output_dir, tiny_dir, levers)
     start_from = choose_start(run, resume)
     position = (load_checkpoint(start_from, run.trainable.models, run.optimizer, run.lr_scheduler, run.accelerator)
@@ -288,8 +116,11 @@ def _train(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: P
     return summary
 
 
+# ----------------------------------------------------------------------------- 2. models and 3. the cache
+
+
 def setup_run(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: Path, levers: dict[str, bool]) -> Run:
-    """Phases 1 and 2: the trainable model, the latent cache, prompts, optimizer and schedule."""
+    """Phases 2 and 3: the trainable model, the latent cache, prompts, optimizer and schedule."""
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
@@ -299,7 +130,7 @@ def setup_run(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir
         raise TrainingError("training.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
     accelerator = Accelerator(mixed_precision=training["mixed_precision"], gradient_accumulation_steps=spec.accumulation)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    weight_dtype = COMPUTE_DTYPES[training["mixed_precision"]]
+    weight_dtype = DTYPES["fp32" if training["mixed_precision"] == "no" else training["mixed_precision"]]
 
     components = load_components(model_cfg["pretrained"], tiny_dir)
     trainable = build_trainable_model(components, spec, levers, device, weight_dtype)
@@ -369,6 +200,96 @@ def build_val_loss(config: dict[str, Any], data_dir: Splits, output_dir: Path, c
     return ValLoss.build(cache, prompts, components.vae.config.scaling_factor, spec.seed, spec.batch_size)
 
 
+def train_data_hash(data_dir: Splits) -> str:
+    import hashlib
+
+    return hashlib.sha256(split_path(data_dir, "train").read_bytes()).hexdigest()[:16]
+
+
+def image_batches(data_dir: Path, resolution: int, crop: str, batch_size: int, split: str = "train"):
+    """The number of images of `split`, and `batches(rows)`: (pixels, prompts) of those rows, in file order."""
+    from torch.utils.data import DataLoader, Subset
+
+    from workflow_scripts.xray_dataset import XrayPromptDataset
+
+    dataset = XrayPromptDataset(data_dir, resolution, split=split, crop=crop)
+    workers = min(4, os.cpu_count() or 1) if len(dataset) > 256 else 0
+
+    def batches(rows: range):
+        loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=workers)
+        return ((batch["pixel_values"], batch["prompt"]) for batch in loader)
+
+    return len(dataset), batches
+
+
+def total_optimizer_steps(training: dict[str, Any], batches_per_epoch: int) -> int:
+    accumulation = training["gradient_accumulation_steps"]
+    return training["max_train_steps"] or math.ceil(training["num_train_epochs"] * batches_per_epoch / accumulation)
+
+
+# ----------------------------------------------------------------------------- 4. one micro-step
+
+
+def epoch_order(num_images: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_images, generator=generator)
+
+
+def step_generator(seed: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + micro_step) * 64 + rank)
+
+
+class BatchOrder:
+    """The images of each micro-step: every epoch a permutation seeded by (seed, epoch), dealt out
+    batch by batch to the processes in turn. An epoch's order is computed once and kept on the
+    device: no per-step host work in device mode."""
+
+    def __init__(self, num_images: int, seed: int, batch_size: int, device: torch.device, rank: int = 0, world: int = 1):
+        self.num_images, self.seed, self.batch_size, self.device = num_images, seed, batch_size, device
+        self.rank, self.world = rank, world
+        self.batches_per_epoch = num_images // (batch_size * world)
+        self._epoch: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's images at `micro_step`, on the device and on the host."""
+        epoch, slot = divmod(micro_step, self.batches_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = epoch_order(self.num_images, self.seed, epoch)
+            self._epoch = (epoch, order, order.to(self.device))
+        start = (slot * self.world + self.rank) * self.batch_size
+        return self._epoch[2][start:start + self.batch_size], self._epoch[1][start:start + self.batch_size]
+
+
+def micro_batch_loss(denoiser: Denoiser, spec: LoraSpec, cache: LatentCache, prompts: Prompts,
+                     indices: tuple[torch.Tensor, torch.Tensor], micro_step: int, rank: int = 0) -> torch.Tensor:
+    """The loss of a micro-step's images (`BatchOrder`): latents sampled from the cached distribution,
+    noise and timesteps from a generator seeded by (seed, micro-step, rank)."""
+    device = cache.device
+    generator = step_generator(spec.seed, micro_step, rank, device)
+    mean, std = cache.gather(*indices)
+    latents = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * denoiser.scaling  # fp32
+    with denoiser.autocast():
+        if prompts.embeds is not None:
+            embeds = prompts.embeds[prompts.index[indices[0]]]
+        else:
+            embeds = denoiser.text_encoder(prompts.ids[prompts.index[indices[0]]])[0]
+        return diffusion_loss(denoiser.unet, denoiser.noise_scheduler, latents, embeds, generator, spec.snr_gamma,
+                              spec.noise_offset)
+
+
+def optimize(accelerator, params: list[torch.nn.Parameter], optimizer, loss: torch.Tensor, max_grad_norm: float) -> None:
+    """Backward, and at the end of an accumulation window clip and step (inside `accelerator.accumulate`,
+    accelerate's optimizer steps only then)."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------- 4. the loop and 5. checkpoints
+
+
 def choose_start(run: Run, resume: str) -> Path | None:
     """The checkpoint every process resumes from (the main process chooses; None: start fresh)."""
     accelerator = run.accelerator
@@ -382,7 +303,7 @@ def choose_start(run: Run, resume: str) -> Path | None:
 
 
 def train_steps(run: Run, position: Position, last_saved: Path | None, output_dir: Path) -> float:
-    """Phases 3 and 4, the loop: accumulate micro-batches, step; then, where due, read the loss back
+    """Phases 4 and 5, the loop: accumulate micro-batches, step; then, where due, read the loss back
     (the one host sync), log, checkpoint and validate. Returns the last loss read."""
     accelerator, spec, training = run.accelerator, run.spec, run.config["training"]
     trainable, optimizer, world = run.trainable, run.optimizer, run.accelerator.num_processes
@@ -463,24 +384,32 @@ def record_val_loss(run: Run, position: Position, step: int, writer) -> None:
         writer.add_scalar("val/loss", loss, step)
 
 
+# ----------------------------------------------------------------------------- 6. the final LoRA
+
+
 def select_final(run: Run, position: Position) -> int:
     """The step whose LoRA becomes final: the last, or (training.select_checkpoint: val_loss) the
     checkpoint with the lowest val loss, whose weights are then loaded into the model."""
     chosen = best_step(position.val_loss) if run.config["training"]["select_checkpoint"] == "val_loss" else None
     if chosen is None or chosen == run.total_steps:
         return run.total_steps
-    from safetensors.torch import load_file
-
-    folder = run.checkpoints_dir / f"{CHECKPOINT_PREFIX}{chosen}"
-    for name, model in run.trainable.models.items():
-        load_trainable_state(run.accelerator.unwrap_model(model), load_file(folder / f"lora_{name}.safetensors"))
+    load_lora_state(run.checkpoints_dir / f"{CHECKPOINT_PREFIX}{chosen}", run.trainable.models, run.accelerator)
     print(f"final LoRA: checkpoint {chosen} (lowest val loss {min(e['loss'] for e in position.val_loss if e['step'] > 0):.5f})",
           file=sys.stderr)
     return chosen
 
 
+def peak_memory_bytes(device: torch.device) -> dict[str, int]:
+    import resource
+
+    peak = {"host_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        peak["gpu_max_allocated"] = torch.cuda.max_memory_allocated(device)
+    return peak
+
+
 def write_final(run: Run, position: Position, last_loss: float, start_from: Path | None, output_dir: Path) -> dict[str, Any]:
-    """Phase 5: the final LoRA (diffusers and kohya formats) and training_summary.json, atomically."""
+    """Phase 6: the final LoRA (diffusers and kohya formats) and training_summary.json, atomically."""
     config, accelerator = run.config, run.accelerator
     model_cfg, training, device = config["model"], config["training"], accelerator.device
     final, partial = output_dir / "final", output_dir / "final.partial"
@@ -545,3 +474,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
