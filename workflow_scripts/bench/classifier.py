@@ -44,7 +44,7 @@ from workflow_scripts.classifier_device import (describe_device, loader_workers,
                                                 precision_for)
 from workflow_scripts.classifier_model import create_model
 
-DEV_FILMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-dev" / "images"
+DEV_FILMS = Path(__file__).resolve().parents[3] / "shared" / "data" / "cxr-dev" / "images"  # beside the repository
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as timm's models use
 CLASSES = 14  # NIH ChestX-ray14's findings
 
