@@ -58,21 +58,6 @@ LOG_EVERY = 10  # optimizer steps between host syncs
 # ----------------------------------------------------------------------------- 1. config and device
 
 
-def train(config: dict[str, Any], data_dir: Splits, output_dir: Path, tiny_dir: Path, resume: str = "latest") -> dict[str, Any]:
-    """Train, and leave the process able to train again (accelerate and torch keep process-wide state)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    training, hardware = config["training"], config["hardware"]
-    device_type = "cuda" if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU") not in ("1", "true") else "cpu"
-    levers = gpu_levers(hardware, torch.device(device_type), training["deterministic"])
-    try:
-        with hardware_settings(levers, training["deterministic"]):
-            return _train(config, data_dir, output_dir, tiny_dir, resume, levers)
-    finally:
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
-
-
 @dataclass(frozen=True)
 class Run:
     """What the phases of one training run share."""
@@ -100,20 +85,30 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def _train(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: Path, resume: str,
-           levers: dict[str, bool]) -> dict[str, Any]:
-    """The phases in order: models and cache, the checkpoint to resume from, the loop, the final write."""
-    run = setup_run(config, data_dir, output_dir, tiny_dir, levers)
-    start_from = choose_start(run, resume)
-    position = (load_checkpoint(start_from, run.trainable.models, run.optimizer, run.lr_scheduler, run.accelerator)
-                if start_from else Position())
-    if start_from and run.main:
-        print(f"resuming from {start_from} (step {position.micro_step // run.spec.accumulation})", file=sys.stderr)
-    last_loss = train_steps(run, position, start_from, output_dir)
-    summary = write_final(run, position, last_loss, start_from, output_dir) if run.main else {}
-    run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()
-    return summary
+def train(config: dict[str, Any], data_dir: Splits, output_dir: Path, tiny_dir: Path, resume: str = "latest") -> dict[str, Any]:
+    """The phases in order: models and cache, the checkpoint to resume from, the loop, the final write.
+    Leaves the process able to train again (accelerate and torch keep process-wide state)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    training, hardware = config["training"], config["hardware"]
+    device_type = "cuda" if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU") not in ("1", "true") else "cpu"
+    levers = gpu_levers(hardware, torch.device(device_type), training["deterministic"])
+    try:
+        with hardware_settings(levers, training["deterministic"]):
+            run = setup_run(config, data_dir, output_dir, tiny_dir, levers)
+            start_from = choose_start(run, resume)
+            position = (load_checkpoint(start_from, run.trainable.models, run.optimizer, run.lr_scheduler, run.accelerator)
+                        if start_from else Position())
+            if start_from and run.main:
+                print(f"resuming from {start_from} (step {position.micro_step // run.spec.accumulation})", file=sys.stderr)
+            last_loss = train_steps(run, position, start_from, output_dir)
+            summary = write_final(run, position, last_loss, start_from, output_dir) if run.main else {}
+            run.accelerator.wait_for_everyone()
+            run.accelerator.end_training()
+            return summary
+    finally:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
 
 
 # ----------------------------------------------------------------------------- 2. models and 3. the cache
