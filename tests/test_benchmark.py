@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from workflow_scripts import benchmark
+from workflow_scripts.bench import benchmark
 
 GEN_STEPS = [2, 3]
 
@@ -91,10 +91,11 @@ def test_lever_rows_say_levers_are_off_on_cpu(quick_run) -> None:
 
 
 def test_ours_runs_the_training_code_and_keeps_the_epoch_order(quick_run, capsys, monkeypatch) -> None:
-    from workflow_scripts import bench_training, lora_training
+    from workflow_scripts import train_lora
+    from workflow_scripts.bench import training as bench_training
 
     calls = {"micro_batch_loss": 0, "epoch_order": 0}
-    real_loss, real_order = bench_training.micro_batch_loss, lora_training.epoch_order
+    real_loss, real_order = bench_training.micro_batch_loss, train_lora.epoch_order
 
     def counting_loss(*args):
         calls["micro_batch_loss"] += 1
@@ -104,9 +105,9 @@ def test_ours_runs_the_training_code_and_keeps_the_epoch_order(quick_run, capsys
         calls["epoch_order"] += 1
         return real_order(*args)
 
-    assert bench_training.micro_batch_loss is lora_training.micro_batch_loss  # the piece train_lora's loop runs
+    assert bench_training.micro_batch_loss is train_lora.micro_batch_loss  # the piece train_lora's loop runs
     monkeypatch.setattr(bench_training, "micro_batch_loss", counting_loss)
-    monkeypatch.setattr(lora_training, "epoch_order", counting_order)  # both loops' BatchOrder
+    monkeypatch.setattr(train_lora, "epoch_order", counting_order)  # both loops' BatchOrder
     # Host-memory cache path (budget 0); 4 steps of batch 2 over 8 cached images: one epoch per loop.
     code = benchmark.main(["--quick", "--device", "cpu", "--threads", "1", "--tiny-dir", str(quick_run["root"] / "tiny-sd"),
                            "--steps", "4", "--repeats", "1", "--warmup", "0", "--skip-generation", "--skip-memory",
@@ -141,7 +142,7 @@ def test_cpu_attention_flops_are_counted() -> None:
 
 
 def test_classifier_stage_prints_the_data_path_speed_up(tmp_path) -> None:
-    # `--stage classifier` dispatches to bench_classifier: NIH-style films (upscaled dev films, or
+    # `--stage classifier` dispatches to bench.classifier: NIH-style films (upscaled dev films, or
     # --source), decoded every step vs the decode-once cache, side by side.
     stdout = io.StringIO()
     json_path = tmp_path / "classifier.json"

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from conftest import REPO
-from workflow_scripts import benchmark, breakdown
+from workflow_scripts import breakdown
+from workflow_scripts.bench import benchmark
 from workflow_scripts.errors import STARTUP_PREFIX
 
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"

@@ -40,7 +40,7 @@ def test_every_user_error_shares_the_base_and_keeps_its_old_bases() -> None:
     from workflow_scripts.base_model import ModelNotFoundError as from_base
     from workflow_scripts.config import ConfigError as from_config
     from workflow_scripts.labels import DataError as from_labels
-    from workflow_scripts.lora_training import TrainingError as from_lora
+    from workflow_scripts.train_lora import TrainingError as from_lora
     from workflow_scripts.train_classifier import TrainingError as from_classifier
 
     assert (from_base, from_config, from_labels, from_lora, from_classifier) == (

@@ -14,7 +14,7 @@ import torch
 from test_train_lora import final_weights, run, setup  # noqa: F401 (setup: the module's fixture)
 
 from workflow_scripts.integrity import array_crc, checkpoint_problem
-from workflow_scripts.train_lora import list_checkpoints
+from workflow_scripts.lora_checkpoints import list_checkpoints
 
 
 def cut(path: Path) -> None:
@@ -134,7 +134,7 @@ def test_a_vae_giving_nan_latents_is_named_with_the_image_before_anything_is_cac
     from types import SimpleNamespace
 
     from workflow_scripts.errors import TrainingError
-    from workflow_scripts.lora_training import encode_latent_cache
+    from workflow_scripts.latent_cache import encode_latent_cache
 
     class OverflowingVae:  # an fp16 VAE that overflows on one film
         dtype = torch.float16

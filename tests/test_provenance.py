@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 from test_generate_xrays import generate, pixels, trained  # noqa: F401 (trained: the module's fixture)
 
-from workflow_scripts.lora_training import LORA_FILE
+from workflow_scripts.lora_checkpoints import LORA_FILE
 from workflow_scripts.provenance import PROVENANCE_FILE
 
 

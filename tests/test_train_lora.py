@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,14 +13,16 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from workflow_scripts import lora_training, train_lora
+from workflow_scripts import hardware, latent_cache, lora_checkpoints, lora_model, train_lora
 from workflow_scripts.base_model import load_components
 from workflow_scripts.tiny_model import build_tiny_pipeline
 from workflow_scripts.config import load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
 from workflow_scripts.prepare_dataset import prepare
-from workflow_scripts.lora_training import diffusion_loss
-from workflow_scripts.train_lora import TrainingError, list_checkpoints, train
+from workflow_scripts.errors import TrainingError
+from workflow_scripts.lora_checkpoints import list_checkpoints
+from workflow_scripts.lora_model import diffusion_loss
+from workflow_scripts.train_lora import train
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +59,9 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 def test_a_few_steps_on_a_fixed_batch_lower_the_loss(setup) -> None:
     components = load_components("tiny", setup["tiny"])
     unet = components.unet
-    lora_training.add_lora(unet, rank=8, alpha=8, targets=lora_training.UNET_LORA_TARGETS)
+    lora_model.add_lora(unet, rank=8, alpha=8, targets=lora_model.UNET_LORA_TARGETS)
     latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    ids = lora_training.tokenize(components.tokenizer, ["A chest X-ray with Mass"] * 4)
+    ids = lora_model.tokenize(components.tokenizer, ["A chest X-ray with Mass"] * 4)
     with torch.no_grad():
         embeds = components.text_encoder(ids)[0]
 
@@ -159,11 +162,11 @@ def test_final_lora_loads_with_diffusers_and_changes_the_output(setup) -> None:
     with_lora = sample()
     assert abs(with_lora - base).max() > 1e-3
     # The kohya-format copy (WebUI / ComfyUI) holds the same LoRA: it converts back and samples alike.
-    kohya = load_file(out / "final" / lora_training.KOHYA_FILE)
+    kohya = load_file(out / "final" / lora_checkpoints.KOHYA_FILE)
     assert kohya and all(key.startswith("lora_unet_") for key in kohya)
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
     pipe.unload_lora_weights()
-    pipe.load_lora_weights(out / "final", weight_name=lora_training.KOHYA_FILE)
+    pipe.load_lora_weights(out / "final", weight_name=lora_checkpoints.KOHYA_FILE)
     np.testing.assert_allclose(sample(), with_lora, atol=1e-5)
     recorded = json.loads((out / "final" / "training_summary.json").read_text())
     assert recorded == summary
@@ -186,7 +189,7 @@ def test_validation_images_and_scalars_reach_tensorboard(setup) -> None:
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup, monkeypatch) -> None:
     out = setup["root"] / "nan"
-    real_loss = lora_training.diffusion_loss
+    real_loss = train_lora.diffusion_loss
     calls = {"n": 0}
 
     def goes_nan(*args, **kwargs):
@@ -194,7 +197,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 2 else loss
 
-    monkeypatch.setattr(lora_training, "diffusion_loss", goes_nan)
+    monkeypatch.setattr(train_lora, "diffusion_loss", goes_nan)  # the loss the loop calls
     with pytest.raises(TrainingError, match=r"loss became nan by step 4.*last good checkpoint is .*checkpoint-2"):
         run(setup, out)
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
@@ -246,12 +249,12 @@ def test_data_parallel_training_with_two_processes_trains_and_resumes(setup) -> 
     components = load_components("tiny", setup["tiny"])
     resolution = config["model"]["resolution"]
     count, batches = train_lora.image_batches(setup["root"] / "data", resolution, config["model"]["crop"], 4)
-    assert lora_training.shard(count, 4, 1, 2).start % 4 == 0 and len(lora_training.shard(count, 4, 1, 2)) > 0
+    assert latent_cache.shard(count, 4, 1, 2).start % 4 == 0 and len(latent_cache.shard(count, 4, 1, 2)) > 0
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        alone = lora_training.encode_latent_cache(components.vae, batches, count, 4, setup["root"] / "one_process_cache",
-                                                  lora_training.latent_shape(components.vae, resolution), torch.device("cpu"))
+        alone = latent_cache.encode_latent_cache(components.vae, batches, count, 4, setup["root"] / "one_process_cache",
+                                                  latent_cache.latent_shape(components.vae, resolution), torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
     assert np.array_equal(np.load(shared / "latents.npy"), np.load(alone / "latents.npy"))
@@ -279,14 +282,14 @@ def test_optional_text_encoder_lora_is_trained_saved_and_loaded(setup) -> None:
 
 def test_every_result_changing_key_starts_fresh_and_only_listed_keys_resume(setup) -> None:
     config = make_train_config(setup)
-    base = train_lora.resume_fingerprint(config, "src", "data", 1)
+    base = lora_checkpoints.resume_fingerprint(config, "src", "data", 1)
     changed = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v * 2 + 1, str: lambda v: v + "x",
                list: lambda v: [*v, "x"], type(None): lambda v: 3}
     for section in ("model", "training"):
         for key, value in config[section].items():
             other = {**config, section: {**config[section], key: changed[type(value)](value)}}
-            moved = train_lora.resume_fingerprint(other, "src", "data", 1) != base
-            resumable = f"{section}.{key}" in lora_training.RESUMABLE_TRAINING_KEYS or (section, key) == ("model", "pretrained")
+            moved = lora_checkpoints.resume_fingerprint(other, "src", "data", 1) != base
+            resumable = f"{section}.{key}" in lora_checkpoints.RESUMABLE_TRAINING_KEYS or (section, key) == ("model", "pretrained")
             assert moved != resumable, f"{section}.{key}"  # pretrained counts through the resolved source
 
 
@@ -320,17 +323,44 @@ def test_latent_cache_is_fp16_memory_mapped_and_host_mode_trains_like_device_mod
     assert isinstance(array, np.memmap) and array.dtype == np.float16 and array.shape[1] == 2
     assert array.shape[2:] == (4, 16, 16)  # the tiny VAE's 4 x 16 x 16 latents at 64 px (SD's VAE: 4 x 64 x 64 at 512)
     assert b["latent_cache"]["bytes"] == array.nbytes == len(array) * 2 * 4 * 16 * 16 * 2  # mean and std, fp16
-    cache = lora_training.LatentCache(folder, torch.device("cpu"), budget_bytes=0)
+    cache = latent_cache.LatentCache(folder, torch.device("cpu"), budget_bytes=0)
     indices = torch.tensor([3, 0, 2])
     mean, _ = cache.gather(indices, indices)
     assert mean.dtype == torch.float32 and torch.equal(mean, torch.from_numpy(np.array(array[[3, 0, 2], 0])).float())
+
+
+def test_val_loss_is_the_training_loss_at_fixed_timesteps_and_noise(setup) -> None:
+    # ValLoss scores with `diffusion_loss(timesteps=...)`: the same value as the epsilon MSE it typed
+    # out before, each val image at VAL_TIMESTEPS fixed timesteps under noise from one seeded generator.
+    from workflow_scripts.lora_validation import VAL_TIMESTEPS, ValLoss
+
+    components = load_components("tiny", setup["tiny"])
+    unet, scheduler = components.unet, components.noise_scheduler
+    latents = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ids = lora_model.tokenize(components.tokenizer, ["A chest X-ray with Mass"] * 5)
+    with torch.no_grad():
+        embeds = components.text_encoder(ids)[0]
+    scored = ValLoss(latents, embeds, ids, seed=3, batch_size=2)(unet, None, scheduler, contextlib.nullcontext)
+    generator, total = torch.Generator().manual_seed(3), 0.0
+    grid = torch.linspace(0, scheduler.config.num_train_timesteps - 1, VAL_TIMESTEPS + 2)[1:-1].round().long()
+    with torch.no_grad():
+        for start in range(0, 5, 2):
+            batch = latents[start:start + 2]
+            for t in grid:
+                noise = torch.randn(batch.shape, generator=generator)
+                timesteps = t.repeat(len(batch))
+                prediction = unet(scheduler.add_noise(batch, noise, timesteps), timesteps, embeds[start:start + 2]).sample
+                total += torch.nn.functional.mse_loss(prediction, noise, reduction="sum").item() / noise[0].numel()
+    assert scored == pytest.approx(total / (5 * VAL_TIMESTEPS), rel=1e-6)
+    _, _, given = lora_model.noise_batch(scheduler, latents, torch.Generator(), 0.0, timesteps=torch.full((5,), 7))
+    assert given.tolist() == [7] * 5
 
 
 def test_noising_is_fp32_so_sigma_at_t0_and_t1_is_exact(setup) -> None:
     components = load_components("tiny", setup["tiny"])
     scheduler = components.noise_scheduler
     latents = torch.zeros(4096, 1, 1, 1, dtype=torch.bfloat16)  # what a bf16 run would hand over
-    noisy, target, timesteps = lora_training.noise_batch(scheduler, latents, torch.Generator().manual_seed(0), 0.0)
+    noisy, target, timesteps = lora_model.noise_batch(scheduler, latents, torch.Generator().manual_seed(0), 0.0)
     assert noisy.dtype == torch.float32
     assert {0, 1} <= set(timesteps.tolist())
     sigma = (1 - scheduler.alphas_cumprod.double()) ** 0.5
@@ -363,7 +393,7 @@ def test_cuda_rng_state_is_restored(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": __import__("random").getstate(),
            "cuda": ["sentinel"]}
-    train_lora.restore_rng(rng)
+    lora_checkpoints.restore_rng(rng)
     assert restored == [["sentinel"]]
 
 
@@ -383,15 +413,15 @@ def test_deterministic_option_sets_deterministic_kernels_for_the_run_only(setup,
 
 def test_gpu_levers_follow_config_on_cuda_and_stay_off_on_cpu() -> None:
     on = {"allow_tf32": True, "cudnn_benchmark": True, "channels_last": True, "compile_unet": True, "compile_sampling": True}
-    assert not any(lora_training.gpu_levers(on, torch.device("cpu"), False).values())
-    assert lora_training.gpu_levers(on, torch.device("cuda"), False) == on
-    assert lora_training.gpu_levers(on, torch.device("cuda"), True)["cudnn_benchmark"] is False
+    assert not any(hardware.gpu_levers(on, torch.device("cpu"), False).values())
+    assert hardware.gpu_levers(on, torch.device("cuda"), False) == on
+    assert hardware.gpu_levers(on, torch.device("cuda"), True)["cudnn_benchmark"] is False
     switches = lambda: (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,  # noqa: E731
                         torch.backends.cudnn.benchmark)
     before = switches()
-    with lora_training.hardware_settings(lora_training.gpu_levers(on, torch.device("cuda"), False), False):
+    with hardware.hardware_settings(hardware.gpu_levers(on, torch.device("cuda"), False), False):
         assert switches() == ("tf32", "tf32", True)  # through torch's fp32_precision API, not the legacy allow_tf32
-    with lora_training.hardware_settings(lora_training.gpu_levers({**on, "allow_tf32": False}, torch.device("cuda"), False), False):
+    with hardware.hardware_settings(hardware.gpu_levers({**on, "allow_tf32": False}, torch.device("cuda"), False), False):
         assert switches()[:2] == ("ieee", "ieee")
     assert switches() == before
 
@@ -438,20 +468,20 @@ def test_kohya_copy_of_an_sd15_lora_has_the_keys_webui_comfyui_and_kohya_read(tm
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(arch / "text_encoder"))
     base_unet = {key.removesuffix(".weight") for key in unet.state_dict() if key.endswith(".weight")}
     rank = 4
-    for model, targets in ((unet, lora_training.UNET_LORA_TARGETS), (text_encoder, lora_training.TEXT_LORA_TARGETS)):
-        lora_training.add_lora(model, rank, 8, targets)
+    for model, targets in ((unet, lora_model.UNET_LORA_TARGETS), (text_encoder, lora_model.TEXT_LORA_TARGETS)):
+        lora_model.add_lora(model, rank, 8, targets)
         for name, module in model.named_modules():
             if name.endswith(("lora_A.default", "lora_B.default")):  # only the LoRA weights get memory
                 module.to_empty(device="cpu")
                 torch.nn.init.normal_(module.weight)
-    lora_training.write_lora(tmp_path, unet, text_encoder)
+    lora_checkpoints.write_lora(tmp_path, unet, text_encoder)
 
-    kohya = load_file(tmp_path / lora_training.KOHYA_FILE)
+    kohya = load_file(tmp_path / lora_checkpoints.KOHYA_FILE)
     modules = {key.split(".", 1)[0] for key in kohya}
     unet_modules = {m for m in modules if m.startswith("lora_unet_")}
     te_modules = modules - unet_modules
     assert unet_modules == {"lora_unet_" + name.replace(".", "_") for name in base_unet
-                            if name.endswith(tuple("." + t for t in lora_training.UNET_LORA_TARGETS))}
+                            if name.endswith(tuple("." + t for t in lora_model.UNET_LORA_TARGETS))}
     assert len(unet_modules) == 128  # 16 transformer blocks x 2 attentions x (q, k, v, out)
     assert te_modules == {f"lora_te_text_model_encoder_layers_{layer}_{name}" for layer in range(12)
                           for name in LORA_CLIP_MAP.values()}
@@ -463,5 +493,5 @@ def test_kohya_copy_of_an_sd15_lora_has_the_keys_webui_comfyui_and_kohya_read(tm
     assert len(kohya) == 3 * len(modules)
     umask = os.umask(0)
     os.umask(umask)
-    for name in (lora_training.KOHYA_FILE, lora_training.LORA_FILE):  # readable like every other output
+    for name in (lora_checkpoints.KOHYA_FILE, lora_checkpoints.LORA_FILE):  # readable like every other output
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask

@@ -1,7 +1,7 @@
 """Where a finished run's time went: seconds and jobs per rule, and the part spent starting up.
 
     python -m workflow_scripts.breakdown                 # after `snakemake --cores 1 --resources gpu=1`
-    python -m workflow_scripts.benchmark --demo-breakdown  # the same table
+    python -m workflow_scripts.bench --demo-breakdown  # the same table
     python -m workflow_scripts.breakdown --benchmarks benchmarks --logs logs --json breakdown.json
 
 Reads what every rule already writes: `benchmarks/<rule>/<job>.tsv` (Snakemake's wall seconds `s`

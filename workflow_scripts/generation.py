@@ -32,8 +32,8 @@ from tqdm import tqdm
 from workflow_scripts.base_model import load_pipeline, make_scheduler
 from workflow_scripts.errors import GenerationError
 from workflow_scripts.faults import maybe_fail
-from workflow_scripts.hardware import DTYPES, apply_cuda_levers
-from workflow_scripts.lora_training import LORA_FILE
+from workflow_scripts.hardware import DTYPES, apply_cuda_levers, compile_settings
+from workflow_scripts.lora_checkpoints import LORA_FILE
 from workflow_scripts.tables import (LABEL_JOIN, RESULT_COLUMNS, file_key, label_counts, load_split, make_prompt,
                                      save_png_atomically)
 from workflow_scripts.study import pool_size_needed
@@ -169,8 +169,6 @@ def finish_pipeline(pipe, scheduler: str, hardware: dict[str, Any], dtype: torch
     if dtype == torch.float16:
         pipe.vae.to(dtype=torch.float32)  # SD's VAE overflows in fp16 (as in training); generate_key decodes in fp32
     if device.type == "cuda" and hardware["compile_sampling"]:
-        from workflow_scripts.lora_training import compile_settings
-
         compile_settings()
         pipe.unet.compile()
     return pipe

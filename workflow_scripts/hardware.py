@@ -3,7 +3,8 @@
 `apply_cuda_levers` sets the configured `hardware.allow_tf32` / `hardware.cudnn_benchmark` levers
 through torch's current per-backend `fp32_precision` API (the legacy `allow_tf32` flags raise once
 anything has used the new API) and restores them after; `DTYPES` is the one map from precision
-names (config keys, CLI flags) to torch dtypes.
+names (config keys, CLI flags) to torch dtypes. `gpu_levers` says which `hardware:` levers apply on a
+device and `hardware_settings` applies them for a block; `compile_settings` prepares torch.compile.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -50,3 +52,33 @@ def apply_cuda_levers(allow_tf32: bool, cudnn_benchmark: bool, deterministic: bo
             switch.fp32_precision = saved_precision
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1], saved[2]
         torch.use_deterministic_algorithms(saved[3])
+
+
+def gpu_levers(hardware: dict[str, Any], device: torch.device, deterministic: bool) -> dict[str, bool]:
+    """The GPU levers that apply: as configured on CUDA, all off on CPU (where they gain nothing or
+    only add compile time). Deterministic training turns cudnn.benchmark off (it picks kernels by timing)."""
+    cuda = device.type == "cuda"
+    return {
+        "allow_tf32": cuda and hardware["allow_tf32"],
+        "cudnn_benchmark": cuda and hardware["cudnn_benchmark"] and not deterministic,
+        "channels_last": cuda and hardware["channels_last"],
+        "compile_unet": cuda and hardware["compile_unet"],
+        "compile_sampling": cuda and hardware["compile_sampling"],
+    }
+
+
+def hardware_settings(levers: dict[str, bool], deterministic: bool) -> contextlib.AbstractContextManager[None]:
+    """Process-wide torch flags for the block (TF32, cudnn.benchmark, deterministic kernels), restored after."""
+    return apply_cuda_levers(levers["allow_tf32"], levers["cudnn_benchmark"], deterministic)
+
+
+def compile_settings() -> None:
+    """Several graphs are met (training batch, validation / sampling batches): raise dynamo's
+    recompile limit so it does not fall back to eager."""
+    import torch._dynamo as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
+
+

@@ -1,7 +1,9 @@
-"""The LoRA's latent cache: every training image's VAE latent distribution, encoded once (each process
-its share) into an fp16 memory-mapped file, and served from the device or gathered per batch from
-host memory. Its shape and CRC are recorded (integrity.py), so a cache damaged on disk is rebuilt; a
-NaN or infinite latent is refused when it is encoded, naming the image, never cached.
+"""The latent cache: every training image's VAE latent distribution, encoded once.
+
+`encode_latent_cache` writes it (each process encodes its share into one fp16 memory-mapped file,
+atomically); `LatentCache` serves it as fp32 (mean, std) batches, from the device when it fits
+`hardware.latent_cache_device_budget_gb`, else gathered per batch from host memory. A NaN or infinite
+latent is refused when it is encoded, naming the image, and never cached.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import torch
 
 from workflow_scripts.errors import TrainingError
 from workflow_scripts.integrity import latent_cache_problem, write_latent_check
+
+GIB = 2**30
+
 
 def latent_shape(vae, resolution: int) -> tuple[int, int, int]:
     """(channels, h, w) of one image's latent: each VAE block after the first halves the side."""
@@ -140,3 +145,4 @@ class LatentCache:
             rows = rows.to(self.device, non_blocking=True)
         rows = rows.float()
         return rows[:, 0], rows[:, 1]
+

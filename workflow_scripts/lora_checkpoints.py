@@ -1,7 +1,11 @@
-"""LoRA training's checkpoints: the position a run stands at, and the atomic step checkpoints (LoRA
-weights, optimizer, LR scheduler, scaler, RNG, position) in results/lora/checkpoints/ that a run
-resumes from. A checkpoint made under another configuration (`resume_fingerprint`) is never used
-silently; a damaged one is skipped (integrity.latest_intact).
+"""`train_lora`'s files: the step checkpoints it resumes from and the LoRA it exports.
+
+- `save_checkpoint` / `load_checkpoint`: checkpoint-<step>/ (LoRA weights, optimizer, LR scheduler,
+  scaler, RNG, `Position`), written atomically; the oldest beyond `checkpoints_total_limit` pruned;
+- `choose_checkpoint`: the one to resume from, never one made under another configuration
+  (`resume_fingerprint`, which leaves out RESUMABLE_TRAINING_KEYS);
+- `write_lora`: `pytorch_lora_weights.safetensors` (diffusers' `load_lora_weights(dir)`) and
+  `lora_kohya.safetensors` (AUTOMATIC1111 WebUI / ComfyUI).
 """
 
 from __future__ import annotations
@@ -24,9 +28,18 @@ from workflow_scripts.config import result_config
 from workflow_scripts.errors import TrainingError
 from workflow_scripts.faults import maybe_fail
 from workflow_scripts.integrity import checkpoint_problem, latest_intact
-from workflow_scripts.lora_training import RESUMABLE_TRAINING_KEYS, write_lora
 
 CHECKPOINT_PREFIX = "checkpoint-"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name; `load_lora_weights(dir)` finds it
+KOHYA_FILE = "lora_kohya.safetensors"  # AUTOMATIC1111 / ComfyUI / kohya naming (lora_unet_..., lora_te_...)
+
+
+# Keys of `training:` that only extend or observe a run: a checkpoint made under other values of these
+# may be resumed (config.result_config(config, "train_lora", ignore=...) leaves them out of its fingerprint).
+RESUMABLE_TRAINING_KEYS = tuple(f"training.{key}" for key in (
+    "num_train_epochs", "max_train_steps", "save_steps", "checkpoints_total_limit", "validation_steps",
+    "num_validation_images", "validation_inference_steps", "validation_prompts", "deterministic", "val_loss_images",
+    "select_checkpoint"))
 
 
 @dataclass
@@ -38,6 +51,9 @@ class Position:
     train_seconds: float = 0.0
     val_loss: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss"} at step 0 and every checkpoint
     train_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last log)
+
+
+# ----------------------------------------------------------------------------- checkpoints
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -149,10 +165,7 @@ def restore_rng(rng: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizer, lr_scheduler, accelerator) -> Position:
-    from safetensors.torch import load_file
-
-    for name, model in models.items():
-        load_trainable_state(accelerator.unwrap_model(model), load_file(path / f"lora_{name}.safetensors"))
+    load_lora_state(path, models, accelerator)
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -162,3 +175,64 @@ def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizer, l
     recorded = json.loads((path / "position.json").read_text())
     return Position(recorded["micro_step"], recorded["images_seen"], recorded["train_seconds"],
                     recorded.get("val_loss", []), [tuple(pair) for pair in recorded.get("train_loss", [])])
+
+
+def load_lora_state(folder: Path, models: dict[str, torch.nn.Module], accelerator) -> None:
+    """The LoRA weights of checkpoint `folder` into `models` (optimizer and position untouched)."""
+    from safetensors.torch import load_file
+
+    for name, model in models.items():
+        load_trainable_state(accelerator.unwrap_model(model), load_file(folder / f"lora_{name}.safetensors"))
+
+
+# ----------------------------------------------------------------------------- the exported LoRA
+
+
+def kohya_key(key: str) -> str:
+    """diffusers' kohya key -> the clients' naming. The text encoder's modules are named as in the
+    original CLIP checkpoint, `lora_te_text_model_encoder_layers_...` (kohya sd-scripts, ComfyUI,
+    AUTOMATIC1111); diffusers writes `lora_te1_` and, on transformers 5 (whose CLIPTextModel has no
+    `text_model` level), drops `text_model_`, and every client then ignores those weights."""
+    if not key.startswith("lora_te1_"):
+        return key
+    rest = key.removeprefix("lora_te1_")
+    return "lora_te_" + (rest if rest.startswith("text_model_") else "text_model_" + rest)
+
+
+def readable(path: Path) -> None:
+    """Permissions as the umask gives any new file (safetensors writes 0600), so that a WebUI
+    running as another user can read the LoRA like the other outputs."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
+def write_lora(directory: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
+    """`pytorch_lora_weights.safetensors` as diffusers writes it (LoRA config in its metadata, so
+    `load_lora_weights` restores the scale when alpha != rank), and `lora_kohya.safetensors`, the
+    same weights in the kohya format AUTOMATIC1111 WebUI and ComfyUI read (alpha per module)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    models = {"unet": unet, **({"text_encoder": text_encoder} if text_encoder is not None else {})}
+    peft_layers = {name: get_peft_model_state_dict(model) for name, model in models.items()}
+    meta = {name: model.peft_config["default"].to_dict() for name, model in models.items()}
+    StableDiffusionPipeline.save_lora_weights(
+        directory, unet_lora_layers=convert_state_dict_to_diffusers(peft_layers["unet"]),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(peft_layers["text_encoder"]) if text_encoder is not None else None,
+        unet_lora_adapter_metadata=meta["unet"], text_encoder_lora_adapter_metadata=meta.get("text_encoder"),
+        weight_name=LORA_FILE, safe_serialization=True)
+    kohya = convert_state_dict_to_kohya({f"{name}.{key}": value for name, layers in peft_layers.items()
+                                         for key, value in layers.items()})
+    alpha = float(meta["unet"]["lora_alpha"])
+    # diffusers writes alpha = rank (scale 1); the scale is alpha / rank, so record the real alpha.
+    kohya = {kohya_key(key): (torch.tensor(alpha) if key.endswith(".alpha") else value.detach().float().cpu().contiguous())
+             for key, value in kohya.items()}
+    save_file(kohya, directory / KOHYA_FILE, metadata={"ss_network_module": "networks.lora",
+                                                       "ss_network_dim": str(meta["unet"]["r"]),
+                                                       "ss_network_alpha": str(alpha)})
+    for name in (LORA_FILE, KOHYA_FILE):
+        readable(directory / name)
+

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from workflow_scripts.faults import maybe_fail
+from workflow_scripts.lora_model import diffusion_loss
 from workflow_scripts.tables import file_key, make_prompt
 
 #: Timesteps each val image is scored at (evenly spread over the schedule): one random timestep per
@@ -50,7 +50,8 @@ class ValLoss:
 
     @torch.no_grad()
     def __call__(self, unet, text_encoder, noise_scheduler, autocast) -> float:
-        """Mean epsilon-MSE over the val images, each at VAL_TIMESTEPS fixed timesteps and fixed noise."""
+        """The training loss (`diffusion_loss`, unweighted) over the val images, each at VAL_TIMESTEPS
+        fixed timesteps and fixed noise."""
         was_training = unet.training
         unet.eval()
         device, total, count = self.latents.device, 0.0, 0
@@ -62,14 +63,11 @@ class ValLoss:
             with autocast():
                 embeds = (self.embeds[start:start + self.batch_size] if self.embeds is not None
                           else text_encoder(self.ids[start:start + self.batch_size])[0])
-            for t in grid:
-                noise = torch.randn(latents.shape, generator=generator, device=device)
-                timesteps = t.repeat(len(latents))
-                with autocast():
-                    prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, embeds,
-                                      return_dict=False)[0]
-                total += F.mse_loss(prediction.float(), noise, reduction="sum").item() / noise[0].numel()
-                count += len(latents)
+                for t in grid:
+                    loss = diffusion_loss(unet, noise_scheduler, latents, embeds, generator, snr_gamma=None,
+                                          noise_offset=0.0, timesteps=t.repeat(len(latents)))
+                    total += loss.item() * len(latents)
+                    count += len(latents)
         unet.train(was_training)
         return total / count
 

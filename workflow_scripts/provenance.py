@@ -132,7 +132,7 @@ def refresh_stale_images(config: dict[str, Any], jobs: Sequence[tuple], checkpoi
     import torch
 
     from workflow_scripts.generation import generation_dtype, lora_checkpoint
-    from workflow_scripts.lora_training import LORA_FILE
+    from workflow_scripts.lora_checkpoints import LORA_FILE
 
     settings = {**config["generation"], **{key: value for key, value in (sampling or {}).items() if value is not None}}
     lora_dir, recorded_base = lora_checkpoint(checkpoint) if checkpoint is not None else (None, None)

@@ -3,22 +3,24 @@
     python -m workflow_scripts.train_lora --config config/config.yaml [--resume latest|none|PATH]
     accelerate launch --multi_gpu --num_processes 4 -m workflow_scripts.train_lora --config ...
 
-The pieces live in `workflow_scripts.lora_training` (shared with the benchmark), the latent cache in
-`latent_cache` and the checkpoints in `lora_checkpoints`; `train_steps` below is the loop, top to bottom. The phases:
-1. build the trainable model: base model (hub id, local diffusers folder, or the offline `tiny`
-   model) frozen, LoRA (peft) on the UNet attention projections (optionally the text encoder);
-2. the latent cache: every training image encoded to its VAE latent distribution once, each process
+The whole run reads top to bottom in this file; the model and its loss are in `lora_model`, the
+latent cache in `latent_cache`, checkpoints and the exported LoRA in `lora_checkpoints`, the val
+loss and validation images in `lora_validation`. The phases, in the order of the code:
+1. config and device: `train` picks the device and the `hardware:` levers that apply there;
+2. models (`setup_run`): base model (hub id, local diffusers folder, or the offline `tiny` model)
+   frozen, LoRA (peft) on the UNet attention projections (optionally the text encoder);
+3. the latent cache: every training image encoded to its VAE latent distribution once, each process
    encoding its share (fp16, memory-mapped; on the device when it fits `hardware.latent_cache_device_budget_gb`, else
    gathered per batch from host memory), and every distinct prompt once;
-3. steps: all randomness of a micro-step (latent sample, noise, timestep) comes from a generator
-   seeded by (seed, micro-step, rank), and each epoch's order from (seed, epoch): a run resumed from
-   any checkpoint follows the very same path as one never stopped;
-4. at an optimizer step: every `save_steps` an atomic checkpoint (LoRA weights, optimizer, LR
+4. the loop (`train_steps`): all randomness of a micro-step (latent sample, noise, timestep) comes
+   from a generator seeded by (seed, micro-step, rank), and each epoch's order from (seed, epoch): a
+   run resumed from any checkpoint follows the very same path as one never stopped. The host reads
+   the loss back only every LOG_EVERY steps (progress bar, NaN check, TensorBoard);
+5. at an optimizer step: every `save_steps` an atomic checkpoint (LoRA weights, optimizer, LR
    scheduler, scaler, RNG, position) in results/lora/checkpoints/ — not a Snakemake output, so it
    survives failures and re-runs resume from it; every `validation_steps` sample images into TensorBoard;
-5. the final write: `final/pytorch_lora_weights.safetensors` (`StableDiffusionPipeline.load_lora_weights(dir)`),
+6. the final write (`write_final`): `final/pytorch_lora_weights.safetensors` (`StableDiffusionPipeline.load_lora_weights(dir)`),
    `final/lora_kohya.safetensors` (WebUI / ComfyUI) and `final/training_summary.json`.
-The host reads the loss back only every LOG_EVERY steps (progress bar, NaN check, TensorBoard).
 """
 
 from __future__ import annotations
@@ -37,72 +39,23 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.errors import TrainingError, run_stage
 from workflow_scripts.base_model import DEFAULT_TINY_DIR, load_components
 from workflow_scripts.config import add_config_arguments, config_from_args, config_hash, result_hash
+from workflow_scripts.errors import TrainingError, run_stage
 from workflow_scripts.faults import maybe_fail
-from workflow_scripts.lora_training import (COMPUTE_DTYPES, GIB, LOG_EVERY, BatchOrder, Denoiser,
-                                            LatentCache, LoraSpec, Prompts, Trainable, build_trainable_model,
-                                            encode_latent_cache, gpu_levers, hardware_settings, latent_shape,
-                                            library_versions, make_optimizer, micro_batch_loss, optimize, set_train_mode,
-                                            total_optimizer_steps, write_lora)
-from workflow_scripts.lora_checkpoints import (CHECKPOINT_PREFIX, Position, choose_checkpoint,  # noqa: F401 (re-exported)
-                                               list_checkpoints, load_checkpoint, load_trainable_state, restore_rng,
-                                               resume_fingerprint, save_checkpoint, trainable_state)
+from workflow_scripts.hardware import DTYPES, gpu_levers, hardware_settings
+from workflow_scripts.latent_cache import GIB, LatentCache, encode_latent_cache, latent_shape
+from workflow_scripts.lora_checkpoints import (CHECKPOINT_PREFIX, Position, choose_checkpoint, load_checkpoint,
+                                               load_lora_state, resume_fingerprint, save_checkpoint, write_lora)
+from workflow_scripts.lora_model import (Denoiser, LoraSpec, Prompts, Trainable, build_trainable_model, diffusion_loss,
+                                         library_versions, make_optimizer, set_train_mode)
 from workflow_scripts.lora_validation import ValLoss, best_step, plot_losses, run_validation
 from workflow_scripts.tables import Splits, add_split_arguments, split_path, splits_from_args
 
-
-# ----------------------------------------------------------------------------- data
-
-
-def train_data_hash(data_dir: Splits) -> str:
-    import hashlib
-
-    return hashlib.sha256(split_path(data_dir, "train").read_bytes()).hexdigest()[:16]
+LOG_EVERY = 10  # optimizer steps between host syncs
 
 
-def image_batches(data_dir: Path, resolution: int, crop: str, batch_size: int, split: str = "train"):
-    """The number of images of `split`, and `batches(rows)`: (pixels, prompts, paths) of those rows, in file order."""
-    from torch.utils.data import DataLoader, Subset
-
-    from workflow_scripts.xray_dataset import XrayPromptDataset
-
-    dataset = XrayPromptDataset(data_dir, resolution, split=split, crop=crop)
-    workers = min(4, os.cpu_count() or 1) if len(dataset) > 256 else 0
-
-    def batches(rows: range):
-        loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=workers)
-        return ((batch["pixel_values"], batch["prompt"], batch["path"]) for batch in loader)
-
-    return len(dataset), batches
-
-
-# ----------------------------------------------------------------------------- run
-
-
-def peak_memory_bytes(device: torch.device) -> dict[str, int]:
-    import resource
-
-    peak = {"host_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if device.type == "cuda":
-        peak["gpu_max_allocated"] = torch.cuda.max_memory_allocated(device)
-    return peak
-
-
-def train(config: dict[str, Any], data_dir: Splits, output_dir: Path, tiny_dir: Path, resume: str = "latest") -> dict[str, Any]:
-    """Train, and leave the process able to train again (accelerate and torch keep process-wide state)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    training, hardware = config["training"], config["hardware"]
-    device_type = "cuda" if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU") not in ("1", "true") else "cpu"
-    levers = gpu_levers(hardware, torch.device(device_type), training["deterministic"])
-    try:
-        with hardware_settings(levers, training["deterministic"]):
-            return _train(config, data_dir, output_dir, tiny_dir, resume, levers)
-    finally:
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+# ----------------------------------------------------------------------------- 1. config and device
 
 
 @dataclass(frozen=True)
@@ -132,23 +85,37 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def _train(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: Path, resume: str,
-           levers: dict[str, bool]) -> dict[str, Any]:
-    run = setup_run(config, data_dir, output_dir, tiny_dir, levers)
-    start_from = choose_start(run, resume)
-    position = (load_checkpoint(start_from, run.trainable.models, run.optimizer, run.lr_scheduler, run.accelerator)
-                if start_from else Position())
-    if start_from and run.main:
-        print(f"resuming from {start_from} (step {position.micro_step // run.spec.accumulation})", file=sys.stderr)
-    last_loss = train_steps(run, position, start_from, output_dir)
-    summary = write_final(run, position, last_loss, start_from, output_dir) if run.main else {}
-    run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()
-    return summary
+def train(config: dict[str, Any], data_dir: Splits, output_dir: Path, tiny_dir: Path, resume: str = "latest") -> dict[str, Any]:
+    """The phases in order: models and cache, the checkpoint to resume from, the loop, the final write.
+    Leaves the process able to train again (accelerate and torch keep process-wide state)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    training, hardware = config["training"], config["hardware"]
+    device_type = "cuda" if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU") not in ("1", "true") else "cpu"
+    levers = gpu_levers(hardware, torch.device(device_type), training["deterministic"])
+    try:
+        with hardware_settings(levers, training["deterministic"]):
+            run = setup_run(config, data_dir, output_dir, tiny_dir, levers)
+            start_from = choose_start(run, resume)
+            position = (load_checkpoint(start_from, run.trainable.models, run.optimizer, run.lr_scheduler, run.accelerator)
+                        if start_from else Position())
+            if start_from and run.main:
+                print(f"resuming from {start_from} (step {position.micro_step // run.spec.accumulation})", file=sys.stderr)
+            last_loss = train_steps(run, position, start_from, output_dir)
+            summary = write_final(run, position, last_loss, start_from, output_dir) if run.main else {}
+            run.accelerator.wait_for_everyone()
+            run.accelerator.end_training()
+            return summary
+    finally:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+# ----------------------------------------------------------------------------- 2. models and 3. the cache
 
 
 def setup_run(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir: Path, levers: dict[str, bool]) -> Run:
-    """Phases 1 and 2: the trainable model, the latent cache, prompts, optimizer and schedule."""
+    """Phases 2 and 3: the trainable model, the latent cache, prompts, optimizer and schedule."""
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
@@ -158,7 +125,7 @@ def setup_run(config: dict[str, Any], data_dir: Path, output_dir: Path, tiny_dir
         raise TrainingError("training.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
     accelerator = Accelerator(mixed_precision=training["mixed_precision"], gradient_accumulation_steps=spec.accumulation)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    weight_dtype = COMPUTE_DTYPES[training["mixed_precision"]]
+    weight_dtype = DTYPES["fp32" if training["mixed_precision"] == "no" else training["mixed_precision"]]
 
     components = load_components(model_cfg["pretrained"], tiny_dir)
     trainable = build_trainable_model(components, spec, levers, device, weight_dtype)
@@ -228,6 +195,96 @@ def build_val_loss(config: dict[str, Any], data_dir: Splits, output_dir: Path, c
     return ValLoss.build(cache, prompts, components.vae.config.scaling_factor, spec.seed, spec.batch_size)
 
 
+def train_data_hash(data_dir: Splits) -> str:
+    import hashlib
+
+    return hashlib.sha256(split_path(data_dir, "train").read_bytes()).hexdigest()[:16]
+
+
+def image_batches(data_dir: Path, resolution: int, crop: str, batch_size: int, split: str = "train"):
+    """The number of images of `split`, and `batches(rows)`: (pixels, prompts, paths) of those rows, in file order."""
+    from torch.utils.data import DataLoader, Subset
+
+    from workflow_scripts.xray_dataset import XrayPromptDataset
+
+    dataset = XrayPromptDataset(data_dir, resolution, split=split, crop=crop)
+    workers = min(4, os.cpu_count() or 1) if len(dataset) > 256 else 0
+
+    def batches(rows: range):
+        loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=workers)
+        return ((batch["pixel_values"], batch["prompt"], batch["path"]) for batch in loader)
+
+    return len(dataset), batches
+
+
+def total_optimizer_steps(training: dict[str, Any], batches_per_epoch: int) -> int:
+    accumulation = training["gradient_accumulation_steps"]
+    return training["max_train_steps"] or math.ceil(training["num_train_epochs"] * batches_per_epoch / accumulation)
+
+
+# ----------------------------------------------------------------------------- 4. one micro-step
+
+
+def epoch_order(num_images: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_images, generator=generator)
+
+
+def step_generator(seed: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + micro_step) * 64 + rank)
+
+
+class BatchOrder:
+    """The images of each micro-step: every epoch a permutation seeded by (seed, epoch), dealt out
+    batch by batch to the processes in turn. An epoch's order is computed once and kept on the
+    device: no per-step host work in device mode."""
+
+    def __init__(self, num_images: int, seed: int, batch_size: int, device: torch.device, rank: int = 0, world: int = 1):
+        self.num_images, self.seed, self.batch_size, self.device = num_images, seed, batch_size, device
+        self.rank, self.world = rank, world
+        self.batches_per_epoch = num_images // (batch_size * world)
+        self._epoch: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's images at `micro_step`, on the device and on the host."""
+        epoch, slot = divmod(micro_step, self.batches_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = epoch_order(self.num_images, self.seed, epoch)
+            self._epoch = (epoch, order, order.to(self.device))
+        start = (slot * self.world + self.rank) * self.batch_size
+        return self._epoch[2][start:start + self.batch_size], self._epoch[1][start:start + self.batch_size]
+
+
+def micro_batch_loss(denoiser: Denoiser, spec: LoraSpec, cache: LatentCache, prompts: Prompts,
+                     indices: tuple[torch.Tensor, torch.Tensor], micro_step: int, rank: int = 0) -> torch.Tensor:
+    """The loss of a micro-step's images (`BatchOrder`): latents sampled from the cached distribution,
+    noise and timesteps from a generator seeded by (seed, micro-step, rank)."""
+    device = cache.device
+    generator = step_generator(spec.seed, micro_step, rank, device)
+    mean, std = cache.gather(*indices)
+    latents = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * denoiser.scaling  # fp32
+    with denoiser.autocast():
+        if prompts.embeds is not None:
+            embeds = prompts.embeds[prompts.index[indices[0]]]
+        else:
+            embeds = denoiser.text_encoder(prompts.ids[prompts.index[indices[0]]])[0]
+        return diffusion_loss(denoiser.unet, denoiser.noise_scheduler, latents, embeds, generator, spec.snr_gamma,
+                              spec.noise_offset)
+
+
+def optimize(accelerator, params: list[torch.nn.Parameter], optimizer, loss: torch.Tensor, max_grad_norm: float) -> None:
+    """Backward, and at the end of an accumulation window clip and step (inside `accelerator.accumulate`,
+    accelerate's optimizer steps only then)."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------- 4. the loop and 5. checkpoints
+
+
 def choose_start(run: Run, resume: str) -> Path | None:
     """The checkpoint every process resumes from (the main process chooses; None: start fresh)."""
     accelerator = run.accelerator
@@ -241,7 +298,7 @@ def choose_start(run: Run, resume: str) -> Path | None:
 
 
 def train_steps(run: Run, position: Position, last_saved: Path | None, output_dir: Path) -> float:
-    """Phases 3 and 4, the loop: accumulate micro-batches, step; then, where due, read the loss back
+    """Phases 4 and 5, the loop: accumulate micro-batches, step; then, where due, read the loss back
     (the one host sync), log, checkpoint and validate. Returns the last loss read."""
     accelerator, spec, training = run.accelerator, run.spec, run.config["training"]
     trainable, optimizer, world = run.trainable, run.optimizer, run.accelerator.num_processes
@@ -323,24 +380,32 @@ def record_val_loss(run: Run, position: Position, step: int, writer) -> None:
         writer.add_scalar("val/loss", loss, step)
 
 
+# ----------------------------------------------------------------------------- 6. the final LoRA
+
+
 def select_final(run: Run, position: Position) -> int:
     """The step whose LoRA becomes final: the last, or (training.select_checkpoint: val_loss) the
     checkpoint with the lowest val loss, whose weights are then loaded into the model."""
     chosen = best_step(position.val_loss) if run.config["training"]["select_checkpoint"] == "val_loss" else None
     if chosen is None or chosen == run.total_steps:
         return run.total_steps
-    from safetensors.torch import load_file
-
-    folder = run.checkpoints_dir / f"{CHECKPOINT_PREFIX}{chosen}"
-    for name, model in run.trainable.models.items():
-        load_trainable_state(run.accelerator.unwrap_model(model), load_file(folder / f"lora_{name}.safetensors"))
+    load_lora_state(run.checkpoints_dir / f"{CHECKPOINT_PREFIX}{chosen}", run.trainable.models, run.accelerator)
     print(f"final LoRA: checkpoint {chosen} (lowest val loss {min(e['loss'] for e in position.val_loss if e['step'] > 0):.5f})",
           file=sys.stderr)
     return chosen
 
 
+def peak_memory_bytes(device: torch.device) -> dict[str, int]:
+    import resource
+
+    peak = {"host_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        peak["gpu_max_allocated"] = torch.cuda.max_memory_allocated(device)
+    return peak
+
+
 def write_final(run: Run, position: Position, last_loss: float, start_from: Path | None, output_dir: Path) -> dict[str, Any]:
-    """Phase 5: the final LoRA (diffusers and kohya formats) and training_summary.json, atomically."""
+    """Phase 6: the final LoRA (diffusers and kohya formats) and training_summary.json, atomically."""
     config, accelerator = run.config, run.accelerator
     model_cfg, training, device = config["model"], config["training"], accelerator.device
     final, partial = output_dir / "final", output_dir / "final.partial"
@@ -405,3 +470,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

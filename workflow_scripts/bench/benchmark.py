@@ -1,19 +1,19 @@
 """Side-by-side speed and memory of LoRA training and sampling, on one model, in one run.
 
-    python -m workflow_scripts.benchmark                       # tiny model on CPU, full-size SD 1.5 on a GPU
-    python -m workflow_scripts.benchmark --model sd15 --device cuda --json benchmarks/benchmark.json
-    python -m workflow_scripts.benchmark --quick               # smallest settings (the test)
-    python -m workflow_scripts.benchmark --demo-breakdown      # a finished run: seconds per rule (workflow_scripts.breakdown)
+    python -m workflow_scripts.bench                           # tiny model on CPU, full-size SD 1.5 on a GPU
+    python -m workflow_scripts.bench --model sd15 --device cuda --json benchmarks/benchmark.json
+    python -m workflow_scripts.bench --quick                   # smallest settings (the test)
+    python -m workflow_scripts.bench --demo-breakdown          # a finished run: seconds per rule (workflow_scripts.breakdown)
 
 What it measures, all on the same model, compute dtype, resolution and LoRA config (peft, rank 4,
-UNET_LORA_TARGETS, one shared AdamW from `lora_training.make_optimizer`):
+UNET_LORA_TARGETS, one shared AdamW from `lora_model.make_optimizer`):
 
 1. training images/s of two loops, alternated repeat by repeat (ours, reference, ours, ...) after
    warm-up steps; the speed-up is the median of the per-repeat ratios ours / reference:
-   - *ours*: the code that trains — `lora_training`'s pieces as `train_lora.train_steps` runs them
+   - *ours*: the code that trains — `train_lora`'s step as its `train_steps` runs it
      (`build_trainable_model`, the fp16 memory-mapped `LatentCache` in device or host mode,
      `Prompts`, `BatchOrder`, `micro_batch_loss` and `optimize` under accelerate, the LR schedule,
-     host sync every LOG_EVERY steps; `bench_training`);
+     host sync every LOG_EVERY steps; `bench.training`);
    - *reference*: the diffusers example `train_text_to_image_lora.py`: every step encodes the batch's
      pixels with the VAE (`latent_dist.sample() * scaling_factor`) and its token ids with the text
      encoder, then noise / timestep / UNet / MSE / backward / clip / AdamW, and reads the loss back
@@ -25,7 +25,7 @@ UNET_LORA_TARGETS, one shared AdamW from `lora_training.make_optimizer`):
 2. sampling images/s (classifier-free guidance 7.5, DPM-Solver++, VAE decode included) at several
    step counts and batch sizes, with a StableDiffusionPipeline built from the same components: with
    the LoRA attached (the old way), then fused as `generate_xrays` samples, both eager, (and
-   compiled with `--compile-sampling` on CUDA; `bench_generation`);
+   compiled with `--compile-sampling` on CUDA; `bench.generation`);
 3. peak memory of a training step at batch 1 with and without gradient checkpointing
    (`torch.cuda.max_memory_allocated` on a GPU; on a CPU the sampled peak of the process RSS above
    its level before the step, which is approximate and says so);
@@ -55,13 +55,14 @@ import torch
 from tqdm import tqdm
 
 from workflow_scripts.base_model import SD15_ARCH_CANDIDATES, load_components
-from workflow_scripts.bench_generation import measure_generation
-from workflow_scripts.bench_machine import (machine_info, matmul_peak_tflops, register_cpu_attention_flops,  # noqa: F401
+from workflow_scripts.bench.generation import measure_generation
+from workflow_scripts.bench.machine import (machine_info, matmul_peak_tflops, register_cpu_attention_flops,  # noqa: F401
                                            report, torch_threads)
-from workflow_scripts.bench_report import REFERENCE_TFLOP_PER_IMAGE, render, speedup_line
-from workflow_scripts.bench_training import (SEED, apply_levers, build_bench, count_flops, measure_levers, measure_memory,
+from workflow_scripts.bench.report import REFERENCE_TFLOP_PER_IMAGE, render, speedup_line
+from workflow_scripts.bench.training import (SEED, apply_levers, build_bench, count_flops, measure_levers, measure_memory,
                                              run)
-from workflow_scripts.lora_training import COMPUTE_DTYPES, UNET_LORA_TARGETS, gpu_levers, hardware_settings, library_versions
+from workflow_scripts.hardware import DTYPES, gpu_levers, hardware_settings
+from workflow_scripts.lora_model import UNET_LORA_TARGETS, library_versions
 from workflow_scripts.errors import UserError, run_stage
 from workflow_scripts.tiny_model import build_tiny_pipeline
 
@@ -74,7 +75,7 @@ class BenchmarkError(UserError, RuntimeError):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.benchmark", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["auto", "tiny", "sd15"], default="auto",
                         help="tiny (default on CPU) or the full-size SD 1.5 architecture (default on a GPU)")
@@ -107,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     parser.add_argument("--quick", action="store_true", help="smallest settings (for tests)")
     parser.add_argument("--stage", choices=["lora", "classifier"], default="lora",
-                        help="lora (this page) or classifier: the decode-once data path (workflow_scripts.bench_classifier)")
+                        help="lora (this page) or classifier: the decode-once data path (workflow_scripts.bench.classifier)")
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "repeats", "gen_repeats", "lora_rank", "resolution", "threads"):
         value = getattr(args, name)
@@ -157,7 +158,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         raise BenchmarkError(f"--resolution must be a multiple of 8, got {resolution}")
     quick = args.quick
     return Settings(
-        device=device, dtype=COMPUTE_DTYPES[dtype_name], dtype_name=dtype_name, model=model, resolution=resolution,
+        device=device, dtype=DTYPES[dtype_name], dtype_name=dtype_name, model=model, resolution=resolution,
         batch_size=args.batch_size or (2 if quick else 8 if gpu else 4),
         lora_rank=args.lora_rank,
         steps=args.steps or (2 if quick else 20),
@@ -332,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         breakdown.add_arguments(parser)
         return breakdown.run(parser.parse_args(argv))
     if chosen.stage == "classifier":  # its own options: --stage classifier --help
-        from workflow_scripts import bench_classifier
+        from workflow_scripts.bench import classifier
 
-        return bench_classifier.main(argv)
+        return classifier.main(argv)
     args = parse_args(argv)
     with torch_threads(args.threads):
         result = benchmark(args)

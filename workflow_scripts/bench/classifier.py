@@ -1,8 +1,8 @@
-"""`python -m workflow_scripts.benchmark --stage classifier`: the classifier's data path, decoding
+"""`python -m workflow_scripts.bench --stage classifier`: the classifier's data path, decoding
 every film at every step vs the decode-once cache, side by side in one run on NIH-size films.
 
-    python -m workflow_scripts.benchmark --stage classifier                 # 96 films of 1024² px, 224 px input
-    python -m workflow_scripts.benchmark --stage classifier --quick         # smallest settings (the test)
+    python -m workflow_scripts.bench --stage classifier                 # 96 films of 1024² px, 224 px input
+    python -m workflow_scripts.bench --stage classifier --quick         # smallest settings (the test)
 
 Films: the dev films (shared/data/cxr-dev, NIH ChestX-ray14, 256 px) upscaled to `--film-size`
 (1024: NIH's size) and written as 8-bit PNGs into a scratch folder. Upscaled films are smoother than
@@ -38,19 +38,19 @@ from PIL import Image
 
 from workflow_scripts.errors import run_stage
 from workflow_scripts.classifier_cache import CachedBatches, FilmStore, cache_films, decoded_batches
-from workflow_scripts.bench_machine import report, torch_threads
+from workflow_scripts.bench.machine import report, torch_threads
 from workflow_scripts.hardware import apply_cuda_levers
 from workflow_scripts.classifier_device import (describe_device, loader_workers, machine_cores,
                                                 precision_for)
 from workflow_scripts.classifier_model import create_model
 
-DEV_FILMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-dev" / "images"
+DEV_FILMS = Path(__file__).resolve().parents[3] / "shared" / "data" / "cxr-dev" / "images"  # beside the repository
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as timm's models use
 CLASSES = 14  # NIH ChestX-ray14's findings
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.benchmark --stage classifier",
+    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.bench --stage classifier",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--films", type=int, default=96, help="distinct films (default 96)")
     parser.add_argument("--film-size", type=int, default=1024, help="side of the PNGs in px (default 1024, NIH's)")

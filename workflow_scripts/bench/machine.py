@@ -1,6 +1,6 @@
 """The machine side of the benchmarks: what they run on, its matmul peak, FLOP counting on CPU,
 host-memory sampling, the torch thread count of a run and how a finished run is reported. Used by
-`workflow_scripts.benchmark` and `workflow_scripts.bench_classifier`."""
+`workflow_scripts.bench` and `workflow_scripts.bench.classifier`."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The benchmark's two training loops on one model, and the figures measured on them (memory, levers).
 
-*Ours* is `lora_training`'s pieces as `train_lora.train_steps` runs them (`BatchOrder`,
+*Ours* is `train_lora`'s own step as its `train_steps` runs it (`BatchOrder`,
 `micro_batch_loss`, `optimize` under `accelerator.accumulate`, a host sync every LOG_EVERY steps);
 the *reference* is the diffusers example's step, typed out in `reference_loss` / `reference_step`.
-Used by `workflow_scripts.benchmark`.
+Used by `workflow_scripts.bench`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from workflow_scripts.tiny_model import NIH_LABELS, PROMPT_TEMPLATE
-from workflow_scripts.bench_machine import RssSampler, register_cpu_attention_flops, release_host_memory, synchronize
-from workflow_scripts.lora_training import (GIB, LOG_EVERY, MIXED_PRECISION, BatchOrder, Denoiser, LatentCache, LoraSpec,
-                                            Prompts, Trainable, build_trainable_model, cast, compile_settings,
-                                            encode_latent_cache, gpu_levers, hardware_settings, latent_shape,
-                                            make_optimizer, micro_batch_loss, optimize, tokenize)
+from workflow_scripts.bench.machine import RssSampler, register_cpu_attention_flops, release_host_memory, synchronize
+from workflow_scripts.hardware import DTYPE_NAMES, compile_settings, gpu_levers, hardware_settings
+from workflow_scripts.latent_cache import GIB, LatentCache, encode_latent_cache, latent_shape
+from workflow_scripts.lora_model import (Denoiser, LoraSpec, Prompts, Trainable, build_trainable_model, cast, make_optimizer,
+                                         tokenize)
+from workflow_scripts.train_lora import LOG_EVERY, BatchOrder, micro_batch_loss, optimize
 
 SEED = 0
 NUM_PROMPTS = 8  # distinct prompts in the synthetic training set (the project has one per label set)
@@ -74,7 +75,7 @@ def build_bench(model, device: torch.device, dtype: torch.dtype, batch_size: int
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
-    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[dtype], cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision="no" if dtype == torch.float32 else DTYPE_NAMES[dtype], cpu=device.type == "cpu")
     spec = LoraSpec(rank=lora_rank, alpha=lora_rank, seed=SEED, batch_size=batch_size)
     trainable = build_trainable_model(model, spec, gpu_levers(dict.fromkeys(TRAINING_LEVERS + ("compile_sampling",), False),
                                                               device, False), device, dtype)

@@ -1,6 +1,6 @@
 """The benchmark's sampling figures: images/s of a StableDiffusionPipeline built from the trained
 components, with the LoRA attached, fused (as `generate_xrays` samples) and, where
-hardware.compile_sampling applies, fused and compiled. Used by `workflow_scripts.benchmark`."""
+hardware.compile_sampling applies, fused and compiled. Used by `workflow_scripts.bench`."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from tqdm import tqdm
 
 from workflow_scripts.base_model import make_scheduler
 from workflow_scripts.tiny_model import NIH_LABELS, PROMPT_TEMPLATE
-from workflow_scripts.bench_machine import synchronize
-from workflow_scripts.bench_report import GUIDANCE, SCHEDULER
-from workflow_scripts.bench_training import SEED, Bench, uncompile
-from workflow_scripts.lora_training import cast, compile_settings
+from workflow_scripts.bench.machine import synchronize
+from workflow_scripts.bench.report import GUIDANCE, SCHEDULER
+from workflow_scripts.bench.training import SEED, Bench, uncompile
+from workflow_scripts.hardware import compile_settings
+from workflow_scripts.lora_model import cast
 
 
 def measure_generation(bench: Bench, settings, progress: tqdm) -> list[dict[str, Any]]:
