@@ -217,7 +217,9 @@ def write_lora(directory: Path, unet: torch.nn.Module, text_encoder: torch.nn.Mo
     from safetensors.torch import save_file
 
     models = {"unet": unet, **({"text_encoder": text_encoder} if text_encoder is not None else {})}
-    peft_layers = {name: get_peft_model_state_dict(model) for name, model in models.items()}
+    # save_embedding_layers=False: LoRA never touches the embeddings; "auto" would look the base up on the hub
+    # (a network call, and a warning offline) to decide whether the vocabulary grew.
+    peft_layers = {name: get_peft_model_state_dict(model, save_embedding_layers=False) for name, model in models.items()}
     meta = {name: model.peft_config["default"].to_dict() for name, model in models.items()}
     StableDiffusionPipeline.save_lora_weights(
         directory, unet_lora_layers=convert_state_dict_to_diffusers(peft_layers["unet"]),
