@@ -19,7 +19,9 @@ spread less the interaction), pooled over arms. σ²_interaction: the part of on
 comes from seeds ranking single films differently; it is measured on the test set, so it shrinks
 with more test patients AND with more seeds. The MDE is the table's own (`stats.mde`): noncentral t
 at 0.05 / m (Holm's first level for m arms compared with ratio0), power 80 %, with the
-Satterthwaite df of the seeds' spread pooled over the study's arms, as the table pools it.
+Satterthwaite df of the seeds' spread pooled over the study's arms, as the table pools it, and of
+the patient-level variance (`stats.patient_df`: in proportion to the test patients, plus the
+resamples' own noise).
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ def planned_mde(components: dict[str, Any], seeds: int, patient_factor: float, l
     # the table's patient piece: its bootstrap variance (with the interaction / S), df from the
     # patients (in proportion to them) and from the resamples
     patient = components["patient_var"] / patient_factor + 2 * components["interaction_var"] / patient_factor / seeds
-    patient_df = 1 / (1 / (components.get("patient_df", float("inf")) * patient_factor) + 1 / max(components.get("n_boot", np.inf) - 1, 1))
+    noise = 1 / (components.get("patient_df", np.inf) * patient_factor) + 1 / max(components.get("n_boot", np.inf) - 1, 1)
+    patient_df = 1 / noise if noise > 0 else np.inf
     df = stats.satterthwaite(total, [(patient, patient_df), (2 * spread / seeds, arms * (seeds - 1))])
     return stats.mde(float(np.sqrt(total)), df, level, estimated=False)
 
@@ -114,7 +117,8 @@ def plan(components: dict[str, Any], n_patients: int, seeds_now: int, compared: 
              f"seed-level sd of one run's macro AUROC {np.sqrt(components['seed_var']):.4f} (pooled over arms, "
              f"{components['seed_df']} df); seed × patient interaction sd {np.sqrt(components['interaction_var']):.4f} per run; "
              f"patient-level sd of a Δ vs {REFERENCE} {np.sqrt(components['patient_var']):.4f} "
-             f"(from {components['patient_source']}).", "",
+             f"(from {components['patient_source']}; {components.get('patient_df', np.inf):.0f} df from the test patients, "
+             "the resamples add their own).", "",
              f"Expected MDE of a study with {compared + 1} arms: the true Δ vs {REFERENCE} the table calls a gain with 80% "
              f"probability at the level Holm's first step uses for {compared} arm(s) (α = {level:.4f}), "
              + (f"its seed variance pooled over the {arms} arms as the table pooled it. " if pooled else
