@@ -57,6 +57,27 @@ def test_cluster_counts_keep_the_films_of_a_patient_together() -> None:
     assert (counts.sum(axis=1) == 3).all() and counts.std(axis=0).min() > 0  # three patients drawn each time
 
 
+def test_leaving_one_patient_out_matches_auroc_on_the_rest() -> None:
+    rng = np.random.default_rng(3)
+    patient = rng.permutation(np.repeat(np.arange(30), 1 + rng.poisson(1.5, 30)))
+    targets = (rng.random((len(patient), 3)) < 0.3).astype(float)
+    scores = np.round(rng.random(targets.shape) + targets, 1)  # ties, also within a patient
+    targets[:, 2] = patient == patient[0]  # label 2's positives all in one patient
+    got = stats.leave_one_out_auroc(targets, scores, patient)
+    want = np.array([auroc_columns(targets[patient != p], scores[patient != p]) for p in range(30)])
+    np.testing.assert_allclose(got, want, atol=1e-12)  # NaN where a class runs out, in both
+    assert np.isnan(got[patient[0], 2]) and np.isfinite(np.delete(got[:, 2], patient[0])).all()
+
+
+def test_patient_df_is_about_n_for_normal_influences_and_smaller_when_few_patients_weigh_much() -> None:
+    rng = np.random.default_rng(0)
+    normal = [stats.patient_df(rng.normal(0, 1, 400), float("inf")) for _ in range(200)]
+    assert np.median(normal) == pytest.approx(400, rel=0.1)
+    heavy = np.median([stats.patient_df(rng.standard_t(3, 400), float("inf")) for _ in range(200)])
+    assert heavy < 150
+    assert stats.patient_df(rng.normal(0, 1, 400), 101) < 100  # the resamples' own noise: B - 1 df at most
+
+
 def test_holm_matches_the_textbook_example() -> None:
     # p = (0.01, 0.04, 0.03, 0.005): sorted 0.005*4, 0.01*3, 0.03*2, 0.04*1, then running maxima
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
@@ -211,7 +232,7 @@ SEVEN3 = QUICK
 SEVEN5 = calibration.replace(QUICK, n_seeds=5)
 # score-scale effects that put more_real's true Δ at the table's MDE in each design (found once
 # by simulation; each test checks that the planted Δ and the printed MDE agree)
-AT_MDE = {"pair3": 1.28, "pair5": 1.07, "seven3": 1.6, "seven5": 1.3}
+AT_MDE = {"pair3": 1.36, "pair5": 1.13, "seven3": 1.85, "seven5": 1.5}
 
 
 def bound(rate: float, repeats: int) -> float:
@@ -281,10 +302,11 @@ def test_inside_a_seven_arm_table_the_mde_holds_and_the_headline_and_families_st
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,design", [
-    ("pair3", PAIR3), ("pair5", PAIR5), ("seven3", SEVEN3),
-    pytest.param("seven5", SEVEN5, marks=pytest.mark.xfail(strict=False, reason=(
-        "known miss (#28 open): inside a seven-arm table at 5 seeds the printed MDE is found 74.8 % of the time "
-        "(SE 1.7, 640 repeats), not 80 ± 5")))])
+    pytest.param("pair3", PAIR3, marks=pytest.mark.xfail(strict=False, reason=(
+        "known miss (#28): a 3-seed pair reads gain in 81.9 % (SE 1.5, 640 repeats) with the plant 1.4 % below the "
+        "printed MDE, about 83 % at the MDE, 0.1 point outside 80 ± 2 SE: the SE²'s df reads low at 3 seeds "
+        "(median 10.6 printed, 13.7 from its spread across studies), so the MDE is a little high"))),
+    ("pair5", PAIR5), ("seven3", SEVEN3), ("seven5", SEVEN5)])
 def test_slow_power_at_the_printed_mde_to_within_5_points(name: str, design) -> None:
     # 640 repeats: SE 1.6 points at 80 %, band 80 ± 3.2, so a method at 75 % or 85 % fails in 86 % of runs
     power_at_mde(design, AT_MDE[name], 640, seed=500 + len(design.arms) * 10 + design.n_seeds)
@@ -305,15 +327,18 @@ def demo_design() -> calibration.Design:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known miss (#28 open): at the demo's design (7 arms, 4 seeds, 175 test patients) "
-                   "the null arms are flagged in 8.0 % of studies (SE 1.6, 300 repeats), above 5 %")
 def test_slow_the_demos_positive_control_reads_gain_in_90_percent_and_identical_arms_stay_at_5() -> None:
     # more_real's true Δ +0.05 (the demo measured +0.046 to +0.056) in the demo's own design:
-    # 300 repeats, SE 1.7 points at 90 %; the other arms equal ratio0 (family and headline at 5 %)
-    design, repeats = demo_design(), 300
-    result = calibration.rates(repeats, design, 0.73, seed=600)
+    # 600 repeats, SE 1.2 points at 90 % and 0.9 at 5 %; the other arms equal ratio0 (family and
+    # headline at 5 %). Measured: null family 3.5 % here; an earlier 300 repeats (seed 600) read
+    # 7.7 % (SE 1.5), 4.9 % (SE 0.7) over both
+    design, repeats = demo_design(), 600
+    result = calibration.rates(repeats, design, 0.73, seed=601)
     gain = result.gain.mean()
     message = f"{design}: {described('gain', gain, repeats)}, true Δ {result.delta.mean():.4f}"
+    message += (f"; {described('null arms flagged', result.null_family.mean(), repeats)}; "
+                f"{described('headline yes', result.headline.mean(), repeats)}")
+    print(message)
     assert abs(result.delta.mean() - 0.05) <= 0.003, message
     assert gain >= 0.90, message
     assert result.null_family.mean() <= bound(0.05, repeats), described("null arms flagged", result.null_family.mean(), repeats)

@@ -19,7 +19,9 @@ spread less the interaction), pooled over arms. σ²_interaction: the part of on
 comes from seeds ranking single films differently; it is measured on the test set, so it shrinks
 with more test patients AND with more seeds. The MDE is the table's own (`stats.mde`): noncentral t
 at 0.05 / m (Holm's first level for m arms compared with ratio0), power 80 %, with the
-Satterthwaite df of the seeds' spread pooled over the study's arms, as the table pools it.
+Satterthwaite df of the seeds' spread pooled over the study's arms, as the table pools it, and of
+the patient-level variance (`stats.patient_df`: in proportion to the test patients, plus the
+resamples' own noise).
 """
 
 from __future__ import annotations
@@ -53,25 +55,37 @@ def variance_components(boot: dict[str, stats.ArmBootstrap], labels: np.ndarray)
     interaction = max(0.0, sum(dfs[name] * spread[1] for name, spread in spreads.items()) / dof) if dof else 0.0
     others = [name for name in boot if name != REFERENCE]
     reference = stats.macro(boot[REFERENCE].patient_samples, labels)
-    patient_var, source = float("nan"), "none"
+    patient_var, source, patient_df = float("nan"), "none", float("inf")
     if others:
         per_seed = {name: spreads.get(name, (0.0, 0.0))[1] / len(boot[name].seed_values) for name in boot}
         patient_var = max(0.0, float(np.mean([np.nanvar(stats.macro(boot[name].patient_samples, labels) - reference, ddof=1)
                                               - per_seed[name] - per_seed[REFERENCE] for name in others])))
         source = f"Δ of {len(others)} arm(s) vs {REFERENCE}"
+        patient_df = sampling_df(boot, others, REFERENCE, labels)
     return {"seed_var": max(0.0, raw - interaction) if dof else float("nan"), "interaction_var": interaction, "seed_df": dof,
-            "patient_var": patient_var, "patient_source": source}
+            "patient_var": patient_var, "patient_source": source, "patient_df": patient_df,
+            "n_boot": len(boot[REFERENCE].patient_samples)}
+
+
+def sampling_df(boot: dict[str, stats.ArmBootstrap], arms: list[str], reference: str, labels: np.ndarray) -> float:
+    """The df of the patient-level variance of a Δ vs `reference` from the test patients alone (no
+    resampling noise; harmonic mean over `arms`): it grows in proportion to the test patients."""
+    if boot[reference].jackknife is None:
+        return float("inf")
+    left_out = stats.macro(boot[reference].jackknife, labels)
+    dfs = [stats.patient_df(stats.macro(boot[name].jackknife, labels) - left_out, float("inf")) for name in arms]
+    return float(len(dfs) / sum(1 / df for df in dfs))
 
 
 def halves_patient_var(targets: np.ndarray, patients: np.ndarray, scores: np.ndarray, labels: np.ndarray, n_boot: int,
-                       interaction: float) -> float:
+                       interaction: float) -> tuple[float, float]:
     """Ratio0-only pilot: the paired patient-level variance of (mean of its first half of seeds -
-    mean of the second half), as if they were two arms, less their seeds' interaction."""
+    mean of the second half), as if they were two arms, less their seeds' interaction, and its df."""
     half = len(scores) // 2
     boot = stats.hierarchical_bootstrap(targets, patients, {"a": scores[:half], "b": scores[half:2 * half]}, n_boot,
                                         seed=BOOTSTRAP_SEED)
     difference = stats.macro(boot["a"].patient_samples, labels) - stats.macro(boot["b"].patient_samples, labels)
-    return max(0.0, float(np.nanvar(difference, ddof=1)) - 2 * interaction / half)
+    return max(0.0, float(np.nanvar(difference, ddof=1)) - 2 * interaction / half), sampling_df(boot, ["a"], "b", labels)
 
 
 def planned_mde(components: dict[str, Any], seeds: int, patient_factor: float, level: float, arms: int = 2) -> float:
@@ -80,7 +94,12 @@ def planned_mde(components: dict[str, Any], seeds: int, patient_factor: float, l
     seed_var = components["seed_var"] if np.isfinite(components["seed_var"]) else 0.0
     spread = seed_var + components["interaction_var"] / patient_factor  # what the planned study's seeds vary by
     total = components["patient_var"] / patient_factor + 2 * spread / seeds
-    df = stats.satterthwaite(total, [(2 * spread / seeds, arms * (seeds - 1))])
+    # the table's patient piece: its bootstrap variance (with the interaction / S), df from the
+    # patients (in proportion to them) and from the resamples
+    patient = components["patient_var"] / patient_factor + 2 * components["interaction_var"] / patient_factor / seeds
+    noise = 1 / (components.get("patient_df", np.inf) * patient_factor) + 1 / max(components.get("n_boot", np.inf) - 1, 1)
+    patient_df = 1 / noise if noise > 0 else np.inf
+    df = stats.satterthwaite(total, [(patient, patient_df), (2 * spread / seeds, arms * (seeds - 1))])
     return stats.mde(float(np.sqrt(total)), df, level, estimated=False)
 
 
@@ -98,7 +117,8 @@ def plan(components: dict[str, Any], n_patients: int, seeds_now: int, compared: 
              f"seed-level sd of one run's macro AUROC {np.sqrt(components['seed_var']):.4f} (pooled over arms, "
              f"{components['seed_df']} df); seed × patient interaction sd {np.sqrt(components['interaction_var']):.4f} per run; "
              f"patient-level sd of a Δ vs {REFERENCE} {np.sqrt(components['patient_var']):.4f} "
-             f"(from {components['patient_source']}).", "",
+             f"(from {components['patient_source']}; {components.get('patient_df', np.inf):.0f} df from the test patients, "
+             "the resamples add their own).", "",
              f"Expected MDE of a study with {compared + 1} arms: the true Δ vs {REFERENCE} the table calls a gain with 80% "
              f"probability at the level Holm's first step uses for {compared} arm(s) (α = {level:.4f}), "
              + (f"its seed variance pooled over the {arms} arms as the table pooled it. " if pooled else
@@ -153,9 +173,8 @@ def power(config: dict[str, Any], run_dirs: list[Path], test_csv: Path, out: Pat
     study = analyse(arms, by_arm, targets, patients, classes, settings["min_test_positives"], n_boot)
     components = variance_components(study.boot, study.evaluated)
     if not np.isfinite(components["patient_var"]):
-        components.update(patient_var=halves_patient_var(targets, patients, reference, study.evaluated, n_boot,
-                                                         components["interaction_var"]),
-                          patient_source=f"two halves of {REFERENCE}'s seeds (a floor)")
+        halves, halves_df = halves_patient_var(targets, patients, reference, study.evaluated, n_boot, components["interaction_var"])
+        components.update(patient_var=halves, patient_df=halves_df, patient_source=f"two halves of {REFERENCE}'s seeds (a floor)")
     table_mdes = {name: d.mde for name, d in study.diffs.get(REFERENCE, {}).items()}
     compared = max(1, len([name for name in arms if name != REFERENCE]),
                    len(config["classifier"]["ratios"]) - 1 + len(config["classifier"]["controls"]))
