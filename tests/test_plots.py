@@ -20,7 +20,7 @@ from workflow_scripts import compare_report  # noqa: E402
 from workflow_scripts.fidelity import FLOOR, SYNTHETIC  # noqa: E402
 from workflow_scripts.fidelity import BASE_PROMPTED, PROMPTED, REAL_VAL  # noqa: E402
 from workflow_scripts.fidelity import report as fidelity_report  # noqa: E402
-from workflow_scripts.study import ArmKind  # noqa: E402
+from workflow_scripts import arms  # noqa: E402
 
 LABELS = ["Cardiomegaly", "Effusion", "Pleural_Thickening", "Pneumothorax"]
 
@@ -83,9 +83,9 @@ def check_readable(figures: dict[str, matplotlib.figure.Figure], names: list[str
 
 
 def test_auroc_vs_ratio_shows_every_arm_apart_with_the_reference(tmp_path: Path, saved) -> None:
-    rows = [("ratio0", ArmKind.REAL, 0, 0.80), ("ratio10", ArmKind.SYNTHETIC, 10, 0.79), ("ratio25", ArmKind.SYNTHETIC, 25, 0.78),
-            ("ratio50", ArmKind.SYNTHETIC, 50, 0.76), ("rebalanced", ArmKind.REBALANCED, 50, 0.80),
-            ("noise", ArmKind.NOISE, 50, 0.77), ("pretrain", ArmKind.PRETRAIN, 50, 0.79), ("more_real", ArmKind.MORE_REAL, 50, 0.85)]
+    rows = [("ratio0", arms.REAL, 0, 0.80), ("ratio10", arms.SYNTHETIC, 10, 0.79), ("ratio25", arms.SYNTHETIC, 25, 0.78),
+            ("ratio50", arms.SYNTHETIC, 50, 0.76), ("rebalanced", arms.REBALANCED, 50, 0.80),
+            ("noise", arms.NOISE, 50, 0.77), ("pretrain", arms.PRETRAIN, 50, 0.79), ("more_real", arms.MORE_REAL, 50, 0.85)]
     table = pd.DataFrame([{"arm": arm, "arm_kind": str(kind), "ratio": ratio, "macro_auroc_mean": value,
                            "macro_auroc_ci_low": value - 0.03, "macro_auroc_ci_high": value + 0.03}
                           for arm, kind, ratio, value in rows])

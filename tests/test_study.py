@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -10,26 +9,19 @@ import pandas as pd
 import pytest
 
 from conftest import make_config
-from workflow_scripts.config import ConfigError, stage_config
-from workflow_scripts.labels import DataError
+from workflow_scripts.errors import ConfigError, DataError
+from workflow_scripts.config import stage_config
+from workflow_scripts import arms
+from workflow_scripts.arms import arm_names, arm_training_set, composition, controls, parse_arm, phase_steps, references, table_order
 from workflow_scripts.study import (
-    CONTROLS,
-    REFERENCES,
-    ArmKind,
     allocate,
-    arm_names,
-    arm_training_set,
     batch_schedule,
-    composition,
     drop_excluded,
-    parse_arm,
-    phase_steps,
     pool_size_needed,
     reserve_patients,
     stratified_draw,
     study_hash,
     synthetic_count,
-    table_order,
     train_steps,
     validation_points,
 )
@@ -72,10 +64,10 @@ def test_arms_from_config_and_their_kinds() -> None:
     cfg = config(controls=["rebalanced", "noise", "pretrain"])
     assert arm_names(cfg) == ARMS
     kinds = {name: parse_arm(name, cfg) for name in ARMS}
-    assert [kinds[name].kind for name in ARMS] == ["real", "synthetic", "synthetic", "control_rebalanced",
-                                                   "control_noise", "control_pretrain"]
-    assert kinds["noise"].kind is ArmKind.NOISE and json.dumps(kinds["noise"].kind) == '"control_noise"'  # metrics.json
-    assert kinds["noise"].ratio == 50 and kinds["noise"].pool == "noise"  # the largest arm, with noise
+    assert [kinds[name].kind.value for name in ARMS] == ["real", "synthetic", "synthetic", "control_rebalanced",
+                                                         "control_noise", "control_pretrain"]
+    assert kinds["noise"].kind is arms.NOISE and arms.kind_of("control_noise") is arms.NOISE  # metrics.json's arm_kind
+    assert kinds["noise"].ratio == 50 and kinds["noise"].pool is arms.NOISE_IMAGES  # the largest arm, with noise
     assert kinds["rebalanced"].ratio == 0 and kinds["rebalanced"].draw_ratio == 50
     assert kinds["ratio0"].pool is None
     assert arm_names(config(controls=[])) == ["ratio0", "ratio10", "ratio50"]
@@ -85,18 +77,18 @@ def test_arms_from_config_and_their_kinds() -> None:
         parse_arm("ratio_x", config())
 
 
-def test_the_vocabulary_lives_in_one_enum() -> None:
-    # table order, display name, control name and references all come from ArmKind
+def test_the_vocabulary_lives_in_one_registry() -> None:
+    # table order, display name, control name and references all come from arms.KINDS
     cfg = config(controls=["more_real", "noise", "rebalanced", "pretrain"])
     cfg["split"]["more_real_ratio"] = 10
-    arms = [parse_arm(name, cfg) for name in arm_names(cfg)]
-    assert [arm.name for arm in sorted(arms, key=table_order)] == ["ratio0", "ratio10", "ratio50", "rebalanced", "noise",
+    parsed = [parse_arm(name, cfg) for name in arm_names(cfg)]
+    assert [arm.name for arm in sorted(parsed, key=table_order)] == ["ratio0", "ratio10", "ratio50", "rebalanced", "noise",
                                                                    "pretrain", "more_real"]
-    assert set(CONTROLS) == {"rebalanced", "noise", "pretrain", "more_real"} and REFERENCES == ("ratio0", "noise", "rebalanced")
+    assert set(controls()) == {"rebalanced", "noise", "pretrain", "more_real"} and references() == ("ratio0", "noise", "rebalanced")
     more_real = parse_arm("more_real", cfg)
     assert (more_real.kind, more_real.ratio, more_real.pool, more_real.compared_with) == (
-        ArmKind.MORE_REAL, 10, "reserve", ("ratio0",))
-    assert more_real.kind.is_control and not ArmKind.SYNTHETIC.is_control and ArmKind("control_more_real") is ArmKind.MORE_REAL
+        arms.MORE_REAL, 10, arms.RESERVE, ("ratio0",))
+    assert more_real.kind.is_control and not arms.SYNTHETIC.is_control and arms.kind_of("control_more_real") is arms.MORE_REAL
     assert parse_arm("ratio50", cfg).compared_with == ("ratio0", "noise", "rebalanced")
     cfg["split"]["more_real_ratio"] = None
     with pytest.raises(ConfigError, match="split.more_real_ratio"):
@@ -171,7 +163,7 @@ def test_every_arm_takes_the_same_optimizer_steps_and_validates_at_the_same_poin
     total = train_steps(cfg, len(real))
     assert total == 3 * math.ceil(60 / 8)  # epochs x steps per real-only epoch
     assert validation_points(cfg, len(real)) == [8, 16, 24]
-    pools = {"generated": POOL, "noise": noise_mirror(POOL), None: None}
+    pools = {arms.GENERATED: POOL, arms.NOISE_IMAGES: noise_mirror(POOL), None: None}
     sizes = set()
     for name in ARMS:
         arm = parse_arm(name, cfg)
