@@ -85,6 +85,7 @@ def check_readable(figures: dict[str, matplotlib.figure.Figure], names: list[str
 def test_auroc_vs_ratio_shows_every_arm_apart_with_the_reference(tmp_path: Path, saved) -> None:
     rows = [("ratio0", arms.REAL, 0, 0.80), ("ratio10", arms.SYNTHETIC, 10, 0.79), ("ratio25", arms.SYNTHETIC, 25, 0.78),
             ("ratio50", arms.SYNTHETIC, 50, 0.76), ("rebalanced", arms.REBALANCED, 50, 0.80),
+            ("duplicate_real", arms.DUPLICATE_REAL, 0, 0.79),
             ("noise", arms.NOISE, 50, 0.77), ("pretrain", arms.PRETRAIN, 50, 0.79), ("more_real", arms.MORE_REAL, 50, 0.85)]
     table = pd.DataFrame([{"arm": arm, "arm_kind": str(kind), "ratio": ratio, "macro_auroc_mean": value,
                            "macro_auroc_ci_low": value - 0.03, "macro_auroc_ci_high": value + 0.03}
@@ -94,8 +95,8 @@ def test_auroc_vs_ratio_shows_every_arm_apart_with_the_reference(tmp_path: Path,
     check_readable(saved, ["auroc_vs_ratio.png", "real_vs_synthetic.png"])
     ax = saved["auroc_vs_ratio.png"].axes[0]
     ticks = dict(zip((label.get_text() for label in ax.get_xticklabels()), ax.get_xticks()))
-    controls = ["rebalanced", "noise", "pretrain", "more_real"]
-    assert len({ticks[name] for name in controls}) == 4 and min(ticks[name] for name in controls) > 50
+    controls = ["rebalanced", "duplicate_real", "noise", "pretrain", "more_real"]
+    assert len({ticks[name] for name in controls}) == 5 and min(ticks[name] for name in controls) > 50
     assert any("ratio0" in str(line.get_label()) for line in ax.lines)  # the real-only reference line
 
 

@@ -84,12 +84,13 @@ def test_the_vocabulary_lives_in_one_registry() -> None:
     parsed = [parse_arm(name, cfg) for name in arm_names(cfg)]
     assert [arm.name for arm in sorted(parsed, key=table_order)] == ["ratio0", "ratio10", "ratio50", "rebalanced", "noise",
                                                                    "pretrain", "more_real"]
-    assert set(controls()) == {"rebalanced", "noise", "pretrain", "more_real"} and references() == ("ratio0", "noise", "rebalanced")
+    assert set(controls()) == {"rebalanced", "duplicate_real", "noise", "pretrain", "more_real"}
+    assert references() == ("ratio0", "noise", "rebalanced", "duplicate_real")
     more_real = parse_arm("more_real", cfg)
     assert (more_real.kind, more_real.ratio, more_real.pool, more_real.compared_with) == (
         arms.MORE_REAL, 10, arms.RESERVE, ("ratio0",))
     assert more_real.kind.is_control and not arms.SYNTHETIC.is_control and arms.kind_of("control_more_real") is arms.MORE_REAL
-    assert parse_arm("ratio50", cfg).compared_with == ("ratio0", "noise", "rebalanced")
+    assert parse_arm("ratio50", cfg).compared_with == ("ratio0", "noise", "rebalanced", "duplicate_real")
     cfg["split"]["more_real_ratio"] = None
     with pytest.raises(ConfigError, match="split.more_real_ratio"):
         parse_arm("more_real", cfg)
@@ -275,3 +276,28 @@ def test_plan_headroom() -> None:
     cfg = config(pool_headroom=2.0)
     assert pool_size_needed(cfg, 60) == 2 * synthetic_count(60, 50) == 120
     assert pool_size_needed(config(pool_headroom=1.5), 61) == math.ceil(1.5 * synthetic_count(61, 50))
+
+
+def test_duplicate_real_matches_the_largest_arms_count_with_real_duplicates_at_real_prevalence() -> None:
+    cfg = config(controls=["duplicate_real"])
+    arm = parse_arm("duplicate_real", cfg)
+    assert (arm.kind, arm.ratio, arm.draw_ratio, arm.pool) == (arms.DUPLICATE_REAL, 0, 50, None)  # no pool: no generation
+    assert "duplicate_real" in arms.BASELINES and "duplicate_real" in parse_arm("ratio50", cfg).compared_with
+    real = real_split(60)
+    largest, _ = arm_training_set(parse_arm("ratio50", cfg), real, POOL, seed=2)
+    duplicated, info = arm_training_set(arm, real, None, seed=2)
+    added = duplicated[duplicated["source"] == "oversampled"]
+    assert len(duplicated) == len(largest) and len(added) == info["n_drawn"] == synthetic_count(60, 50) == 60
+    assert set(added["path"]) == set(real["path"]) and (added["path"].value_counts() == 1).all()  # each real image once
+    ours, real_only = composition(duplicated, VOCAB), composition(real.assign(source="real", phase="train"), VOCAB)
+    assert ours["effective_positives"].tolist() == [2 * n for n in real_only["real_positives"]]  # the real prevalence
+    assert ours["synthetic_positives"].sum() == 0
+    smaller, _ = arm_training_set(parse_arm("duplicate_real", config(ratios=[0, 25])), real, None, seed=2)
+    counts = smaller[smaller["source"] == "oversampled"]["path"].value_counts()
+    assert len(counts) == synthetic_count(60, 25) == 20 and counts.max() == 1  # drawn without repeats while it can be
+    again, other = (arm_training_set(parse_arm("duplicate_real", config(ratios=[0, 25])), real, None, seed)[0]
+                    for seed in (2, 3))
+    assert again.equals(smaller) and not other["path"].equals(smaller["path"])  # seeded: each seed its own draw
+    big, _ = arm_training_set(parse_arm("duplicate_real", config(ratios=[0, 80])), real.head(10), None, seed=0)
+    repeats = big[big["source"] == "oversampled"]["path"].value_counts()
+    assert repeats.sum() == synthetic_count(10, 80) == 40 and (repeats == 4).all()  # as evenly as possible

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from workflow_scripts.errors import ConfigError, DataError
@@ -25,7 +26,7 @@ from workflow_scripts.study import (drop_excluded, largest_ratio, more_real_rati
 from workflow_scripts.tables import LABEL_JOIN, read_generation_results
 
 REFERENCE = "ratio0"  # the real-only arm every other arm is compared with
-BASELINES = ("noise", "rebalanced")  # the controls a synthetic arm must also beat, in column order (the headline's)
+BASELINES = ("noise", "rebalanced", "duplicate_real")  # the controls a synthetic arm must also beat, in column order (the headline's)
 SYNTHETIC_SOURCES = ("synthetic", "noise")  # training_set.csv sources counted as synthetic images
 COMPOSITION_COLUMNS = ["label", "real_positives", "synthetic_positives", "effective_positives"]
 MIX_COLUMNS = ["path", "labels", "source", "phase"]
@@ -186,11 +187,22 @@ def reserved(arm: Arm, real: pd.DataFrame, pool: pd.DataFrame | None, n: int, se
     return drawn("real")(arm, real, pool, n, seed)[0], info
 
 
+def duplicated(arm: Arm, real: pd.DataFrame, pool: pd.DataFrame | None, n: int, seed: int) -> tuple[pd.DataFrame, dict]:
+    """duplicate_real (Pink et al. 2026): `n` duplicates of real training images drawn uniformly, in
+    seeded random order pass after pass (each image repeated as evenly as possible): the largest
+    arm's image count and exposure, with the real split's label prevalence (unlike rebalanced)."""
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(len(real)) for _ in range(-(-n // len(real)))])[:n]
+    return _rows(real.iloc[np.sort(order)], "oversampled", "train"), {}
+
+
 REAL = register(ArmKind("real", "real only", None, None, (), ("s", "black"), nothing))
 SYNTHETIC = register(ArmKind("synthetic", "real + synthetic", None, GENERATED, (REFERENCE, *BASELINES), ("s", "black"),
                              drawn("synthetic")))
 REBALANCED = register(ArmKind("control_rebalanced", "control: real, rebalanced", "rebalanced", GENERATED, (REFERENCE,),
                               ("D", "tab:blue"), mirrored_duplicates, _largest, shows_share=False, reads_pool_images=False))
+DUPLICATE_REAL = register(ArmKind("control_duplicate_real", "control: real duplicates, count-matched", "duplicate_real", None,
+                                  (REFERENCE,), ("P", "tab:orange"), duplicated, _largest, shows_share=False))
 NOISE = register(ArmKind("control_noise", "control: noise for synthetic", "noise", NOISE_IMAGES, (REFERENCE,),
                          ("x", "tab:red"), drawn("noise"), _largest))
 PRETRAIN = register(ArmKind("control_pretrain", "synthetic pre-training, real fine-tuning", "pretrain", GENERATED,
