@@ -75,3 +75,62 @@ def test_a_dummy_arm_kind_reaches_the_table_the_page_and_the_plot(dummy_kind: ar
     assert "| dummy | control: the dummy |" in page
     assert any(kwargs.get("marker") == "v" and kwargs.get("color") == "tab:olive" for kwargs in drawn)
     assert (out / "plots" / "auroc_vs_ratio.png").is_file()
+
+
+# ----------------------------------------------------------------------------- a set metric
+
+
+def test_a_set_metric_registered_in_one_place_reaches_fidelity_csv_the_table_and_the_plot(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import numpy as np
+
+    from workflow_scripts.fidelity import FLOOR, SYNTHETIC, distances, evaluate, report
+
+    dummy = distances.SetMetric("mean_gap", ("mean_gap",),
+                                lambda real, synthetic, evaluation: {"mean_gap": float(abs(real.mean() - synthetic.mean()))},
+                                plot=("mean_gap", None, "mean gap"))
+    monkeypatch.setattr(distances, "SET_METRICS", (*distances.SET_METRICS, dummy))
+    assert evaluate.fidelity_columns()[-2:] == ["mean_gap", "notes"]
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(40, 8))
+    evaluation = {"kid_subset_size": 10, "kid_subsets": 5, "prdc_k": 3, "seed": 0}
+    rows = [evaluate._distance_row("pixels", "Mass", comparison, real, rng.normal(shift, size=(40, 8)), evaluation, 0)
+            for comparison, shift in ((SYNTHETIC, 2.0), (FLOOR, 0.0))]
+    assert rows[0]["mean_gap"] > 1.5 > 0.5 > rows[1]["mean_gap"] and np.isfinite(rows[0]["fid"])  # beside FID and KID
+    settings = {"extractors": {"pixels": {"status": "ok: test", "description": "raw pixels", "input_size": 8}}}
+    table = report._fidelity_tables({"rows": rows, "settings": settings})
+    header = next(line for line in table if line.startswith("| label"))
+    assert header.split(" | ")[2:4] == ["KID", "FID"] and header.endswith("| mean_gap |")
+    row = next(line for line in table if line.startswith("| Mass"))
+    assert row.count("|") == header.count("|") and f"{rows[0]['mean_gap']:.3g} ({rows[1]['mean_gap']:.3g})" in row
+    diversity = pd.DataFrame(columns=evaluate.DIVERSITY_COLUMNS)
+    adherence = pd.DataFrame(columns=evaluate.ADHERENCE_COLUMNS)
+    written = report.make_plots(pd.DataFrame(rows, columns=evaluate.fidelity_columns()), diversity, adherence, tmp_path)
+    assert [path.name for path in written][:1] == ["fidelity_pixels.png"]
+
+
+# ----------------------------------------------------------------------------- a label-file format
+
+
+def test_a_label_format_registered_in_one_place_is_read_into_the_splits(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    from conftest import VOCAB, make_nih_dataset
+    from workflow_scripts import labels
+    from workflow_scripts.prepare_dataset import prepare
+
+    csv, images = make_nih_dataset(tmp_path / "nih")  # 30 patients, 2 films each
+    table = pd.read_csv(csv).rename(columns={"Image Index": "file", "Finding Labels": "findings", "Patient ID": "pid"})
+    semicolon = tmp_path / "labels.ssv"
+    table.to_csv(semicolon, sep=";", index=False)
+
+    def read_semicolon(path: Path, dataset: dict, notes: list | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        frame = pd.read_csv(path, sep=";", dtype=str)
+        return (pd.DataFrame({"row": range(2, len(frame) + 2), "image": frame["file"],
+                              "labels": frame["findings"].str.split("|"), "patient": frame["pid"]}),
+                labels.skip_frame(path, []))
+
+    monkeypatch.setitem(labels.FORMATS, "semicolon", labels.LabelFormat(read_semicolon))
+    config = make_config({"csv": str(semicolon), "images": str(images), "labels": VOCAB})
+    config["dataset"]["format"] = "semicolon"  # the schema's enum would list it
+    summary = prepare(config, tmp_path / "out")
+    assert sum(summary["images"].values()) == 60 and summary["skipped"] == 0

@@ -42,8 +42,8 @@ def run_counts(runs: list[Run], key: str) -> int | str:
 
 @dataclass(frozen=True)
 class Headline:
-    """"Does a synthetic arm gain over ratio0 AND noise AND rebalanced?" for each synthetic arm: the
-    intersection-union p (largest of its one-sided p against a gain), Holm over the synthetic arms,
+    """"Does a synthetic arm gain over ratio0 AND every baseline control that ran (arms.BASELINES)?"
+    for each synthetic arm: the intersection-union p (largest of its one-sided p against a gain), Holm over the synthetic arms,
     one verdict for the table as a whole at 5 %."""
 
     references: tuple[str, ...]
