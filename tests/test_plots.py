@@ -98,6 +98,8 @@ def test_auroc_vs_ratio_shows_every_arm_apart_with_the_reference(tmp_path: Path,
     controls = ["rebalanced", "duplicate_real", "noise", "pretrain", "more_real"]
     assert len({ticks[name] for name in controls}) == 5 and min(ticks[name] for name in controls) > 50
     assert any("ratio0" in str(line.get_label()) for line in ax.lines)  # the real-only reference line
+    legend = [str(container.get_label()) for container in ax.containers]
+    assert "noise (mirrors 50%)" in legend and "duplicate_real" in legend  # no "mirrors 0%": it adds no synthetic image
 
 
 def test_fidelity_plots_keep_labels_legends_and_error_bars_readable(tmp_path: Path, saved) -> None:

@@ -323,7 +323,7 @@ def make_plots(table: pd.DataFrame, classes: list[str], rare: list[str], train: 
         x = max(ratios) + slot * step
         axis.errorbar([x], [row["macro_auroc_mean"]], capsize=4, marker=marker, color=color, linestyle="none", markersize=8,
                       yerr=[[row["macro_auroc_mean"] - row["macro_auroc_ci_low"]], [row["macro_auroc_ci_high"] - row["macro_auroc_mean"]]],
-                      label=f"{row['arm']} (mirrors {row['ratio']}%)")
+                      label=f"{row['arm']}" + (f" (mirrors {row['ratio']}%)" if row["ratio"] else ""))
         ticks.append(x)
         names.append(str(row["arm"]))
     if len(controls):
