@@ -19,7 +19,7 @@ from workflow_scripts.config import (
     write_stage_config,
 )
 from workflow_scripts.rerun_reasons import stage_changes
-from workflow_scripts.study import ARM_PATTERN, REFERENCE, arm_names, parse_arm
+from workflow_scripts.arms import REFERENCE, arm_names, arm_pattern, controls, parse_arm
 from workflow_scripts.weights import inventory as weights_inventory, render as render_weights, stop_message
 
 # The demo overlay, only when no --configfile is given. Read strictly first: Snakemake's own reader
@@ -85,7 +85,7 @@ wildcard_constraints:
     label=r"[A-Za-z0-9_]+(\+[A-Za-z0-9_]+)*",
     ratio=r"\d+",
     seed=r"\d+",
-    arm=ARM_PATTERN,
+    arm=arm_pattern(),
 
 
 def planned_generation_results(wildcards):
@@ -99,23 +99,18 @@ def planned_generation_results(wildcards):
 
 
 def classifier_inputs(wildcards):
-    """The splits, plus the synthetic pool the arm draws from: the generated images (synthetic arms,
-    the pretrain control, and the rebalanced control, which mirrors their labels with real images)
-    or the noise images (noise control). The real-only baseline does not wait for generation."""
+    """The splits, plus the list of images the arm's kind draws from (workflow_scripts.arms: its
+    pool names the rule and output that make it). An arm without a pool (the real-only baseline)
+    does not wait for generation."""
     inputs = {
         "train": rules.prepare_dataset.output.train,
         "val": rules.prepare_dataset.output.val,
         "test": rules.prepare_dataset.output.test,
     }
     pool = parse_arm(wildcards.arm, config).pool
-    if pool == "reserve":  # the more_real control: the reserved real patients, never audited (they are real)
-        inputs["synthetic"] = rules.prepare_dataset.output.reserve
-        return inputs
-    if pool == "generated":
-        inputs["synthetic"] = rules.merge_generation.output.results
-    elif pool == "noise":
-        inputs["synthetic"] = rules.make_noise_images.output.results
     if pool is not None:
+        inputs["synthetic"] = getattr(getattr(rules, pool.rule).output, pool.output)
+    if pool is not None and pool.audited:
         # Near-copies of training images found by the memorization audit never reach a classifier
         # (the noise pool drops the rows that mirror them, so the noise arm stays a mirror).
         inputs["exclude"] = rules.audit_memorization.output.flagged

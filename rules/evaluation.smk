@@ -68,25 +68,14 @@ ruleorder: train_classifier > train_classifier_seed
 
 
 # Each control is its own target (`snakemake train_noise_control`), run by `all` when listed in
-# classifier.controls and skipped otherwise.
-rule train_rebalanced_control:
-    input:
-        study_runs(["rebalanced"]),
+# classifier.controls and skipped otherwise: one per control of workflow_scripts.arms.
+for _control in controls():
 
-
-rule train_noise_control:
-    input:
-        study_runs(["noise"]),
-
-
-rule train_pretrain_control:
-    input:
-        study_runs(["pretrain"]),
-
-
-rule train_more_real_control:
-    input:
-        study_runs(["more_real"]),
+    rule:
+        name:
+            f"train_{_control}_control"
+        input:
+            study_runs([_control]),
 
 
 rule audit_memorization:

@@ -22,7 +22,7 @@ import pandas as pd
 
 from workflow_scripts import compare
 from workflow_scripts.comparison import Run, Study, analyse
-from workflow_scripts.study import parse_arm
+from workflow_scripts.arms import parse_arm
 
 SEVEN_ARMS = ("ratio0", "ratio10", "ratio25", "ratio50", "rebalanced", "noise", "more_real")
 PAIR = ("ratio0", "more_real")

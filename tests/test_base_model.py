@@ -10,12 +10,8 @@ import pytest
 import torch
 
 from workflow_scripts import base_model, build_tiny_model, tiny_model
-from workflow_scripts.base_model import (
-    ModelNotFoundError,
-    load_components,
-    load_pipeline,
-    resolve_pretrained,
-)
+from workflow_scripts.errors import ModelNotFoundError
+from workflow_scripts.base_model import load_components, load_pipeline, resolve_pretrained
 from workflow_scripts.tiny_model import build_tiny_pipeline
 
 SD15_SCHEDULER = Path(__file__).resolve().parents[1].parent / "shared" / "sd15-arch" / "scheduler" / "scheduler_config.json"

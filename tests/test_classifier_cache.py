@@ -18,7 +18,7 @@ from workflow_scripts.classifier_cache import (CachedBatches, FilmStore, cache_f
                                                study_store)
 from workflow_scripts.classifier_device import Precision, amp_dtype, loader_workers, precision_for
 from workflow_scripts.classifier_model import FilmDataset, normalize, read_film
-from workflow_scripts.labels import DataError
+from workflow_scripts.errors import DataError
 
 SHARED_FILMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-dev" / "images"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -127,6 +127,9 @@ def test_precision_and_worker_choices() -> None:
     assert loader_workers(8, cores=2) == 2 and loader_workers(0, cores=16) == 0 and loader_workers(3, cores=16) == 3
     fp16 = Precision(torch.device("cuda"), torch.float16, channels_last=True)
     assert fp16.needs_scaler and not Precision(torch.device("cuda"), torch.bfloat16, True).needs_scaler
+    # metrics.json's precision, named through hardware.DTYPE_NAMES
+    assert fp16.describe() == "fp16 (GradScaler) autocast, channels-last"
+    assert Precision(torch.device("cuda"), torch.bfloat16, False).describe() == "bf16 autocast"
     cpu = precision_for(torch.device("cpu"))
     assert cpu.dtype is None and cpu.channels_last and not cpu.scaler().is_enabled() and cpu.describe() == "fp32, channels-last"
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from workflow_scripts.compare import compare, main, rare_labels
 from workflow_scripts.config import load_config
-from workflow_scripts.labels import DataError
+from workflow_scripts.errors import DataError
 
 LABELS = ["Effusion", "Mass", "Pneumonia", "No Finding"]
 CLASSES = LABELS[:3]

@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from conftest import REPO
+from workflow_scripts.errors import ConfigError
 from workflow_scripts.config import (
     NOT_RESULT,
     STAGE_CONFIG,
-    ConfigError,
     DeclaredConfig,
     apply_overrides,
     load_config,

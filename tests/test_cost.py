@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, make_config
-from workflow_scripts import cost, flops, study
+from workflow_scripts import arms, cost, flops, study
 from workflow_scripts.classifier_model import class_names
 from workflow_scripts.config import load_config
 from workflow_scripts.demo_dataset import make_demo_dataset
@@ -52,7 +52,7 @@ def test_the_nih_estimate_follows_the_study(capsys: pytest.CaptureFixture, tmp_p
     page = capsys.readouterr().out
     assert (tmp_path / "cost.md").read_text() == page
     config = load_config([NIH])
-    runs = len(study.arm_names(config)) * len(config["classifier"]["seeds"])
+    runs = len(arms.arm_names(config)) * len(config["classifier"]["seeds"])
     assert runs >= 30
     steps = study.train_steps(config, 10000)
     pool = study.pool_size_needed(config, 10000)
@@ -80,7 +80,7 @@ def test_a_control_added_to_the_study_adds_its_runs(capsys: pytest.CaptureFixtur
     config = load_config([NIH], ["classifier.controls=[rebalanced, noise, pretrain]"])
     sizes = cost.Sizes(10000, 11200, 22400, None, "given")
     assert cost.classifier_stage(config, sizes, cost.model_flop(config))["classifier_runs"] == \
-        len(study.arm_names(config)) * 5 == 35
+        len(arms.arm_names(config)) * 5 == 35
 
 
 def test_the_demo_estimate_reads_the_prepared_splits_and_matches_the_generation_plan(

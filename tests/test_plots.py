@@ -20,7 +20,7 @@ from workflow_scripts import compare_report  # noqa: E402
 from workflow_scripts.fidelity import FLOOR, SYNTHETIC  # noqa: E402
 from workflow_scripts.fidelity import BASE_PROMPTED, PROMPTED, REAL_VAL  # noqa: E402
 from workflow_scripts.fidelity import report as fidelity_report  # noqa: E402
-from workflow_scripts.study import ArmKind  # noqa: E402
+from workflow_scripts import arms  # noqa: E402
 
 LABELS = ["Cardiomegaly", "Effusion", "Pleural_Thickening", "Pneumothorax"]
 
@@ -83,9 +83,10 @@ def check_readable(figures: dict[str, matplotlib.figure.Figure], names: list[str
 
 
 def test_auroc_vs_ratio_shows_every_arm_apart_with_the_reference(tmp_path: Path, saved) -> None:
-    rows = [("ratio0", ArmKind.REAL, 0, 0.80), ("ratio10", ArmKind.SYNTHETIC, 10, 0.79), ("ratio25", ArmKind.SYNTHETIC, 25, 0.78),
-            ("ratio50", ArmKind.SYNTHETIC, 50, 0.76), ("rebalanced", ArmKind.REBALANCED, 50, 0.80),
-            ("noise", ArmKind.NOISE, 50, 0.77), ("pretrain", ArmKind.PRETRAIN, 50, 0.79), ("more_real", ArmKind.MORE_REAL, 50, 0.85)]
+    rows = [("ratio0", arms.REAL, 0, 0.80), ("ratio10", arms.SYNTHETIC, 10, 0.79), ("ratio25", arms.SYNTHETIC, 25, 0.78),
+            ("ratio50", arms.SYNTHETIC, 50, 0.76), ("rebalanced", arms.REBALANCED, 50, 0.80),
+            ("duplicate_real", arms.DUPLICATE_REAL, 0, 0.79),
+            ("noise", arms.NOISE, 50, 0.77), ("pretrain", arms.PRETRAIN, 50, 0.79), ("more_real", arms.MORE_REAL, 50, 0.85)]
     table = pd.DataFrame([{"arm": arm, "arm_kind": str(kind), "ratio": ratio, "macro_auroc_mean": value,
                            "macro_auroc_ci_low": value - 0.03, "macro_auroc_ci_high": value + 0.03}
                           for arm, kind, ratio, value in rows])
@@ -94,9 +95,11 @@ def test_auroc_vs_ratio_shows_every_arm_apart_with_the_reference(tmp_path: Path,
     check_readable(saved, ["auroc_vs_ratio.png", "real_vs_synthetic.png"])
     ax = saved["auroc_vs_ratio.png"].axes[0]
     ticks = dict(zip((label.get_text() for label in ax.get_xticklabels()), ax.get_xticks()))
-    controls = ["rebalanced", "noise", "pretrain", "more_real"]
-    assert len({ticks[name] for name in controls}) == 4 and min(ticks[name] for name in controls) > 50
+    controls = ["rebalanced", "duplicate_real", "noise", "pretrain", "more_real"]
+    assert len({ticks[name] for name in controls}) == 5 and min(ticks[name] for name in controls) > 50
     assert any("ratio0" in str(line.get_label()) for line in ax.lines)  # the real-only reference line
+    legend = [str(container.get_label()) for container in ax.containers]
+    assert "noise (mirrors 50%)" in legend and "duplicate_real" in legend  # no "mirrors 0%": it adds no synthetic image
 
 
 def test_fidelity_plots_keep_labels_legends_and_error_bars_readable(tmp_path: Path, saved) -> None:

@@ -14,7 +14,8 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import SHARED_DATA, VOCAB, break_dataset, make_config, make_nih_dataset, tree_checksum, write_png
-from workflow_scripts.labels import DataError, check_rows, read_chexpert, read_dataset, read_nih
+from workflow_scripts.errors import DataError
+from workflow_scripts.labels import check_rows, read_chexpert, read_dataset, read_nih
 from workflow_scripts.prepare_dataset import balance_training, main, prepare, split_by_patient
 from workflow_scripts.tables import assert_patient_disjoint, load_split, make_prompt
 

@@ -317,7 +317,7 @@ def demo_design() -> calibration.Design:
     (demo.num_patients x split.test_fraction, ~2.4 films each), 200 resamples; components as measured."""
     from conftest import REPO
     from workflow_scripts.config import load_config
-    from workflow_scripts.study import arm_names
+    from workflow_scripts.arms import arm_names
 
     config = load_config([REPO / "config" / "config.yaml"])
     arms = tuple(name for name in arm_names(config) if name in calibration.SEVEN_ARMS)

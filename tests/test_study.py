@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -10,26 +9,19 @@ import pandas as pd
 import pytest
 
 from conftest import make_config
-from workflow_scripts.config import ConfigError, stage_config
-from workflow_scripts.labels import DataError
+from workflow_scripts.errors import ConfigError, DataError
+from workflow_scripts.config import stage_config
+from workflow_scripts import arms
+from workflow_scripts.arms import arm_names, arm_training_set, composition, controls, parse_arm, phase_steps, references, table_order
 from workflow_scripts.study import (
-    CONTROLS,
-    REFERENCES,
-    ArmKind,
     allocate,
-    arm_names,
-    arm_training_set,
     batch_schedule,
-    composition,
     drop_excluded,
-    parse_arm,
-    phase_steps,
     pool_size_needed,
     reserve_patients,
     stratified_draw,
     study_hash,
     synthetic_count,
-    table_order,
     train_steps,
     validation_points,
 )
@@ -72,10 +64,10 @@ def test_arms_from_config_and_their_kinds() -> None:
     cfg = config(controls=["rebalanced", "noise", "pretrain"])
     assert arm_names(cfg) == ARMS
     kinds = {name: parse_arm(name, cfg) for name in ARMS}
-    assert [kinds[name].kind for name in ARMS] == ["real", "synthetic", "synthetic", "control_rebalanced",
-                                                   "control_noise", "control_pretrain"]
-    assert kinds["noise"].kind is ArmKind.NOISE and json.dumps(kinds["noise"].kind) == '"control_noise"'  # metrics.json
-    assert kinds["noise"].ratio == 50 and kinds["noise"].pool == "noise"  # the largest arm, with noise
+    assert [kinds[name].kind.value for name in ARMS] == ["real", "synthetic", "synthetic", "control_rebalanced",
+                                                         "control_noise", "control_pretrain"]
+    assert kinds["noise"].kind is arms.NOISE and arms.kind_of("control_noise") is arms.NOISE  # metrics.json's arm_kind
+    assert kinds["noise"].ratio == 50 and kinds["noise"].pool is arms.NOISE_IMAGES  # the largest arm, with noise
     assert kinds["rebalanced"].ratio == 0 and kinds["rebalanced"].draw_ratio == 50
     assert kinds["ratio0"].pool is None
     assert arm_names(config(controls=[])) == ["ratio0", "ratio10", "ratio50"]
@@ -85,19 +77,20 @@ def test_arms_from_config_and_their_kinds() -> None:
         parse_arm("ratio_x", config())
 
 
-def test_the_vocabulary_lives_in_one_enum() -> None:
-    # table order, display name, control name and references all come from ArmKind
+def test_the_vocabulary_lives_in_one_registry() -> None:
+    # table order, display name, control name and references all come from arms.KINDS
     cfg = config(controls=["more_real", "noise", "rebalanced", "pretrain"])
     cfg["split"]["more_real_ratio"] = 10
-    arms = [parse_arm(name, cfg) for name in arm_names(cfg)]
-    assert [arm.name for arm in sorted(arms, key=table_order)] == ["ratio0", "ratio10", "ratio50", "rebalanced", "noise",
+    parsed = [parse_arm(name, cfg) for name in arm_names(cfg)]
+    assert [arm.name for arm in sorted(parsed, key=table_order)] == ["ratio0", "ratio10", "ratio50", "rebalanced", "noise",
                                                                    "pretrain", "more_real"]
-    assert set(CONTROLS) == {"rebalanced", "noise", "pretrain", "more_real"} and REFERENCES == ("ratio0", "noise", "rebalanced")
+    assert set(controls()) == {"rebalanced", "duplicate_real", "noise", "pretrain", "more_real"}
+    assert references() == ("ratio0", "noise", "rebalanced", "duplicate_real")
     more_real = parse_arm("more_real", cfg)
     assert (more_real.kind, more_real.ratio, more_real.pool, more_real.compared_with) == (
-        ArmKind.MORE_REAL, 10, "reserve", ("ratio0",))
-    assert more_real.kind.is_control and not ArmKind.SYNTHETIC.is_control and ArmKind("control_more_real") is ArmKind.MORE_REAL
-    assert parse_arm("ratio50", cfg).compared_with == ("ratio0", "noise", "rebalanced")
+        arms.MORE_REAL, 10, arms.RESERVE, ("ratio0",))
+    assert more_real.kind.is_control and not arms.SYNTHETIC.is_control and arms.kind_of("control_more_real") is arms.MORE_REAL
+    assert parse_arm("ratio50", cfg).compared_with == ("ratio0", "noise", "rebalanced", "duplicate_real")
     cfg["split"]["more_real_ratio"] = None
     with pytest.raises(ConfigError, match="split.more_real_ratio"):
         parse_arm("more_real", cfg)
@@ -171,7 +164,7 @@ def test_every_arm_takes_the_same_optimizer_steps_and_validates_at_the_same_poin
     total = train_steps(cfg, len(real))
     assert total == 3 * math.ceil(60 / 8)  # epochs x steps per real-only epoch
     assert validation_points(cfg, len(real)) == [8, 16, 24]
-    pools = {"generated": POOL, "noise": noise_mirror(POOL), None: None}
+    pools = {arms.GENERATED: POOL, arms.NOISE_IMAGES: noise_mirror(POOL), None: None}
     sizes = set()
     for name in ARMS:
         arm = parse_arm(name, cfg)
@@ -283,3 +276,28 @@ def test_plan_headroom() -> None:
     cfg = config(pool_headroom=2.0)
     assert pool_size_needed(cfg, 60) == 2 * synthetic_count(60, 50) == 120
     assert pool_size_needed(config(pool_headroom=1.5), 61) == math.ceil(1.5 * synthetic_count(61, 50))
+
+
+def test_duplicate_real_matches_the_largest_arms_count_with_real_duplicates_at_real_prevalence() -> None:
+    cfg = config(controls=["duplicate_real"])
+    arm = parse_arm("duplicate_real", cfg)
+    assert (arm.kind, arm.ratio, arm.draw_ratio, arm.pool) == (arms.DUPLICATE_REAL, 0, 50, None)  # no pool: no generation
+    assert "duplicate_real" in arms.BASELINES and "duplicate_real" in parse_arm("ratio50", cfg).compared_with
+    real = real_split(60)
+    largest, _ = arm_training_set(parse_arm("ratio50", cfg), real, POOL, seed=2)
+    duplicated, info = arm_training_set(arm, real, None, seed=2)
+    added = duplicated[duplicated["source"] == "oversampled"]
+    assert len(duplicated) == len(largest) and len(added) == info["n_drawn"] == synthetic_count(60, 50) == 60
+    assert set(added["path"]) == set(real["path"]) and (added["path"].value_counts() == 1).all()  # each real image once
+    ours, real_only = composition(duplicated, VOCAB), composition(real.assign(source="real", phase="train"), VOCAB)
+    assert ours["effective_positives"].tolist() == [2 * n for n in real_only["real_positives"]]  # the real prevalence
+    assert ours["synthetic_positives"].sum() == 0
+    smaller, _ = arm_training_set(parse_arm("duplicate_real", config(ratios=[0, 25])), real, None, seed=2)
+    counts = smaller[smaller["source"] == "oversampled"]["path"].value_counts()
+    assert len(counts) == synthetic_count(60, 25) == 20 and counts.max() == 1  # drawn without repeats while it can be
+    again, other = (arm_training_set(parse_arm("duplicate_real", config(ratios=[0, 25])), real, None, seed)[0]
+                    for seed in (2, 3))
+    assert again.equals(smaller) and not other["path"].equals(smaller["path"])  # seeded: each seed its own draw
+    big, _ = arm_training_set(parse_arm("duplicate_real", config(ratios=[0, 80])), real.head(10), None, seed=0)
+    repeats = big[big["source"] == "oversampled"]["path"].value_counts()
+    assert repeats.sum() == synthetic_count(10, 80) == 40 and (repeats == 4).all()  # as evenly as possible

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, make_config, make_nih_dataset
 from workflow_scripts import weights
 from workflow_scripts.classifier_model import create_model
-from workflow_scripts.config import ConfigError
+from workflow_scripts.errors import ConfigError
 
 
 def fake_hf_file(cache: Path, repo_id: str, filename: str) -> Path:

@@ -25,7 +25,7 @@ training: {lr_scheduler: constant_with_warmup, lr_warmup_steps: 0, max_train_ste
            validation_inference_steps: 2, validation_prompts: [A chest X-ray with Mass]}
 generation: {images_per_label: 4, num_inference_steps: 2, batch_size: 4}
 classifier: {image_size: 32, epochs: 1, ratios: [0, 50], seeds: [0, 1], bootstrap_samples: 20, batch_size: 16,
-             controls: [rebalanced, noise, more_real]}
+             controls: [rebalanced, duplicate_real, noise, more_real]}
 evaluation: {fid_dims: 64, kid_subset_size: 4, kid_subsets: 5}
 """
 
@@ -110,6 +110,14 @@ def test_the_whole_dag_ends_in_the_comparison_table(demo_run: Path) -> None:
     assert (results / "synthetic_noise" / "generation_results.csv").is_file()
     assert (results / "evaluation" / "audit_summary.json").is_file()
     assert (results / "plots" / "auroc_vs_ratio.png").is_file()
+    # the optional count-matched control (Pink et al. 2026): in the table, compared, and drawn
+    duplicate = table.set_index("arm").loc["duplicate_real"]
+    assert duplicate["arm_kind"] == "control_duplicate_real" and duplicate["n_synthetic_train"] == 0
+    assert table.set_index("arm").loc["ratio50", "verdict_vs_duplicate_real"] in ("gain", "loss", "no measurable difference")
+    added = pd.read_csv(results / "classifier" / "duplicate_real_seed0" / "training_set.csv")
+    largest = pd.read_csv(results / "classifier" / "ratio50_seed0" / "training_set.csv")
+    assert len(added) == len(largest) and set(added["path"]) <= set(pd.read_csv(results / "data" / "train.csv")["path"])
+    assert "| duplicate_real | control: real duplicates, count-matched |" in page
 
 
 @pytest.fixture(scope="module")

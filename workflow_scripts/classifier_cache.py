@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from workflow_scripts.classifier_device import machine_cores
 from workflow_scripts.classifier_model import read_film
-from workflow_scripts.labels import DataError
+from workflow_scripts.errors import DataError
 
 CACHE_VERSION = 2  # raise when film_pixels changes what it computes (2: the manifest records the content's CRC)
 CHUNK = 256  # films decoded per round of the thread pool (bounds the memory in flight)

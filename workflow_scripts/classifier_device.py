@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from workflow_scripts.classifier_model import normalize
+from workflow_scripts.hardware import DTYPE_NAMES
 
 
 def machine_cores() -> int:
@@ -77,7 +78,7 @@ class Precision:
     def describe(self) -> str:
         if self.dtype is None:
             return "fp32" + (", channels-last" if self.channels_last else "")
-        kind = {torch.bfloat16: "bf16", torch.float16: "fp16 (GradScaler)"}[self.dtype]
+        kind = DTYPE_NAMES[self.dtype] + (" (GradScaler)" if self.needs_scaler else "")
         return f"{kind} autocast" + (", channels-last" if self.channels_last else "")
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from workflow_scripts.base_model import hub_offline, hub_unreachable_reason
-from workflow_scripts.config import ConfigError
+from workflow_scripts.errors import ConfigError, DataError
 from workflow_scripts.images import BadImageError, read_xray
-from workflow_scripts.labels import NO_FINDING, DataError
+from workflow_scripts.labels import NO_FINDING
 from workflow_scripts.tables import LABEL_JOIN
 
 

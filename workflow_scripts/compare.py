@@ -34,7 +34,7 @@ from workflow_scripts import compare_report as report
 from workflow_scripts.classifier_model import class_names
 from workflow_scripts.comparison import (AGE_BANDS, BOOTSTRAP_SEED, Run, Study, align_test_split, analyse, check_matched,
                                          group_arms, load_run, run_counts, scores_of)
-from workflow_scripts.study import REFERENCE, Arm, ArmKind
+from workflow_scripts.arms import MORE_REAL, REFERENCE, SYNTHETIC, Arm
 from workflow_scripts.tables import Splits, add_split_arguments, label_counts, load_split, splits_from_args
 
 # ----------------------------------------------------------------------------- reading
@@ -73,8 +73,8 @@ def more_real_share(study: Study, name: str) -> tuple[float, float, float]:
     two noisy Δs says nothing). Both Δs share ratio0: its seed variance and the paired patient
     covariance enter the interval."""
     nan = (float("nan"),) * 3
-    ceiling = next((arm for arm, spec in study.arms.items() if spec.kind is ArmKind.MORE_REAL), None)
-    if ceiling is None or study.arms[name].kind is not ArmKind.SYNTHETIC or REFERENCE not in study.diffs:
+    ceiling = next((arm for arm, spec in study.arms.items() if spec.kind is MORE_REAL), None)
+    if ceiling is None or study.arms[name].kind is not SYNTHETIC or REFERENCE not in study.diffs:
         return nan
     top, bottom = study.diffs[REFERENCE][name], study.diffs[REFERENCE][ceiling]
     if bottom.verdict != stats.GAIN:
@@ -161,7 +161,7 @@ def subgroups(test: pd.DataFrame) -> list[tuple[str, str, np.ndarray]]:
 def subgroup_arm(arms: dict[str, Arm]) -> str | None:
     """The arm the subgroup table shows beside ratio0, fixed by a rule set before any test result:
     the largest synthetic arm (the study's strongest dose), else the first other arm in table order."""
-    synthetic = [name for name, arm in arms.items() if arm.kind is ArmKind.SYNTHETIC]
+    synthetic = [name for name, arm in arms.items() if arm.kind is SYNTHETIC]
     if synthetic:
         return max(synthetic, key=lambda name: arms[name].ratio)
     return next((name for name in arms if name != REFERENCE), None)

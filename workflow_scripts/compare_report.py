@@ -15,8 +15,8 @@ import pandas as pd
 from workflow_scripts import stats
 from workflow_scripts.cells import fixed, with_ci
 from workflow_scripts.comparison import AGE_BANDS, DEMO_CSV, Study
-from workflow_scripts.labels import DataError
-from workflow_scripts.study import REFERENCE, ArmKind
+from workflow_scripts.arms import BASELINES, MORE_REAL, REFERENCE, SYNTHETIC, kind_of
+from workflow_scripts.errors import DataError
 from workflow_scripts.tables import LABEL_JOIN
 
 
@@ -59,7 +59,7 @@ def caveats(inputs: PageInputs) -> list[str]:
     if single:
         notes.append(f"{', '.join(single)}: one training seed only, so its intervals lack training-seed variance and are too "
                      "narrow; run more seeds (`classifier.seeds`).")
-    ceiling = next((name for name, arm in study.arms.items() if arm.kind is ArmKind.MORE_REAL), None)
+    ceiling = next((name for name, arm in study.arms.items() if arm.kind is MORE_REAL), None)
     if ceiling is not None and REFERENCE in study.diffs and study.diffs[REFERENCE][ceiling].verdict != stats.GAIN:
         d = study.diffs[REFERENCE][ceiling]
         notes.append(f"**The positive control {ceiling} does not read gain** (Δ {d.delta:+.3f}, could have detected ≥ "
@@ -110,7 +110,7 @@ def arms_table(inputs: PageInputs) -> list[str]:
     lines = [header, "|---|---|---:|---:|---:|---:|---:|---|---|---:|---|" + ("---:|" if shares else "") + "---|---|" * len(controls)]
     for row in table.to_dict("records"):
         sd = "" if not math.isfinite(row["macro_auroc_sd"]) else f" ± {row['macro_auroc_sd']:.3f}"
-        cells = [row["arm"], ArmKind(row["arm_kind"]).display, f"{row['ratio']}%", str(row["seeds"]),
+        cells = [row["arm"], kind_of(row["arm_kind"]).display, f"{row['ratio']}%", str(row["seeds"]),
                  f"{row['n_real_train']} + {row['n_synthetic_train']}", f"{row['test_images']} / {row['test_patients']}",
                  f"{row['macro_auroc_mean']:.3f}{sd}", f"[{row['macro_auroc_ci_low']:.3f}, {row['macro_auroc_ci_high']:.3f}]"]
         if row["arm"] == REFERENCE:
@@ -147,7 +147,7 @@ def headline_lines(study: Study) -> list[str]:
         best = min(head.p_holm, key=lambda name: head.p_holm[name])
         answer = (f"**no synthetic arm shows it** (smallest one-sided intersection-union p, Holm over the synthetic arms: "
                   f"{best} {head.p_holm[best]:.3f})")
-    missing = [name for name in ("noise", "rebalanced") if name not in head.references]
+    missing = [name for name in BASELINES if name not in head.references]
     note = f" Without the {' and '.join(missing)} control{'s' if len(missing) > 1 else ''} the line tests fewer references." if missing else ""
     return [f"**Headline: do synthetic images give a gain over {against}?** {answer}. This line is one test at 5 % for "
             f"the whole table: an arm counts only if it gains over every reference at once.{note}", ""]
@@ -177,8 +177,8 @@ def method_text(inputs: PageInputs) -> list[str]:
         "calibrated by simulating this table). Each family keeps its chance of any "
         "false gain or loss at 5%; over the whole table (several families) that chance is larger, which is why the "
         "headline line has its own test. The 95% intervals are not adjusted, so an interval may exclude 0 while the "
-        "adjusted verdict reads no measurable difference. A gain over ratio0 that is not also a gain over the noise or "
-        "rebalanced control may come from more positives or longer exposure, not from realistic images; the more_real "
+        "adjusted verdict reads no measurable difference. A gain over ratio0 that is not also a gain over the "
+        f"{' or '.join(BASELINES)} control may come from more positives or longer exposure, not from realistic images; the more_real "
         "control shows what as many new real images give (¹ share of more_real's Δ: a synthetic arm's share of that "
         "gain, with Fieller's 95% interval, shown only where more_real reads gain)."),
     ]
@@ -299,8 +299,8 @@ def make_plots(table: pd.DataFrame, classes: list[str], rare: list[str], train: 
     plot_dir.mkdir(parents=True, exist_ok=True)
     # Constrained layout and a legend outside the axes: no label is cut and the legend covers no point.
     figure, axis = plt.subplots(figsize=(8, 4.5), layout="constrained")
-    ratio_kinds = [str(ArmKind.REAL), str(ArmKind.SYNTHETIC)]
-    ratio_arms = table[table["arm_kind"].isin(ratio_kinds)].sort_values("ratio")
+    is_control = table["arm_kind"].map(lambda value: kind_of(value).is_control).astype(bool)
+    ratio_arms = table[~is_control].sort_values("ratio")
     errors = [ratio_arms["macro_auroc_mean"] - ratio_arms["macro_auroc_ci_low"],
               ratio_arms["macro_auroc_ci_high"] - ratio_arms["macro_auroc_mean"]]
     reference = table[table["arm"] == REFERENCE]
@@ -309,22 +309,21 @@ def make_plots(table: pd.DataFrame, classes: list[str], rare: list[str], train: 
         axis.axhspan(ref["macro_auroc_ci_low"], ref["macro_auroc_ci_high"], color="grey", alpha=0.12, linewidth=0)
         axis.axhline(ref["macro_auroc_mean"], color="grey", linestyle="--", linewidth=1,
                      label=f"{REFERENCE}, real only (95% CI)")
-    axis.errorbar(ratio_arms["ratio"], ratio_arms["macro_auroc_mean"], yerr=errors, color="black", marker="s", capsize=4,
+    marker, color = SYNTHETIC.marker
+    axis.errorbar(ratio_arms["ratio"], ratio_arms["macro_auroc_mean"], yerr=errors, color=color, marker=marker, capsize=4,
                   linewidth=2, label="real + synthetic (95% CI)")
-    markers = {ArmKind.REBALANCED: ("D", "tab:blue"), ArmKind.NOISE: ("x", "tab:red"), ArmKind.PRETRAIN: ("^", "tab:green"),
-               ArmKind.MORE_REAL: ("*", "tab:purple")}
     # Controls get their own slots right of the ratios, named on the axis: a control mirrors a ratio
     # (more_real and noise both mirror the largest) but is not "x % synthetic" (more_real has none).
     ratios = sorted(ratio_arms["ratio"].unique()) or [0]
     step = max(10.0, (max(ratios) - min(ratios)) / 4)
     ticks, names = list(ratios), [f"{ratio}" for ratio in ratios]
-    controls = table[~table["arm_kind"].isin(ratio_kinds)]
+    controls = table[is_control]
     for slot, row in enumerate(controls.to_dict("records"), start=1):
-        marker, color = markers[ArmKind(row["arm_kind"])]
+        marker, color = kind_of(row["arm_kind"]).marker
         x = max(ratios) + slot * step
         axis.errorbar([x], [row["macro_auroc_mean"]], capsize=4, marker=marker, color=color, linestyle="none", markersize=8,
                       yerr=[[row["macro_auroc_mean"] - row["macro_auroc_ci_low"]], [row["macro_auroc_ci_high"] - row["macro_auroc_mean"]]],
-                      label=f"{row['arm']} (mirrors {row['ratio']}%)")
+                      label=f"{row['arm']}" + (f" (mirrors {row['ratio']}%)" if row["ratio"] else ""))
         ticks.append(x)
         names.append(str(row["arm"]))
     if len(controls):

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts import stats
-from workflow_scripts.labels import DataError
-from workflow_scripts.study import REFERENCE, REFERENCES, Arm, ArmKind, table_order
-from workflow_scripts.tables import LABEL_JOIN
+from workflow_scripts.arms import REFERENCE, SYNTHETIC, Arm, kind_of, references, table_order
+from workflow_scripts.errors import DataError
+from workflow_scripts.tables import LABEL_JOIN, PROB_PREFIX
 
 DEMO_CSV = "results/demo_data/Data_Entry_2017.csv"
 AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 200, ">=60"))
@@ -42,8 +42,8 @@ def run_counts(runs: list[Run], key: str) -> int | str:
 
 @dataclass(frozen=True)
 class Headline:
-    """"Does a synthetic arm gain over ratio0 AND noise AND rebalanced?" for each synthetic arm: the
-    intersection-union p (largest of its one-sided p against a gain), Holm over the synthetic arms,
+    """"Does a synthetic arm gain over ratio0 AND every baseline control that ran (arms.BASELINES)?"
+    for each synthetic arm: the intersection-union p (largest of its one-sided p against a gain), Holm over the synthetic arms,
     one verdict for the table as a whole at 5 %."""
 
     references: tuple[str, ...]
@@ -111,15 +111,17 @@ def load_run(run_dir: Path, classes: list[str]) -> Run:
     missing = [key for key in REQUIRED_METRICS if key not in metrics]
     if missing:
         raise DataError(f"{metrics_path}: missing {', '.join(missing)}; re-run the classifier with this version")
-    if metrics["arm_kind"] not in set(ArmKind):
-        raise DataError(f"{metrics_path}: arm_kind {metrics['arm_kind']!r} is not one of {', '.join(ArmKind)}")
+    try:
+        kind_of(metrics["arm_kind"])
+    except DataError as error:
+        raise DataError(f"{metrics_path}: {error}") from None
     if list(metrics["classes"]) != classes:
         raise DataError(f"{metrics_path}: classes {metrics['classes']} differ from dataset.labels without 'No Finding' {classes}")
     predictions_path = run_dir / "predictions.csv"
     if not predictions_path.is_file():
         raise DataError(f"{predictions_path}: not found")
     predictions = read_run_table(predictions_path, run_dir, dtype={"path": str, "labels": str}, keep_default_na=False)
-    columns = [f"prob_{label}" for label in classes]
+    columns = [PROB_PREFIX + label for label in classes]
     absent = [c for c in ["path", *columns] if c not in predictions.columns]
     if absent:
         raise DataError(f"{predictions_path}: missing columns {', '.join(absent)}")
@@ -156,9 +158,9 @@ def group_arms(runs: list[Run]) -> tuple[dict[str, Arm], dict[str, list[Run]]]:
     for run in runs:
         m = run.metrics
         ratio = int(m["ratio"] or 0)
-        arm = arms.setdefault(m["arm"], Arm(m["arm"], ArmKind(m["arm_kind"]), ratio, int(m.get("draw_ratio") or ratio)))
+        arm = arms.setdefault(m["arm"], Arm(m["arm"], kind_of(m["arm_kind"]), ratio, int(m.get("draw_ratio") or ratio)))
         first = grouped.setdefault(arm.name, [])
-        if (arm.kind, arm.ratio) != (m["arm_kind"], ratio):
+        if (arm.kind.value, arm.ratio) != (m["arm_kind"], ratio):
             raise DataError(f"{run.path}: arm {arm.name} is {m['arm_kind']} at {m['ratio']}% here but {arm.kind} at {arm.ratio}% "
                             f"in {first[0].path}")
         if any(other.metrics["seed"] == m["seed"] for other in first):
@@ -194,18 +196,19 @@ def scores_of(runs: list[Run], keep: np.ndarray | None = None) -> np.ndarray:
 
 
 def headline(arms: dict[str, Arm], diffs: dict[str, dict[str, stats.Difference]]) -> Headline | None:
-    """The table's one question, "does a synthetic arm gain over ratio0 AND noise AND rebalanced?",
+    """The table's one question, "does a synthetic arm gain over ratio0 AND the baseline controls
+    (arms.BASELINES: noise, rebalanced)?",
     answered at 5 % for the table as a whole: per synthetic arm an intersection-union test over the
     references present (the largest of its one-sided p against a gain; no correction within an
     arm), Holm over the synthetic arms' one-sided p (a significant loss is no rejection here)."""
-    synthetic = [name for name, arm in arms.items() if arm.kind is ArmKind.SYNTHETIC]
-    references = tuple(ref for ref in REFERENCES if ref in diffs)
+    synthetic = [name for name, arm in arms.items() if arm.kind is SYNTHETIC]
+    present = tuple(ref for ref in references() if ref in diffs)
     if not synthetic:
         return None
-    tests = {name: stats.intersection_union([diffs[ref][name] for ref in references]) for name in synthetic}
+    tests = {name: stats.intersection_union([diffs[ref][name] for ref in present]) for name in synthetic}
     adjusted = dict(zip(synthetic, stats.holm([p for p, _ in tests.values()])))
     gains = tuple(name for name in synthetic if tests[name][1] and adjusted[name] < stats.ALPHA)
-    return Headline(references, {name: test[0] for name, test in tests.items()}, adjusted,
+    return Headline(present, {name: test[0] for name, test in tests.items()}, adjusted,
                     {name: test[1] for name, test in tests.items()}, gains)
 
 
@@ -215,7 +218,7 @@ def families(boot: dict[str, stats.ArmBootstrap], arms: dict[str, Arm], labels: 
     family each. `seeds`: the table's seed level (default: pooled over the arms where homogeneous)."""
     seeds = seeds or stats.seed_model(boot, labels)
     diffs = {}
-    for reference in REFERENCES:
+    for reference in references():
         compared = [name for name, arm in arms.items() if reference in arm.compared_with and name != reference]
         if reference in arms and compared:
             diffs[reference] = stats.differences(boot, reference, compared, labels, seeds=seeds)

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workflow_scripts.errors import run_stage
+from workflow_scripts.errors import ConfigError, DataError, run_stage
 from workflow_scripts import study
+from workflow_scripts.arms import arm_names
 from workflow_scripts.classifier_model import class_names
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
+from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.fidelity.audit_search import search_cost
-from workflow_scripts.labels import DataError
 from workflow_scripts.tables import LABEL_JOIN, load_split
 
 # Dense bf16 tensor-core peaks in TFLOP/s (no sparsity), from NVIDIA's datasheets: H100 SXM5 and
@@ -179,7 +179,7 @@ def audit_stage(config: dict[str, Any], sizes: Sizes, images: int) -> dict[str, 
 
 
 def classifier_stage(config: dict[str, Any], sizes: Sizes, flop: dict[str, int]) -> dict[str, Any]:
-    arms, seeds = study.arm_names(config), config["classifier"]["seeds"]
+    arms, seeds = arm_names(config), config["classifier"]["seeds"]
     runs = len(arms) * len(seeds)
     steps = study.train_steps(config, sizes.train)
     items = steps * int(config["classifier"]["batch_size"])

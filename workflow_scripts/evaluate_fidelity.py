@@ -25,13 +25,12 @@ from pathlib import Path
 
 import torch
 
-from workflow_scripts.errors import run_stage
+from workflow_scripts.errors import DataError, run_stage
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.fidelity import BASE, SYNTHETIC
 from workflow_scripts.fidelity.evaluate import evaluate
 from workflow_scripts.fidelity.features import build_extractors
 from workflow_scripts.tables import add_split_arguments, splits_from_args
-from workflow_scripts.labels import DataError
 
 
 @run_stage

@@ -11,7 +11,8 @@ import csv
 import re
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -366,19 +367,28 @@ def skip_frame(csv_path: Path, skipped: list[tuple[Any, str, str]]) -> pd.DataFr
     )
 
 
+@dataclass(frozen=True)
+class LabelFormat:
+    """A `dataset.format`: `read(label file, the dataset section, notes)` returns (frame with row,
+    image, labels, patient[, sex, age]; rows skipped by policy). `search_by_name`: an image not at its
+    listed path is looked for by file name under dataset.images (NIH's images_0xx/images folders)."""
+
+    read: Callable[[Path, dict[str, Any], list[str] | None], tuple[pd.DataFrame, pd.DataFrame]]
+    search_by_name: bool = False
+
+
+# A new format is one entry here plus the `dataset.format` enum in the schema (docs/extending.md).
+FORMATS: dict[str, LabelFormat] = {
+    "nih": LabelFormat(lambda path, dataset, notes: (read_nih(path, notes), skip_frame(path, [])), search_by_name=True),
+    "chexpert": LabelFormat(lambda path, dataset, notes: read_chexpert(path, dataset["labels"], dataset["uncertain_policy"],
+                                                                       dataset["frontal_only"], notes)),
+    "csv": LabelFormat(lambda path, dataset, notes: (read_generic_csv(path, dataset, notes), skip_frame(path, []))),
+}
+
+
 def read_dataset(dataset: dict[str, Any], notes: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The configured label file as (frame with row, image, labels, patient[, sex, age]; rows
-    skipped by policy). An empty result raises with the count of skipped rows."""
-    csv_path = Path(dataset["csv"])
-    skipped = skip_frame(csv_path, [])
-    if dataset["format"] == "nih":
-        frame = read_nih(csv_path, notes)
-    elif dataset["format"] == "chexpert":
-        frame, skipped = read_chexpert(csv_path, dataset["labels"], dataset["uncertain_policy"],
-                                       dataset["frontal_only"], notes)
-    else:
-        frame = read_generic_csv(csv_path, dataset, notes)
-    return frame, skipped
+    """The configured label file, read by its format's entry in FORMATS."""
+    return FORMATS[dataset["format"]].read(Path(dataset["csv"]), dataset, notes)
 
 
 # ----------------------------------------------------------------------------- row checks

@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from workflow_scripts.errors import run_stage
+from workflow_scripts.errors import ConfigError, DataError, run_stage
 from workflow_scripts import stats
 from workflow_scripts.classifier_model import class_names
 from workflow_scripts.comparison import align_test_split, analyse, check_matched, group_arms, load_run
-from workflow_scripts.config import ConfigError, add_config_arguments, config_from_args
-from workflow_scripts.labels import DataError, read_csv_checked
-from workflow_scripts.study import REFERENCE
+from workflow_scripts.config import add_config_arguments, config_from_args
+from workflow_scripts.labels import read_csv_checked
+from workflow_scripts.arms import REFERENCE
 
 SEED_GRID = (2, 3, 5, 8, 10, 15, 20, 30)
 PATIENT_FACTORS = (1, 2, 4, 10)

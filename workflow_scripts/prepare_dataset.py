@@ -25,7 +25,7 @@ import pandas as pd
 
 from workflow_scripts.errors import DataError, run_stage
 from workflow_scripts.config import add_config_arguments, config_from_args, result_hash
-from workflow_scripts.labels import DEMOGRAPHIC_COLUMNS, check_rows, note, read_dataset, skip_frame
+from workflow_scripts.labels import DEMOGRAPHIC_COLUMNS, FORMATS, check_rows, note, read_dataset, skip_frame
 from workflow_scripts.resolve import NOT_FOUND, check_images, check_same_content, check_same_files, resolve_paths
 from workflow_scripts.tables import LABEL_JOIN, SPLIT_COLUMNS, SPLITS, assert_patient_disjoint, label_counts, make_prompt
 from workflow_scripts.study import more_real_ratio, reserve_patients
@@ -195,7 +195,7 @@ def prepare(config: dict[str, Any], out_dir: Path, workers: int | None = None) -
     if frame.empty:
         raise _all_unusable(skipped_by_policy, out_dir)
     frame = check_rows(frame, vocabulary, csv_path)
-    paths, reasons = resolve_paths(frame, root, search_by_name=dataset["format"] == "nih", csv_path=csv_path,
+    paths, reasons = resolve_paths(frame, root, search_by_name=FORMATS[dataset["format"]].search_by_name, csv_path=csv_path,
                                    allow_outside=dataset["allow_outside_paths"], notes=notes)
     frame["path"] = paths
     check_same_files(frame, csv_path)

@@ -29,7 +29,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from workflow_scripts.images import MIN_SIDE, check_image
-from workflow_scripts.labels import DataError, note
+from workflow_scripts.errors import DataError
+from workflow_scripts.labels import note
 
 NOT_FOUND = "file not found"
 

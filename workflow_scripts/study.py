@@ -1,41 +1,23 @@
-"""The augmentation study's design, in one place: its arms, their step budget, and which images
-each arm trains on. Read by the generation plan, the classifier and the Snakemake rules.
+"""The augmentation study's shared machinery: the step budget every arm takes, how images are drawn
+from a pool, and the patients reserved for the more_real control. Read by the generation plan, the
+data stage and the arm kinds (workflow_scripts.arms, where each arm is defined; docs/study-design.md).
 
-Arms (`classifier.ratios`, `classifier.controls`; docs/study-design.md):
-- `ratio{R}`: all real training images plus synthetic_count(n_real, R) synthetic ones, R % of the
-  mix (`ratio0` is the real-only baseline);
-- `rebalanced` (control): real images only, oversampled so that every label has exactly the
-  positives of the largest synthetic arm: each synthetic image that arm draws is mirrored by a
-  duplicate of a real image with the same label combination;
-- `noise` (control, the null generator): the largest synthetic arm with every synthetic image
-  replaced by noise of the same size (results/synthetic_noise/, row for row the same labels),
-  drawn with the same function and seed, so it mirrors that arm row for row;
-- `pretrain` (control, optional): the largest arm's synthetic draw alone for
-  `classifier.pretrain_fraction` of the steps, then the real images alone for the rest.
-
-- `more_real` (positive control): all real training images plus synthetic_count(n_real, R) more
-  REAL images, R = `split.more_real_ratio`, drawn (stratified by label combination, per seed) from
-  patients the data stage reserved before balancing (results/data/reserve.csv), whom no other arm,
-  LoRA, generation plan, fidelity reference or test set sees: what as many new real X-rays would give.
-
-The vocabulary (arm kinds, their table order, display names, references) is `ArmKind`, here only.
 Every arm takes the same number of optimizer steps (`classifier.train_steps`; null: the real-only
 arm's `epochs` x ceil(n_real / batch_size)) and is validated at the same steps. Synthetic draws
 are stratified by label combination (the generation key): proportional allocation with largest
 remainders, so an arm's label composition is the same for every seed, while each seed draws a
 different subset of the pool (the plan generates `classifier.pool_headroom` times the largest need).
+The more_real reserve: whole training patients, taken before balancing, that no other arm, LoRA,
+generation plan, fidelity reference or test set sees.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -46,76 +28,7 @@ from workflow_scripts.config import result_hash
 from workflow_scripts.labels import read_csv_checked
 from workflow_scripts.tables import LABEL_JOIN, SPLITS
 
-REFERENCE = "ratio0"  # the real-only arm every other arm is compared with
-
-
-class ArmKind(StrEnum):
-    """The kinds of arm, in table order. Each carries its display name, the control name it answers
-    to in `classifier.controls` (None for ratio arms), the pool it draws from, and the arms it is
-    compared with (each such arm gives the table a Δ column family). A str, so metrics.json keeps
-    the plain value (`"control_noise"`). A new arm kind is one member here plus its behaviour."""
-
-    REAL = ("real", "real only", None, None, ())
-    SYNTHETIC = ("synthetic", "real + synthetic", None, "generated", (REFERENCE, "noise", "rebalanced"))
-    REBALANCED = ("control_rebalanced", "control: real, rebalanced", "rebalanced", "generated", (REFERENCE,))
-    NOISE = ("control_noise", "control: noise for synthetic", "noise", "noise", (REFERENCE,))
-    PRETRAIN = ("control_pretrain", "synthetic pre-training, real fine-tuning", "pretrain", "generated",
-                (REFERENCE, "noise", "rebalanced"))
-    MORE_REAL = ("control_more_real", "positive control: more real images", "more_real", "reserve", (REFERENCE,))
-
-    def __new__(cls, value: str, display: str, control: str | None, pool: str | None,
-                references: tuple[str, ...]) -> ArmKind:
-        member = str.__new__(cls, value)
-        member._value_ = value
-        member.display, member.control, member.pool, member.references = display, control, pool, references
-        return member
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def order(self) -> int:
-        return list(ArmKind).index(self)
-
-    @property
-    def is_control(self) -> bool:
-        return self.control is not None
-
-
-CONTROLS = tuple(kind.control for kind in ArmKind if kind.is_control)
-CONTROL_KINDS = {kind.control: kind for kind in ArmKind if kind.is_control}
-# Reference arms in column order (ratio0, then the controls a synthetic arm must also beat).
-REFERENCES = tuple(dict.fromkeys(ref for kind in ArmKind for ref in kind.references))
-ARM_PATTERN = r"ratio\d+|" + "|".join(CONTROLS)  # the {arm} wildcard
 RESERVE_SPLIT = SPLITS[-1]  # the data stage's split of patients kept for the more_real control
-COMPOSITION_COLUMNS = ["label", "real_positives", "synthetic_positives", "effective_positives"]
-MIX_COLUMNS = ["path", "labels", "source", "phase"]
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One arm of the study. `ratio`: its synthetic share in percent (the noise arm counts its noise
-    images as synthetic; the pretrain arm the share of its synthetic draw; more_real the share of its
-    added real images); `draw_ratio`: whose draw it uses (its own, or the mirrored arm's for a control)."""
-
-    name: str
-    kind: ArmKind
-    ratio: int
-    draw_ratio: int
-
-    @property
-    def pool(self) -> str | None:
-        """"generated", "noise", "reserve" or None (the real-only arm needs no pool)."""
-        return self.kind.pool
-
-    @property
-    def compared_with(self) -> tuple[str, ...]:
-        return self.kind.references
-
-
-def table_order(arm: Arm) -> tuple[int, int, str]:
-    """Rows of the table: real, ratio arms by share, then the controls in ArmKind order."""
-    return arm.kind.order, arm.ratio, arm.name
 
 
 def largest_ratio(config: Mapping[str, Any]) -> int:
@@ -126,44 +39,6 @@ def more_real_ratio(config: Mapping[str, Any]) -> int | None:
     """`split.more_real_ratio`: the synthetic share the more_real control mirrors (None: no reserve)."""
     value = config["split"].get("more_real_ratio")
     return None if value is None else int(value)
-
-
-def parse_arm(name: str, config: Mapping[str, Any]) -> Arm:
-    """`ratio25`, or a control name -> Arm. Controls mirror the largest ratio of `classifier.ratios`,
-    which must then be above 0; more_real mirrors `split.more_real_ratio`."""
-    if not re.fullmatch(ARM_PATTERN, name):
-        raise ConfigError(f"arm {name!r}: expected ratio<percent> (e.g. ratio0, ratio25) or one of {list(CONTROLS)}")
-    if name.startswith("ratio"):
-        ratio = int(name[len("ratio"):])
-        if not 0 <= ratio < 100:
-            raise ConfigError(f"arm {name!r}: the synthetic share must be a percentage in [0, 100)")
-        return Arm(name, ArmKind.REAL if ratio == 0 else ArmKind.SYNTHETIC, ratio, ratio)
-    kind = CONTROL_KINDS[name]
-    if kind is ArmKind.MORE_REAL:
-        mirrored = more_real_ratio(config)
-        if mirrored is None:
-            raise ConfigError("the more_real control draws from patients the data stage reserves: set split.more_real_ratio "
-                              "(the synthetic share it mirrors, e.g. the smallest of classifier.ratios) or drop it from "
-                              "classifier.controls")
-        return Arm(name, kind, mirrored, mirrored)
-    top = largest_ratio(config)
-    if top == 0:
-        raise ConfigError(f"the {name} control mirrors the largest synthetic arm, but classifier.ratios "
-                          f"{config['classifier']['ratios']} has none above 0; add one or set classifier.controls: []")
-    return Arm(name, kind, 0 if kind is ArmKind.REBALANCED else top, top)
-
-
-def study_arms(config: Mapping[str, Any]) -> list[Arm]:
-    """The arms the configuration asks for: one per ratio (ascending), then the controls in order."""
-    ratios = sorted(config["classifier"]["ratios"])
-    if 0 not in ratios:
-        raise ConfigError("classifier.ratios must include 0: every arm is compared with the real-only classifier")
-    return [parse_arm(f"ratio{ratio}", config) for ratio in ratios] + [
-        parse_arm(name, config) for name in config["classifier"].get("controls", [])]
-
-
-def arm_names(config: Mapping[str, Any]) -> list[str]:
-    return [arm.name for arm in study_arms(config)]
 
 
 def study_hash(config: Mapping[str, Any]) -> str:
@@ -210,16 +85,6 @@ def validation_points(config: Mapping[str, Any], n_real: int) -> list[int]:
     every = config["classifier"].get("validation_every") or steps_per_epoch(n_real, int(config["classifier"]["batch_size"]))
     points = list(range(int(every), total + 1, int(every)))
     return points if points and points[-1] == total else [*points, total]
-
-
-def phase_steps(arm: Arm, config: Mapping[str, Any], total: int) -> list[tuple[str, int]]:
-    """(phase, steps) in training order; only the pretrain control has two phases."""
-    if arm.kind is not ArmKind.PRETRAIN:
-        return [("train", total)]
-    if total < 2:
-        raise ConfigError(f"the pretrain control needs at least 2 optimizer steps; classifier.train_steps gives {total}")
-    pretrain = min(total - 1, max(1, round(total * float(config["classifier"].get("pretrain_fraction", 0.5)))))
-    return [("pretrain", pretrain), ("finetune", total - pretrain)]
 
 
 def batch_schedule(phases_of_rows: Sequence[str], phases: Sequence[tuple[str, int]], batch_size: int,
@@ -310,60 +175,6 @@ def oversample_mirror(real: pd.DataFrame, mirrored_labels: Sequence[str], seed: 
     duplicates = real.iloc[sorted(rows)]
     return pd.DataFrame({"path": duplicates["path"].astype(str).to_numpy(),
                          "labels": duplicates["labels"].astype(str).to_numpy()}), missing
-
-
-def arm_training_set(arm: Arm, real: pd.DataFrame, pool: pd.DataFrame | None, seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """What `arm` trains on for `seed`: columns path, labels, source (real | synthetic | noise |
-    oversampled) and phase (train, or pretrain/finetune); real rows first, in their order. `pool`:
-    the generated (or, for the noise arm, noise) images with `path` and `labels`, exclusions
-    already dropped. Also returns facts for metrics.json (n_drawn, rebalance_shortfall)."""
-    real_rows = pd.DataFrame({"path": real["path"].astype(str).to_numpy(), "labels": real["labels"].astype(str).to_numpy(),
-                              "source": "real", "phase": "finetune" if arm.kind is ArmKind.PRETRAIN else "train"})
-    n_draw = synthetic_count(len(real), arm.draw_ratio)
-    info: dict[str, Any] = {"n_drawn": n_draw if arm.pool else 0}
-    if not arm.pool or n_draw == 0:
-        return real_rows[MIX_COLUMNS], info
-    available = 0 if pool is None else len(pool)
-    if arm.pool == "reserve" and 0 < available < n_draw:
-        # a small dataset whose reserve had to keep its patients (the last image of a label stays in
-        # training): more_real adds every reserved image, and metrics.json says how many it lacks
-        info.update(n_drawn=available, more_real_shortfall=n_draw - available)
-        n_draw = available
-    if available < n_draw:
-        raise DataError(
-            f"arm {arm.name} (synthetic draw of ratio {arm.draw_ratio}%) with {len(real)} real training images needs "
-            f"{n_draw} {'reserved real' if arm.pool == 'reserve' else 'synthetic'} images, but the pool lists only {available}; "
-            + ("raise split.more_real_ratio" if arm.pool == "reserve" else
-               "raise generation.images_per_label or classifier.pool_headroom (or lower the ratio)"))
-    drawn = pool.iloc[stratified_draw(pool, n_draw, seed)]
-    if arm.kind is ArmKind.REBALANCED:
-        duplicates, info["rebalance_shortfall"] = oversample_mirror(real, drawn["labels"].astype(str).tolist(), seed)
-        extra = duplicates.assign(source="oversampled", phase="train")
-    else:  # more_real's reserved images are real images: counted as real, like the arm's own
-        source = {"noise": "noise", "reserve": "real"}.get(arm.pool, "synthetic")
-        extra = pd.DataFrame({"path": drawn["path"].astype(str).to_numpy(), "labels": drawn["labels"].astype(str).to_numpy(),
-                              "source": source, "phase": "pretrain" if arm.kind is ArmKind.PRETRAIN else "train"})
-    return pd.concat([real_rows, extra], ignore_index=True)[MIX_COLUMNS], info
-
-
-def _positives(cells: Iterable[str], vocabulary: Sequence[str]) -> dict[str, int]:
-    counts = dict.fromkeys(vocabulary, 0)
-    for cell in cells:
-        for label in set(str(cell).split(LABEL_JOIN)):
-            if label in counts:
-                counts[label] += 1
-    return counts
-
-
-def composition(mix: pd.DataFrame, vocabulary: Sequence[str]) -> pd.DataFrame:
-    """composition.csv: per label of the vocabulary ("No Finding" counts images labelled so), the
-    positives among the real images, among the synthetic (or noise) images, and the effective
-    positives the arm trains on (real + synthetic, or real + oversampled duplicates)."""
-    real = _positives(mix.loc[mix["source"] == "real", "labels"], vocabulary)
-    synthetic = _positives(mix.loc[mix["source"].isin(["synthetic", "noise"]), "labels"], vocabulary)
-    effective = _positives(mix["labels"], vocabulary)
-    return pd.DataFrame([{"label": label, "real_positives": real[label], "synthetic_positives": synthetic[label],
-                          "effective_positives": effective[label]} for label in vocabulary], columns=COMPOSITION_COLUMNS)
 
 
 # ----------------------------------------------------------------------------- the more_real reserve

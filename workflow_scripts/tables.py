@@ -25,9 +25,10 @@ from workflow_scripts.errors import DataError
 from workflow_scripts.label_text import file_key  # noqa: F401 (re-exported: stages import it from here)
 from workflow_scripts.labels import read_csv_checked
 
-SPLITS = ("train", "val", "test", "reserve")  # reserve: patients kept for the more_real control (study.py)
+SPLITS = ("train", "val", "test", "reserve")  # reserve: patients kept for the more_real control (study.reserve_patients)
 SPLIT_COLUMNS = ["path", "labels", "prompt", "patient", "split"]  # then sex, age where the source has them
 LABEL_JOIN = config.LABEL_JOIN  # labels within a cell of our own CSVs (no label may contain it: config checks)
+PROB_PREFIX = "prob_"  # predictions.csv (train_classifier): one column prob_<class> per class
 RESULT_COLUMNS = ["file", "prompt", "labels", "seed", "steps", "guidance", "scheduler", "checkpoint", "dtype", "device"]
 
 

@@ -59,46 +59,17 @@ from workflow_scripts.classifier_model import class_names, create_model, encode_
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts import stats
 from workflow_scripts.faults import maybe_fail
-from workflow_scripts.labels import read_csv_checked
-from workflow_scripts.tables import (Splits, add_split_arguments, load_split, read_generation_results, split_path,
-                                     splits_from_args)
-from workflow_scripts.study import (Arm, ArmKind, read_reserve, arm_training_set, batch_schedule, composition, drop_excluded, parse_arm,
-                                    phase_steps, study_hash, train_steps, validation_points)
+from workflow_scripts.tables import PROB_PREFIX, Splits, add_split_arguments, load_split, split_path, splits_from_args
+from workflow_scripts.arms import (SYNTHETIC_SOURCES, Arm, arm_training_set, composition, controls, parse_arm, phase_steps,
+                                   read_pool)
+from workflow_scripts.study import batch_schedule, study_hash, train_steps, validation_points
 
-PROB_PREFIX = "prob_"  # predictions.csv: one column prob_<class> per class
 EVALUATION_SPLITS = ("train", "val", "test")  # the more_real arm reads the reserve as its --synthetic pool
 OUTPUT_FILES = ("metrics.json", "predictions.csv", "train_log.csv", "training_set.csv", "composition.csv", "model.pt",
                 "tensorboard")
 
 
 # ----------------------------------------------------------------------------- labels and data
-
-
-def load_pool(arm: Arm, synthetic_csv: str | Path | None, exclude_csv: str | Path | None) -> tuple[pd.DataFrame | None, int]:
-    """The synthetic pool `arm` draws from (with a `path` column) minus the images listed in
-    `exclude_csv`, and how many were dropped. The rebalanced control reads only the labels (it
-    mirrors the largest arm's draw with real images), so its pool's image files are not opened."""
-    if arm.pool is None:
-        return None, 0
-    if synthetic_csv is None:
-        raise DataError(f"arm {arm.name} needs a synthetic image list (--synthetic)")
-    if arm.kind is ArmKind.MORE_REAL:  # new real images: the data stage's reserve.csv, never audited
-        return read_reserve(Path(synthetic_csv)), 0
-    if arm.kind is ArmKind.REBALANCED:
-        pool = read_csv_checked(Path(synthetic_csv), ["file", "labels"], "synthetic image list",
-                                "; run the generation stage first")
-        pool = pool.assign(path=pool["file"])
-    else:
-        pool = read_generation_results(synthetic_csv)
-    # The noise list names the generated image each noise image replaces; the two cannot be swapped.
-    if (arm.pool == "noise") != ("source_file" in pool.columns):
-        expected = ("a noise image list (results/synthetic_noise/generation_results.csv, made by make_noise_images)"
-                    if arm.pool == "noise" else "a generated image list (results/synthetic/generation_results.csv)")
-        raise DataError(f"--synthetic {synthetic_csv}: arm {arm.name} needs {expected}")
-    excluded: list[str] = []
-    if exclude_csv is not None:
-        excluded = read_csv_checked(Path(exclude_csv), ["file"], "synthetic exclusion list (--exclude-synthetic)")["file"].tolist()
-    return drop_excluded(pool, excluded)
 
 
 def _canonical(path: str) -> str:
@@ -154,7 +125,7 @@ def _clean_out_dir(out_dir: Path) -> Path:
 def train_classifier(config: dict[str, Any], data_dir: Splits, synthetic_csv: str | Path | None, arm: str,
                      seed: int, out_dir: str | Path, exclude_csv: str | Path | None = None,
                      show_progress: bool = True, cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """Train one arm of the study (study.parse_arm) for the study's step budget, select on real val,
+    """Train one arm of the study (arms.parse_arm) for the study's step budget, select on real val,
     score on real test; write the outputs to `out_dir` (atomically) and return metrics.json's content.
     `cache_dir`: where the decode-once caches live (classifier_cache); None decodes every film at
     every access (the same numbers, far slower)."""
@@ -183,10 +154,10 @@ def _training_data(config: dict[str, Any], data_dir: Path, synthetic_csv: str | 
     real_train, val, test = (load_split(data_dir, split) for split in ("train", "val", "test"))
     if real_train.empty or val.empty or test.empty:
         raise DataError(f"{split_path(data_dir, 'train').parent}: empty split (train {len(real_train)}, val {len(val)}, test {len(test)} images)")
-    pool, n_excluded = load_pool(arm, synthetic_csv, exclude_csv)
+    pool, n_excluded = read_pool(arm, synthetic_csv, exclude_csv)
     mix, info = arm_training_set(arm, real_train, pool, seed)
     assert_no_leakage(mix, {"val": val, "test": test})
-    assert_no_leakage(mix[mix["source"].isin(["synthetic", "noise"])], {"train": real_train})
+    assert_no_leakage(mix[mix["source"].isin(SYNTHETIC_SOURCES)], {"train": real_train})
     assert_files_exist(mix, "training")
     return {"real_train": real_train, "val": val, "test": test, "mix": mix, "pool": pool, "n_excluded": n_excluded,
             **info}
@@ -208,7 +179,7 @@ def _batches(data: Mapping[str, Any], targets: Sequence[np.ndarray], schedule: l
                      for p, t, order in zip(paths, targets, orders))
     sources = {split: data[key]["path"].astype(str).tolist() for split, key in
                (("train", "real_train"), ("val", "val"), ("test", "test"))}
-    if mix["source"].isin(["synthetic", "noise"]).any():  # the rebalanced control reads no pool image
+    if mix["source"].isin(SYNTHETIC_SOURCES).any():  # the rebalanced control reads no pool image
         sources[source_name(synthetic_csv)] = data["pool"]["path"].astype(str).tolist()
     store = study_store(sources, paths[0], cache_dir, size, interpolation, show_progress)
     return tuple(CachedBatches(store, p, t, order) for p, t, order in zip(paths, targets, orders))
@@ -343,10 +314,10 @@ def _run(config: dict[str, Any], data_dir: Path, files: tuple[str | Path | None,
     best = next(row for row in log if row["step"] == best_step)
 
     n_real_seen = int((mix["source"] == "real").sum())
-    n_syn = int(mix["source"].isin(["synthetic", "noise"]).sum())
+    n_syn = int(mix["source"].isin(SYNTHETIC_SOURCES).sum())
     metrics = {
         "arm": arm.name,
-        "arm_kind": arm.kind,
+        "arm_kind": arm.kind.value,
         "ratio": arm.ratio,
         "seed": int(seed),
         "optimizer_steps": steps,
@@ -407,10 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     add_split_arguments(parser, EVALUATION_SPLITS)
     parser.add_argument("--arm", required=True, metavar="NAME",
-                        help="ratio<percent> (ratio0 = real only, ratio25, ...), rebalanced, noise or pretrain")
+                        help=f"ratio<percent> (ratio0 = real only, ratio25, ...) or a control: {', '.join(controls())}")
     parser.add_argument("--synthetic", type=Path, default=None,
-                        help="the pool's generation_results.csv (default: results/synthetic/generation_results.csv, "
-                             "for --arm noise results/synthetic_noise/generation_results.csv; not read for ratio0)")
+                        help="the list of images the arm draws from (default: its pool's, e.g. "
+                             "results/synthetic/generation_results.csv, for --arm noise "
+                             "results/synthetic_noise/generation_results.csv; not read for ratio0)")
     parser.add_argument("--exclude-synthetic", type=Path, default=None, metavar="CSV",
                         help="CSV with a `file` column: synthetic images (as in generation_results.csv) left out of the pool")
     parser.add_argument("--seed", type=int, nargs="+", required=True,
@@ -425,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.seed) != len(args.out_dir) or len(set(args.out_dir)) != len(args.out_dir):
         raise ConfigError(f"--seed {' '.join(map(str, args.seed))} needs as many distinct --out-dir folders, "
                           f"got {len(args.out_dir)}: {' '.join(map(str, args.out_dir))}")
-    synthetic = args.synthetic or Path("results/synthetic_noise/generation_results.csv" if args.arm == "noise"
-                                       else "results/synthetic/generation_results.csv")
     config, splits = config_from_args(args, "train_classifier"), splits_from_args(args, EVALUATION_SPLITS)
+    pool = parse_arm(args.arm, config).pool
+    synthetic = args.synthetic or (Path(pool.default) if pool else None)
     for seed, out_dir in zip(args.seed, args.out_dir):  # train_classifier reseeds everything per seed
         metrics = train_classifier(config, splits, synthetic, args.arm, seed, out_dir, args.exclude_synthetic,
                                    cache_dir=None if args.no_cache else args.cache_dir)

@@ -35,9 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from workflow_scripts.errors import run_stage
-from workflow_scripts.config import ConfigError
-from workflow_scripts.labels import DataError
+from workflow_scripts.errors import ConfigError, DataError, run_stage
 
 ZOOMS = (0.0, 0.02, 0.035, 0.05)  # fractions cropped from each side of a reference: a cropped copy is a zoomed one
 DEFAULT_BLOCK_MB = 512

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from workflow_scripts.cells import finite, significant
+
 KID_SEED = 0
 
 
@@ -135,24 +137,80 @@ def prdc(real: np.ndarray, synthetic: np.ndarray, nearest_k: int) -> dict[str, f
 # ----------------------------------------------------------------------------- MS-SSIM diversity
 
 
-# ----------------------------------------------------------------------------- further set metrics
+# ----------------------------------------------------------------------------- the set metrics
+
+NOTES = "notes"  # a scores key that is no column: notes for fidelity.csv's notes column
+
+
+def pair(synthetic: Any, floor: Any, digits: int = 3) -> str:
+    """A fidelity-table cell: "synthetic (floor)", or the one reason where neither is a number."""
+    if finite(synthetic) is None and finite(floor) is None:
+        return significant(synthetic, digits)  # one reason is enough
+    return f"{significant(synthetic, digits)} ({significant(floor, digits)})"
+
+
+def fid_shown(row: Mapping[str, Any]) -> Any:
+    """The row's FID, or why there is none (fid_status)."""
+    return row.get("fid") if finite(row.get("fid")) is not None else row.get("fid_status")
+
+
+def kid_shown(row: Mapping[str, Any], floor: Mapping[str, Any]) -> str:
+    """KID ± its spread over subsets (the floor's KID), or why there is none."""
+    if finite(row.get("kid_mean")) is None:
+        return significant(fid_shown(row))
+    spread = f" ± {significant(row.get('kid_std'), 2)}" if (finite(row.get("kid_std")) or 0) > 0 else ""
+    return f"{significant(row.get('kid_mean'))}{spread} ({significant(floor.get('kid_mean'))})"
+
+
+def _fid_scores(real: np.ndarray, synthetic: np.ndarray, evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    value, notes = fid(real, synthetic)
+    if isinstance(value, str):  # not computable: the reason
+        return {"fid": None, "fid_status": value, NOTES: notes}
+    return {"fid": value, "fid_status": "ok" if np.isfinite(value) else "n/a", NOTES: notes}
+
+
+def _kid_scores(real: np.ndarray, synthetic: np.ndarray, evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    mean, std, m = kid(real, synthetic, evaluation["kid_subset_size"], evaluation["kid_subsets"], int(evaluation["seed"]))
+    return {"kid_mean": mean, "kid_std": std, "kid_subset_size": m}
 
 
 @dataclass(frozen=True)
 class SetMetric:
-    """A distance between the real and the synthetic feature sets beyond FID and KID. It fills
-    `columns` of fidelity.csv (each shown in the fidelity table as "synthetic (floor)"); `compute`
-    returns their values, or a text saying why there are none. A new metric is one entry in
+    """A distance between the real and the synthetic feature sets. It fills `columns` of fidelity.csv;
+    `compute` returns their values (plus, under NOTES, notes for the row), or a text saying why there
+    are none. The fidelity table shows `headers`, one cell each from `cells(synthetic row, floor row)`
+    (default: each column as "synthetic (floor)"); `plot` (value column, spread column or None,
+    title) draws it beside the floor in fidelity_<extractor>.png. A new metric is one entry in
     SET_METRICS (plus its test): evaluate and report read this list."""
 
     name: str
     columns: tuple[str, ...]
-    compute: Callable[[np.ndarray, np.ndarray, Mapping[str, Any]], dict[str, float] | str]
+    compute: Callable[[np.ndarray, np.ndarray, Mapping[str, Any]], dict[str, Any] | str]
+    headers: tuple[str, ...] = ()
+    cells: Callable[[Mapping[str, Any], Mapping[str, Any]], list[str]] | None = None
+    plot: tuple[str, str | None, str] | None = None
+
+    @property
+    def table_headers(self) -> tuple[str, ...]:
+        return self.headers or self.columns
+
+    def shown(self, synthetic: Mapping[str, Any], floor: Mapping[str, Any]) -> list[str]:
+        if self.cells is not None:
+            return self.cells(synthetic, floor)
+        return [pair(synthetic.get(column), floor.get(column)) for column in self.columns]
 
 
+# In the fidelity table's column order. KID first: it is unbiased at any n >= 2, so the plots keep
+# the labels where KID is a number; FID only where n >= feature dims.
 SET_METRICS: tuple[SetMetric, ...] = (
+    SetMetric("kid", ("kid_mean", "kid_std", "kid_subset_size"), _kid_scores, ("KID",),
+              lambda synthetic, floor: [kid_shown(synthetic, floor)], ("kid_mean", "kid_std", "KID")),
+    SetMetric("fid", ("fid", "fid_status"), _fid_scores, ("FID",),
+              lambda synthetic, floor: [pair(fid_shown(synthetic), fid_shown(floor), 4)],
+              ("fid", None, "FID (only where n >= dims)")),
     SetMetric("prdc", ("precision", "recall", "density", "coverage"),
-              lambda real, synthetic, evaluation: prdc(real, synthetic, int(evaluation["prdc_k"]))),
+              lambda real, synthetic, evaluation: prdc(real, synthetic, int(evaluation["prdc_k"])),
+              ("precision", "recall", "density", "coverage")),
 )
 
 

@@ -22,12 +22,10 @@ from tqdm import tqdm
 from workflow_scripts.config import config_hash
 from workflow_scripts.fidelity import BASE, BASE_PROMPTED, FLOOR, MACRO, PROMPTED, REAL_VAL, SYNTHETIC, distances
 from workflow_scripts.fidelity.features import Extractor, compute_features, load_images
-from workflow_scripts.labels import DataError
+from workflow_scripts.errors import DataError
 from workflow_scripts.tables import LABEL_JOIN, Splits, json_safe, load_split, read_generation_results, split_path
 
-# fid is a number or empty; fid_status says which: "ok", or why there is none (n < dims, extractor unavailable).
-FIDELITY_COLUMNS = ["extractor", "label", "comparison", "n", "fid", "fid_status", "kid_mean", "kid_std", "kid_subset_size",
-                    *(column for metric in distances.SET_METRICS for column in metric.columns), "notes"]
+ROW_KEYS = ["extractor", "label", "comparison", "n"]  # then every set metric's columns, then notes
 DIVERSITY_COLUMNS = ["label", "set", "images", "pairs", "ms_ssim", "window", "notes"]
 ADHERENCE_COLUMNS = ["label", "set", "positives", "negatives", "auroc", "ci_low", "ci_high", "notes"]
 OVERALL = "overall"
@@ -58,20 +56,21 @@ def _distance_row(extractor: str, label: str, comparison: str, real: np.ndarray,
     row: dict[str, Any] = {"extractor": extractor, "label": label, "comparison": comparison, "n": n}
     if n < 2:
         return {**row, "fid": None, "fid_status": f"n/a (n < 2: {n})", "notes": f"n/a: {n} image(s) per set"}
-    value, notes = distances.fid(real, other)
-    if isinstance(value, str):  # not computable: the reason
-        row["fid"], row["fid_status"] = None, value
-    else:
-        row["fid"], row["fid_status"] = value, "ok" if np.isfinite(value) else "n/a"
-    row["kid_mean"], row["kid_std"], row["kid_subset_size"] = distances.kid(
-        real, other, evaluation["kid_subset_size"], evaluation["kid_subsets"], seed)
+    notes: list[str] = []
     for metric in distances.SET_METRICS:
-        scores = metric.compute(real, other, evaluation)
+        scores = metric.compute(real, other, {**evaluation, "seed": seed})
         if isinstance(scores, dict):
+            notes += scores.pop(distances.NOTES, [])
             row.update(scores)
         else:
             notes.append(f"{metric.name} {scores}")
     return {**row, "notes": "; ".join(notes)}
+
+
+def fidelity_columns() -> list[str]:
+    """fidelity.csv's columns. fid is a number or empty; fid_status says which: "ok", or why there is
+    none (n < dims, extractor unavailable)."""
+    return [*ROW_KEYS, *(column for metric in distances.SET_METRICS for column in metric.columns), "notes"]
 
 
 def fidelity_rows(extractors: Sequence[Extractor], features: dict[str, dict[str, np.ndarray]],
@@ -202,7 +201,7 @@ def evaluate(config: dict[str, Any], data_dir: Splits, synthetic_csv: str | Path
                                    int(config["classifier"]["bootstrap_samples"]), seed)
         adherence_note = f"real-only classifier {meta.get('model', '?')} ({meta.get('source', 'ratio 0')})"
 
-    pd.DataFrame(rows, columns=FIDELITY_COLUMNS).to_csv(out_dir / "fidelity.csv", index=False)
+    pd.DataFrame(rows, columns=fidelity_columns()).to_csv(out_dir / "fidelity.csv", index=False)
     pd.DataFrame(diversity, columns=DIVERSITY_COLUMNS).to_csv(out_dir / "diversity.csv", index=False)
     pd.DataFrame(adherence, columns=ADHERENCE_COLUMNS).to_csv(out_dir / "adherence.csv", index=False)
     result = {
@@ -229,7 +228,7 @@ def evaluate(config: dict[str, Any], data_dir: Splits, synthetic_csv: str | Path
         "audit": audit_summary,
     }
     (out_dir / "fidelity.json").write_text(json.dumps(json_safe(result), indent=2) + "\n")
-    plots = make_plots(pd.DataFrame(rows, columns=FIDELITY_COLUMNS), pd.DataFrame(diversity, columns=DIVERSITY_COLUMNS),
+    plots = make_plots(pd.DataFrame(rows, columns=fidelity_columns()), pd.DataFrame(diversity, columns=DIVERSITY_COLUMNS),
                        pd.DataFrame(adherence, columns=ADHERENCE_COLUMNS), out_dir / "plots")
     (out_dir / "fidelity.md").write_text(render_markdown(result, plots, out_dir))
     return result

@@ -15,32 +15,13 @@ import pandas as pd
 
 from workflow_scripts.cells import finite, significant
 from workflow_scripts.fidelity import BASE, BASE_PROMPTED, FLOOR, PROMPTED, REAL_VAL, SYNTHETIC
-from workflow_scripts.fidelity.distances import SET_METRICS
-
-SET_COLUMNS = [column for metric in SET_METRICS for column in metric.columns]
-
-
-def _fid(row: pd.Series) -> Any:
-    """The row's FID, or why there is none (fid_status)."""
-    return row.get("fid") if finite(row.get("fid")) is not None else row.get("fid_status")
-
-
-def _pair(syn: Any, floor: Any, digits: int = 3) -> str:
-    if finite(syn) is None and finite(floor) is None:
-        return significant(syn, digits)  # one reason is enough
-    return f"{significant(syn, digits)} ({significant(floor, digits)})"
-
-
-def _kid(row: pd.Series, floor: pd.Series) -> str:
-    """KID ± its spread over subsets (the floor's KID), or why there is none."""
-    if finite(row.get("kid_mean")) is None:
-        return significant(_fid(row))
-    spread = f" ± {significant(row.get('kid_std'), 2)}" if (finite(row.get("kid_std")) or 0) > 0 else ""
-    return f"{significant(row.get('kid_mean'))}{spread} ({significant(floor.get('kid_mean'))})"
+from workflow_scripts.fidelity import distances
 
 
 def _fidelity_tables(result: dict[str, Any]) -> list[str]:
     rows = pd.DataFrame(result["rows"])
+    metrics = distances.SET_METRICS
+    headers = [header for metric in metrics for header in metric.table_headers]
     lines: list[str] = []
     for name, info in result["settings"]["extractors"].items():
         if not info["status"].startswith("ok"):
@@ -51,17 +32,16 @@ def _fidelity_tables(result: dict[str, Any]) -> list[str]:
         lines += [f"**{name}** ({info['description']}; input {info['input_size']} px). "
                   "Each cell: synthetic vs real val (floor: real train vs real val, same n)"
                   + ("; the base model without LoRA, same prompts and seeds, in its own columns" if base else "") + ".", "",
-                  "| " + " | ".join(["label", "n", "KID", "FID", *SET_COLUMNS]
+                  "| " + " | ".join(["label", "n", *headers]
                                     + (["KID without LoRA", "precision / recall without LoRA"] if base else [])) + " |",
-                  "|---|" + "---:|" * (3 + len(SET_COLUMNS) + 2 * base)]
+                  "|---|" + "---:|" * (1 + len(headers) + 2 * base)]
         for label in dict.fromkeys(mine["label"]):
             syn = mine[(mine["label"] == label) & (mine["comparison"] == SYNTHETIC)].iloc[0]
             flo = mine[(mine["label"] == label) & (mine["comparison"] == FLOOR)].iloc[0]
-            cells = [label, str(int(syn["n"])), _kid(syn, flo), _pair(_fid(syn), _fid(flo), 4)]
-            cells += [_pair(syn.get(key), flo.get(key)) for key in SET_COLUMNS]
+            cells = [label, str(int(syn["n"])), *(cell for metric in metrics for cell in metric.shown(syn, flo))]
             if base:
                 off = mine[(mine["label"] == label) & (mine["comparison"] == BASE)].iloc[0]
-                cells += [_kid(off, flo), f"{significant(off.get('precision'))} / {significant(off.get('recall'))}"]
+                cells += [distances.kid_shown(off, flo), f"{significant(off.get('precision'))} / {significant(off.get('recall'))}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -187,26 +167,28 @@ def make_plots(fidelity: pd.DataFrame, diversity: pd.DataFrame, adherence: pd.Da
         ax.set_xticks(x + width * (len(series) - 1) / 2, labels, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)
 
+    plotted = [metric.plot for metric in distances.SET_METRICS if metric.plot]
     for extractor in dict.fromkeys(fidelity["extractor"]):
         mine = fidelity[(fidelity["extractor"] == extractor)]
         syn, flo = mine[mine["comparison"] == SYNTHETIC], mine[mine["comparison"] == FLOOR]
-        reliable = (syn["kid_mean"].map(finite).notna().to_numpy() & flo["kid_mean"].map(finite).notna().to_numpy())
+        first = plotted[0][0]  # the first plotted metric (KID: defined at any n >= 2) picks the labels
+        reliable = (syn[first].map(finite).notna().to_numpy() & flo[first].map(finite).notna().to_numpy())
         syn, flo = syn[reliable], flo[reliable]  # labels with n < 2 (or an unavailable extractor): not plotted
         if syn.empty:
             continue
         labels = [f"{label}\n(n={int(n)})" for label, n in zip(syn["label"], syn["n"])]
-        fid_ok = syn["fid"].map(finite).notna().any()
+        panels = [plot for plot in plotted if syn[plot[0]].map(finite).notna().any()]
         # Constrained layout with the legend outside the axes: no label cut, no bar hidden.
-        figure, axes = plt.subplots(1, 2 if fid_ok else 1, figsize=(12 if fid_ok else 8, 4), squeeze=False,
-                                    layout="constrained")
-        def kid(frame):
-            return list(frame["kid_mean"].map(finite)), list(frame["kid_std"].map(lambda v: finite(v) or 0.0))
+        figure, axes = plt.subplots(1, len(panels), figsize=(4 + 4 * len(panels), 4), squeeze=False, layout="constrained")
 
-        bars(axes[0][0], labels, [("synthetic vs real val", *kid(syn)), ("floor: real train vs real val", *kid(flo))], "KID")
-        axes[0][0].set_title(f"KID, {extractor} features")
-        if fid_ok:
-            bars(axes[0][1], labels, [("synthetic", list(syn["fid"].map(finite)), None), ("floor", list(flo["fid"].map(finite)), None)], "FID")
-            axes[0][1].set_title(f"FID, {extractor} (only where n >= dims)")
+        def series(frame: pd.DataFrame, value: str, spread: str | None) -> tuple[list, list | None]:
+            return (list(frame[value].map(finite)),
+                    list(frame[spread].map(lambda v: finite(v) or 0.0)) if spread else None)
+
+        for axis, (value, spread, title) in zip(axes[0], panels):
+            bars(axis, labels, [("synthetic vs real val", *series(syn, value, spread)),
+                                ("floor: real train vs real val", *series(flo, value, spread))], title.split(" ")[0])
+            axis.set_title(f"{title}, {extractor} features")
         figure.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
         path = plot_dir / f"fidelity_{extractor}.png"
         figure.savefig(path, dpi=110)
