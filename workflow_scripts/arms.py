@@ -27,6 +27,7 @@ from workflow_scripts.tables import LABEL_JOIN, read_generation_results
 
 REFERENCE = "ratio0"  # the real-only arm every other arm is compared with
 BASELINES = ("noise", "rebalanced", "duplicate_real")  # the controls a synthetic arm must also beat, in column order (the headline's)
+EXPECTED_BASELINES = ("noise", "rebalanced")  # the headline says when one of these did not run (duplicate_real is optional)
 SYNTHETIC_SOURCES = ("synthetic", "noise")  # training_set.csv sources counted as synthetic images
 COMPOSITION_COLUMNS = ["label", "real_positives", "synthetic_positives", "effective_positives"]
 MIX_COLUMNS = ["path", "labels", "source", "phase"]

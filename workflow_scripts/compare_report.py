@@ -15,7 +15,7 @@ import pandas as pd
 from workflow_scripts import stats
 from workflow_scripts.cells import fixed, with_ci
 from workflow_scripts.comparison import AGE_BANDS, DEMO_CSV, Study
-from workflow_scripts.arms import BASELINES, MORE_REAL, REFERENCE, SYNTHETIC, kind_of
+from workflow_scripts.arms import BASELINES, EXPECTED_BASELINES, MORE_REAL, REFERENCE, SYNTHETIC, kind_of
 from workflow_scripts.errors import DataError
 from workflow_scripts.tables import LABEL_JOIN
 
@@ -147,7 +147,7 @@ def headline_lines(study: Study) -> list[str]:
         best = min(head.p_holm, key=lambda name: head.p_holm[name])
         answer = (f"**no synthetic arm shows it** (smallest one-sided intersection-union p, Holm over the synthetic arms: "
                   f"{best} {head.p_holm[best]:.3f})")
-    missing = [name for name in BASELINES if name not in head.references]
+    missing = [name for name in EXPECTED_BASELINES if name not in head.references]
     note = f" Without the {' and '.join(missing)} control{'s' if len(missing) > 1 else ''} the line tests fewer references." if missing else ""
     return [f"**Headline: do synthetic images give a gain over {against}?** {answer}. This line is one test at 5 % for "
             f"the whole table: an arm counts only if it gains over every reference at once.{note}", ""]
