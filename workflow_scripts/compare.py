@@ -245,16 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     parser.add_argument("--runs", type=Path, nargs="+", required=True, metavar="DIR",
                         help="classifier run folders (metrics.json, predictions.csv, composition.csv), all arms and seeds")
-    parser.add_argument("--fidelity", type=Path, default=Path("results/evaluation/fidelity.md"),
+    parser.add_argument("--fidelity", type=Path, required=True,
                         help="the fidelity stage's page, included in the table's page")
-    parser.add_argument("--lora-summary", type=Path, default=Path("results/lora/final/training_summary.json"))
+    parser.add_argument("--lora-summary", type=Path, required=True, help="train_lora's training_summary.json")
     add_split_arguments(parser, ["train", "test"])
-    parser.add_argument("--prepare-summary", type=Path, default=Path("results/data/prepare_summary.json"),
+    parser.add_argument("--prepare-summary", type=Path, required=True,
                         help="the data stage's summary (pre-balance label counts, labels without training images)")
     parser.add_argument("--reader-study", type=Path, default=None,
                         help="the reader study's pooled row (score_reader_study's pooled.md), shown when given")
-    parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"))
-    parser.add_argument("--out-dir", type=Path, default=Path("results"))
+    parser.add_argument("--synthetic", type=Path, required=True, help="the merged generation_results.csv")
+    parser.add_argument("--out-dir", type=Path, required=True, help="comparison.md/.csv, and plots/ below it")
     args = parser.parse_args(argv)
     table = compare(config_from_args(args, "compare"), args.runs, args.fidelity, args.lora_summary,
                     splits_from_args(args, ["train", "test"]), args.prepare_summary, args.synthetic, args.out_dir,

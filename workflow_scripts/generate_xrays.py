@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--prompt", help="a free prompt (labels taken from it where it is a label prompt)")
     what.add_argument("--generate-all-labels", action="store_true",
                       help="every label, and every label combination of the training split")
-    parser.add_argument("--checkpoint", type=Path, default=Path("results/lora/final"),
+    parser.add_argument("--checkpoint", type=Path,
                         help="final/ or checkpoint-N/ folder, or the LoRA file in it")
     parser.add_argument("--no-lora", action="store_true",
                         help="the base model alone (model.pretrained or --pretrained-model): the LoRA-off control")
@@ -57,16 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--negative-prompt")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seed", type=int, help="base seed (generation.seed)")
-    parser.add_argument("--train", type=Path, default=Path("results/data/train.csv"),
+    parser.add_argument("--train", type=Path,
                         help="the training split, for plans made here (--generate-all-labels, or no --plan)")
     parser.add_argument("--tiny-dir", type=Path, default=DEFAULT_TINY_DIR, help="where model.pretrained: tiny lives")
-    parser.add_argument("--output-dir", type=Path, default=Path("results/synthetic"))
+    parser.add_argument("--output-dir", type=Path, required=True, help="one folder per label is made below it")
     args = parser.parse_args(argv)
     config = config_from_args(args, "generate_label")
     if not args.no_lora:
+        if args.checkpoint is None:
+            parser.error("give --checkpoint (train_lora's final/ folder or a checkpoint-N/ folder), or --no-lora")
         lora_checkpoint(args.checkpoint)  # a folder without LoRA weights fails first, before any data is read
 
     def train() -> pd.DataFrame:
+        if args.train is None:
+            parser.error("give --train (the training split): the plan is made from its labels")
         return load_split({"train": args.train}, "train")
 
     # Which keys, with what prompt and count.

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--results", nargs="*", type=Path, default=[], metavar="CSV", help="per-label generation_results.csv files")
-    parser.add_argument("--merged", type=Path, default=Path("results/synthetic/generation_results.csv"), help="the list to write")
+    parser.add_argument("--merged", type=Path, required=True, help="the list to write")
     args = parser.parse_args(argv)
     config_from_args(args, "merge_generation")  # a bad configuration is refused here as in every stage
     merged = merge(args.results, args.merged)

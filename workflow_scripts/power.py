@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--runs", type=Path, nargs="+", required=True, metavar="DIR", help="finished classifier run folders")
-    parser.add_argument("--test", type=Path, default=Path("results/data/test.csv"), help="the test split the runs scored")
+    parser.add_argument("--test", type=Path, required=True, help="the test split the runs scored")
     parser.add_argument("--out", type=Path, default=None, help="also write the page here (e.g. results/power.md)")
     args = parser.parse_args(argv)
     print(power(config_from_args(args, "plan_power"), args.runs, args.test, args.out))

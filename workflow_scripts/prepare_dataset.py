@@ -263,7 +263,7 @@ def prepare(config: dict[str, Any], out_dir: Path, workers: int | None = None) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--out-dir", default="results/data", type=Path, help="where the split CSVs go")
+    parser.add_argument("--out-dir", required=True, type=Path, help="where the split CSVs go")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes decoding images (default: all cores; the rule passes its threads)")
     args = parser.parse_args(argv)

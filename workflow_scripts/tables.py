@@ -76,7 +76,7 @@ def split_path(splits: Splits, split: str) -> Path:
 def add_split_arguments(parser: Any, splits: Sequence[str] = SPLITS) -> None:
     """--train/--val/--test: the split CSVs a stage reads (its rule names them)."""
     for name in splits:
-        parser.add_argument(f"--{name}", type=Path, default=Path(f"results/data/{name}.csv"),
+        parser.add_argument(f"--{name}", type=Path, required=True,
                             help=f"the {name} split CSV (prepare_dataset)")
 
 

@@ -92,8 +92,8 @@ def load_pool(arm: Arm, synthetic_csv: str | Path | None, exclude_csv: str | Pat
         pool = read_generation_results(synthetic_csv)
     # The noise list names the generated image each noise image replaces; the two cannot be swapped.
     if (arm.pool == "noise") != ("source_file" in pool.columns):
-        expected = ("a noise image list (results/synthetic_noise/generation_results.csv, made by make_noise_images)"
-                    if arm.pool == "noise" else "a generated image list (results/synthetic/generation_results.csv)")
+        expected = ("a noise image list (make_noise_images' generation_results.csv)"
+                    if arm.pool == "noise" else "a generated image list (merge_generation's generation_results.csv)")
         raise DataError(f"--synthetic {synthetic_csv}: arm {arm.name} needs {expected}")
     excluded: list[str] = []
     if exclude_csv is not None:
@@ -409,27 +409,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arm", required=True, metavar="NAME",
                         help="ratio<percent> (ratio0 = real only, ratio25, ...), rebalanced, noise or pretrain")
     parser.add_argument("--synthetic", type=Path, default=None,
-                        help="the pool's generation_results.csv (default: results/synthetic/generation_results.csv, "
-                             "for --arm noise results/synthetic_noise/generation_results.csv; not read for ratio0)")
+                        help="the arm's pool: the merged generation_results.csv (make_noise_images' for noise, "
+                             "reserve.csv for more_real); not read for ratio0")
     parser.add_argument("--exclude-synthetic", type=Path, default=None, metavar="CSV",
                         help="CSV with a `file` column: synthetic images (as in generation_results.csv) left out of the pool")
     parser.add_argument("--seed", type=int, nargs="+", required=True,
                         help="training seed (synthetic draw, init, order); several run one after another")
     parser.add_argument("--out-dir", type=Path, nargs="+", required=True,
                         help="e.g. results/classifier/ratio25_seed0; one per --seed, in the same order")
-    parser.add_argument("--cache-dir", type=Path, default=Path("results/classifier_cache"),
+    parser.add_argument("--cache-dir", type=Path,
                         help="decode-once caches of the splits and pools, shared by every arm and seed "
-                             "(default: results/classifier_cache)")
+                             "(required unless --no-cache)")
     parser.add_argument("--no-cache", action="store_true", help="decode every film at every access instead (slow)")
     args = parser.parse_args(argv)
     if len(args.seed) != len(args.out_dir) or len(set(args.out_dir)) != len(args.out_dir):
         raise ConfigError(f"--seed {' '.join(map(str, args.seed))} needs as many distinct --out-dir folders, "
                           f"got {len(args.out_dir)}: {' '.join(map(str, args.out_dir))}")
-    synthetic = args.synthetic or Path("results/synthetic_noise/generation_results.csv" if args.arm == "noise"
-                                       else "results/synthetic/generation_results.csv")
+    if args.cache_dir is None and not args.no_cache:
+        parser.error("give --cache-dir (the decode-once cache shared by every arm), or --no-cache")
     config, splits = config_from_args(args, "train_classifier"), splits_from_args(args, EVALUATION_SPLITS)
     for seed, out_dir in zip(args.seed, args.out_dir):  # train_classifier reseeds everything per seed
-        metrics = train_classifier(config, splits, synthetic, args.arm, seed, out_dir, args.exclude_synthetic,
+        metrics = train_classifier(config, splits, args.synthetic, args.arm, seed, out_dir, args.exclude_synthetic,
                                    cache_dir=None if args.no_cache else args.cache_dir)
         print(summary_line(metrics, out_dir), flush=True)
     return 0

@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     add_split_arguments(parser, ["train", "val"])
-    parser.add_argument("--output-dir", type=Path, default=Path("results/lora"), help="checkpoints/, logs/, final/")
+    parser.add_argument("--output-dir", type=Path, required=True, help="checkpoints/, logs/, final/")
     parser.add_argument("--tiny-dir", type=Path, default=DEFAULT_TINY_DIR, help="where model.pretrained: tiny lives")
     parser.add_argument("--resume", default="latest", help="latest (default), none, or a checkpoint-N folder")
     args = parser.parse_args(argv)

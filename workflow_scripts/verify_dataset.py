@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     add_split_arguments(parser)
-    parser.add_argument("--out-dir", default="results/data", type=Path, help="where the reports and the contact sheet go")
+    parser.add_argument("--out-dir", required=True, type=Path, help="where the reports and the contact sheet go")
     args = parser.parse_args(argv)
     report = verify(config_from_args(args, "verify_dataset"), splits_from_args(args), args.out_dir)
     print(f"verified: {report['samples_per_split']} images, tensors {report['tensor_shape']} in "

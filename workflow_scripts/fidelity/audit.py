@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     add_split_arguments(parser, ["train", "val", "test"])
-    parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"))
-    parser.add_argument("--out-dir", type=Path, default=Path("results/evaluation"))
+    parser.add_argument("--synthetic", type=Path, required=True, help="the merged generation_results.csv")
+    parser.add_argument("--out-dir", type=Path, required=True, help="audit_summary.json, and audit/ below it")
     parser.add_argument("--device", default=None, help="cuda, cuda:0 or cpu (default: cuda if available)")
     parser.add_argument("--block-mb", type=int, default=DEFAULT_BLOCK_MB,
                         help=f"working memory of one block of the search on the device, MiB (default {DEFAULT_BLOCK_MB})")
