@@ -27,12 +27,12 @@ rule prepare_dataset:
         csv=config["dataset"]["csv"],
         images=config["dataset"]["images"],
     output:
-        train=f"{paths.DATA}/train.csv",
-        val=f"{paths.DATA}/val.csv",
-        test=f"{paths.DATA}/test.csv",
-        reserve=f"{paths.DATA}/reserve.csv",  # patients kept for the more_real control (split.more_real_ratio)
+        train=paths.split_csv("train"),
+        val=paths.split_csv("val"),
+        test=paths.split_csv("test"),
+        reserve=paths.split_csv("reserve"),  # patients kept for the more_real control (split.more_real_ratio)
         skipped=f"{paths.DATA}/skipped.csv",
-        summary=f"{paths.DATA}/prepare_summary.json",
+        summary=paths.PREPARE_SUMMARY,
     params:
         out_dir=paths.DATA,
     threads: 64  # image decoding processes; Snakemake lowers this to --cores (SLURM: set-threads in the profile)

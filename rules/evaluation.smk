@@ -137,7 +137,7 @@ rule evaluate_fidelity:
             f"{paths.EVALUATION}/fidelity.csv", category="2. Fidelity", labels={"page": "fidelity.csv (download)"}
         ),
         fidelity_json=f"{paths.EVALUATION}/fidelity.json",
-        fidelity_md=f"{paths.EVALUATION}/fidelity.md",
+        fidelity_md=paths.FIDELITY_PAGE,
         diversity=f"{paths.EVALUATION}/diversity.csv",
         adherence=f"{paths.EVALUATION}/adherence.csv",
         plots=report(

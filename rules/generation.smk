@@ -6,7 +6,7 @@ checkpoint plan_generation:
         train=rules.prepare_dataset.output.train,
         config=stage_config_file("plan_generation"),
     output:
-        plan=f"{paths.SYNTHETIC}/plan.csv",
+        plan=paths.PLAN,
     log:
         "logs/plan_generation/plan_generation.log",
     conda:
@@ -74,7 +74,7 @@ rule merge_generation:
         results=planned_generation_results,
         config=stage_config_file("merge_generation"),
     output:
-        results=f"{paths.SYNTHETIC}/generation_results.csv",
+        results=paths.GENERATED,
     log:
         "logs/merge_generation/merge_generation.log",
     conda:

@@ -45,7 +45,7 @@ rule train_lora:
         # next run resumes from its latest checkpoint. final/ is written whole, by one rename.
         adapter=f"{paths.LORA_FINAL}/pytorch_lora_weights.safetensors",
         kohya=f"{paths.LORA_FINAL}/lora_kohya.safetensors",
-        summary=f"{paths.LORA_FINAL}/training_summary.json",
+        summary=paths.LORA_SUMMARY,
         curve=report(f"{paths.LORA_FINAL}/loss_curve.png", category="Generator"),
     params:
         output_dir=paths.LORA,

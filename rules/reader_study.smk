@@ -13,7 +13,7 @@ rule reader_study:
         config=stage_config_file("reader_study"),
     output:
         page=f"{paths.READER_STUDY_PAGE}/index.html",
-        key=f"{paths.READER_STUDY_KEY}/key.csv",
+        key=paths.READER_STUDY_KEY_CSV,
         study=f"{paths.READER_STUDY_KEY}/study.json",
     params:
         data_dir=paths.DATA,  # val.csv and test.csv above

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from workflow_scripts import paths
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.errors import run_stage
 from workflow_scripts.generation import merge
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--results", nargs="*", type=Path, default=[], metavar="CSV", help="per-label generation_results.csv files")
-    parser.add_argument("--merged", type=Path, required=True, help="the list to write")
+    parser.add_argument("--merged", type=Path, default=Path(paths.GENERATED), help="the list to write")
     args = parser.parse_args(argv)
     config_from_args(args, "merge_generation")  # a bad configuration is refused here as in every stage
     merged = merge(args.results, args.merged)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from workflow_scripts import paths
 from workflow_scripts import config
 from workflow_scripts.errors import DataError
 from workflow_scripts.labels import read_csv_checked
@@ -76,7 +77,7 @@ def split_path(splits: Splits, split: str) -> Path:
 def add_split_arguments(parser: Any, splits: Sequence[str] = SPLITS) -> None:
     """--train/--val/--test: the split CSVs a stage reads (its rule names them)."""
     for name in splits:
-        parser.add_argument(f"--{name}", type=Path, required=True,
+        parser.add_argument(f"--{name}", type=Path, default=Path(paths.split_csv(name)),
                             help=f"the {name} split CSV (prepare_dataset)")
 
 

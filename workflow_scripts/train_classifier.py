@@ -50,6 +50,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from workflow_scripts import paths
 from workflow_scripts.errors import ConfigError, DataError, TrainingError, run_stage
 from workflow_scripts.classifier_cache import CachedBatches, decoded_batches, sequential, source_name, study_store
 from workflow_scripts.classifier_device import (Precision, describe_device, host_value, loader_workers, pick_device,
@@ -417,16 +418,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="training seed (synthetic draw, init, order); several run one after another")
     parser.add_argument("--out-dir", type=Path, nargs="+", required=True,
                         help="e.g. results/classifier/ratio25_seed0; one per --seed, in the same order")
-    parser.add_argument("--cache-dir", type=Path,
-                        help="decode-once caches of the splits and pools, shared by every arm and seed "
-                             "(required unless --no-cache)")
+    parser.add_argument("--cache-dir", type=Path, default=Path(paths.CLASSIFIER_CACHE),
+                        help="decode-once caches of the splits and pools, shared by every arm and seed")
     parser.add_argument("--no-cache", action="store_true", help="decode every film at every access instead (slow)")
     args = parser.parse_args(argv)
     if len(args.seed) != len(args.out_dir) or len(set(args.out_dir)) != len(args.out_dir):
         raise ConfigError(f"--seed {' '.join(map(str, args.seed))} needs as many distinct --out-dir folders, "
                           f"got {len(args.out_dir)}: {' '.join(map(str, args.out_dir))}")
-    if args.cache_dir is None and not args.no_cache:
-        parser.error("give --cache-dir (the decode-once cache shared by every arm), or --no-cache")
     config, splits = config_from_args(args, "train_classifier"), splits_from_args(args, EVALUATION_SPLITS)
     for seed, out_dir in zip(args.seed, args.out_dir):  # train_classifier reseeds everything per seed
         metrics = train_classifier(config, splits, args.synthetic, args.arm, seed, out_dir, args.exclude_synthetic,
