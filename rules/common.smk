@@ -120,8 +120,9 @@ def arm_seed_outputs(name):
 
 def study_run_dirs(arms=None):
     """The run folder of every seed of `arms` (default: every arm of the study), in study_runs' order."""
-    return expand(paths.CLASSIFIER_RUN, arm=arms if arms is not None else arm_names(config),
-                  seed=config["classifier"]["seeds"])
+    return expand(
+        paths.CLASSIFIER_RUN, arm=arms if arms is not None else arm_names(config), seed=config["classifier"]["seeds"]
+    )
 
 
 def study_runs(arms=None, output="metrics"):

@@ -178,9 +178,13 @@ rule compare:
         config=stage_config_file("compare"),
     output:
         table_md=f"{paths.RESULTS}/comparison.md",  # in the report as results/report/comparison.html
-        table_csv=report(f"{paths.RESULTS}/comparison.csv", category="1. Answer", labels={"page": "comparison.csv (download)"}),
+        table_csv=report(
+            f"{paths.RESULTS}/comparison.csv", category="1. Answer", labels={"page": "comparison.csv (download)"}
+        ),
         auroc_plot=report(
-            f"{paths.PLOTS}/auroc_vs_ratio.png", category="1. Answer", labels={"page": "plot: AUROC vs synthetic share"}
+            f"{paths.PLOTS}/auroc_vs_ratio.png",
+            category="1. Answer",
+            labels={"page": "plot: AUROC vs synthetic share"},
         ),
         grid=report(
             f"{paths.PLOTS}/real_vs_synthetic.png", category="2. Fidelity", labels={"page": "plot: real vs synthetic"}
