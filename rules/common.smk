@@ -10,7 +10,7 @@ from snakemake.exceptions import WorkflowError
 sys.path.insert(0, workflow.basedir)
 shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from workflow_scripts.comparison import DEMO_CSV  # the demo_dataset rule's label file
+from workflow_scripts import paths  # every folder under results/
 from workflow_scripts.config import (
     STAGE_CONFIG,
     check_config_files,
@@ -53,7 +53,7 @@ for key in ("csv", "images"):  # Snakemake reads {...} in an input path as a wil
             f"rule's input path. Rename the folder, or point dataset.{key} at a symlink without braces "
             "(python -m workflow_scripts.prepare_dataset takes such paths as they are)."
         )
-if config["dataset"]["csv"] != DEMO_CSV and not os.path.isfile(config["dataset"]["csv"]):
+if config["dataset"]["csv"] != paths.DEMO_CSV and not os.path.isfile(config["dataset"]["csv"]):
     raise WorkflowError(
         f"dataset.csv: {config['dataset']['csv']} not found. Point dataset.csv and dataset.images at your "
         "dataset (docs/data.md), or run the demo: no --configfile."
@@ -61,10 +61,10 @@ if config["dataset"]["csv"] != DEMO_CSV and not os.path.isfile(config["dataset"]
 
 
 def stage_config_file(stage):
-    """results/config/<stage>.yaml: the part of this run's configuration that `stage` declares
+    """<paths.STAGE_CONFIG>/<stage>.yaml: the part of this run's configuration that `stage` declares
     (STAGE_CONFIG in workflow_scripts/config.py), written by write_stage_config. The stage reads
     only this file, and the job re-runs exactly when its content changes."""
-    return f"results/config/{stage}.yaml"
+    return f"{paths.STAGE_CONFIG}/{stage}.yaml"
 
 
 def base_model_input(wildcards):
@@ -119,7 +119,14 @@ def classifier_inputs(wildcards):
 
 def arm_seed_outputs(name):
     """`name` (metrics.json, ...) in the run folder of every seed of classifier.seeds, for the arm wildcard."""
-    return expand("results/classifier/{{arm}}_seed{seed}/{name}", seed=config["classifier"]["seeds"], name=name)
+    return expand(f"{paths.CLASSIFIER_RUN}/{{name}}", arm="{arm}", seed=config["classifier"]["seeds"], name=name)
+
+
+def study_run_dirs(arms=None):
+    """The run folder of every seed of `arms` (default: every arm of the study), in study_runs' order."""
+    return expand(
+        paths.CLASSIFIER_RUN, arm=arms if arms is not None else arm_names(config), seed=config["classifier"]["seeds"]
+    )
 
 
 def study_runs(arms=None, output="metrics"):
@@ -153,7 +160,7 @@ def reader_study_targets(wildcards):
 def reference_classifier(wildcards=None):
     """model.pt of the real-only arm's first seed: the classifier that scores prompt adherence."""
     seed = config["classifier"]["seeds"][0]
-    return f"results/classifier/{REFERENCE}_seed{seed}/model.pt"
+    return f"{paths.classifier_run(REFERENCE, seed)}/model.pt"
 
 
 # The weights check (rules/weights.smk): it runs while Snakemake builds the DAG, before any job.

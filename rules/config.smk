@@ -3,7 +3,7 @@
 
 rule write_stage_config:
     output:
-        "results/config/{stage}.yaml",
+        f"{paths.STAGE_CONFIG}/{{stage}}.yaml",
     params:
         # The declared part itself is the params value: Snakemake re-runs this job, and so the
         # stage's job, when it changes, and only then.

@@ -9,9 +9,9 @@ rule estimate_cost:
         test=rules.prepare_dataset.output.test,
         config=stage_config_file("estimate_cost"),
     output:
-        cost="results/cost.md",
+        cost=f"{paths.RESULTS}/cost.md",
     params:
-        data_dir=lambda wildcards, input: os.path.dirname(input.train),
+        data_dir=paths.DATA,  # the split files above
     log:
         "logs/estimate_cost/estimate_cost.log",
     benchmark:

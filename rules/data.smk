@@ -3,10 +3,10 @@
 
 rule demo_dataset:
     output:
-        csv=DEMO_CSV,
-        images=directory("results/demo_data/images"),
+        csv=paths.DEMO_CSV,
+        images=directory(paths.DEMO_IMAGES),
     params:
-        out_dir=lambda wildcards, output: os.path.dirname(output.csv),
+        out_dir=paths.DEMO_DATA,
         num_patients=config["demo"]["num_patients"],
         size=config["demo"]["size"],
         seed=config["demo"]["seed"],
@@ -27,14 +27,14 @@ rule prepare_dataset:
         csv=config["dataset"]["csv"],
         images=config["dataset"]["images"],
     output:
-        train="results/data/train.csv",
-        val="results/data/val.csv",
-        test="results/data/test.csv",
-        reserve="results/data/reserve.csv",  # patients kept for the more_real control (split.more_real_ratio)
-        skipped="results/data/skipped.csv",
-        summary="results/data/prepare_summary.json",
+        train=paths.split_csv("train"),
+        val=paths.split_csv("val"),
+        test=paths.split_csv("test"),
+        reserve=paths.split_csv("reserve"),  # patients kept for the more_real control (split.more_real_ratio)
+        skipped=f"{paths.DATA}/skipped.csv",
+        summary=paths.PREPARE_SUMMARY,
     params:
-        out_dir=lambda wildcards, output: os.path.dirname(output.train),
+        out_dir=paths.DATA,
     threads: 64  # image decoding processes; Snakemake lowers this to --cores (SLURM: set-threads in the profile)
     log:
         "logs/prepare_dataset/prepare_dataset.log",
@@ -55,13 +55,13 @@ rule verify_dataset:
         reserve=rules.prepare_dataset.output.reserve,
         config=stage_config_file("verify_dataset"),
     output:
-        report_json="results/data/verify_report.json",
-        report_md="results/data/verify_report.md",  # in the report as results/report/verify_report.html
+        report_json=f"{paths.DATA}/verify_report.json",
+        report_md=f"{paths.DATA}/verify_report.md",  # in the report as results/report/verify_report.html
         contact_sheet=report(
-            "results/data/verify_contact_sheet.png", category="3. Data", labels={"page": "plot: contact sheet"}
+            f"{paths.DATA}/verify_contact_sheet.png", category="3. Data", labels={"page": "plot: contact sheet"}
         ),
     params:
-        out_dir=lambda wildcards, output: os.path.dirname(output.report_json),
+        out_dir=paths.DATA,
     log:
         "logs/verify_dataset/verify_dataset.log",
     benchmark:

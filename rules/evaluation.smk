@@ -19,7 +19,8 @@ rule train_classifier:
         synthetic=lambda wildcards, input: f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else "",
         exclude=lambda wildcards, input: f"--exclude-synthetic {input.exclude}" if "exclude" in input.keys() else "",
         seeds=" ".join(str(seed) for seed in config["classifier"]["seeds"]),
-        out_dirs=lambda wildcards, output: " ".join(os.path.dirname(path) for path in output.metrics),
+        out_dirs=lambda wildcards: " ".join(study_run_dirs([wildcards.arm])),
+        cache_dir=paths.CLASSIFIER_CACHE,
     resources:
         gpu=1,
     log:
@@ -32,6 +33,7 @@ rule train_classifier:
         "python -m workflow_scripts.train_classifier --config {input.config} --train {input.train} --val {input.val}"
         " --test {input.test}"
         " {params.synthetic} {params.exclude} --arm {wildcards.arm} --seed {params.seeds} --out-dir {params.out_dirs}"
+        " --cache-dir {params.cache_dir}"
         " > {log} 2>&1"
 
 
@@ -41,15 +43,16 @@ rule train_classifier_seed:
         unpack(classifier_inputs),
         config=stage_config_file("train_classifier"),
     output:
-        metrics="results/classifier/{arm}_seed{seed}/metrics.json",
-        predictions="results/classifier/{arm}_seed{seed}/predictions.csv",
-        model="results/classifier/{arm}_seed{seed}/model.pt",
-        composition="results/classifier/{arm}_seed{seed}/composition.csv",
-        train_log="results/classifier/{arm}_seed{seed}/train_log.csv",  # also in tensorboard/ beside it
+        metrics=f"{paths.CLASSIFIER_RUN}/metrics.json",
+        predictions=f"{paths.CLASSIFIER_RUN}/predictions.csv",
+        model=f"{paths.CLASSIFIER_RUN}/model.pt",
+        composition=f"{paths.CLASSIFIER_RUN}/composition.csv",
+        train_log=f"{paths.CLASSIFIER_RUN}/train_log.csv",  # also in tensorboard/ beside it
     params:
         synthetic=lambda wildcards, input: f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else "",
         exclude=lambda wildcards, input: f"--exclude-synthetic {input.exclude}" if "exclude" in input.keys() else "",
-        out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
+        out_dir=lambda wildcards: paths.classifier_run(wildcards.arm, wildcards.seed),
+        cache_dir=paths.CLASSIFIER_CACHE,
     resources:
         gpu=1,
     log:
@@ -61,7 +64,8 @@ rule train_classifier_seed:
     shell:
         "python -m workflow_scripts.train_classifier --config {input.config} --train {input.train} --val {input.val}"
         " --test {input.test}"
-        " {params.synthetic} {params.exclude} --arm {wildcards.arm} --seed {wildcards.seed} --out-dir {params.out_dir} > {log} 2>&1"
+        " {params.synthetic} {params.exclude} --arm {wildcards.arm} --seed {wildcards.seed} --out-dir {params.out_dir}"
+        " --cache-dir {params.cache_dir} > {log} 2>&1"
 
 
 ruleorder: train_classifier > train_classifier_seed
@@ -86,12 +90,12 @@ rule audit_memorization:
         synthetic=rules.merge_generation.output.results,
         config=stage_config_file("audit_memorization"),
     output:
-        flagged="results/evaluation/audit/flagged.csv",
-        audit="results/evaluation/audit/audit.csv",
-        pairs="results/evaluation/audit/pairs.csv",
-        summary="results/evaluation/audit_summary.json",
+        flagged=f"{paths.AUDIT}/flagged.csv",
+        audit=f"{paths.AUDIT}/audit.csv",
+        pairs=f"{paths.AUDIT}/pairs.csv",
+        summary=f"{paths.EVALUATION}/audit_summary.json",
     params:
-        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+        out_dir=paths.EVALUATION,
     resources:
         gpu=1,
         # Working memory of one block of the search (MiB): --set-resources audit_memorization:audit_block_mb=8192
@@ -119,20 +123,20 @@ rule evaluate_fidelity:
         config=stage_config_file("evaluate_fidelity"),
     output:
         fidelity=report(
-            "results/evaluation/fidelity.csv", category="2. Fidelity", labels={"page": "fidelity.csv (download)"}
+            f"{paths.EVALUATION}/fidelity.csv", category="2. Fidelity", labels={"page": "fidelity.csv (download)"}
         ),
-        fidelity_json="results/evaluation/fidelity.json",
-        fidelity_md="results/evaluation/fidelity.md",
-        diversity="results/evaluation/diversity.csv",
-        adherence="results/evaluation/adherence.csv",
+        fidelity_json=f"{paths.EVALUATION}/fidelity.json",
+        fidelity_md=paths.FIDELITY_PAGE,
+        diversity=f"{paths.EVALUATION}/diversity.csv",
+        adherence=f"{paths.EVALUATION}/adherence.csv",
         plots=report(
-            directory("results/evaluation/plots"),
+            directory(f"{paths.EVALUATION}/plots"),
             patterns=["{name}.png"],
             category="2. Fidelity",
             labels={"page": "plot: {name}"},
         ),
     params:
-        out_dir=lambda wildcards, output: os.path.dirname(output.fidelity),
+        out_dir=paths.EVALUATION,
     resources:
         gpu=1,
     log:
@@ -162,17 +166,21 @@ rule compare:
         reader_study=reader_study_scores,  # the reader study's pooled row, once answers exist
         config=stage_config_file("compare"),
     output:
-        table_md="results/comparison.md",  # in the report as results/report/comparison.html
-        table_csv=report("results/comparison.csv", category="1. Answer", labels={"page": "comparison.csv (download)"}),
+        table_md=f"{paths.RESULTS}/comparison.md",  # in the report as results/report/comparison.html
+        table_csv=report(
+            f"{paths.RESULTS}/comparison.csv", category="1. Answer", labels={"page": "comparison.csv (download)"}
+        ),
         auroc_plot=report(
-            "results/plots/auroc_vs_ratio.png", category="1. Answer", labels={"page": "plot: AUROC vs synthetic share"}
+            f"{paths.PLOTS}/auroc_vs_ratio.png",
+            category="1. Answer",
+            labels={"page": "plot: AUROC vs synthetic share"},
         ),
         grid=report(
-            "results/plots/real_vs_synthetic.png", category="2. Fidelity", labels={"page": "plot: real vs synthetic"}
+            f"{paths.PLOTS}/real_vs_synthetic.png", category="2. Fidelity", labels={"page": "plot: real vs synthetic"}
         ),
     params:
-        runs=lambda wildcards, input: " ".join(os.path.dirname(path) for path in input.metrics),
-        out_dir=lambda wildcards, output: os.path.dirname(output.table_csv),
+        runs=" ".join(study_run_dirs()),
+        out_dir=paths.RESULTS,  # comparison.md/.csv, and its plots in plots/ (paths.PLOTS)
         reader_study=lambda wildcards, input: f"--reader-study {input.reader_study}" if input.reader_study else "",
     log:
         "logs/compare/compare.log",
@@ -195,9 +203,9 @@ rule plan_power:
         test=rules.prepare_dataset.output.test,
         config=stage_config_file("plan_power"),
     output:
-        page="results/power.md",
+        page=f"{paths.RESULTS}/power.md",
     params:
-        runs=lambda wildcards, input: " ".join(os.path.dirname(path) for path in input.metrics),
+        runs=" ".join(study_run_dirs()),
     log:
         "logs/plan_power/plan_power.log",
     benchmark:

@@ -6,7 +6,7 @@ checkpoint plan_generation:
         train=rules.prepare_dataset.output.train,
         config=stage_config_file("plan_generation"),
     output:
-        plan="results/synthetic/plan.csv",
+        plan=paths.PLAN,
     log:
         "logs/plan_generation/plan_generation.log",
     conda:
@@ -26,9 +26,9 @@ rule generate_label:
         # Images are not declared one by one: after a failure they stay, and the re-run makes only
         # the missing ones (each is written atomically, so none is ever truncated); images another
         # LoRA or other settings made are made again (provenance.json in each label folder).
-        results="results/synthetic/{label}/generation_results.csv",
+        results=f"{paths.SYNTHETIC_LABEL}/generation_results.csv",
     params:
-        output_dir=lambda wildcards, output: os.path.dirname(os.path.dirname(output.results)),
+        output_dir=paths.SYNTHETIC,  # the label's folder below it is the CLI's
         tiny_dir=rules.build_tiny_model.output.model,
     resources:
         gpu=1,
@@ -52,9 +52,9 @@ rule generate_without_lora:
         base_model=base_model_input,
         config=stage_config_file("generate_label"),
     output:
-        results="results/synthetic_base/generation_results.csv",
+        results=f"{paths.SYNTHETIC_BASE}/generation_results.csv",
     params:
-        output_dir=lambda wildcards, output: os.path.dirname(output.results),
+        output_dir=paths.SYNTHETIC_BASE,
         tiny_dir=rules.build_tiny_model.output.model,
     resources:
         gpu=1,
@@ -75,7 +75,7 @@ rule merge_generation:
         plan=rules.plan_generation.output.plan,
         config=stage_config_file("merge_generation"),
     output:
-        results="results/synthetic/generation_results.csv",
+        results=paths.GENERATED,
     log:
         "logs/merge_generation/merge_generation.log",
     conda:
@@ -92,10 +92,10 @@ rule make_noise_images:
         train=rules.prepare_dataset.output.train,
         config=stage_config_file("make_noise_images"),
     output:
-        results="results/synthetic_noise/generation_results.csv",
-        summary="results/synthetic_noise/noise_summary.json",
+        results=f"{paths.SYNTHETIC_NOISE}/generation_results.csv",
+        summary=f"{paths.SYNTHETIC_NOISE}/noise_summary.json",
     params:
-        output_dir=lambda wildcards, output: os.path.dirname(output.results),
+        output_dir=paths.SYNTHETIC_NOISE,
     log:
         "logs/make_noise_images/make_noise_images.log",
     benchmark:

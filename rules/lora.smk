@@ -3,7 +3,7 @@
 
 rule build_tiny_model:
     output:
-        model=directory("results/models/tiny-sd"),
+        model=directory(paths.TINY_SD),
     params:
         resolution=config["model"]["resolution"],
     log:
@@ -18,9 +18,9 @@ rule build_tiny_model:
 
 rule pretrain_demo_base:
     # Rebuilds the demo's shipped base (resources/demo-base) from scratch: about 40 minutes on 2 CPU cores.
-    # Not part of `all`; to use the rebuilt one, set model.pretrained: results/models/demo-base.
+    # Not part of `all`; to use the rebuilt one, set model.pretrained to that folder (paths.DEMO_BASE_REBUILT).
     output:
-        model=directory("results/models/demo-base"),
+        model=directory(paths.DEMO_BASE_REBUILT),
     log:
         "logs/pretrain_demo_base/pretrain_demo_base.log",
     benchmark:
@@ -43,12 +43,12 @@ rule train_lora:
     output:
         # Only the final LoRA files are declared: checkpoints/ survives a failed or re-run job and the
         # next run resumes from its latest checkpoint. final/ is written whole, by one rename.
-        adapter="results/lora/final/pytorch_lora_weights.safetensors",
-        kohya="results/lora/final/lora_kohya.safetensors",
-        summary="results/lora/final/training_summary.json",
-        curve=report("results/lora/final/loss_curve.png", category="Generator"),
+        adapter=f"{paths.LORA_FINAL}/pytorch_lora_weights.safetensors",
+        kohya=f"{paths.LORA_FINAL}/lora_kohya.safetensors",
+        summary=paths.LORA_SUMMARY,
+        curve=report(f"{paths.LORA_FINAL}/loss_curve.png", category="Generator"),
     params:
-        output_dir=lambda wildcards, output: os.path.dirname(os.path.dirname(output.summary)),
+        output_dir=paths.LORA,
         tiny_dir=rules.build_tiny_model.output.model,
         launcher=python_launcher,
     resources:

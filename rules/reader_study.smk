@@ -12,13 +12,13 @@ rule reader_study:
         synthetic=rules.merge_generation.output.results,
         config=stage_config_file("reader_study"),
     output:
-        page="results/reader_study/page/index.html",
-        key="results/reader_study/key/key.csv",
-        study="results/reader_study/key/study.json",
+        page=f"{paths.READER_STUDY_PAGE}/index.html",
+        key=paths.READER_STUDY_KEY_CSV,
+        study=f"{paths.READER_STUDY_KEY}/study.json",
     params:
-        data_dir=lambda wildcards, input: os.path.dirname(input.val),
-        page_dir=lambda wildcards, output: os.path.dirname(output.page),
-        key_dir=lambda wildcards, output: os.path.dirname(output.key),
+        data_dir=paths.DATA,  # val.csv and test.csv above
+        page_dir=paths.READER_STUDY_PAGE,
+        key_dir=paths.READER_STUDY_KEY,
     log:
         "logs/reader_study/reader_study.log",
     benchmark:
@@ -37,11 +37,11 @@ rule score_reader_study:
         answers=reader_study_answers,
         config=stage_config_file("score_reader_study"),
     output:
-        scores="results/reader_study/scores.csv",
-        scores_md=report("results/reader_study/scores.md", category="Reader study"),
-        pooled="results/reader_study/pooled.md",
+        scores=f"{paths.READER_STUDY}/scores.csv",
+        scores_md=report(f"{paths.READER_STUDY}/scores.md", category="Reader study"),
+        pooled=f"{paths.READER_STUDY}/pooled.md",
     params:
-        out_dir=lambda wildcards, output: os.path.dirname(output.scores),
+        out_dir=paths.READER_STUDY,
     log:
         "logs/score_reader_study/score_reader_study.log",
     benchmark:

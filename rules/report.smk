@@ -11,26 +11,26 @@ rule render_report_pages:
         verify=rules.verify_dataset.output.report_md,
     output:
         comparison=report(
-            "results/report/comparison.html",
+            f"{paths.REPORT_PAGES}/comparison.html",
             caption="../report/comparison.rst",
             category="1. Answer",
             labels={"page": "comparison table"},
         ),
         fidelity=report(
-            "results/report/fidelity.html",
+            f"{paths.REPORT_PAGES}/fidelity.html",
             caption="../report/fidelity.rst",
             category="2. Fidelity",
             labels={"page": "fidelity, diversity, adherence, audit"},
         ),
         verify=report(
-            "results/report/verify_report.html",
+            f"{paths.REPORT_PAGES}/verify_report.html",
             caption="../report/verify.rst",
             category="3. Data",
             labels={"page": "data check"},
         ),
-        summary="results/report/summary.html",
+        summary=f"{paths.REPORT_PAGES}/summary.html",
     params:
-        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+        out_dir=paths.REPORT_PAGES,
     log:
         "logs/render_report_pages/render_report_pages.log",
     benchmark:
@@ -48,12 +48,12 @@ rule plot_training_curves:
         logs=study_runs(output="train_log"),
     output:
         plots=report(
-            expand("results/plots/curves_{arm}.png", arm=arm_names(config)),
+            expand(f"{paths.PLOTS}/curves_{{arm}}.png", arm=arm_names(config)),
             category="4. Training curves",
         ),
     params:
-        runs=lambda wildcards, input: " ".join(os.path.dirname(path) for path in input.logs),
-        out_dir=lambda wildcards, output: os.path.dirname(output.plots[0]),
+        runs=" ".join(study_run_dirs()),
+        out_dir=paths.PLOTS,
     log:
         "logs/plot_training_curves/plot_training_curves.log",
     benchmark:

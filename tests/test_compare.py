@@ -144,7 +144,8 @@ def test_the_cli_refuses_with_a_message_and_status_2(tmp_path: Path, capsys) -> 
     status = main(["--config", str(REPO / "config" / "config.yaml"), "--set", f"dataset.labels={LABELS}",
                    "--runs", *map(str, paths["runs"]), "--train", str(paths["data"] / "train.csv"),
                    "--test", str(paths["data"] / "test.csv"), "--fidelity", str(paths["evaluation"]),
-                   "--prepare-summary", str(paths["summary"]), "--out-dir", str(tmp_path / "out")])
+                   "--prepare-summary", str(paths["summary"]), "--lora-summary", str(tmp_path / "none.json"),
+                   "--synthetic", str(tmp_path / "none.csv"), "--out-dir", str(tmp_path / "out")])
     assert status == 2
     assert "config_hash differs" in capsys.readouterr().err and not (tmp_path / "out" / "comparison.md").exists()
 

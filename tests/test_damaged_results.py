@@ -34,6 +34,7 @@ def compare_cli(paths: dict, out: Path) -> int:
                  "--set", "classifier.bootstrap_samples=50", "--runs", *map(str, paths["runs"]),
                  "--train", str(paths["data"] / "train.csv"), "--test", str(paths["data"] / "test.csv"),
                  "--fidelity", str(paths["evaluation"]), "--prepare-summary", str(paths["summary"]),
+                 "--lora-summary", str(out / "no_lora_summary.json"), "--synthetic", str(out / "no_synthetic.csv"),
                  "--out-dir", str(out)])
 
 

@@ -255,7 +255,8 @@ def test_bad_input_gives_clear_messages(trained, tmp_path, capsys) -> None:
     assert "unknown label 'Dragon'" in capsys.readouterr().err
     empty = tmp_path / "empty_checkpoint"
     empty.mkdir()
-    assert main(["--config", str(trained["config_file"]), "--checkpoint", str(empty), "--label", "Mass"]) == 2
+    assert main(["--config", str(trained["config_file"]), "--checkpoint", str(empty), "--label", "Mass",
+                 "--output-dir", str(tmp_path / "out")]) == 2
     assert "no pytorch_lora_weights.safetensors here" in capsys.readouterr().err
     # A base model of another architecture (wider UNet): the LoRA does not fit it.
     other = tmp_path / "other-base"

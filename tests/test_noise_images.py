@@ -13,6 +13,11 @@ from workflow_scripts.tables import RESULT_COLUMNS
 from workflow_scripts.noise_images import main
 
 
+# The files the make_noise_images rule hands the stage (relative to the test's working directory).
+STAGE_PATHS = ["--synthetic", "results/synthetic/generation_results.csv", "--train", "results/data/train.csv",
+               "--output-dir", "results/synthetic_noise"]
+
+
 def _png(path: Path, pixels: np.ndarray) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels.astype(np.uint8)).save(path)
@@ -36,7 +41,7 @@ def test_noise_images_mirror_the_generated_list(tmp_path: Path, monkeypatch) -> 
                      "guidance": 7.5, "scheduler": "dpmsolver++", "checkpoint": "final"})
     pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv("results/synthetic/generation_results.csv", index=False)
 
-    assert main(["--config", str(Path(__file__).resolve().parents[1] / "config" / "config.yaml")]) == 0
+    assert main(["--config", str(Path(__file__).resolve().parents[1] / "config" / "config.yaml"), *STAGE_PATHS]) == 0
     noise = pd.read_csv("results/synthetic_noise/generation_results.csv", dtype=str, keep_default_na=False)
     assert list(noise.columns) == [*RESULT_COLUMNS, "source_file"]
     generated = pd.DataFrame(rows).astype(str)
@@ -53,5 +58,5 @@ def test_noise_images_mirror_the_generated_list(tmp_path: Path, monkeypatch) -> 
     assert abs(pooled.mean() - summary["mean"]) < 2 and abs(pooled.std() - summary["std"]) < 2  # matched intensity
 
     first = images[0].copy()
-    assert main(["--config", str(Path(__file__).resolve().parents[1] / "config" / "config.yaml")]) == 0
+    assert main(["--config", str(Path(__file__).resolve().parents[1] / "config" / "config.yaml"), *STAGE_PATHS]) == 0
     assert np.array_equal(np.asarray(Image.open(noise["file"][0])), first)  # seeded: the same image again

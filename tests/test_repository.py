@@ -90,3 +90,28 @@ def test_no_stage_module_imports_another_stage_module() -> None:
         offending += [f"{path.relative_to(REPO)}:{line} imports the benchmark {name}" for line, name in imported_modules(path)
                       if name.startswith("workflow_scripts.bench") and not in_bench]
     assert offending == [], "\n".join(offending)
+
+
+def _path_literals(source: str) -> list[tuple[int, str]]:
+    """String constants that are paths under results/ (docstrings, which document, are left out)."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            and re.match(r"results(/|$)", node.value)]
+
+
+def test_every_results_path_has_one_home() -> None:
+    """workflow_scripts/paths.py names the folders and files under results/; no other module spells
+    one out, and no rule rebuilds a folder from an output with dirname (it passes paths.* instead)."""
+    found = [f"{path.relative_to(REPO)}:{line}: {value!r}"
+             for path in sorted((REPO / "workflow_scripts").rglob("*.py")) if path.name != "paths.py"
+             for line, value in _path_literals(path.read_text())]
+    assert not found, "results/ paths outside workflow_scripts/paths.py:\n" + "\n".join(found)
+    rules = [f"{path.name}:{number}" for path in sorted((REPO / "rules").glob("*.smk"))
+             for number, line in enumerate(path.read_text().splitlines(), 1) if "dirname" in line]
+    assert not rules, f"folders rebuilt with dirname in rules/: {rules}"
+    planted = 'HOME = "x"\nCACHE = "results/classifier_cache"\n'
+    assert _path_literals(planted) == [(2, "results/classifier_cache")]  # the check sees one

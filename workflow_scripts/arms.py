@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from workflow_scripts import paths
 from workflow_scripts.errors import ConfigError, DataError
 from workflow_scripts.labels import read_csv_checked
 from workflow_scripts.study import (drop_excluded, largest_ratio, more_real_ratio, oversample_mirror, read_reserve,
@@ -50,11 +51,11 @@ class Pool:
     audited: bool  # the memorization audit's flagged images are dropped from it (--exclude-synthetic)
 
 
-GENERATED = Pool("generated", "merge_generation", "results", "results/synthetic/generation_results.csv", "synthetic",
+GENERATED = Pool("generated", "merge_generation", "results", paths.GENERATED, "synthetic",
                  "raise generation.images_per_label or classifier.pool_headroom (or lower the ratio)", audited=True)
-NOISE_IMAGES = Pool("noise", "make_noise_images", "results", "results/synthetic_noise/generation_results.csv", "synthetic",
+NOISE_IMAGES = Pool("noise", "make_noise_images", "results", f"{paths.SYNTHETIC_NOISE}/generation_results.csv", "synthetic",
                     "raise generation.images_per_label or classifier.pool_headroom (or lower the ratio)", audited=True)
-RESERVE = Pool("reserve", "prepare_dataset", "reserve", "results/data/reserve.csv", "reserved real",
+RESERVE = Pool("reserve", "prepare_dataset", "reserve", paths.split_csv("reserve"), "reserved real",
                "raise split.more_real_ratio", audited=False)
 
 

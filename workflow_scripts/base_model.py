@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from workflow_scripts import paths
 from workflow_scripts.errors import ModelNotFoundError
 
 # --------------------------------------------------------------------------------------------------
@@ -35,7 +36,7 @@ from workflow_scripts.errors import ModelNotFoundError
 # --------------------------------------------------------------------------------------------------
 
 #: Default location of the tiny model (the ``build_tiny_model`` rule's output).
-DEFAULT_TINY_DIR = Path("results/models/tiny-sd")
+DEFAULT_TINY_DIR = Path(paths.TINY_SD)
 
 #: Where the SD 1.5 component configs (no weights) may live: ``shared/`` in or beside the repository.
 _REPO_ROOT = Path(__file__).resolve().parents[1]

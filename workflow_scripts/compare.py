@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from workflow_scripts import paths
 from workflow_scripts.errors import ConfigError, DataError, run_stage
 from workflow_scripts import stats
 from workflow_scripts.config import add_config_arguments, config_from_args
@@ -245,16 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     parser.add_argument("--runs", type=Path, nargs="+", required=True, metavar="DIR",
                         help="classifier run folders (metrics.json, predictions.csv, composition.csv), all arms and seeds")
-    parser.add_argument("--fidelity", type=Path, default=Path("results/evaluation/fidelity.md"),
+    parser.add_argument("--fidelity", type=Path, default=Path(paths.FIDELITY_PAGE),
                         help="the fidelity stage's page, included in the table's page")
-    parser.add_argument("--lora-summary", type=Path, default=Path("results/lora/final/training_summary.json"))
+    parser.add_argument("--lora-summary", type=Path, default=Path(paths.LORA_SUMMARY))
     add_split_arguments(parser, ["train", "test"])
-    parser.add_argument("--prepare-summary", type=Path, default=Path("results/data/prepare_summary.json"),
+    parser.add_argument("--prepare-summary", type=Path, default=Path(paths.PREPARE_SUMMARY),
                         help="the data stage's summary (pre-balance label counts, labels without training images)")
     parser.add_argument("--reader-study", type=Path, default=None,
                         help="the reader study's pooled row (score_reader_study's pooled.md), shown when given")
-    parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"))
-    parser.add_argument("--out-dir", type=Path, default=Path("results"))
+    parser.add_argument("--synthetic", type=Path, default=Path(paths.GENERATED))
+    parser.add_argument("--out-dir", type=Path, default=Path(paths.RESULTS))
     args = parser.parse_args(argv)
     table = compare(config_from_args(args, "compare"), args.runs, args.fidelity, args.lora_summary,
                     splits_from_args(args, ["train", "test"]), args.prepare_summary, args.synthetic, args.out_dir,

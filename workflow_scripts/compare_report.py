@@ -14,7 +14,8 @@ import pandas as pd
 
 from workflow_scripts import stats
 from workflow_scripts.cells import fixed, with_ci
-from workflow_scripts.comparison import AGE_BANDS, DEMO_CSV, Study
+from workflow_scripts import paths
+from workflow_scripts.comparison import AGE_BANDS, Study
 from workflow_scripts.arms import BASELINES, EXPECTED_BASELINES, MORE_REAL, REFERENCE, SYNTHETIC, kind_of
 from workflow_scripts.errors import DataError
 from workflow_scripts.tables import LABEL_JOIN
@@ -49,7 +50,7 @@ def caveats(inputs: PageInputs) -> list[str]:
                      "on the labelled ones): what it can show is that the LoRA teaches the labels (prompt adherence with and "
                      "without LoRA, in the fidelity section) and how the study reads a generator of phantoms; not whether "
                      "Stable Diffusion 1.5's images of real radiographs help a classifier.")
-    if config["dataset"]["csv"] == DEMO_CSV:
+    if config["dataset"]["csv"] == paths.DEMO_CSV:
         notes.append("**The data are the embedded phantoms**, drawings for trying the pipeline, not medical images.")
     first = next(iter(study.runs.values()))[0].metrics
     notes.append(f"Every classifier run started from {first['pretrained_weights']}, ran {first['optimizer_steps']} "

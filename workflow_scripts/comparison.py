@@ -17,7 +17,6 @@ from workflow_scripts.arms import REFERENCE, SYNTHETIC, Arm, kind_of, references
 from workflow_scripts.errors import DataError
 from workflow_scripts.tables import LABEL_JOIN, PROB_PREFIX
 
-DEMO_CSV = "results/demo_data/Data_Entry_2017.csv"
 AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 200, ">=60"))
 REQUIRED_METRICS = ("arm", "arm_kind", "ratio", "seed", "optimizer_steps", "config_hash", "pretrained_weights", "classes",
                     "n_real_train", "n_synthetic_train")

@@ -129,7 +129,7 @@ def result_hash(config: Mapping[str, Any], stage: str, ignore: Iterable[str] = (
 
 
 def write_stage_config(path: str | Path, stage: str, declared: Mapping[str, Any]) -> None:
-    """results/config/<stage>.yaml: what `stage_config` gave, as the file the stage then reads."""
+    """<paths.STAGE_CONFIG>/<stage>.yaml: what `stage_config` gave, as the file the stage then reads."""
     with open(path, "w") as handle:
         handle.write(f"# The configuration stage {stage} reads (STAGE_CONFIG in workflow_scripts/config.py).\n")
         yaml.safe_dump(dict(declared), handle, sort_keys=False)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workflow_scripts import paths
 from workflow_scripts.errors import ConfigError, DataError, run_stage
 from workflow_scripts import study
 from workflow_scripts.arms import arm_names
@@ -255,7 +256,7 @@ def render(config: dict[str, Any], sizes: Sizes, stages: list[dict[str, Any]], g
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--data-dir", type=Path, default=Path("results/data"), help="prepared train/val/test.csv")
+    parser.add_argument("--data-dir", type=Path, default=Path(paths.DATA), help="prepared train/val/test.csv")
     parser.add_argument("--train-images", type=int, help="training images after balancing (without prepared splits)")
     parser.add_argument("--val-images", type=int, help="validation images (without prepared splits)")
     parser.add_argument("--test-images", type=int, help="test images (without prepared splits)")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from workflow_scripts import paths
 from workflow_scripts.errors import DataError, run_stage
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.fidelity import BASE, SYNTHETIC
@@ -38,14 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     add_split_arguments(parser, ["train", "val"])
-    parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"),
+    parser.add_argument("--synthetic", type=Path, default=Path(paths.GENERATED),
                         help="generation_results.csv of the synthetic images")
     parser.add_argument("--base-synthetic", type=Path, default=None,
                         help="generation_results.csv of the LoRA-off control (same prompts and seeds, base model alone)")
     parser.add_argument("--classifier", type=Path, default=None,
                         help="model.pt of the real-only classifier, for prompt adherence (omit: adherence unavailable)")
     parser.add_argument("--audit-summary", type=Path, default=None, help="audit_summary.json of the memorization audit")
-    parser.add_argument("--out-dir", type=Path, default=Path("results/evaluation"))
+    parser.add_argument("--out-dir", type=Path, default=Path(paths.EVALUATION))
     parser.add_argument("--device", default=None, help="cuda, cuda:0 or cpu (default: cuda if available)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--download", dest="allow_download", action=argparse.BooleanOptionalAction, default=True,

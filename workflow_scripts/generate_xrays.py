@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from workflow_scripts import paths
 from workflow_scripts.base_model import DEFAULT_TINY_DIR
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.errors import run_stage
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--prompt", help="a free prompt (labels taken from it where it is a label prompt)")
     what.add_argument("--generate-all-labels", action="store_true",
                       help="every label, and every label combination of the training split")
-    parser.add_argument("--checkpoint", type=Path, default=Path("results/lora/final"),
+    parser.add_argument("--checkpoint", type=Path, default=Path(paths.LORA_FINAL),
                         help="final/ or checkpoint-N/ folder, or the LoRA file in it")
     parser.add_argument("--no-lora", action="store_true",
                         help="the base model alone (model.pretrained or --pretrained-model): the LoRA-off control")
@@ -57,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--negative-prompt")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seed", type=int, help="base seed (generation.seed)")
-    parser.add_argument("--train", type=Path, default=Path("results/data/train.csv"),
+    parser.add_argument("--train", type=Path, default=Path(paths.split_csv("train")),
                         help="the training split, for plans made here (--generate-all-labels, or no --plan)")
     parser.add_argument("--tiny-dir", type=Path, default=DEFAULT_TINY_DIR, help="where model.pretrained: tiny lives")
-    parser.add_argument("--output-dir", type=Path, default=Path("results/synthetic"))
+    parser.add_argument("--output-dir", type=Path, default=Path(paths.SYNTHETIC))
     args = parser.parse_args(argv)
     config = config_from_args(args, "generate_label")
     if not args.no_lora:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from workflow_scripts import paths
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.errors import run_stage
 from workflow_scripts.generation import merge
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--results", nargs="*", type=Path, default=[], metavar="CSV", help="per-label generation_results.csv files")
-    parser.add_argument("--merged", type=Path, default=Path("results/synthetic/generation_results.csv"), help="the list to write")
+    parser.add_argument("--merged", type=Path, default=Path(paths.GENERATED), help="the list to write")
     parser.add_argument("--plan", type=Path, help="plan.csv: each list must hold its key's planned count (a cut list is refused)")
     args = parser.parse_args(argv)
     config_from_args(args, "merge_generation")  # a bad configuration is refused here as in every stage

@@ -29,6 +29,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from workflow_scripts import paths
 from workflow_scripts.errors import DataError, run_stage
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.images import read_xray
@@ -87,10 +88,10 @@ def make_noise_images(generated: pd.DataFrame, real_paths: Sequence[str], out_di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"),
+    parser.add_argument("--synthetic", type=Path, default=Path(paths.GENERATED),
                         help="the generated images to mirror")
     add_split_arguments(parser, ["train"])  # the real training images' intensity
-    parser.add_argument("--output-dir", type=Path, default=Path("results/synthetic_noise"))
+    parser.add_argument("--output-dir", type=Path, default=Path(paths.SYNTHETIC_NOISE))
     args = parser.parse_args(argv)
     config_from_args(args, "make_noise_images")  # a bad configuration is refused here as in every stage
     generated = read_generation_results(args.synthetic)

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from workflow_scripts import paths
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.errors import run_stage
 from workflow_scripts.generation import write_plan
@@ -20,8 +21,8 @@ from workflow_scripts.generation import write_plan
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--train", type=Path, default=Path("results/data/train.csv"), help="the training split")
-    parser.add_argument("--plan", type=Path, default=Path("results/synthetic/plan.csv"), help="the plan CSV to write")
+    parser.add_argument("--train", type=Path, default=Path(paths.split_csv("train")), help="the training split")
+    parser.add_argument("--plan", type=Path, default=Path(paths.PLAN), help="the plan CSV to write")
     args = parser.parse_args(argv)
     plan = write_plan(config_from_args(args, "plan_generation"), args.train, args.plan)
     print(f"plan: {int(plan['count'].sum())} images over {len(plan)} label(s) -> {args.plan}")

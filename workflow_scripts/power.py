@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from workflow_scripts import paths
 from workflow_scripts.errors import ConfigError, DataError, run_stage
 from workflow_scripts import stats
 from workflow_scripts.classifier_model import class_names
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--runs", type=Path, nargs="+", required=True, metavar="DIR", help="finished classifier run folders")
-    parser.add_argument("--test", type=Path, default=Path("results/data/test.csv"), help="the test split the runs scored")
+    parser.add_argument("--test", type=Path, default=Path(paths.split_csv("test")), help="the test split the runs scored")
     parser.add_argument("--out", type=Path, default=None, help="also write the page here (e.g. results/power.md)")
     args = parser.parse_args(argv)
     print(power(config_from_args(args, "plan_power"), args.runs, args.test, args.out))

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from workflow_scripts import paths
 from workflow_scripts.errors import DataError, run_stage
 from workflow_scripts.config import add_config_arguments, config_from_args, result_hash
 from workflow_scripts.labels import DEMOGRAPHIC_COLUMNS, FORMATS, check_rows, note, read_dataset, skip_frame
@@ -263,7 +264,7 @@ def prepare(config: dict[str, Any], out_dir: Path, workers: int | None = None) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--out-dir", default="results/data", type=Path, help="where the split CSVs go")
+    parser.add_argument("--out-dir", default=paths.DATA, type=Path, help="where the split CSVs go")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes decoding images (default: all cores; the rule passes its threads)")
     args = parser.parse_args(argv)

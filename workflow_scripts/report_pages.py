@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflow_scripts.report_pages",
                                      description="Render the comparison, fidelity and data-check pages to HTML for "
                                                  "`snakemake --report`, and the landing page's summary.")
-    parser.add_argument("--comparison", type=Path, required=True, help="results/comparison.md")
-    parser.add_argument("--comparison-csv", type=Path, required=True, help="results/comparison.csv")
-    parser.add_argument("--fidelity", type=Path, required=True, help="results/evaluation/fidelity.md")
-    parser.add_argument("--verify", type=Path, required=True, help="results/data/verify_report.md")
+    parser.add_argument("--comparison", type=Path, required=True, help="compare's comparison.md")
+    parser.add_argument("--comparison-csv", type=Path, required=True, help="compare's comparison.csv")
+    parser.add_argument("--fidelity", type=Path, required=True, help="evaluate_fidelity's fidelity.md")
+    parser.add_argument("--verify", type=Path, required=True, help="verify_dataset's verify_report.md")
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for the .html pages")
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from workflow_scripts import paths
+
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
     """'key old -> new' for every leaf that differs (added and removed keys included), sorted by key."""
@@ -27,8 +29,8 @@ def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "
     return changes
 
 
-def stage_changes(declared: Mapping[str, Mapping[str, Any]], folder: str | Path = "results/config") -> list[str]:
-    """One line per stage whose results/config/<stage>.yaml exists and differs from what it declares now."""
+def stage_changes(declared: Mapping[str, Mapping[str, Any]], folder: str | Path = paths.STAGE_CONFIG) -> list[str]:
+    """One line per stage whose <folder>/<stage>.yaml exists and differs from what it declares now."""
     lines = []
     for stage, part in declared.items():
         path = Path(folder) / f"{stage}.yaml"

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from workflow_scripts import paths
 from workflow_scripts import config
 from workflow_scripts.errors import DataError
 from workflow_scripts.label_text import file_key  # noqa: F401 (re-exported: stages import it from here)
@@ -64,7 +65,7 @@ def split_path(splits: Splits, split: str) -> Path:
 def add_split_arguments(parser: Any, splits: Sequence[str] = SPLITS) -> None:
     """--train/--val/--test: the split CSVs a stage reads (its rule names them)."""
     for name in splits:
-        parser.add_argument(f"--{name}", type=Path, default=Path(f"results/data/{name}.csv"),
+        parser.add_argument(f"--{name}", type=Path, default=Path(paths.split_csv(name)),
                             help=f"the {name} split CSV (prepare_dataset)")
 
 

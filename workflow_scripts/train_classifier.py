@@ -50,6 +50,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from workflow_scripts import paths
 from workflow_scripts.errors import ConfigError, DataError, TrainingError, run_stage
 from workflow_scripts.classifier_cache import CachedBatches, decoded_batches, sequential, source_name, study_store
 from workflow_scripts.classifier_device import (Precision, describe_device, host_value, loader_workers, pick_device,
@@ -380,18 +381,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arm", required=True, metavar="NAME",
                         help=f"ratio<percent> (ratio0 = real only, ratio25, ...) or a control: {', '.join(controls())}")
     parser.add_argument("--synthetic", type=Path, default=None,
-                        help="the list of images the arm draws from (default: its pool's, e.g. "
-                             "results/synthetic/generation_results.csv, for --arm noise "
-                             "results/synthetic_noise/generation_results.csv; not read for ratio0)")
+                        help="the list of images the arm draws from (default: its pool's, the merged "
+                             "generation_results.csv; for --arm noise make_noise_images'; not read for ratio0)")
     parser.add_argument("--exclude-synthetic", type=Path, default=None, metavar="CSV",
                         help="CSV with a `file` column: synthetic images (as in generation_results.csv) left out of the pool")
     parser.add_argument("--seed", type=int, nargs="+", required=True,
                         help="training seed (synthetic draw, init, order); several run one after another")
     parser.add_argument("--out-dir", type=Path, nargs="+", required=True,
                         help="e.g. results/classifier/ratio25_seed0; one per --seed, in the same order")
-    parser.add_argument("--cache-dir", type=Path, default=Path("results/classifier_cache"),
-                        help="decode-once caches of the splits and pools, shared by every arm and seed "
-                             "(default: results/classifier_cache)")
+    parser.add_argument("--cache-dir", type=Path, default=Path(paths.CLASSIFIER_CACHE),
+                        help="decode-once caches of the splits and pools, shared by every arm and seed")
     parser.add_argument("--no-cache", action="store_true", help="decode every film at every access instead (slow)")
     args = parser.parse_args(argv)
     if len(args.seed) != len(args.out_dir) or len(set(args.out_dir)) != len(args.out_dir):

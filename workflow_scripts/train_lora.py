@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from workflow_scripts import paths
 from workflow_scripts.base_model import DEFAULT_TINY_DIR, load_components
 from workflow_scripts.config import add_config_arguments, config_from_args, config_hash, result_hash
 from workflow_scripts.errors import TrainingError, run_stage
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     add_split_arguments(parser, ["train", "val"])
-    parser.add_argument("--output-dir", type=Path, default=Path("results/lora"), help="checkpoints/, logs/, final/")
+    parser.add_argument("--output-dir", type=Path, default=Path(paths.LORA), help="checkpoints/, logs/, final/")
     parser.add_argument("--tiny-dir", type=Path, default=DEFAULT_TINY_DIR, help="where model.pretrained: tiny lives")
     parser.add_argument("--resume", default="latest", help="latest (default), none, or a checkpoint-N folder")
     args = parser.parse_args(argv)

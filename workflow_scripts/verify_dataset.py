@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from workflow_scripts import paths
 from workflow_scripts.errors import DataError, run_stage
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.tables import (SPLITS, Splits, add_split_arguments, assert_files_disjoint, assert_patient_disjoint, label_counts,
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     add_split_arguments(parser)
-    parser.add_argument("--out-dir", default="results/data", type=Path, help="where the reports and the contact sheet go")
+    parser.add_argument("--out-dir", default=paths.DATA, type=Path, help="where the reports and the contact sheet go")
     args = parser.parse_args(argv)
     report = verify(config_from_args(args, "verify_dataset"), splits_from_args(args), args.out_dir)
     print(f"verified: {report['samples_per_split']} images, tensors {report['tensor_shape']} in "

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workflow_scripts import paths
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.errors import ConfigError, run_stage
 
@@ -90,7 +91,7 @@ def base_model_weight(pretrained: str) -> Weight:
     key = "model.pretrained"
     if pretrained == "tiny":
         return Weight("Stable Diffusion base: the tiny random-weight model", key, "built offline",
-                      "results/models/tiny-sd (the build_tiny_model rule builds it)", True, False)
+                      f"{paths.TINY_SD} (the build_tiny_model rule builds it)", True, False)
     from workflow_scripts.base_model import _kind, local_folder
 
     folder = local_folder(pretrained)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from workflow_scripts import paths
 from workflow_scripts.errors import DataError, run_stage
 from workflow_scripts.config import add_config_arguments, config_from_args, config_hash
 from workflow_scripts.fidelity.audit_search import (DEFAULT_BLOCK_MB, describe_cost, estimate_seconds,
@@ -274,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     add_split_arguments(parser, ["train", "val", "test"])
-    parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"))
-    parser.add_argument("--out-dir", type=Path, default=Path("results/evaluation"))
+    parser.add_argument("--synthetic", type=Path, default=Path(paths.GENERATED))
+    parser.add_argument("--out-dir", type=Path, default=Path(paths.EVALUATION))
     parser.add_argument("--device", default=None, help="cuda, cuda:0 or cpu (default: cuda if available)")
     parser.add_argument("--block-mb", type=int, default=DEFAULT_BLOCK_MB,
                         help=f"working memory of one block of the search on the device, MiB (default {DEFAULT_BLOCK_MB})")

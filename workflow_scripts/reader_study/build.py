@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from workflow_scripts import paths
 from workflow_scripts.errors import run_stage
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.images import read_xray
@@ -210,11 +211,11 @@ def build(config: dict[str, Any], data_dir: Path, synthetic_csv: Path, page_dir:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--data-dir", type=Path, default=Path("results/data"), help="folder with val/test.csv")
-    parser.add_argument("--synthetic", type=Path, default=Path("results/synthetic/generation_results.csv"))
-    parser.add_argument("--page-dir", type=Path, default=Path("results/reader_study/page"),
+    parser.add_argument("--data-dir", type=Path, default=Path(paths.DATA), help="folder with val/test.csv")
+    parser.add_argument("--synthetic", type=Path, default=Path(paths.GENERATED))
+    parser.add_argument("--page-dir", type=Path, default=Path(paths.READER_STUDY_PAGE),
                         help="folder of index.html, the one file to send")
-    parser.add_argument("--key-dir", type=Path, default=Path("results/reader_study/key"),
+    parser.add_argument("--key-dir", type=Path, default=Path(paths.READER_STUDY_KEY),
                         help="folder of key.csv, study.json, secret.txt and history/ (keep private)")
     for key, kind in [("images_per_label", int), ("repeats", int), ("seed", int), ("image_size", int)]:
         parser.add_argument(f"--{key.replace('_', '-')}", type=kind, help=f"override reader_study.{key}")

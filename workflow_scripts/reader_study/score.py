@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from workflow_scripts import paths
 from workflow_scripts.errors import run_stage
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.reader_study.agreement import bootstrap_interval, fleiss_kappa, rank_auroc, wilson_interval
@@ -176,11 +177,11 @@ def score(key: pd.DataFrame, meta: dict[str, Any], answers: pd.DataFrame, n_boot
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--key", type=Path, default=Path("results/reader_study/key.csv"))
+    parser.add_argument("--key", type=Path, default=Path(paths.READER_STUDY_KEY_CSV))
     parser.add_argument("--answers-dir", type=Path, help="override reader_study.answers_dir")
     parser.add_argument("--bootstrap-samples", type=int, help="override reader_study.bootstrap_samples")
     parser.add_argument("--seed", type=int, help="override reader_study.seed")
-    parser.add_argument("--out-dir", type=Path, default=Path("results/reader_study"))
+    parser.add_argument("--out-dir", type=Path, default=Path(paths.READER_STUDY))
     args = parser.parse_args(argv)
     settings = dict(config_from_args(args, "score_reader_study")["reader_study"])
     settings |= {key: getattr(args, key) for key in ("answers_dir", "bootstrap_samples", "seed") if getattr(args, key) is not None}
