@@ -218,6 +218,7 @@ def test_bf16_mixed_precision_trains_on_cpu(setup) -> None:
     assert summary["mixed_precision"] == "bf16" and summary["final_loss"] == summary["final_loss"]  # not NaN
 
 
+@pytest.mark.slow  # two torchrun launches of two processes, each importing torch and diffusers
 def test_data_parallel_training_with_two_processes_trains_and_resumes(setup) -> None:
     """The multi-GPU path (DDP: sharded batches, main-process checkpoints, broadcast resume choice),
     run with two CPU processes (gloo) under torchrun."""
