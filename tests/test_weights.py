@@ -114,6 +114,7 @@ def _nih_dry_run(workdir: Path, env: dict[str, str]) -> subprocess.CompletedProc
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
 
 
+@pytest.mark.slow  # a Snakemake dry run; the inventory itself is checked in process above
 def test_a_dry_run_of_the_nih_config_stops_before_any_job_naming_the_missing_weights(tmp_path: Path) -> None:
     make_nih_dataset(tmp_path / "data" / "nih", num_patients=12)
     env = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"}
