@@ -112,6 +112,7 @@ def test_hours_take_the_longer_of_compute_and_decoding() -> None:
     assert cost.hours(stage, "h100", 1.0, 16, 20) == pytest.approx((3.0, 3.0))
 
 
+@pytest.mark.slow  # a Snakemake dry run
 def test_the_snakemake_target_needs_only_the_data_stage(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "snakemake", "estimate_cost", "-n", "--cores", "1", "-s",
                           str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(REPO / "config" / "config.yaml")],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,17 @@ def ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
+def copy_without(done: Path, workdir: Path, *stale: str) -> Path:
+    """A copy of a finished working directory less the `stale` globs: Snakemake finds the earlier stages
+    done (copytree keeps mtimes and .snakemake/metadata) and runs only the stage a test kills, not the
+    data stage and tiny model again."""
+    shutil.copytree(done, workdir, symlinks=True, dirs_exist_ok=True)
+    for pattern in stale:
+        for path in workdir.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return workdir
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, user_data) -> Path:
     workdir = workdir_for(tmp_path_factory.mktemp("uninterrupted"), user_data)
@@ -71,7 +83,7 @@ def uninterrupted(tmp_path_factory, user_data) -> Path:
 
 def test_train_lora_killed_at_several_points_resumes_to_the_same_lora(tmp_path, user_data, uninterrupted) -> None:
     before = tree_checksum(user_data)
-    workdir = workdir_for(tmp_path, user_data)
+    workdir = copy_without(uninterrupted, tmp_path, "results/lora")
     # Mid-epoch by SIGTERM (checkpoint-2 exists), then SIGKILL while checkpoint-6 is half written (after
     # checkpoint-4), then SIGKILL during the validation of step 8 (after checkpoint-8).
     for fault in ("train_step:3:TERM", "checkpoint_save:2:KILL", "validation:1:KILL"):
@@ -106,8 +118,8 @@ def test_generation_killed_mid_label_makes_only_the_missing_images(uninterrupted
     assert all(check_image(p) is None for p in folder.glob("*.png"))  # no truncated PNG
 
 
-def test_classifier_killed_mid_training_reruns_clean_to_the_same_result(tmp_path, user_data, uninterrupted) -> None:
-    workdir = workdir_for(tmp_path, user_data)
+def test_classifier_killed_mid_training_reruns_clean_to_the_same_result(tmp_path, uninterrupted) -> None:
+    workdir = copy_without(uninterrupted, tmp_path, "results/classifier*")
     target = "results/classifier/ratio0_seed0/metrics.json"
     result = snakemake(workdir, target, "classifier_validation:1:KILL")
     assert result.returncode != 0 and not (workdir / target).exists()

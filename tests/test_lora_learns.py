@@ -107,6 +107,7 @@ def separation(scorer, drawn: dict[str, list]) -> float:
     return float((cardio + effusion) / 2)
 
 
+@pytest.mark.slow  # 400 LoRA steps and 40 generations: about a minute of CPU; the quick tier trains in test_train_lora.py
 def test_a_short_lora_run_teaches_the_prompted_findings(dataset, scorer, tmp_path) -> None:
     summary, lora, base = train_and_draw(dataset, tmp_path)
     curve = summary["val_loss"]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import REPO
@@ -31,6 +32,7 @@ def job_resources(output: str) -> dict[str, str]:
     return found
 
 
+@pytest.mark.slow  # a Snakemake dry run; the quick tier keeps one (test_workflow.py)
 def test_slurm_profile_maps_gpu_rules_to_gpus_and_sets_runtimes(tmp_path: Path) -> None:
     # --workflow-profile none: the local profile's global `gpu: 1` cap must not throttle a cluster.
     output = dry_run(tmp_path, "--profile", "profiles/slurm", "--workflow-profile", "none")
@@ -43,6 +45,7 @@ def test_slurm_profile_maps_gpu_rules_to_gpus_and_sets_runtimes(tmp_path: Path) 
     assert profile["executor"] == "slurm" and "resources" not in profile  # no global GPU cap on a cluster
 
 
+@pytest.mark.slow  # several Snakemake dry runs (about 3 CPU s each)
 def test_more_gpus_for_train_lora_launch_accelerate(tmp_path: Path) -> None:
     output = dry_run(tmp_path, "--cores", "8", "--resources", "gpu=4", "--set-resources", "train_lora:gpu=4", "-p")
     assert "accelerate launch --multi_gpu --num_processes 4 -m workflow_scripts.train_lora" in output

@@ -56,8 +56,9 @@ def test_a_retrained_lora_keeps_none_of_the_old_loras_images(trained, tmp_path) 
     assert (tree_hashes(final), tree_hashes(new_lora)) == inputs  # no input file changed
 
 
-@pytest.mark.parametrize("flag, value", [("--seed", "5"), ("--num-inference-steps", "2"), ("--guidance-scale", "2.0"),
-                                         ("--scheduler", "ddim"), ("--negative-prompt", "blurry")])
+# One setting in the quick tier; each of the others regenerates the same images the same way (slow tier).
+@pytest.mark.parametrize("flag, value", [("--seed", "5"), *(pytest.param(*case, marks=pytest.mark.slow) for case in (
+    ("--num-inference-steps", "2"), ("--guidance-scale", "2.0"), ("--scheduler", "ddim"), ("--negative-prompt", "blurry")))])
 def test_a_changed_sampling_setting_remakes_every_image(trained, tmp_path, flag, value) -> None:  # noqa: F811
     out = tmp_path / "out"
     generate(trained, out, "--label", "Effusion", "--num-images", "2")

@@ -214,6 +214,7 @@ def test_an_empty_answers_folder_is_reported(study: Path, capsys: pytest.Capture
     assert result.returncode == 2 and "no .csv files" in result.stderr
 
 
+@pytest.mark.slow  # several Snakemake dry runs (about 3 CPU s each)
 def test_snakemake_knows_the_targets_and_keeps_them_out_of_all(tmp_path: Path) -> None:
     def dry(*args: str, targets: tuple[str, ...] = ()) -> str:
         result = subprocess.run([sys.executable, "-m", "snakemake", *targets, "-n", "--cores", "1", "-s", str(REPO / "Snakefile"),

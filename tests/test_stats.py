@@ -276,6 +276,7 @@ def power_at_mde(design, effect: float, repeats: int, seed: int, plan_seeds: int
     return result
 
 
+@pytest.mark.slow  # Monte Carlo calibration (hundreds of simulated tables); the quick tier keeps the identical-arms check
 def test_a_true_delta_at_the_printed_mde_reads_gain_80_percent_and_plan_power_predicts_5_seeds() -> None:
     # pairs with 3 and with 5 seeds, 250 repeats each: SE 2.5 points at 80 %, so the band is 80 ± 5
     # (a 10-point miss fails; the slow tier catches 5). The 3-seed studies double as pilots:
@@ -289,6 +290,7 @@ def test_a_true_delta_at_the_printed_mde_reads_gain_80_percent_and_plan_power_pr
     print(message)
 
 
+@pytest.mark.slow  # Monte Carlo calibration (hundreds of simulated tables); the quick tier keeps the identical-arms check
 def test_inside_a_seven_arm_table_the_mde_holds_and_the_headline_and_families_stay_at_5_percent() -> None:
     # more_real planted at its MDE among six arms compared with ratio0 (Holm's first level 0.05 / 6);
     # every other arm is truly equal to ratio0, so the headline (synthetic arms vs ratio0, noise and

@@ -79,6 +79,7 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss(setup) -> None:
     assert loss_now() < 0.8 * before
 
 
+@pytest.mark.slow  # three training runs; the quick tier keeps the other resume checks
 def test_train_2n_equals_train_n_then_resume_n(setup) -> None:
     straight = setup["root"] / "straight"
     summary = run(setup, straight)
@@ -97,6 +98,7 @@ def test_train_2n_equals_train_n_then_resume_n(setup) -> None:
     assert any(not torch.allclose(a[name], final_weights(other)[name]) for name in a)
 
 
+@pytest.mark.slow  # three training runs; the quick tier keeps the other resume checks
 def test_mid_epoch_resume_with_gradient_accumulation(setup) -> None:
     # 2 micro-batches per step; checkpoint-1 lies mid-epoch.
     straight, stopped = setup["root"] / "acc_straight", setup["root"] / "acc_stopped"
@@ -221,6 +223,7 @@ def test_bf16_mixed_precision_trains_on_cpu(setup) -> None:
     assert summary["mixed_precision"] == "bf16" and summary["final_loss"] == summary["final_loss"]  # not NaN
 
 
+@pytest.mark.slow  # two torchrun launches of two processes, each importing torch and diffusers
 def test_data_parallel_training_with_two_processes_trains_and_resumes(setup) -> None:
     """The multi-GPU path (DDP: sharded batches, main-process checkpoints, broadcast resume choice),
     run with two CPU processes (gloo) under torchrun."""

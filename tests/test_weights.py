@@ -44,6 +44,11 @@ def test_the_spelled_out_urls_are_the_packages_own() -> None:
 
     assert weights.FID_WEIGHTS_URL == FID_WEIGHTS_URL
     assert weights.XRV_WEIGHTS_URL == xrv.models.model_urls["densenet121-res224-all"]["weights_url"]
+    for model, hub_id in weights.TIMM_HUB_IDS.items():  # the whole of timm's answer that classifier_weight reads
+        cfg = weights.timm_pretrained_cfg(model)
+        assert (cfg["hf_hub_id"], cfg.get("hf_hub_filename")) == (hub_id, None), model
+    # A model or tag outside the table asks timm.
+    assert weights.classifier_weight("resnet18.a1_in1k", True, False).source == weights.TIMM_HUB_IDS["resnet18"]
 
 
 def test_the_base_model_is_tiny_a_local_folder_or_a_hub_id(tmp_path: Path, hf_cache: Path) -> None:
@@ -109,6 +114,7 @@ def _nih_dry_run(workdir: Path, env: dict[str, str]) -> subprocess.CompletedProc
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
 
 
+@pytest.mark.slow  # a Snakemake dry run; the inventory itself is checked in process above
 def test_a_dry_run_of_the_nih_config_stops_before_any_job_naming_the_missing_weights(tmp_path: Path) -> None:
     make_nih_dataset(tmp_path / "data" / "nih", num_patients=12)
     env = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"}

@@ -248,6 +248,7 @@ def _scheduled_runs(dry_run_output: str) -> set[str]:
     return set(re.findall(r"results/classifier/(\w+_seed\d+)/metrics\.json", dry_run_output))
 
 
+@pytest.mark.slow  # several Snakemake dry runs (about 3 CPU s each)
 def test_each_control_is_its_own_target_and_can_be_left_out(tmp_path: Path) -> None:
     (tmp_path / "micro.yaml").write_text("classifier: {ratios: [0, 25], seeds: [0, 1], controls: [rebalanced, noise, more_real]}\n")
     listed = snakemake(tmp_path, "-n", "--cores", "1")

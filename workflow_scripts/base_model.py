@@ -30,6 +30,9 @@ import torch
 
 from workflow_scripts import paths
 from workflow_scripts.errors import ModelNotFoundError
+from workflow_scripts.model_location import REPO_ROOT as _REPO_ROOT
+from workflow_scripts.model_location import local_folder
+from workflow_scripts.model_location import pretrained_kind as _kind
 
 # --------------------------------------------------------------------------------------------------
 # Constants
@@ -39,7 +42,6 @@ from workflow_scripts.errors import ModelNotFoundError
 DEFAULT_TINY_DIR = Path(paths.TINY_SD)
 
 #: Where the SD 1.5 component configs (no weights) may live: ``shared/`` in or beside the repository.
-_REPO_ROOT = Path(__file__).resolve().parents[1]
 SD15_ARCH_CANDIDATES = (_REPO_ROOT / "shared" / "sd15-arch", _REPO_ROOT.parent / "shared" / "sd15-arch")
 
 #: SD 1.5's noise schedule (from its scheduler_config.json); used if the shared copy is absent.
@@ -102,32 +104,6 @@ def sd15_noise_scheduler(arch_dir: Path | None = None):
 
 def _is_diffusers_folder(path: Path) -> bool:
     return (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file()
-
-
-def _looks_like_path(s: str) -> bool:
-    return (
-        s.startswith(("/", "./", "../", "~", "\\"))
-        or (len(s) > 1 and s[1] == ":")  # Windows drive
-        or s.count("/") > 1
-        or s.endswith("/")
-    )
-
-
-def _kind(pretrained: str) -> str:
-    if pretrained == "tiny":
-        return "tiny"
-    if Path(pretrained).expanduser().exists() or _looks_like_path(pretrained) or (_REPO_ROOT / pretrained).is_dir():
-        return "local"
-    return "hub"
-
-
-def local_folder(pretrained: str) -> Path:
-    """A local model.pretrained as a folder: relative to the working directory, else to the repository
-    (a folder shipped in it, such as resources/demo-base, from any working directory)."""
-    path = Path(pretrained).expanduser()
-    if not path.exists() and not path.is_absolute() and (_REPO_ROOT / path).exists():
-        return _REPO_ROOT / path
-    return path
 
 
 def resolve_pretrained(pretrained: str, tiny_dir: Path = DEFAULT_TINY_DIR) -> str:

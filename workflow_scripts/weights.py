@@ -32,6 +32,7 @@ from typing import Any
 from workflow_scripts import paths
 from workflow_scripts.config import add_config_arguments, config_from_args
 from workflow_scripts.errors import ConfigError, run_stage
+from workflow_scripts.model_location import local_folder, pretrained_kind
 
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # The diffusers layout only: SD 1.5's repository also holds single-file checkpoints (~12 GB) the workflow never reads.
@@ -42,6 +43,11 @@ FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid
 XRV_WEIGHTS_URL = ("https://github.com/mlmed/torchxrayvision/releases/download/v1/"
                    "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt")
 RAD_DINO_ID = "microsoft/rad-dino"
+# timm's default pretrained weights (hf_hub_id) of the models the shipped configs and tests name, spelled out
+# for the same reason: `import timm` costs seconds (torch, torchvision.ops, torch._dynamo) in every dry run.
+# Other models ask timm; tests/test_weights.py checks these still match it.
+TIMM_HUB_IDS = {"test_byobnet": "timm/test_byobnet.r160_in1k", "densenet121": "timm/densenet121.ra_in1k",
+                "resnet18": "timm/resnet18.a1_in1k"}
 
 
 @dataclass(frozen=True)
@@ -92,18 +98,16 @@ def base_model_weight(pretrained: str) -> Weight:
     if pretrained == "tiny":
         return Weight("Stable Diffusion base: the tiny random-weight model", key, "built offline",
                       f"{paths.TINY_SD} (the build_tiny_model rule builds it)", True, False)
-    from workflow_scripts.base_model import _kind, local_folder
-
     folder = local_folder(pretrained)
     if (folder / "model_index.json").is_file():
         return Weight("Stable Diffusion base (local diffusers folder)", key, pretrained, str(folder), True, True)
 
-    cached = hf_cached(pretrained, "model_index.json") if _kind(pretrained) == "hub" else None
+    cached = hf_cached(pretrained, "model_index.json") if pretrained_kind(pretrained) == "hub" else None
     if cached:
         return Weight("Stable Diffusion base (Hugging Face cache)", key, pretrained, str(Path(cached).parent), True, True)
     # A hub id ("owner/name") or a folder that is not there yet: "models/sd15" with models/ present is a folder.
     first = pretrained.split("/", 1)[0]
-    is_folder = _kind(pretrained) == "local" or Path(first).is_dir()
+    is_folder = pretrained_kind(pretrained) == "local" or Path(first).is_dir()
     include = ["--include", *SD15_FILES]
     if is_folder:
         return Weight("Stable Diffusion base (local diffusers folder)", key, SD15_ID,
@@ -114,10 +118,8 @@ def base_model_weight(pretrained: str) -> Weight:
                   "LoRA training and generation cannot start", ["hf", "download", pretrained, *include])
 
 
-def classifier_weight(model: str, pretrained: bool, allow_random_init: bool) -> Weight | None:
-    """The timm model's ImageNet weights (None with classifier.pretrained: false: nothing to load)."""
-    if not pretrained:
-        return None
+def timm_pretrained_cfg(model: str) -> dict[str, Any]:
+    """timm's pretrained config of `model` (its default tag, or the one named: resnet18.a1_in1k)."""
     import timm
 
     if not timm.is_model(model):
@@ -126,7 +128,14 @@ def classifier_weight(model: str, pretrained: bool, allow_random_init: bool) -> 
         cfg_object = timm.models.get_pretrained_cfg(model)
     except RuntimeError as error:  # an unknown pretrained tag
         raise ConfigError(f"classifier.model {model!r}: {error}") from None
-    cfg = cfg_object.to_dict() if cfg_object is not None else {}
+    return cfg_object.to_dict() if cfg_object is not None else {}
+
+
+def classifier_weight(model: str, pretrained: bool, allow_random_init: bool) -> Weight | None:
+    """The timm model's ImageNet weights (None with classifier.pretrained: false: nothing to load)."""
+    if not pretrained:
+        return None
+    cfg = {"hf_hub_id": TIMM_HUB_IDS[model]} if model in TIMM_HUB_IDS else timm_pretrained_cfg(model)
     name, key = f"classifier ImageNet weights ({model})", "classifier.pretrained"
     required = not allow_random_init
     consequence = ("classifiers start from random initialisation (classifier.allow_random_init: true)" if allow_random_init
