@@ -111,7 +111,7 @@ def draw_films(recipe: Recipe, workers: int = 2) -> tuple[torch.Tensor, list[str
 
     from PIL import Image
 
-    from workflow_scripts.phantom import plan_patients
+    from workflow_scripts.phantom_patients import plan_patients
     from workflow_scripts.xray_dataset import model_transform
 
     plan = plan_patients(recipe.films, np.random.default_rng([recipe.seed, 0]))

@@ -43,7 +43,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from workflow_scripts.errors import run_stage
-from workflow_scripts.phantom import LABELS, draw_phantom, plan_patients, sample_anatomy
+from workflow_scripts.phantom import LABELS, draw_phantom, sample_anatomy
+from workflow_scripts.phantom_patients import plan_patients
 
 CSV_NAME = "Data_Entry_2017.csv"
 IMAGE_DIR = "images"
