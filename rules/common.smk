@@ -1,6 +1,7 @@
 # Shared helpers: config validation, the per-stage config files, input functions.
 import os
 import shlex
+from pathlib import Path
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -122,11 +123,18 @@ def arm_seed_outputs(name):
     return expand(f"{paths.CLASSIFIER_RUN}/{{name}}", arm="{arm}", seed=config["classifier"]["seeds"], name=name)
 
 
-def study_run_dirs(arms=None):
-    """The run folder of every seed of `arms` (default: every arm of the study), in study_runs' order."""
-    return expand(
-        paths.CLASSIFIER_RUN, arm=arms if arms is not None else arm_names(config), seed=config["classifier"]["seeds"]
-    )
+def folder_of(kind, name, up=1):
+    """A params function: the folder `up` levels above the rule's declared `kind` ("input" or "output")
+    file `name` (a list of files: their folders, each once, space-separated). The one place rules derive a
+    folder: from a declared file, never a hard-coded one, since with remote storage Snakemake rewrites
+    declared files only (snakemake --lint says so). The files themselves are named by paths.*."""
+
+    def folder(wildcards, input, output):
+        files = getattr(input if kind == "input" else output, name)
+        files = [files] if isinstance(files, str) else list(files)
+        return " ".join(dict.fromkeys(str(Path(file).parents[up - 1]) for file in files))  # each folder once
+
+    return folder
 
 
 def study_runs(arms=None, output="metrics"):

@@ -11,7 +11,7 @@ rule estimate_cost:
     output:
         cost=f"{paths.RESULTS}/cost.md",
     params:
-        data_dir=paths.DATA,  # the split files above
+        data_dir=folder_of("input", "train"),  # the split files above
     log:
         "logs/estimate_cost/estimate_cost.log",
     benchmark:

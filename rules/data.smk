@@ -6,7 +6,7 @@ rule demo_dataset:
         csv=paths.DEMO_CSV,
         images=directory(paths.DEMO_IMAGES),
     params:
-        out_dir=paths.DEMO_DATA,
+        out_dir=folder_of("output", "csv"),
         num_patients=config["demo"]["num_patients"],
         size=config["demo"]["size"],
         seed=config["demo"]["seed"],
@@ -34,7 +34,7 @@ rule prepare_dataset:
         skipped=f"{paths.DATA}/skipped.csv",
         summary=paths.PREPARE_SUMMARY,
     params:
-        out_dir=paths.DATA,
+        out_dir=folder_of("output", "train"),
     threads: 64  # image decoding processes; Snakemake lowers this to --cores (SLURM: set-threads in the profile)
     log:
         "logs/prepare_dataset/prepare_dataset.log",
@@ -61,7 +61,7 @@ rule verify_dataset:
             f"{paths.DATA}/verify_contact_sheet.png", category="3. Data", labels={"page": "plot: contact sheet"}
         ),
     params:
-        out_dir=paths.DATA,
+        out_dir=folder_of("output", "report_json"),
     log:
         "logs/verify_dataset/verify_dataset.log",
     benchmark:

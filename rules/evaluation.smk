@@ -19,7 +19,7 @@ rule train_classifier:
         synthetic=lambda wildcards, input: f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else "",
         exclude=lambda wildcards, input: f"--exclude-synthetic {input.exclude}" if "exclude" in input.keys() else "",
         seeds=" ".join(str(seed) for seed in config["classifier"]["seeds"]),
-        out_dirs=lambda wildcards: " ".join(study_run_dirs([wildcards.arm])),
+        out_dirs=folder_of("output", "metrics"),
         cache_dir=paths.CLASSIFIER_CACHE,
     resources:
         gpu=1,
@@ -51,7 +51,7 @@ rule train_classifier_seed:
     params:
         synthetic=lambda wildcards, input: f"--synthetic {input.synthetic}" if "synthetic" in input.keys() else "",
         exclude=lambda wildcards, input: f"--exclude-synthetic {input.exclude}" if "exclude" in input.keys() else "",
-        out_dir=lambda wildcards: paths.classifier_run(wildcards.arm, wildcards.seed),
+        out_dir=folder_of("output", "metrics"),
         cache_dir=paths.CLASSIFIER_CACHE,
     resources:
         gpu=1,
@@ -95,7 +95,7 @@ rule audit_memorization:
         pairs=f"{paths.AUDIT}/pairs.csv",
         summary=f"{paths.EVALUATION}/audit_summary.json",
     params:
-        out_dir=paths.EVALUATION,
+        out_dir=folder_of("output", "summary"),
     resources:
         gpu=1,
         # Working memory of one block of the search (MiB): --set-resources audit_memorization:audit_block_mb=8192
@@ -136,7 +136,7 @@ rule evaluate_fidelity:
             labels={"page": "plot: {name}"},
         ),
     params:
-        out_dir=paths.EVALUATION,
+        out_dir=folder_of("output", "fidelity_md"),
     resources:
         gpu=1,
     log:
@@ -179,8 +179,8 @@ rule compare:
             f"{paths.PLOTS}/real_vs_synthetic.png", category="2. Fidelity", labels={"page": "plot: real vs synthetic"}
         ),
     params:
-        runs=" ".join(study_run_dirs()),
-        out_dir=paths.RESULTS,  # comparison.md/.csv, and its plots in plots/ (paths.PLOTS)
+        runs=folder_of("input", "metrics"),
+        out_dir=folder_of("output", "table_csv"),  # comparison.md/.csv, and its plots in plots/
         reader_study=lambda wildcards, input: f"--reader-study {input.reader_study}" if input.reader_study else "",
     log:
         "logs/compare/compare.log",
@@ -205,7 +205,7 @@ rule plan_power:
     output:
         page=f"{paths.RESULTS}/power.md",
     params:
-        runs=" ".join(study_run_dirs()),
+        runs=folder_of("input", "metrics"),
     log:
         "logs/plan_power/plan_power.log",
     benchmark:

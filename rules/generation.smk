@@ -28,7 +28,7 @@ rule generate_label:
         # LoRA or other settings made are made again (provenance.json in each label folder).
         results=f"{paths.SYNTHETIC_LABEL}/generation_results.csv",
     params:
-        output_dir=paths.SYNTHETIC,  # the label's folder below it is the CLI's
+        output_dir=folder_of("output", "results", up=2),  # the label's folder below it is the CLI's
         tiny_dir=rules.build_tiny_model.output.model,
     resources:
         gpu=1,
@@ -54,7 +54,7 @@ rule generate_without_lora:
     output:
         results=f"{paths.SYNTHETIC_BASE}/generation_results.csv",
     params:
-        output_dir=paths.SYNTHETIC_BASE,
+        output_dir=folder_of("output", "results"),
         tiny_dir=rules.build_tiny_model.output.model,
     resources:
         gpu=1,
@@ -95,7 +95,7 @@ rule make_noise_images:
         results=f"{paths.SYNTHETIC_NOISE}/generation_results.csv",
         summary=f"{paths.SYNTHETIC_NOISE}/noise_summary.json",
     params:
-        output_dir=paths.SYNTHETIC_NOISE,
+        output_dir=folder_of("output", "results"),
     log:
         "logs/make_noise_images/make_noise_images.log",
     benchmark:

@@ -48,7 +48,7 @@ rule train_lora:
         summary=paths.LORA_SUMMARY,
         curve=report(f"{paths.LORA_FINAL}/loss_curve.png", category="Generator"),
     params:
-        output_dir=paths.LORA,
+        output_dir=folder_of("output", "summary", up=2),
         tiny_dir=rules.build_tiny_model.output.model,
         launcher=python_launcher,
     resources:

@@ -16,9 +16,9 @@ rule reader_study:
         key=paths.READER_STUDY_KEY_CSV,
         study=f"{paths.READER_STUDY_KEY}/study.json",
     params:
-        data_dir=paths.DATA,  # val.csv and test.csv above
-        page_dir=paths.READER_STUDY_PAGE,
-        key_dir=paths.READER_STUDY_KEY,
+        data_dir=folder_of("input", "val"),  # val.csv and test.csv above
+        page_dir=folder_of("output", "page"),
+        key_dir=folder_of("output", "key"),
     log:
         "logs/reader_study/reader_study.log",
     benchmark:
@@ -41,7 +41,7 @@ rule score_reader_study:
         scores_md=report(f"{paths.READER_STUDY}/scores.md", category="Reader study"),
         pooled=f"{paths.READER_STUDY}/pooled.md",
     params:
-        out_dir=paths.READER_STUDY,
+        out_dir=folder_of("output", "scores"),
     log:
         "logs/score_reader_study/score_reader_study.log",
     benchmark:

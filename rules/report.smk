@@ -30,7 +30,7 @@ rule render_report_pages:
         ),
         summary=f"{paths.REPORT_PAGES}/summary.html",
     params:
-        out_dir=paths.REPORT_PAGES,
+        out_dir=folder_of("output", "summary"),
     log:
         "logs/render_report_pages/render_report_pages.log",
     benchmark:
@@ -52,8 +52,8 @@ rule plot_training_curves:
             category="4. Training curves",
         ),
     params:
-        runs=" ".join(study_run_dirs()),
-        out_dir=paths.PLOTS,
+        runs=folder_of("input", "logs"),
+        out_dir=folder_of("output", "plots"),
     log:
         "logs/plot_training_curves/plot_training_curves.log",
     benchmark:

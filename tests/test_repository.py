@@ -105,7 +105,7 @@ def _path_literals(source: str) -> list[tuple[int, str]]:
 
 def test_every_results_path_has_one_home() -> None:
     """workflow_scripts/paths.py names the folders and files under results/; no other module spells
-    one out, and no rule rebuilds a folder from an output with dirname (it passes paths.* instead)."""
+    one out, and no rule rebuilds a folder by hand (dirname): common.smk's folder_of is the one place."""
     found = [f"{path.relative_to(REPO)}:{line}: {value!r}"
              for path in sorted((REPO / "workflow_scripts").rglob("*.py")) if path.name != "paths.py"
              for line, value in _path_literals(path.read_text())]

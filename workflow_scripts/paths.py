@@ -1,7 +1,8 @@
 """Where the workflow writes: the one home of every folder under results/.
 
-The rules build each output from these names (`f"{paths.DATA}/train.csv"`) and hand every stage its
-files and folders explicitly (no folder rebuilt from an output with dirname). The stage CLIs take
+The rules build each declared file from these names (`paths.split_csv("train")`) and hand a stage a
+folder only as the folder of a declared file (rules/common.smk's `folder_of`: with remote storage
+Snakemake rewrites declared files, so a folder must follow them). The stage CLIs take
 their paths as arguments; their defaults, for running a stage by hand after `snakemake`, come from
 here too. Moving a folder is an edit here. Light on purpose: Snakemake imports it while it builds
 the DAG, before any job.
