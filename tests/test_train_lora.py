@@ -165,7 +165,8 @@ def test_final_lora_loads_with_diffusers_and_changes_the_output(setup) -> None:
     assert abs(with_lora - base).max() > 1e-3
     # The kohya-format copy (WebUI / ComfyUI) holds the same LoRA: it converts back and samples alike.
     kohya = load_file(out / "final" / lora_checkpoints.KOHYA_FILE)
-    assert kohya and all(key.startswith("lora_unet_") for key in kohya)
+    assert any(key.startswith("lora_unet_") for key in kohya)
+    assert all(key.startswith(("lora_unet_", "lora_te_")) for key in kohya)  # lora_te_: model.train_text_encoder
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
     pipe.unload_lora_weights()
     pipe.load_lora_weights(out / "final", weight_name=lora_checkpoints.KOHYA_FILE)
