@@ -92,7 +92,7 @@ rule make_noise_images:
         train=rules.prepare_dataset.output.train,
         config=stage_config_file("make_noise_images"),
     output:
-        results=f"{paths.SYNTHETIC_NOISE}/generation_results.csv",
+        results=paths.NOISE_GENERATED,
         summary=f"{paths.SYNTHETIC_NOISE}/noise_summary.json",
     params:
         output_dir=folder_of("output", "results"),

@@ -53,7 +53,7 @@ class Pool:
 
 GENERATED = Pool("generated", "merge_generation", "results", paths.GENERATED, "synthetic",
                  "raise generation.images_per_label or classifier.pool_headroom (or lower the ratio)", audited=True)
-NOISE_IMAGES = Pool("noise", "make_noise_images", "results", f"{paths.SYNTHETIC_NOISE}/generation_results.csv", "synthetic",
+NOISE_IMAGES = Pool("noise", "make_noise_images", "results", paths.NOISE_GENERATED, "synthetic",
                     "raise generation.images_per_label or classifier.pool_headroom (or lower the ratio)", audited=True)
 RESERVE = Pool("reserve", "prepare_dataset", "reserve", paths.split_csv("reserve"), "reserved real",
                "raise split.more_real_ratio", audited=False)

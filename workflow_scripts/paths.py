@@ -33,6 +33,7 @@ PLAN = f"{SYNTHETIC}/plan.csv"
 GENERATED = f"{SYNTHETIC}/generation_results.csv"  # every label's images, merged
 SYNTHETIC_BASE = f"{RESULTS}/synthetic_base"  # the LoRA-off control
 SYNTHETIC_NOISE = f"{RESULTS}/synthetic_noise"  # the noise control's images
+NOISE_GENERATED = f"{SYNTHETIC_NOISE}/generation_results.csv"  # the noise images, row for row the generated ones
 
 CLASSIFIER = f"{RESULTS}/classifier"
 CLASSIFIER_RUN = f"{CLASSIFIER}/{{arm}}_seed{{seed}}"  # one arm, one training seed
