@@ -39,13 +39,17 @@ def test_the_landing_summary_holds_the_headline_every_arm_and_the_caveats(tmp_pa
         "| arm | x |\n|---|---|\n| ratio0 | 1 |\n\n![AUROC](plots/auroc.png)\n")
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots" / "auroc.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
-    pd.DataFrame({"arm": ["ratio0", "ratio50", "more_real"], "macro_auroc_mean": [0.81, 0.74, 0.866],
-                  "delta_vs_ratio0": [np.nan, -0.07, 0.056], "delta_vs_ratio0_ci_low": [np.nan, -0.1, 0.026],
-                  "delta_vs_ratio0_ci_high": [np.nan, -0.04, 0.085],
-                  "verdict_vs_ratio0": ["", "loss", "gain"]}).to_csv(tmp_path / "comparison.csv", index=False)
+    pd.DataFrame({"arm": ["ratio0", "ratio50", "more_real", "ratio10"], "macro_auroc_mean": [0.81, 0.74, 0.866, 0.8],
+                  "delta_vs_ratio0": [np.nan, -0.07, 0.056, -0.01], "delta_vs_ratio0_ci_low": [np.nan, -0.1, 0.026, -0.04],
+                  "delta_vs_ratio0_ci_high": [np.nan, -0.04, 0.085, 0.02],
+                  "verdict_vs_ratio0": ["", "loss", "gain", "no measurable difference"],
+                  "mde_vs_ratio0": [np.nan, 0.05, 0.05, 0.057], "seeds": 4,
+                  "test_patients": 175}).to_csv(tmp_path / "comparison.csv", index=False)
     summary = summary_fragment(tmp_path / "comparison.md", tmp_path / "comparison.csv")
     assert "Headline" in summary and "embedded phantoms" in summary
     assert "<b>more_real</b></td><td>0.866</td><td>+0.056 [+0.026, +0.085]</td><td>gain" in summary
+    # a "no difference" says how large a difference could have hidden, and every row its n
+    assert "<td>no measurable difference (could have detected ≥ +0.057)</td><td>4 / 175</td>" in summary
     page = markdown_page(tmp_path / "comparison.md", "t")
     assert "<table>" in page and 'src="data:image/png;base64,' in page  # the plot travels inside the page
 

@@ -63,8 +63,9 @@ def _cell(value: float, digits: int = 3, signed: bool = False) -> str:
 
 
 def summary_fragment(comparison_md: Path, comparison_csv: Path) -> str:
-    """The landing page's answer: the headline line, one row per arm (macro AUROC, Δ vs ratio0 and its
-    verdict) and the page's caveats, as an HTML fragment narrow enough for the report's side column."""
+    """The landing page's answer: the headline line, one row per arm (macro AUROC, Δ vs ratio0, its verdict
+    with the MDE where it reads no measurable difference, its n) and the page's caveats, as an HTML
+    fragment narrow enough for the report's side column."""
     import markdown
 
     for path in (comparison_md, comparison_csv):
@@ -81,12 +82,16 @@ def summary_fragment(comparison_md: Path, comparison_csv: Path) -> str:
                                                f"[{_cell(row['delta_vs_ratio0_ci_low'], signed=True)}, "
                                                f"{_cell(row['delta_vs_ratio0_ci_high'], signed=True)}]")
         verdict = "" if reference else str(row.get("verdict_vs_ratio0") or "")
+        if verdict == "no measurable difference" and pd.notna(row.get("mde_vs_ratio0")):
+            verdict += f" (could have detected ≥ {_cell(row['mde_vs_ratio0'], signed=True)})"  # as comparison.md says it
+        n = f"{row['seeds']} / {row['test_patients']}" if {"seeds", "test_patients"} <= row.keys() else ""
         rows.append(f"<tr><td><b>{html.escape(str(row['arm']))}</b></td><td>{_cell(row['macro_auroc_mean'])}</td>"
-                    f"<td>{delta}</td><td>{html.escape(verdict)}</td></tr>")
+                    f"<td>{delta}</td><td>{html.escape(verdict)}</td><td>{n}</td></tr>")
     parts = ['<div class="cxr-summary">']
     if headline:
         parts.append(markdown.markdown(headline))
-    parts += ["<table><thead><tr><th>arm</th><th>macro AUROC</th><th>Δ vs ratio0 [95% CI]</th><th>verdict</th></tr>"
+    parts += ["<table><thead><tr><th>arm</th><th>macro AUROC</th><th>Δ vs ratio0 [95% CI]</th><th>verdict</th>"
+              "<th>seeds / test patients</th></tr>"
               "</thead><tbody>", *rows, "</tbody></table>"]
     if notes:
         parts.append("<p><small>" + "<br>".join(markdown.markdown(note)[3:-4] for note in notes) + "</small></p>")
