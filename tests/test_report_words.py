@@ -47,9 +47,11 @@ def test_the_landing_summary_holds_the_headline_every_arm_and_the_caveats(tmp_pa
                   "test_patients": 175}).to_csv(tmp_path / "comparison.csv", index=False)
     summary = summary_fragment(tmp_path / "comparison.md", tmp_path / "comparison.csv")
     assert "Headline" in summary and "embedded phantoms" in summary
-    assert "<b>more_real</b></td><td>0.866</td><td>+0.056 [+0.026, +0.085]</td><td>gain" in summary
-    # a "no difference" says how large a difference could have hidden, and every row its n
-    assert "<td>no measurable difference (could have detected ≥ +0.057)</td><td>4 / 175</td>" in summary
+    assert "<b>more_real</b></td><td>0.866</td><td>+0.056<br><small>[+0.026, +0.085]</small></td><td>gain" in summary
+    # a "no difference" says how large a difference could have hidden, and the table its n
+    assert "<td>no measurable difference<br><small>could have detected ≥ +0.057</small></td>" in summary
+    assert "n per arm: 4 training seeds × 175 test patients" in summary
+    assert "Read before citing (1):</b> The data are the embedded phantoms" in summary
     page = markdown_page(tmp_path / "comparison.md", "t")
     assert "<table>" in page and 'src="data:image/png;base64,' in page  # the plot travels inside the page
 

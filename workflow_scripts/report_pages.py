@@ -63,9 +63,10 @@ def _cell(value: float, digits: int = 3, signed: bool = False) -> str:
 
 
 def summary_fragment(comparison_md: Path, comparison_csv: Path) -> str:
-    """The landing page's answer: the headline line, one row per arm (macro AUROC, Δ vs ratio0, its verdict
-    with the MDE where it reads no measurable difference, its n) and the page's caveats, as an HTML
-    fragment narrow enough for the report's side column."""
+    """The landing page's answer: the headline line, one row per arm (macro AUROC, Δ vs ratio0 and its
+    interval, its verdict with the MDE where it reads no measurable difference), the n, and the page's
+    caveats, as an HTML fragment that fits the report's side column on one screen. Snakemake's report
+    centres that column vertically, so a taller fragment loses its top (the headline) above the page."""
     import markdown
 
     for path in (comparison_md, comparison_csv):
@@ -78,25 +79,39 @@ def summary_fragment(comparison_md: Path, comparison_csv: Path) -> str:
     rows = []
     for row in table.to_dict("records"):
         reference = row["arm"] == "ratio0"
-        delta = "reference" if reference else (f"{_cell(row['delta_vs_ratio0'], signed=True)} "
+        delta = "reference" if reference else (f"{_cell(row['delta_vs_ratio0'], signed=True)}<br><small>"
                                                f"[{_cell(row['delta_vs_ratio0_ci_low'], signed=True)}, "
-                                               f"{_cell(row['delta_vs_ratio0_ci_high'], signed=True)}]")
-        verdict = "" if reference else str(row.get("verdict_vs_ratio0") or "")
+                                               f"{_cell(row['delta_vs_ratio0_ci_high'], signed=True)}]</small>")
+        verdict = "" if reference else html.escape(str(row.get("verdict_vs_ratio0") or ""))
         if verdict == "no measurable difference" and pd.notna(row.get("mde_vs_ratio0")):
-            verdict += f" (could have detected ≥ {_cell(row['mde_vs_ratio0'], signed=True)})"  # as comparison.md says it
-        n = f"{row['seeds']} / {row['test_patients']}" if {"seeds", "test_patients"} <= row.keys() else ""
+            # as comparison.md says it: how large a difference could have hidden
+            verdict += f"<br><small>could have detected ≥ {_cell(row['mde_vs_ratio0'], signed=True)}</small>"
         rows.append(f"<tr><td><b>{html.escape(str(row['arm']))}</b></td><td>{_cell(row['macro_auroc_mean'])}</td>"
-                    f"<td>{delta}</td><td>{html.escape(verdict)}</td><td>{n}</td></tr>")
-    parts = ['<div class="cxr-summary">']
-    if headline:
-        parts.append(markdown.markdown(headline))
-    parts += ["<table><thead><tr><th>arm</th><th>macro AUROC</th><th>Δ vs ratio0 [95% CI]</th><th>verdict</th>"
-              "<th>seeds / test patients</th></tr>"
-              "</thead><tbody>", *rows, "</tbody></table>"]
-    if notes:
-        parts.append("<p><small>" + "<br>".join(markdown.markdown(note)[3:-4] for note in notes) + "</small></p>")
+                    f"<td>{delta}</td><td>{verdict}</td></tr>")
+    parts = ['<div class="cxr-summary"><style>.cxr-summary td, .cxr-summary th {padding: 0.25em 0.4em}</style>']
+    if headline:  # its answer and p; the whole table explains the test's rule
+        parts.append(markdown.markdown(headline.split(" This line is one test")[0]))
+    parts += ['<table style="font-size:0.85em;line-height:1.3"><thead><tr><th>arm</th><th>macro AUROC</th>'
+              "<th>Δ vs ratio0 [95% CI]</th><th>verdict</th></tr></thead><tbody>", *rows, "</tbody></table>"]
+    if {"seeds", "test_patients"} <= set(table.columns):
+        sizes = sorted({(int(seeds), int(patients)) for seeds, patients in zip(table["seeds"], table["test_patients"])})
+        parts.append("<p><small>n per arm: " + "; ".join(f"{seeds} training seeds × {patients} test patients"
+                                                          for seeds, patients in sizes) + "</small></p>")
+    if notes:  # folded, so the answer stays on the first screen; the whole table repeats them
+        leads = "; ".join(_lead(note) for note in notes)
+        parts.append(f"<details><summary><small><b>Read before citing ({len(notes)}):</b> {leads}</small></summary>"
+                     "<p><small>" + "<br>".join(markdown.markdown(note)[3:-4] for note in notes) + "</small></p>"
+                     "</details>")
     parts.append("</div>")
     return "\n".join(parts) + "\n"
+
+
+def _lead(note: str) -> str:
+    """A caveat's first words: its bold lead where it has one, else up to its first colon or stop."""
+    if note.startswith("**") and "**" in note[2:]:
+        return html.escape(note[2:note.index("**", 2)])
+    cut = min((note.find(mark) for mark in (":", ". ", " (") if note.find(mark) > 0), default=len(note))
+    return html.escape(note[:cut])
 
 
 @run_stage
