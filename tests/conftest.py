@@ -16,6 +16,12 @@ from workflow_scripts.config import apply_overrides, load_config
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "cxr-dev"
 
+# Under pytest-xdist each worker gets one torch thread: two workers on two cores at two OpenMP threads
+# each spin against each other and run many times slower than one worker alone.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
+
 # Keep tests offline and quiet even where a network exists.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -117,3 +123,23 @@ def nih_config(nih_dataset: tuple[Path, Path]) -> dict[str, Any]:
 
 __all__ = ["REPO", "SHARED_DATA", "VOCAB", "apply_overrides", "break_dataset", "make_config", "make_nih_dataset",
            "tree_checksum", "write_png"]
+
+
+# pytest-xdist (pyproject's addopts: -n auto --dist loadgroup): a module's tests stay on one worker, so a
+# module-scoped fixture (a Snakemake run, a trained LoRA) is built once; modules whose tests share no
+# fixture and take long spread over the workers. The longest modules start first: the suite ends when
+# its longest module does, not later.
+SPREAD_MODULES = {"test_stats.py", "test_train_lora.py"}
+LONGEST_FIRST = ("test_workflow.py", "test_faults.py", "test_lora_learns.py", "test_documented_commands.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
+    for item in items:
+        if item.path.name not in SPREAD_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))

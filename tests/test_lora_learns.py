@@ -81,21 +81,32 @@ def dataset(tmp_path_factory) -> tuple[Path, dict]:
     return root, config
 
 
-def train_and_draw(dataset, out: Path, learning_rate: float = 3e-3) -> tuple[dict, dict[str, list], dict[str, list]]:
-    """Train (fresh), then draw each prompt with the LoRA and, same seeds, with the base alone."""
+def draw_prompts(config: dict, checkpoint: Path | None, out: Path) -> dict[str, list]:
+    """Each prompt's images, with the LoRA at `checkpoint` or (None) by the base alone, same seeds."""
     from workflow_scripts.generation import generate, label_job
+
+    jobs = [(*label_job(config, label), IMAGES_PER_PROMPT) for label in PROMPTED]
+    generate(config, jobs, checkpoint, out, tiny_dir=out.parent / "unused-tiny")
+    return {label: [np.asarray(Image.open(path)) for path in sorted((out / label).glob("*.png"))] for label in PROMPTED}
+
+
+@pytest.fixture(scope="module")
+def base_drawn(dataset, tmp_path_factory) -> dict[str, list]:
+    """The prompts drawn by the base without LoRA: what both tests compare their LoRA's images with."""
+    return draw_prompts(dataset[1], None, tmp_path_factory.mktemp("base") / "base")
+
+
+def train_and_draw(dataset, out: Path, learning_rate: float = 3e-3, steps: int | None = None) -> tuple[dict, dict[str, list]]:
+    """Train (fresh), then draw each prompt with the LoRA."""
     from workflow_scripts.train_lora import train
 
     root, config = dataset
-    config = {**config, "training": {**config["training"], "learning_rate": learning_rate}}
+    training = {**config["training"], "learning_rate": learning_rate}
+    if steps is not None:
+        training.update(max_train_steps=steps, save_steps=steps)
+    config = {**config, "training": training}
     summary = train(config, root / "data", out / "lora", out / "unused-tiny", resume="none")
-    jobs = [(*label_job(config, label), IMAGES_PER_PROMPT) for label in PROMPTED]
-    drawn = {}
-    for name, checkpoint in (("lora", out / "lora" / "final"), ("base", None)):
-        generate(config, jobs, checkpoint, out / name, tiny_dir=out / "unused-tiny")
-        drawn[name] = {label: [np.asarray(Image.open(path)) for path in sorted((out / name / label).glob("*.png"))]
-                       for label in PROMPTED}
-    return summary, drawn["lora"], drawn["base"]
+    return summary, draw_prompts(config, out / "lora" / "final", out / "lora-drawn")
 
 
 def separation(scorer, drawn: dict[str, list]) -> float:
@@ -108,8 +119,9 @@ def separation(scorer, drawn: dict[str, list]) -> float:
 
 
 @pytest.mark.slow  # 400 LoRA steps and 40 generations: about a minute of CPU; the quick tier trains in test_train_lora.py
-def test_a_short_lora_run_teaches_the_prompted_findings(dataset, scorer, tmp_path) -> None:
-    summary, lora, base = train_and_draw(dataset, tmp_path)
+def test_a_short_lora_run_teaches_the_prompted_findings(dataset, scorer, base_drawn, tmp_path) -> None:
+    summary, lora = train_and_draw(dataset, tmp_path)
+    base = base_drawn
     curve = summary["val_loss"]
     assert curve[0]["step"] == 0 and curve[-1]["step"] == 400
     # held-out loss under the labelled prompts falls (by ~2 % here: most of the loss is noise no label explains)
@@ -120,9 +132,11 @@ def test_a_short_lora_run_teaches_the_prompted_findings(dataset, scorer, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_learning_rate_of_zero_teaches_nothing(dataset, scorer, tmp_path) -> None:
-    """The control of the test above: the same run with nothing learned fails both of its checks."""
-    summary, lora, base = train_and_draw(dataset, tmp_path, learning_rate=0.0)
+def test_a_learning_rate_of_zero_teaches_nothing(dataset, scorer, base_drawn, tmp_path) -> None:
+    """The control of the test above: the same run with nothing learned fails both of its checks. At a
+    learning rate of 0 no step moves a weight, so 40 steps stand for 400."""
+    summary, lora = train_and_draw(dataset, tmp_path, learning_rate=0.0, steps=40)
+    base = base_drawn
     curve = summary["val_loss"]
     assert curve[-1]["loss"] == pytest.approx(curve[0]["loss"], abs=1e-6)
     assert separation(scorer, lora) == pytest.approx(separation(scorer, base), abs=0.02)

@@ -90,14 +90,19 @@ def leave_one_out_auroc(targets: np.ndarray, scores: np.ndarray, clusters: np.nd
     n_clusters = int(clusters.max()) + 1
     left, right = within_cluster_pairs(clusters)
     out = np.full((n_clusters, targets.shape[1]), np.nan)
+    # Ranks of every column at once; within one class, the other class set to +inf (ranked above all,
+    # so the class's own ranks among themselves are unchanged).
+    positives = targets > 0
+    ranks = rankdata(scores, axis=0)
+    within_positives = rankdata(np.where(positives, scores, np.inf), axis=0)
+    within_negatives = rankdata(np.where(positives, np.inf, scores), axis=0)
     for j in range(targets.shape[1]):
-        positive, score = targets[:, j] > 0, scores[:, j]
+        positive, score = positives[:, j], scores[:, j]
         n_pos, n_neg = int(positive.sum()), int((~positive).sum())
         if not (n_pos and n_neg):
             continue
-        ranks = rankdata(score)
-        below = ranks[positive] - rankdata(score[positive])  # per positive: negatives below it, ties half
-        above = n_pos - (ranks[~positive] - rankdata(score[~positive]))  # per negative: positives above it
+        below = ranks[positive, j] - within_positives[positive, j]  # per positive: negatives below it, ties half
+        above = n_pos - (ranks[~positive, j] - within_negatives[~positive, j])  # per negative: positives above it
         pair = positive[left] & ~positive[right]
         won = (score[left[pair]] > score[right[pair]]) + 0.5 * (score[left[pair]] == score[right[pair]])
         count = (below.sum() - np.bincount(clusters[positive], below, n_clusters)
