@@ -28,6 +28,7 @@ def quick_run(tmp_path_factory) -> dict[str, Any]:
     return {"code": code, "stdout": stdout.getvalue(), "json": json.loads(json_path.read_text()), "root": root}
 
 
+@pytest.mark.slow  # the benchmark's run: the full suite's (the quick tier stays under 3 minutes)
 def test_last_line_is_the_speed_up(quick_run) -> None:
     assert quick_run["code"] == 0
     last = quick_run["stdout"].rstrip("\n").splitlines()[-1]
@@ -35,6 +36,7 @@ def test_last_line_is_the_speed_up(quick_run) -> None:
     assert float(last.split(": ")[1].rstrip("x")) == pytest.approx(quick_run["json"]["training"]["speedup"], abs=0.005)
 
 
+@pytest.mark.slow  # the benchmark's run: the full suite's (the quick tier stays under 3 minutes)
 def test_training_rows_and_ratio(quick_run) -> None:
     training = quick_run["json"]["training"]
     ours, reference = training["ours"], training["reference"]
@@ -49,6 +51,7 @@ def test_training_rows_and_ratio(quick_run) -> None:
     assert quick_run["json"]["compute"]["matmul_peak"]["tflops"] > 0
 
 
+@pytest.mark.slow  # the benchmark's run: the full suite's (the quick tier stays under 3 minutes)
 def test_generation_rows_for_each_step_count(quick_run) -> None:
     rows = quick_run["json"]["generation"]
     for variant in ("lora attached", "lora fused"):  # the old figure beside generate_xrays' fused LoRA
@@ -59,6 +62,7 @@ def test_generation_rows_for_each_step_count(quick_run) -> None:
         assert row["guidance"] == 7.5 and row["scheduler"] == "dpmsolver++" and row["vae_decode"]
 
 
+@pytest.mark.slow  # the benchmark's run: the full suite's (the quick tier stays under 3 minutes)
 def test_memory_rows_say_gpu_numbers_are_absent_on_cpu(quick_run) -> None:
     memory = quick_run["json"]["memory"]
     settings = {(row["loop"], row["gradient_checkpointing"]) for row in memory["rows"]}
@@ -70,6 +74,7 @@ def test_memory_rows_say_gpu_numbers_are_absent_on_cpu(quick_run) -> None:
     assert "n/a on CPU" in quick_run["stdout"]
 
 
+@pytest.mark.slow  # the benchmark's run: the full suite's (the quick tier stays under 3 minutes)
 def test_table_and_json_describe_the_run(quick_run) -> None:
     result, out = quick_run["json"], quick_run["stdout"]
     assert result["model"] == "tiny" and result["dtype"] == "fp32" and result["resolution"] == 64
@@ -82,6 +87,7 @@ def test_table_and_json_describe_the_run(quick_run) -> None:
     assert (quick_run["root"] / "tiny-sd" / "model_index.json").is_file()  # --tiny-dir: built there, kept
 
 
+@pytest.mark.slow  # the benchmark's run: the full suite's (the quick tier stays under 3 minutes)
 def test_lever_rows_say_levers_are_off_on_cpu(quick_run) -> None:
     sweep = quick_run["json"]["lever_sweep"]
     assert [row["lever"] for row in sweep["rows"]] == ["allow_tf32", "cudnn_benchmark", "channels_last", "compile_unet"]
@@ -90,6 +96,7 @@ def test_lever_rows_say_levers_are_off_on_cpu(quick_run) -> None:
     assert not any(quick_run["json"]["levers"].values())
 
 
+@pytest.mark.slow  # the benchmark's run: the full suite's (the quick tier stays under 3 minutes)
 def test_ours_runs_the_training_code_and_keeps_the_epoch_order(quick_run, capsys, monkeypatch) -> None:
     from workflow_scripts import train_lora
     from workflow_scripts.bench import training as bench_training

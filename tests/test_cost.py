@@ -24,6 +24,7 @@ NIH = REPO / "config" / "nih_chestxray14.yaml"
 NIH_SIZES = ["--train-images", "10000", "--val-images", "11200", "--test-images", "22400"]
 
 
+@pytest.mark.slow  # the full suite's (the quick tier stays under 3 minutes)
 def test_the_stored_counts_are_what_flop_counter_mode_counts() -> None:
     # Re-counted at the smallest stored size (the meta device makes the size nearly free; building
     # the models is the cost). The larger entries were counted by the same call.
@@ -83,6 +84,7 @@ def test_a_control_added_to_the_study_adds_its_runs(capsys: pytest.CaptureFixtur
         len(arms.arm_names(config)) * 5 == 35
 
 
+@pytest.mark.slow  # the full suite's (the quick tier stays under 3 minutes)
 def test_the_demo_estimate_reads_the_prepared_splits_and_matches_the_generation_plan(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     make_demo_dataset(tmp_path / "demo", 40, 64, 0)

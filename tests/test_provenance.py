@@ -41,6 +41,7 @@ def assert_all_remade(before: dict[str, np.ndarray], after: dict[str, np.ndarray
         assert np.array_equal(after[name], fresh[name]), f"{name} is not the image the new settings make"
 
 
+@pytest.mark.slow  # the full suite's (the quick tier stays under 3 minutes)
 def test_a_retrained_lora_keeps_none_of_the_old_loras_images(trained, tmp_path) -> None:  # noqa: F811
     out, new_lora = tmp_path / "out", retrained(trained, tmp_path)
     final = trained["root"] / "lora" / "final"

@@ -190,6 +190,7 @@ def test_the_viewer_has_what_a_radiologist_expects(browser, study, tmp_path: Pat
     assert errors == [], errors
 
 
+@pytest.mark.slow  # the page driven end to end in Chromium; the quick tier keeps the viewer's check
 def test_a_reader_answers_every_image_reloads_switches_exports_and_is_scored(browser, study, tmp_path: Path, capsys) -> None:
     folder, key, vocabulary = study
     name = 'Dr "A", Reader'

@@ -243,7 +243,8 @@ def described(name: str, share: float, repeats: int) -> str:
     return f"{name}: {share:.3f} (SE {calibration.Rates.se(share, repeats):.3f}, {repeats} repeats)"
 
 
-@pytest.mark.parametrize("design", [PAIR3, PAIR5, calibration.replace(PAIR3, seed_sd=0.0)],
+@pytest.mark.parametrize("design", [PAIR3, pytest.param(PAIR5, marks=pytest.mark.slow),
+                                    pytest.param(calibration.replace(PAIR3, seed_sd=0.0), marks=pytest.mark.slow)],
                          ids=["3 seeds", "5 seeds", "seeds differ only film by film"])
 def test_identical_arms_read_gain_or_loss_at_most_5_percent_and_their_intervals_cover(design) -> None:
     # two arms from one training process: gain or loss (Holm's level is alpha for one arm) at most

@@ -136,6 +136,7 @@ def test_killed_while_saving_leaves_the_previous_checkpoint_usable(setup, monkey
             torch.testing.assert_close(value, straight[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # the full suite's (the quick tier stays under 3 minutes)
 def test_checkpoint_from_another_configuration_is_not_resumed(setup, capsys) -> None:
     out = setup["root"] / "changed"
     run(setup, out, "training.max_train_steps=2", "model.lora_rank=4")
@@ -297,6 +298,7 @@ def test_every_result_changing_key_starts_fresh_and_only_listed_keys_resume(setu
             assert moved != resumable, f"{section}.{key}"  # pretrained counts through the resolved source
 
 
+@pytest.mark.slow  # the full suite's (the quick tier stays under 3 minutes)
 def test_changed_learning_rate_starts_fresh_and_a_longer_run_resumes(setup, capsys) -> None:
     out = setup["root"] / "changed_lr"
     run(setup, out, "training.max_train_steps=2", "training.learning_rate=1e-3")
