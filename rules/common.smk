@@ -7,25 +7,25 @@ import sys
 from snakemake.exceptions import WorkflowError
 
 # Stage logic lives in the workflow_scripts package. This process imports it for validation;
-# jobs run it as `python -m workflow_scripts.<stage>`, from any working directory.
+# jobs run it as `python -m workflow_scripts.<package>.<stage>`, from any working directory.
 sys.path.insert(0, workflow.basedir)
 shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from workflow_scripts import paths  # every folder under results/
-from workflow_scripts.config import (
+from workflow_scripts.common import paths  # every folder under results/
+from workflow_scripts.common.config import (
     STAGE_CONFIG,
     check_config_files,
     stage_config,
     validate_config,
     write_stage_config,
 )
-from workflow_scripts.rerun_reasons import stage_changes
-from workflow_scripts.arms import REFERENCE, arm_names, arm_pattern, controls, parse_arm
-from workflow_scripts.weights import inventory as weights_inventory, render as render_weights, stop_message
+from workflow_scripts.common.rerun_reasons import stage_changes
+from workflow_scripts.study.arms import REFERENCE, arm_names, arm_pattern, controls, parse_arm
+from workflow_scripts.models.weights import inventory as weights_inventory, render as render_weights, stop_message
 
 # The demo overlay, only when no --configfile is given. Read strictly first: Snakemake's own reader
 # names neither file nor line for a tab or an empty file. (A --configfile Snakemake reads before
-# the workflow starts; the config CLI, workflow_scripts/config.py --config FILE, names the line there.)
+# the workflow starts; the config CLI, workflow_scripts/common/config.py --config FILE, names the line there.)
 if not workflow.overwrite_configfiles:
     check_config_files(["config/config.yaml"])
 
@@ -52,7 +52,7 @@ for key in ("csv", "images"):  # Snakemake reads {...} in an input path as a wil
         raise WorkflowError(
             f"dataset.{key}: {config['dataset'][key]!r} holds a brace, which Snakemake reads as a wildcard in the "
             f"rule's input path. Rename the folder, or point dataset.{key} at a symlink without braces "
-            "(python -m workflow_scripts.prepare_dataset takes such paths as they are)."
+            "(python -m workflow_scripts.data.prepare_dataset takes such paths as they are)."
         )
 if config["dataset"]["csv"] != paths.DEMO_CSV and not os.path.isfile(config["dataset"]["csv"]):
     raise WorkflowError(
@@ -63,7 +63,7 @@ if config["dataset"]["csv"] != paths.DEMO_CSV and not os.path.isfile(config["dat
 
 def stage_config_file(stage):
     """<paths.STAGE_CONFIG>/<stage>.yaml: the part of this run's configuration that `stage` declares
-    (STAGE_CONFIG in workflow_scripts/config.py), written by write_stage_config. The stage reads
+    (STAGE_CONFIG in workflow_scripts/common/config.py), written by write_stage_config. The stage reads
     only this file, and the job re-runs exactly when its content changes."""
     return f"{paths.STAGE_CONFIG}/{stage}.yaml"
 
@@ -112,7 +112,7 @@ def planned_generation_results(wildcards):
 
 
 def classifier_inputs(wildcards):
-    """The splits, plus the list of images the arm's kind draws from (workflow_scripts.arms: its
+    """The splits, plus the list of images the arm's kind draws from (workflow_scripts.study.arms: its
     pool names the rule and output that make it). An arm without a pool (the real-only baseline)
     does not wait for generation."""
     inputs = {

@@ -19,5 +19,5 @@ rule estimate_cost:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.cost --config {input.config} --data-dir {params.data_dir} --out {output.cost}"
+        "python -m workflow_scripts.study.cost --config {input.config} --data-dir {params.data_dir} --out {output.cost}"
         " > {log} 2>&1"

@@ -17,7 +17,7 @@ rule demo_dataset:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.demo_dataset --out-dir {params.out_dir}"
+        "python -m workflow_scripts.data.demo_dataset --out-dir {params.out_dir}"
         " --num-patients {params.num_patients} --size {params.size} --seed {params.seed} > {log} 2>&1"
 
 
@@ -43,7 +43,7 @@ rule prepare_dataset:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.prepare_dataset --config {input.config} --out-dir {params.out_dir}"
+        "python -m workflow_scripts.data.prepare_dataset --config {input.config} --out-dir {params.out_dir}"
         " --workers {threads} > {log} 2>&1"
 
 
@@ -69,5 +69,5 @@ rule verify_dataset:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.verify_dataset --config {input.config} --train {input.train} --val {input.val}"
+        "python -m workflow_scripts.data.verify_dataset --config {input.config} --train {input.train} --val {input.val}"
         " --test {input.test} --reserve {input.reserve} --out-dir {params.out_dir} > {log} 2>&1"

@@ -30,7 +30,7 @@ rule train_classifier:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.train_classifier --config {input.config} --train {input.train} --val {input.val}"
+        "python -m workflow_scripts.classifier.train_classifier --config {input.config} --train {input.train} --val {input.val}"
         " --test {input.test}"
         " {params.synthetic} {params.exclude} --arm {wildcards.arm} --seed {params.seeds} --out-dir {params.out_dirs}"
         " --cache-dir {params.cache_dir}"
@@ -62,7 +62,7 @@ rule train_classifier_seed:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.train_classifier --config {input.config} --train {input.train} --val {input.val}"
+        "python -m workflow_scripts.classifier.train_classifier --config {input.config} --train {input.train} --val {input.val}"
         " --test {input.test}"
         " {params.synthetic} {params.exclude} --arm {wildcards.arm} --seed {wildcards.seed} --out-dir {params.out_dir}"
         " --cache-dir {params.cache_dir} > {log} 2>&1"
@@ -72,7 +72,7 @@ ruleorder: train_classifier > train_classifier_seed
 
 
 # Each control is its own target (`snakemake train_noise_control`), run by `all` when listed in
-# classifier.controls and skipped otherwise: one per control of workflow_scripts.arms.
+# classifier.controls and skipped otherwise: one per control of workflow_scripts.study.arms.
 for _control in controls():
 
     rule:
@@ -146,7 +146,7 @@ rule evaluate_fidelity:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.evaluate_fidelity --config {input.config} --train {input.train} --val {input.val}"
+        "python -m workflow_scripts.fidelity.evaluate_fidelity --config {input.config} --train {input.train} --val {input.val}"
         " --synthetic {input.synthetic} --base-synthetic {input.base_synthetic} --classifier {input.classifier}"
         " --audit-summary {input.audit_summary}"
         " --out-dir {params.out_dir} > {log} 2>&1"
@@ -189,7 +189,7 @@ rule compare:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.compare --config {input.config} --runs {params.runs}"
+        "python -m workflow_scripts.study.compare --config {input.config} --runs {params.runs}"
         " --fidelity {input.fidelity} --lora-summary {input.lora_summary} --train {input.train} --test {input.test}"
         " --prepare-summary {input.prepare_summary} --synthetic {input.synthetic} {params.reader_study}"
         " --out-dir {params.out_dir} > {log} 2>&1"
@@ -213,5 +213,5 @@ rule plan_power:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.power --config {input.config} --runs {params.runs} --test {input.test}"
+        "python -m workflow_scripts.study.power --config {input.config} --runs {params.runs} --test {input.test}"
         " --out {output.page} > {log} 2>&1"

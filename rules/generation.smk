@@ -12,7 +12,7 @@ checkpoint plan_generation:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.plan_generation --config {input.config} --train {input.train}"
+        "python -m workflow_scripts.generation.plan_generation --config {input.config} --train {input.train}"
         " --plan {output.plan} > {log} 2>&1"
 
 
@@ -40,7 +40,7 @@ rule generate_label:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "OMP_NUM_THREADS={params.torch_threads} python -m workflow_scripts.generate_xrays --config {input.config} --label {wildcards.label}"
+        "OMP_NUM_THREADS={params.torch_threads} python -m workflow_scripts.generation.generate_xrays --config {input.config} --label {wildcards.label}"
         " --plan {input.plan} --checkpoint {input.lora} --tiny-dir {params.tiny_dir}"
         " --output-dir {params.output_dir} > {log} 2>&1"
 
@@ -67,7 +67,7 @@ rule generate_without_lora:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "OMP_NUM_THREADS={params.torch_threads} python -m workflow_scripts.generate_xrays --config {input.config} --no-lora --plan {input.plan}"
+        "OMP_NUM_THREADS={params.torch_threads} python -m workflow_scripts.generation.generate_xrays --config {input.config} --no-lora --plan {input.plan}"
         " --tiny-dir {params.tiny_dir} --output-dir {params.output_dir} --merged {output.results} > {log} 2>&1"
 
 
@@ -83,7 +83,7 @@ rule merge_generation:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.merge_generation --config {input.config} --results {input.results}"
+        "python -m workflow_scripts.generation.merge_generation --config {input.config} --results {input.results}"
         " --plan {input.plan} --merged {output.results} > {log} 2>&1"
 
 
@@ -105,5 +105,5 @@ rule make_noise_images:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.noise_images --config {input.config} --synthetic {input.synthetic}"
+        "python -m workflow_scripts.generation.noise_images --config {input.config} --synthetic {input.synthetic}"
         " --train {input.train} --output-dir {params.output_dir} > {log} 2>&1"

@@ -13,7 +13,7 @@ rule build_tiny_model:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.build_tiny_model --build-tiny {output.model} --resolution {params.resolution} > {log} 2>&1"
+        "python -m workflow_scripts.models.build_tiny_model --build-tiny {output.model} --resolution {params.resolution} > {log} 2>&1"
 
 
 rule pretrain_demo_base:
@@ -29,7 +29,7 @@ rule pretrain_demo_base:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.demo_base --out {output.model} --threads {threads} > {log} 2>&1"
+        "python -m workflow_scripts.models.demo_base --out {output.model} --threads {threads} > {log} 2>&1"
 
 
 rule train_lora:
@@ -61,5 +61,5 @@ rule train_lora:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "OMP_NUM_THREADS={params.torch_threads} {params.launcher} -m workflow_scripts.train_lora --config {input.config} --train {input.train} --val {input.val}"
+        "OMP_NUM_THREADS={params.torch_threads} {params.launcher} -m workflow_scripts.lora.train_lora --config {input.config} --train {input.train} --val {input.val}"
         " --output-dir {params.output_dir} --tiny-dir {params.tiny_dir} > {log} 2>&1"

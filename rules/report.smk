@@ -38,7 +38,7 @@ rule render_report_pages:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.report_pages --comparison {input.comparison} --comparison-csv {input.comparison_csv}"
+        "python -m workflow_scripts.report.report_pages --comparison {input.comparison} --comparison-csv {input.comparison_csv}"
         " --fidelity {input.fidelity} --verify {input.verify} --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -61,7 +61,7 @@ rule plot_training_curves:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.curves --runs {params.runs} --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m workflow_scripts.report.curves --runs {params.runs} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 localrules:

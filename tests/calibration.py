@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from workflow_scripts import compare
-from workflow_scripts.comparison import Run, Study, analyse
-from workflow_scripts.arms import parse_arm
+from workflow_scripts.study import compare
+from workflow_scripts.study.comparison import Run, Study, analyse
+from workflow_scripts.study.arms import parse_arm
 
 SEVEN_ARMS = ("ratio0", "ratio10", "ratio25", "ratio50", "rebalanced", "noise", "more_real")
 PAIR = ("ratio0", "more_real")
@@ -111,7 +111,7 @@ class Rates:
 def rates(repeats: int, design: Design, effect: float = 0.0, planted: str = "more_real", seed: int = 0,
           truth: float = 0.0, plan_seeds: int | None = None) -> Rates:
     """Run `repeats` studies with `effect` planted in `planted` and tally the table's verdicts."""
-    from workflow_scripts import power, stats
+    from workflow_scripts.study import power, stats
 
     rng = np.random.default_rng(seed)
     rows = []

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workflow_scripts.config import apply_overrides, load_config
+from workflow_scripts.common.config import apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "cxr-dev"

@@ -16,9 +16,9 @@ from PIL import Image
 
 from conftest import REPO, VOCAB, break_dataset, make_nih_dataset, split_flags, tree_checksum
 from test_prepare_dataset import write_dicom
-from workflow_scripts import prepare_dataset, verify_dataset
-from workflow_scripts.tables import SPLITS
-from workflow_scripts.images import read_xray
+from workflow_scripts.data import prepare_dataset, verify_dataset
+from workflow_scripts.common.tables import SPLITS
+from workflow_scripts.common.images import read_xray
 
 
 def stage_flags(csv: Path, images: Path, *extra: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Tests for workflow_scripts.base_model: the offline tiny SD 1.5 look-alike and clear-error loading."""
+"""Tests for workflow_scripts.models.base_model: the offline tiny SD 1.5 look-alike and clear-error loading."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import base_model, build_tiny_model, tiny_model
-from workflow_scripts.errors import ModelNotFoundError
-from workflow_scripts.base_model import load_components, load_pipeline, resolve_pretrained
-from workflow_scripts.tiny_model import build_tiny_pipeline
+from workflow_scripts.models import base_model, build_tiny_model, tiny_model
+from workflow_scripts.common.errors import ModelNotFoundError
+from workflow_scripts.models.base_model import load_components, load_pipeline, resolve_pretrained
+from workflow_scripts.models.tiny_model import build_tiny_pipeline
 
 SD15_SCHEDULER = Path(__file__).resolve().parents[1].parent / "shared" / "sd15-arch" / "scheduler" / "scheduler_config.json"
 LABEL_PROMPT = "A chest X-ray with Pleural_Thickening and Mass"

@@ -98,7 +98,7 @@ def test_lever_rows_say_levers_are_off_on_cpu(quick_run) -> None:
 
 @pytest.mark.slow  # the benchmark's run: the full suite's (the quick tier stays under 3 minutes)
 def test_ours_runs_the_training_code_and_keeps_the_epoch_order(quick_run, capsys, monkeypatch) -> None:
-    from workflow_scripts import train_lora
+    from workflow_scripts.lora import train_lora
     from workflow_scripts.bench import training as bench_training
 
     calls = {"micro_batch_loss": 0, "epoch_order": 0}

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from conftest import REPO
-from workflow_scripts import breakdown
+from workflow_scripts.bench import breakdown
 from workflow_scripts.bench import benchmark
-from workflow_scripts.errors import STARTUP_PREFIX
+from workflow_scripts.common.errors import STARTUP_PREFIX
 
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 
@@ -50,7 +50,7 @@ def test_no_run_and_a_foreign_tsv_are_named(tmp_path: Path, capsys) -> None:
 
 def test_a_stage_cli_writes_its_startup_first() -> None:
     # What the breakdown reads: a real command line's first stderr line; a test's main([...]) prints none.
-    result = subprocess.run([sys.executable, "-m", "workflow_scripts.breakdown", "--benchmarks", "/nonexistent"],
+    result = subprocess.run([sys.executable, "-m", "workflow_scripts.bench.breakdown", "--benchmarks", "/nonexistent"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     first = result.stderr.splitlines()[0]
     assert result.returncode == 2 and first.startswith(STARTUP_PREFIX)

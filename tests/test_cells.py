@@ -2,7 +2,7 @@
 
 import math
 
-from workflow_scripts.cells import finite, fixed, quantity, significant, with_ci
+from workflow_scripts.common.cells import finite, fixed, quantity, significant, with_ci
 
 
 def test_text_nan_and_infinity_are_not_numbers() -> None:

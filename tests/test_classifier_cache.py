@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from workflow_scripts import classifier_cache, train_classifier
-from workflow_scripts.classifier_cache import (CachedBatches, FilmStore, cache_films, decoded_batches, sequential,
+from workflow_scripts.classifier import classifier_cache, train_classifier
+from workflow_scripts.classifier.classifier_cache import (CachedBatches, FilmStore, cache_films, decoded_batches, sequential,
                                                study_store)
-from workflow_scripts.classifier_device import Precision, amp_dtype, loader_workers, precision_for
-from workflow_scripts.classifier_model import FilmDataset, normalize, read_film
-from workflow_scripts.errors import DataError
+from workflow_scripts.classifier.classifier_device import Precision, amp_dtype, loader_workers, precision_for
+from workflow_scripts.classifier.classifier_model import FilmDataset, normalize, read_film
+from workflow_scripts.common.errors import DataError
 
 SHARED_FILMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-dev" / "images"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -12,9 +12,9 @@ import pytest
 from conftest import REPO
 from PIL import Image
 
-from workflow_scripts.compare import compare, main, rare_labels
-from workflow_scripts.config import load_config
-from workflow_scripts.errors import DataError
+from workflow_scripts.study.compare import compare, main, rare_labels
+from workflow_scripts.common.config import load_config
+from workflow_scripts.common.errors import DataError
 
 LABELS = ["Effusion", "Mass", "Pneumonia", "No Finding"]
 CLASSES = LABELS[:3]

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from workflow_scripts.errors import ConfigError
-from workflow_scripts.config import (
+from workflow_scripts.common.errors import ConfigError
+from workflow_scripts.common.config import (
     NOT_RESULT,
     STAGE_CONFIG,
     DeclaredConfig,
@@ -174,7 +174,7 @@ def test_a_stage_sees_only_what_it_declares() -> None:
 
 
 def test_a_stage_reading_an_undeclared_section_fails(tmp_path: Path) -> None:
-    from workflow_scripts.generation import generation_plan
+    from workflow_scripts.generation.pipeline import generation_plan
 
     train = pd.DataFrame({"labels": ["Mass", "Effusion"]})
     declared = load_stage_config([REPO / "config" / "config.yaml"], "plan_generation")
@@ -200,10 +200,10 @@ def test_every_rule_gets_its_own_stage_config() -> None:
 
 
 def test_committed_config_reference_is_up_to_date() -> None:
-    from workflow_scripts.config import reference_markdown
+    from workflow_scripts.common.config import reference_markdown
 
     committed = (REPO / "docs" / "config-reference.md").read_text()
-    assert committed == reference_markdown(), "regenerate: python -m workflow_scripts.config --reference > docs/config-reference.md"
+    assert committed == reference_markdown(), "regenerate: python -m workflow_scripts.common.config --reference > docs/config-reference.md"
     assert "| `model.lora_rank` | integer, ≥ 1, ≤ 256 | `4` |" in committed
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from workflow_scripts import prepare_dataset
-from workflow_scripts.config import load_config, validate_config
-from workflow_scripts.errors import ConfigError
+from workflow_scripts.data import prepare_dataset
+from workflow_scripts.common.config import load_config, validate_config
+from workflow_scripts.common.errors import ConfigError
 
 DEMO = REPO / "config" / "config.yaml"
 
@@ -84,8 +84,8 @@ def test_null_on_config_means_null_where_the_key_allows_it() -> None:
 def test_a_reserve_for_an_arm_that_never_runs(tmp_path: Path, capsys) -> None:
     import pandas as pd
 
-    from workflow_scripts.demo_dataset import make_demo_dataset
-    from workflow_scripts.prepare_dataset import prepare
+    from workflow_scripts.data.demo_dataset import make_demo_dataset
+    from workflow_scripts.data.prepare_dataset import prepare
 
     make_demo_dataset(tmp_path / "demo", num_patients=16, size=64, seed=0)
     data = [f"dataset.csv={tmp_path / 'demo' / 'Data_Entry_2017.csv'}", f"dataset.images={tmp_path / 'demo' / 'images'}",
@@ -106,8 +106,8 @@ def test_cyrillic_labels_get_a_unique_key_and_a_valid_file_name(tmp_path: Path) 
 
     from PIL import Image
 
-    from workflow_scripts.generation import label_key, parse_labels
-    from workflow_scripts.lora_validation import slug
+    from workflow_scripts.generation.pipeline import label_key, parse_labels
+    from workflow_scripts.lora.lora_validation import slug
 
     vocabulary = ["Кардиомегалия", "Отёк", "Сardiomegaly", "Cardiomegaly", "No Finding", "Mass", "Mass!"]
     keys = [label_key([label]) for label in vocabulary]

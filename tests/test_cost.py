@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, make_config
-from workflow_scripts import arms, cost, flops, study
-from workflow_scripts.classifier_model import class_names
-from workflow_scripts.config import load_config
-from workflow_scripts.demo_dataset import make_demo_dataset
+from workflow_scripts.study import arms, cost, flops, design as study
+from workflow_scripts.classifier.classifier_model import class_names
+from workflow_scripts.common.config import load_config
+from workflow_scripts.data.demo_dataset import make_demo_dataset
 from workflow_scripts.fidelity.audit_search import search_cost
-from workflow_scripts.generate_xrays import generation_plan
-from workflow_scripts.prepare_dataset import prepare
-from workflow_scripts.tables import load_split
+from workflow_scripts.generation.generate_xrays import generation_plan
+from workflow_scripts.data.prepare_dataset import prepare
+from workflow_scripts.common.tables import load_split
 
 NIH = REPO / "config" / "nih_chestxray14.yaml"
 NIH_SIZES = ["--train-images", "10000", "--val-images", "11200", "--test-images", "22400"]

@@ -11,7 +11,7 @@ import pytest
 from test_compare import LABELS, write_study
 
 from conftest import REPO
-from workflow_scripts.compare import main
+from workflow_scripts.study.compare import main
 
 
 def cut_half(path: Path) -> None:
@@ -63,7 +63,7 @@ def _generated_key(out: Path, key: str, count: int) -> Path:
     import pandas as pd
 
     from conftest import SHARED_DATA
-    from workflow_scripts.tables import RESULT_COLUMNS
+    from workflow_scripts.common.tables import RESULT_COLUMNS
 
     (out / key).mkdir(parents=True)
     films = sorted((SHARED_DATA / "images").glob("*.png"))[:count]
@@ -87,7 +87,7 @@ def _cut_last_line(path: Path) -> None:
 ])
 def test_a_cut_per_label_generation_list_is_named_not_blamed_on_images_per_label(tmp_path: Path, capsys, damage,
                                                                                 message: str, plan: bool) -> None:
-    from workflow_scripts.merge_generation import main as merge_main
+    from workflow_scripts.generation.merge_generation import main as merge_main
 
     out = tmp_path / "synthetic"
     lists = [_generated_key(out, key, 4) for key in ("Mass", "No_Finding")]

@@ -11,9 +11,9 @@ import pytest
 
 from conftest import REPO, SHARED_DATA
 from test_data_integrity import nih_copy, run
-from workflow_scripts import prepare_dataset
-from workflow_scripts.errors import ConfigError
-from workflow_scripts.config import load_config, prompt_template_problem
+from workflow_scripts.data import prepare_dataset
+from workflow_scripts.common.errors import ConfigError
+from workflow_scripts.common.config import load_config, prompt_template_problem
 
 DEMO = [REPO / "config" / "config.yaml"]
 

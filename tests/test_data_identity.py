@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import REPO, SHARED_DATA, tree_checksum
 from test_data_integrity import SINGLE_FILM_PATIENTS, chexpert_copy, generic_copy, nih_copy, real_rows, run, splits
-from workflow_scripts import verify_dataset
+from workflow_scripts.data import verify_dataset
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/cxr-dev not present")
 

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, SHARED_DATA, split_flags, tree_checksum
-from workflow_scripts import prepare_dataset, verify_dataset
-from workflow_scripts.resolve import find_bad_images
-from workflow_scripts.tables import SPLITS, load_split
+from workflow_scripts.data import prepare_dataset, verify_dataset
+from workflow_scripts.data.resolve import find_bad_images
+from workflow_scripts.common.tables import SPLITS, load_split
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/cxr-dev not present")
 

@@ -63,7 +63,7 @@ def test_chexpert_no_finding_together_with_a_finding_is_refused_naming_the_line(
 
 def test_chexpert_no_finding_beside_support_devices_stands(tmp_path: Path) -> None:
     # CheXpert's own rule: No Finding excludes every pathology, and Support Devices is none.
-    from workflow_scripts.labels import read_chexpert
+    from workflow_scripts.common.labels import read_chexpert
 
     csv = chexpert_copy(tmp_path / "user", real_rows())
     lines = csv.read_text().splitlines()
@@ -119,7 +119,7 @@ def test_a_dicom_without_preamble_and_file_meta_is_read(tmp_path: Path, implicit
     from PIL import Image
     from test_image_rules import write_dicom
 
-    from workflow_scripts.images import check_image, read_xray
+    from workflow_scripts.common.images import check_image, read_xray
 
     film = np.asarray(Image.open(SHARED_DATA / "images" / real_rows()["Image Index"][0]).convert("L")).astype("uint16") * 16
     raw = _raw_dicom(tmp_path / "raw.dcm", film, implicit)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from workflow_scripts import demo_base
-from workflow_scripts.base_model import load_components
-from workflow_scripts.demo_base import FINGERPRINT_FILE, SHIPPED_DIR, verify_fingerprint
+from workflow_scripts.models import demo_base
+from workflow_scripts.models.base_model import load_components
+from workflow_scripts.models.demo_base import FINGERPRINT_FILE, SHIPPED_DIR, verify_fingerprint
 
 
 def test_shipped_base_matches_its_fingerprint_and_fits_the_repository() -> None:
@@ -68,6 +68,6 @@ def test_the_rebuild_command_runs_its_first_steps(tmp_path) -> None:
 
 
 def demo_base_labels() -> list[str]:
-    from workflow_scripts.phantom import LABELS
+    from workflow_scripts.data.phantom import LABELS
 
     return list(LABELS)

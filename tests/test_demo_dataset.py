@@ -1,4 +1,4 @@
-"""Tests for the phantom chest X-ray dataset (workflow_scripts/demo_dataset.py, phantom.py)."""
+"""Tests for the phantom chest X-ray dataset (workflow_scripts/data/demo_dataset.py, phantom.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from scipy.ndimage import binary_erosion, gaussian_filter
 
-from workflow_scripts.demo_dataset import main, make_demo_dataset
-from workflow_scripts.phantom import LABELS, anatomy_masks, draw_phantom, sample_anatomy
+from workflow_scripts.data.demo_dataset import main, make_demo_dataset
+from workflow_scripts.data.phantom import LABELS, anatomy_masks, draw_phantom, sample_anatomy
 
 NIH_NAME = re.compile(r"^(\d{8})_(\d{3})\.png$")
 FINDINGS = [label for label in LABELS if label != "No Finding"]

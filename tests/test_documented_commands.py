@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, make_nih_dataset
 from test_weights import fake_hf_file
-from workflow_scripts import weights
+from workflow_scripts.models import weights
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 PLACEHOLDERS = ("…", "...", "<", "[")  # an elided command ("the same command as before") is not a command
@@ -49,7 +49,7 @@ SNAKEMAKE = {" ".join(argv): (where, argv) for where, argv in COMMANDS if argv[0
 
 
 def test_the_docs_print_the_commands_this_test_runs() -> None:
-    assert "workflow_scripts.train_lora" in MODULES and len(MODULES) >= 15
+    assert "workflow_scripts.lora.train_lora" in MODULES and len(MODULES) >= 15
     assert "snakemake estimate_cost" in SNAKEMAKE and "snakemake --cores 1 plan_power" in SNAKEMAKE
     assert not [where for where, argv in COMMANDS if "huggingface-cli" in argv]  # the pinned hub installs only `hf`
 

@@ -8,8 +8,8 @@ import ast
 import pytest
 
 from conftest import REPO
-from workflow_scripts.errors import ConfigError, DataError, GenerationError, ModelNotFoundError, TrainingError, UserError, run_stage
-from workflow_scripts.images import BadImageError
+from workflow_scripts.common.errors import ConfigError, DataError, GenerationError, ModelNotFoundError, TrainingError, UserError, run_stage
+from workflow_scripts.common.images import BadImageError
 
 
 def test_a_user_error_is_a_message_and_exit_code_2(capsys) -> None:
@@ -37,11 +37,11 @@ def test_every_user_error_shares_the_base_and_keeps_its_old_bases() -> None:
     assert issubclass(ConfigError, ValueError) and issubclass(DataError, ValueError) and issubclass(TrainingError, RuntimeError)
     assert str(BadImageError("x.png", "truncated")).startswith("x.png: truncated")
     # The names stay importable where other code imported them from.
-    from workflow_scripts.base_model import ModelNotFoundError as from_base
-    from workflow_scripts.config import ConfigError as from_config
-    from workflow_scripts.labels import DataError as from_labels
-    from workflow_scripts.train_lora import TrainingError as from_lora
-    from workflow_scripts.train_classifier import TrainingError as from_classifier
+    from workflow_scripts.models.base_model import ModelNotFoundError as from_base
+    from workflow_scripts.common.config import ConfigError as from_config
+    from workflow_scripts.common.labels import DataError as from_labels
+    from workflow_scripts.lora.train_lora import TrainingError as from_lora
+    from workflow_scripts.classifier.train_classifier import TrainingError as from_classifier
 
     assert (from_base, from_config, from_labels, from_lora, from_classifier) == (
         ModelNotFoundError, ConfigError, DataError, TrainingError, TrainingError)

@@ -17,12 +17,12 @@ import torchvision
 from PIL import Image
 
 from tests.conftest import REPO, make_config, split_flags
-from workflow_scripts import evaluate_fidelity as cli
-from workflow_scripts.demo_dataset import make_demo_dataset
+from workflow_scripts.fidelity import evaluate_fidelity as cli
+from workflow_scripts.data.demo_dataset import make_demo_dataset
 from workflow_scripts.fidelity import BASE, BASE_PROMPTED, MACRO, PROMPTED, REAL_VAL, audit, distances, features
 from workflow_scripts.fidelity.evaluate import FLOOR, SYNTHETIC, adherence_rows, evaluate, label_sets
-from workflow_scripts.prepare_dataset import prepare
-from workflow_scripts.tables import load_split
+from workflow_scripts.data.prepare_dataset import prepare
+from workflow_scripts.common.tables import load_split
 
 FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
 GENERATION_COLUMNS = dict(prompt="A chest X-ray", seed=0, steps=1, guidance=7.5, scheduler="ddim", checkpoint="final")

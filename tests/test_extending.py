@@ -12,7 +12,7 @@ import yaml
 
 from conftest import REPO, make_config
 from tests.test_compare import run_compare
-from workflow_scripts import arms
+from workflow_scripts.study import arms
 
 
 def dummy_build(arm: arms.Arm, real: pd.DataFrame, pool: pd.DataFrame | None, n: int, seed: int) -> tuple[pd.DataFrame, dict]:
@@ -51,7 +51,7 @@ def test_an_arm_kind_defined_in_one_place_is_an_arm_with_a_training_set(dummy_ki
 
 
 def test_the_classifier_help_names_every_control(dummy_kind: arms.ArmKind, capsys: pytest.CaptureFixture) -> None:
-    from workflow_scripts import train_classifier
+    from workflow_scripts.classifier import train_classifier
 
     with pytest.raises(SystemExit):
         train_classifier.main(["--help"])
@@ -115,8 +115,8 @@ def test_a_set_metric_registered_in_one_place_reaches_fidelity_csv_the_table_and
 def test_a_label_format_registered_in_one_place_is_read_into_the_splits(monkeypatch: pytest.MonkeyPatch,
                                                                         tmp_path: Path) -> None:
     from conftest import VOCAB, make_nih_dataset
-    from workflow_scripts import labels
-    from workflow_scripts.prepare_dataset import prepare
+    from workflow_scripts.common import labels
+    from workflow_scripts.data.prepare_dataset import prepare
 
     csv, images = make_nih_dataset(tmp_path / "nih")  # 30 patients, 2 films each
     table = pd.read_csv(csv).rename(columns={"Image Index": "file", "Finding Labels": "findings", "Patient ID": "pid"})

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, tree_checksum
-from workflow_scripts.demo_dataset import make_demo_dataset
-from workflow_scripts.faults import ENV
-from workflow_scripts.images import check_image
+from workflow_scripts.data.demo_dataset import make_demo_dataset
+from workflow_scripts.common.faults import ENV
+from workflow_scripts.common.images import check_image
 
 pytestmark = pytest.mark.slow  # every test here runs Snakemake for real, several times
 

@@ -15,18 +15,18 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from workflow_scripts import generation, merge_generation, plan_generation
-from workflow_scripts.base_model import load_pipeline, make_scheduler
-from workflow_scripts.tiny_model import build_tiny_pipeline
-from workflow_scripts.config import load_config
-from workflow_scripts.demo_dataset import make_demo_dataset
-from workflow_scripts.errors import GenerationError
-from workflow_scripts.generate_xrays import main
-from workflow_scripts.generation import generation_plan, label_key, parse_labels
-from workflow_scripts.prepare_dataset import prepare
-from workflow_scripts.study import pool_size_needed
-from workflow_scripts.tables import load_split
-from workflow_scripts.train_lora import train
+from workflow_scripts.generation import pipeline as generation, merge_generation, plan_generation
+from workflow_scripts.models.base_model import load_pipeline, make_scheduler
+from workflow_scripts.models.tiny_model import build_tiny_pipeline
+from workflow_scripts.common.config import load_config
+from workflow_scripts.data.demo_dataset import make_demo_dataset
+from workflow_scripts.common.errors import GenerationError
+from workflow_scripts.generation.generate_xrays import main
+from workflow_scripts.generation.pipeline import generation_plan, label_key, parse_labels
+from workflow_scripts.data.prepare_dataset import prepare
+from workflow_scripts.study.design import pool_size_needed
+from workflow_scripts.common.tables import load_split
+from workflow_scripts.lora.train_lora import train
 
 
 @pytest.fixture(scope="module")

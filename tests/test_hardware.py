@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from workflow_scripts.hardware import DTYPE_NAMES, DTYPES, apply_cuda_levers
+from workflow_scripts.common.hardware import DTYPE_NAMES, DTYPES, apply_cuda_levers
 
 
 def test_levers_set_the_new_api_and_restore_it() -> None:

@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import SHARED_DATA
 from test_data_integrity import nih_copy, run
-from workflow_scripts.images import BLANK_SPREAD, check_image, read_xray
+from workflow_scripts.common.images import BLANK_SPREAD, check_image, read_xray
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/cxr-dev not present")
 

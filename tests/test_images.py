@@ -1,4 +1,4 @@
-"""Tests for workflow_scripts.images: canonical 8-bit grayscale reading + clear errors."""
+"""Tests for workflow_scripts.common.images: canonical 8-bit grayscale reading + clear errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image, ImageFile
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from workflow_scripts.images import (
+from workflow_scripts.common.images import (
     SUPPORTED_SUFFIXES,
     BadImageError,
     check_image,
@@ -117,7 +117,7 @@ def test_png_16bit_rescaled_monotone(tmp_path: Path) -> None:
 ])
 def test_high_bit_modes_window(arr: np.ndarray, expected: list[int]) -> None:
     # Pillow cannot write 'I'/'F' as PNG, so exercise the in-memory conversion directly.
-    from workflow_scripts.images import _pil_to_l
+    from workflow_scripts.common.images import _pil_to_l
 
     im = Image.fromarray(arr)
     out = _pil_to_l(im)  # windowed between the 0.5th and 99.5th percentiles: the middle lands at 127 or 128
@@ -127,7 +127,7 @@ def test_high_bit_modes_window(arr: np.ndarray, expected: list[int]) -> None:
 
 
 def test_non_finite_float_pixels_are_refused() -> None:
-    from workflow_scripts.images import _pil_to_l
+    from workflow_scripts.common.images import _pil_to_l
 
     with pytest.raises(BadImageError, match="1 of 3 pixels are NaN or infinite"):
         _pil_to_l(Image.fromarray(np.array([[np.nan, 0.5, 1.0]], dtype=np.float32)), "x.tif")

@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_train_lora import final_weights, run, setup  # noqa: F401 (setup: the module's fixture)
 
-from workflow_scripts.integrity import array_crc, checkpoint_problem
-from workflow_scripts.lora_checkpoints import list_checkpoints
+from workflow_scripts.lora.integrity import array_crc, checkpoint_problem
+from workflow_scripts.lora.lora_checkpoints import list_checkpoints
 
 
 def cut(path: Path) -> None:
@@ -82,7 +82,7 @@ def test_a_cut_checkpoint_is_skipped_with_a_note_and_the_previous_one_used(
 
 
 def test_a_damaged_checkpoint_named_by_resume_is_refused_naming_the_file(setup, finished, tmp_path) -> None:  # noqa: F811
-    from workflow_scripts.errors import TrainingError
+    from workflow_scripts.common.errors import TrainingError
 
     out = copy_of(finished, tmp_path)
     checkpoint = out / "checkpoints" / "checkpoint-2"
@@ -93,7 +93,7 @@ def test_a_damaged_checkpoint_named_by_resume_is_refused_naming_the_file(setup, 
 
 
 def test_array_crc_sees_moved_rows_and_reads_in_chunks(monkeypatch) -> None:
-    from workflow_scripts import integrity
+    from workflow_scripts.lora import integrity
 
     array = np.arange(4 * 5, dtype=np.uint8).reshape(4, 5)
     whole = array_crc(array)
@@ -106,7 +106,7 @@ def test_array_crc_sees_moved_rows_and_reads_in_chunks(monkeypatch) -> None:
 
 
 def test_nan_in_the_cached_latents_is_rebuilt_not_blamed_on_the_learning_rate(setup, finished, tmp_path, capsys) -> None:  # noqa: F811
-    from workflow_scripts.integrity import write_latent_check
+    from workflow_scripts.lora.integrity import write_latent_check
 
     out = copy_of(finished, tmp_path)
     inputs = demo_hashes(setup)
@@ -133,8 +133,8 @@ def test_nan_in_the_cached_latents_is_rebuilt_not_blamed_on_the_learning_rate(se
 def test_a_vae_giving_nan_latents_is_named_with_the_image_before_anything_is_cached(tmp_path, named: bool) -> None:
     from types import SimpleNamespace
 
-    from workflow_scripts.errors import TrainingError
-    from workflow_scripts.latent_cache import encode_latent_cache
+    from workflow_scripts.common.errors import TrainingError
+    from workflow_scripts.lora.latent_cache import encode_latent_cache
 
     class OverflowingVae:  # an fp16 VAE that overflows on one film
         dtype = torch.float16

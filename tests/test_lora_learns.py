@@ -22,9 +22,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from workflow_scripts.config import load_config
-from workflow_scripts.demo_base import SHIPPED_DIR
-from workflow_scripts.phantom import draw_phantom
+from workflow_scripts.common.config import load_config
+from workflow_scripts.models.demo_base import SHIPPED_DIR
+from workflow_scripts.data.phantom import draw_phantom
 
 LABELS = ["Cardiomegaly", "Effusion", "No Finding"]
 PROMPTED = ["Cardiomegaly", "Effusion"]
@@ -57,7 +57,7 @@ def scorer():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, dict]:
     """One film per patient, 40 patients per label, in NIH format; split by prepare_dataset."""
-    from workflow_scripts.prepare_dataset import prepare
+    from workflow_scripts.data.prepare_dataset import prepare
 
     root = tmp_path_factory.mktemp("learns")
     (root / "images").mkdir()
@@ -83,7 +83,7 @@ def dataset(tmp_path_factory) -> tuple[Path, dict]:
 
 def draw_prompts(config: dict, checkpoint: Path | None, out: Path) -> dict[str, list]:
     """Each prompt's images, with the LoRA at `checkpoint` or (None) by the base alone, same seeds."""
-    from workflow_scripts.generation import generate, label_job
+    from workflow_scripts.generation.pipeline import generate, label_job
 
     jobs = [(*label_job(config, label), IMAGES_PER_PROMPT) for label in PROMPTED]
     generate(config, jobs, checkpoint, out, tiny_dir=out.parent / "unused-tiny")
@@ -98,7 +98,7 @@ def base_drawn(dataset, tmp_path_factory) -> dict[str, list]:
 
 def train_and_draw(dataset, out: Path, learning_rate: float = 3e-3, steps: int | None = None) -> tuple[dict, dict[str, list]]:
     """Train (fresh), then draw each prompt with the LoRA."""
-    from workflow_scripts.train_lora import train
+    from workflow_scripts.lora.train_lora import train
 
     root, config = dataset
     training = {**config["training"], "learning_rate": learning_rate}

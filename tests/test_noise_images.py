@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from workflow_scripts.tables import RESULT_COLUMNS
-from workflow_scripts.noise_images import main
+from workflow_scripts.common.tables import RESULT_COLUMNS
+from workflow_scripts.generation.noise_images import main
 
 
 # The files the make_noise_images rule hands the stage (relative to the test's working directory).

@@ -16,11 +16,11 @@ import pytest  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
 from conftest import write_png  # noqa: E402
-from workflow_scripts import compare_report  # noqa: E402
+from workflow_scripts.study import compare_report  # noqa: E402
 from workflow_scripts.fidelity import FLOOR, SYNTHETIC  # noqa: E402
 from workflow_scripts.fidelity import BASE_PROMPTED, PROMPTED, REAL_VAL  # noqa: E402
 from workflow_scripts.fidelity import report as fidelity_report  # noqa: E402
-from workflow_scripts import arms  # noqa: E402
+from workflow_scripts.study import arms  # noqa: E402
 
 LABELS = ["Cardiomegaly", "Effusion", "Pleural_Thickening", "Pneumothorax"]
 
@@ -123,7 +123,7 @@ def test_fidelity_plots_keep_labels_legends_and_error_bars_readable(tmp_path: Pa
 
 
 def test_training_curves_draw_every_seed_of_an_arm(tmp_path: Path, saved) -> None:
-    from workflow_scripts import curves
+    from workflow_scripts.report import curves
 
     for seed in (0, 1, 2):
         run = tmp_path / f"ratio50_seed{seed}"

@@ -11,9 +11,9 @@ import pytest
 from conftest import REPO
 from test_compare import LABELS, write_study
 
-from workflow_scripts import power
-from workflow_scripts.compare import compare
-from workflow_scripts.config import load_config
+from workflow_scripts.study import power
+from workflow_scripts.study.compare import compare
+from workflow_scripts.common.config import load_config
 
 
 def planner_config(target: float = 0.05) -> dict:

@@ -14,10 +14,10 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import SHARED_DATA, VOCAB, break_dataset, make_config, make_nih_dataset, tree_checksum, write_png
-from workflow_scripts.errors import DataError
-from workflow_scripts.labels import check_rows, read_chexpert, read_dataset, read_nih
-from workflow_scripts.prepare_dataset import balance_training, main, prepare, split_by_patient
-from workflow_scripts.tables import assert_patient_disjoint, load_split, make_prompt
+from workflow_scripts.common.errors import DataError
+from workflow_scripts.common.labels import check_rows, read_chexpert, read_dataset, read_nih
+from workflow_scripts.data.prepare_dataset import balance_training, main, prepare, split_by_patient
+from workflow_scripts.common.tables import assert_patient_disjoint, load_split, make_prompt
 
 NIH_VOCAB = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
              "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax", "No Finding"]
@@ -241,7 +241,7 @@ def test_real_nih_images_prepare_with_balancing(tmp_path: Path) -> None:
     # Rare NIH labels (Edema 9, Hernia 10 images) reach the test split thanks to the stratified split.
     assert {"Edema", "Hernia"} <= set(summary["label_counts"]["test"])
     # The real radiographs load through the training Dataset as the model will see them.
-    from workflow_scripts.verify_dataset import verify
+    from workflow_scripts.data.verify_dataset import verify
 
     config["verify"].update(max_images=24, contact_sheet_images=4)
     report = verify(config, tmp_path / "out")

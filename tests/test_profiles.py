@@ -48,9 +48,9 @@ def test_slurm_profile_maps_gpu_rules_to_gpus_and_sets_runtimes(tmp_path: Path) 
 @pytest.mark.slow  # several Snakemake dry runs (about 3 CPU s each)
 def test_more_gpus_for_train_lora_launch_accelerate(tmp_path: Path) -> None:
     output = dry_run(tmp_path, "--cores", "8", "--resources", "gpu=4", "--set-resources", "train_lora:gpu=4", "-p")
-    assert "accelerate launch --multi_gpu --num_processes 4 -m workflow_scripts.train_lora" in output
+    assert "accelerate launch --multi_gpu --num_processes 4 -m workflow_scripts.lora.train_lora" in output
     single = dry_run(tmp_path / "single", "--cores", "1", "--resources", "gpu=1", "-p")
-    assert "python -m workflow_scripts.train_lora" in single and "accelerate launch" not in single
+    assert "python -m workflow_scripts.lora.train_lora" in single and "accelerate launch" not in single
 
 
 def test_local_profile_caps_gpu_jobs() -> None:

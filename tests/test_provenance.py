@@ -13,8 +13,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 from test_generate_xrays import generate, pixels, trained  # noqa: F401 (trained: the module's fixture)
 
-from workflow_scripts.lora_checkpoints import LORA_FILE
-from workflow_scripts.provenance import PROVENANCE_FILE
+from workflow_scripts.lora.lora_checkpoints import LORA_FILE
+from workflow_scripts.generation.provenance import PROVENANCE_FILE
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:

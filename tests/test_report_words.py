@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts.fidelity.report import negative_control_verdict
-from workflow_scripts.report_pages import markdown_page, summary_fragment
+from workflow_scripts.report.report_pages import markdown_page, summary_fragment
 
 
 def _audit_verdicts(rng: np.random.Generator, copies: float, reps: int = 1000, calibration: int = 2000, n: int = 200,
@@ -57,7 +57,7 @@ def test_the_landing_summary_holds_the_headline_every_arm_and_the_caveats(tmp_pa
 
 
 def test_a_rerun_names_the_changed_keys_only(tmp_path: Path) -> None:
-    from workflow_scripts.rerun_reasons import changed_keys, stage_changes
+    from workflow_scripts.common.rerun_reasons import changed_keys, stage_changes
 
     old = {"classifier": {"epochs": 1, "seeds": [0, 1], "model": "m"}, "split": {"seed": 7}}
     new = {"classifier": {"epochs": 2, "seeds": [0, 1, 2], "model": "m"}, "split": {"seed": 7}, "hardware": {"x": True}}

@@ -79,8 +79,8 @@ def test_no_stage_module_imports_another_stage_module() -> None:
     # benchmarks (workflow_scripts/bench/) are the one exception: they time a stage's own code (e.g.
     # train_lora's step), so they import it, and nothing imports them.
     stages = stage_modules()
-    assert {"workflow_scripts.prepare_dataset", "workflow_scripts.fidelity.audit", "workflow_scripts.build_tiny_model",
-            "workflow_scripts.train_lora"} <= stages
+    assert {"workflow_scripts.data.prepare_dataset", "workflow_scripts.fidelity.audit", "workflow_scripts.models.build_tiny_model",
+            "workflow_scripts.lora.train_lora"} <= stages
     offending = []
     for path in sorted((REPO / "workflow_scripts").rglob("*.py")):
         module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
@@ -104,14 +104,28 @@ def _path_literals(source: str) -> list[tuple[int, str]]:
 
 
 def test_every_results_path_has_one_home() -> None:
-    """workflow_scripts/paths.py names the folders and files under results/; no other module spells
+    """workflow_scripts/common/paths.py names the folders and files under results/; no other module spells
     one out, and no rule rebuilds a folder by hand (dirname): common.smk's folder_of is the one place."""
     found = [f"{path.relative_to(REPO)}:{line}: {value!r}"
              for path in sorted((REPO / "workflow_scripts").rglob("*.py")) if path.name != "paths.py"
              for line, value in _path_literals(path.read_text())]
-    assert not found, "results/ paths outside workflow_scripts/paths.py:\n" + "\n".join(found)
+    assert not found, "results/ paths outside workflow_scripts/common/paths.py:\n" + "\n".join(found)
     rules = [f"{path.name}:{number}" for path in sorted((REPO / "rules").glob("*.smk"))
              for number, line in enumerate(path.read_text().splitlines(), 1) if "dirname" in line]
     assert not rules, f"folders rebuilt with dirname in rules/: {rules}"
     planted = 'HOME = "x"\nCACHE = "results/classifier_cache"\n'
     assert _path_literals(planted) == [(2, "results/classifier_cache")]  # the check sees one
+
+
+def test_layout_packages_stay_small_and_import_nothing() -> None:
+    # workflow_scripts/ is one package per concern (README, Layout): no module left at its top, none over
+    # 500 lines, no package over 12 modules, and no __init__ that imports (the dry run reads
+    # models.model_location and common.* without torch).
+    root = REPO / "workflow_scripts"
+    assert [path.name for path in root.glob("*.py")] == ["__init__.py"]
+    packages = [path for path in sorted(root.iterdir()) if (path / "__init__.py").is_file()]
+    crowded = {path.name: n for path in packages if (n := len(list(path.glob("*.py")))) > 12}
+    long = [str(path.relative_to(REPO)) for path in root.rglob("*.py") if len(path.read_text().splitlines()) > 500]
+    importing = [str(path.relative_to(REPO)) for path in root.rglob("__init__.py")
+                 if any(isinstance(node, (ast.Import, ast.ImportFrom)) for node in ast.walk(ast.parse(path.read_text())))]
+    assert (crowded, long, importing) == ({}, [], [])

@@ -10,8 +10,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import calibration
-from workflow_scripts import stats
-from workflow_scripts.stats import (
+from workflow_scripts.study import stats
+from workflow_scripts.study.stats import (
     GAIN,
     LOSS,
     NO_DIFFERENCE,
@@ -319,8 +319,8 @@ def demo_design() -> calibration.Design:
     """The demo's study as config/config.yaml sets it: its arms and seeds, its test patients
     (demo.num_patients x split.test_fraction, ~2.4 films each), 200 resamples; components as measured."""
     from conftest import REPO
-    from workflow_scripts.config import load_config
-    from workflow_scripts.arms import arm_names
+    from workflow_scripts.common.config import load_config
+    from workflow_scripts.study.arms import arm_names
 
     config = load_config([REPO / "config" / "config.yaml"])
     arms = tuple(name for name in arm_names(config) if name in calibration.SEVEN_ARMS)

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 from conftest import make_config
-from workflow_scripts.errors import ConfigError, DataError
-from workflow_scripts.config import stage_config
-from workflow_scripts import arms
-from workflow_scripts.arms import arm_names, arm_training_set, composition, controls, parse_arm, phase_steps, references, table_order
-from workflow_scripts.study import (
+from workflow_scripts.common.errors import ConfigError, DataError
+from workflow_scripts.common.config import stage_config
+from workflow_scripts.study import arms
+from workflow_scripts.study.arms import arm_names, arm_training_set, composition, controls, parse_arm, phase_steps, references, table_order
+from workflow_scripts.study.design import (
     allocate,
     batch_schedule,
     drop_excluded,
@@ -133,7 +133,7 @@ def test_more_real_adds_reserved_real_images_stratified_and_seeded() -> None:
 
 
 def test_an_empty_reserve_is_refused_naming_the_setting(tmp_path) -> None:
-    from workflow_scripts.study import read_reserve
+    from workflow_scripts.study.design import read_reserve
 
     path = tmp_path / "reserve.csv"
     path.write_text("path,labels,prompt,patient,split\n")

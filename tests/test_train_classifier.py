@@ -12,22 +12,22 @@ import torch
 from PIL import Image
 
 from conftest import split_flags
-from workflow_scripts import classifier_cache
-from workflow_scripts.classifier_model import (class_names, create_model, encode_labels,
+from workflow_scripts.classifier import classifier_cache
+from workflow_scripts.classifier.classifier_model import (class_names, create_model, encode_labels,
                                                load_classifier, preprocess)
-from workflow_scripts.errors import ConfigError, DataError, TrainingError
-from workflow_scripts.config import load_config
-from workflow_scripts.demo_dataset import make_demo_dataset
-from workflow_scripts.noise_images import make_noise_images
-from workflow_scripts.prepare_dataset import prepare
-from workflow_scripts.arms import arm_training_set, parse_arm
-from workflow_scripts.study import (
+from workflow_scripts.common.errors import ConfigError, DataError, TrainingError
+from workflow_scripts.common.config import load_config
+from workflow_scripts.data.demo_dataset import make_demo_dataset
+from workflow_scripts.generation.noise_images import make_noise_images
+from workflow_scripts.data.prepare_dataset import prepare
+from workflow_scripts.study.arms import arm_training_set, parse_arm
+from workflow_scripts.study.design import (
     synthetic_count,
     train_steps,
     validation_points,
 )
-from workflow_scripts.tables import PROB_PREFIX, load_split, read_generation_results
-from workflow_scripts.train_classifier import OUTPUT_FILES, _clean_out_dir, _training_data, assert_no_leakage, main, train_classifier
+from workflow_scripts.common.tables import PROB_PREFIX, load_split, read_generation_results
+from workflow_scripts.classifier.train_classifier import OUTPUT_FILES, _clean_out_dir, _training_data, assert_no_leakage, main, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = ["Cardiomegaly", "Effusion", "Nodule", "Mass", "Pneumothorax", "Fibrosis", "Pneumonia", "No Finding"]

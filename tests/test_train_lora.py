@@ -13,16 +13,17 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from workflow_scripts import hardware, latent_cache, lora_checkpoints, lora_model, train_lora
-from workflow_scripts.base_model import load_components
-from workflow_scripts.tiny_model import build_tiny_pipeline
-from workflow_scripts.config import load_config
-from workflow_scripts.demo_dataset import make_demo_dataset
-from workflow_scripts.prepare_dataset import prepare
-from workflow_scripts.errors import TrainingError
-from workflow_scripts.lora_checkpoints import list_checkpoints
-from workflow_scripts.lora_model import diffusion_loss
-from workflow_scripts.train_lora import train
+from workflow_scripts.common import hardware
+from workflow_scripts.lora import latent_cache, lora_checkpoints, lora_model, train_lora
+from workflow_scripts.models.base_model import load_components
+from workflow_scripts.models.tiny_model import build_tiny_pipeline
+from workflow_scripts.common.config import load_config
+from workflow_scripts.data.demo_dataset import make_demo_dataset
+from workflow_scripts.data.prepare_dataset import prepare
+from workflow_scripts.common.errors import TrainingError
+from workflow_scripts.lora.lora_checkpoints import list_checkpoints
+from workflow_scripts.lora.lora_model import diffusion_loss
+from workflow_scripts.lora.train_lora import train
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +239,7 @@ def test_data_parallel_training_with_two_processes_trains_and_resumes(setup) -> 
     out = setup["root"] / "ddp"
 
     def launch(steps: int) -> dict[str, Any]:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "workflow_scripts.train_lora",
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "workflow_scripts.lora.train_lora",
                    "--config", str(config_file), "--set", f"training.max_train_steps={steps}", "--train", str(setup["root"] / "data" / "train.csv"),
                    "--output-dir", str(out), "--tiny-dir", str(setup["tiny"])]
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -338,7 +339,7 @@ def test_latent_cache_is_fp16_memory_mapped_and_host_mode_trains_like_device_mod
 def test_val_loss_is_the_training_loss_at_fixed_timesteps_and_noise(setup) -> None:
     # ValLoss scores with `diffusion_loss(timesteps=...)`: the same value as the epsilon MSE it typed
     # out before, each val image at VAL_TIMESTEPS fixed timesteps under noise from one seeded generator.
-    from workflow_scripts.lora_validation import VAL_TIMESTEPS, ValLoss
+    from workflow_scripts.lora.lora_validation import VAL_TIMESTEPS, ValLoss
 
     components = load_components("tiny", setup["tiny"])
     unet, scheduler = components.unet, components.noise_scheduler
@@ -435,7 +436,7 @@ def test_gpu_levers_follow_config_on_cuda_and_stay_off_on_cpu() -> None:
 def test_pad_crop_keeps_the_whole_film(tmp_path) -> None:
     from PIL import Image
 
-    from workflow_scripts.xray_dataset import model_transform
+    from workflow_scripts.data.xray_dataset import model_transform
 
     film = np.zeros((100, 80), dtype=np.uint8)
     film[:6] = 255  # an apex at the very top of a portrait film

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import REPO, make_config, make_nih_dataset
-from workflow_scripts import weights
-from workflow_scripts.classifier_model import create_model
-from workflow_scripts.errors import ConfigError
+from workflow_scripts.models import weights
+from workflow_scripts.classifier.classifier_model import create_model
+from workflow_scripts.common.errors import ConfigError
 
 
 def fake_hf_file(cache: Path, repo_id: str, filename: str) -> Path:

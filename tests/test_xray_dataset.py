@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from workflow_scripts.xray_dataset import model_transform
+from workflow_scripts.data.xray_dataset import model_transform
 
 
 def _torchvision_transform(resolution: int, crop: str):
@@ -17,7 +17,7 @@ def _torchvision_transform(resolution: int, crop: str):
 
     from torchvision import transforms
 
-    from workflow_scripts.xray_dataset import pad_to_square
+    from workflow_scripts.data.xray_dataset import pad_to_square
 
     if crop == "pad":
         square = [transforms.Grayscale(num_output_channels=1), transforms.Lambda(partial(pad_to_square, resolution=resolution))]

@@ -6,4 +6,5 @@ the classifier's data path), and no stage imports them.
 
 `training` runs ours' and the reference's training loops, `generation` the sampling figures,
 `machine` the machine's description and measured peaks, `report` the markdown page.
+`breakdown` (python -m workflow_scripts.bench.breakdown) says where a finished run's time went.
 """

@@ -3,7 +3,7 @@
     python -m workflow_scripts.bench                           # tiny model on CPU, full-size SD 1.5 on a GPU
     python -m workflow_scripts.bench --model sd15 --device cuda --json benchmarks/benchmark.json
     python -m workflow_scripts.bench --quick                   # smallest settings (the test)
-    python -m workflow_scripts.bench --demo-breakdown          # a finished run: seconds per rule (workflow_scripts.breakdown)
+    python -m workflow_scripts.bench --demo-breakdown          # a finished run: seconds per rule (workflow_scripts.bench.breakdown)
 
 What it measures, all on the same model, compute dtype, resolution and LoRA config (peft, rank 4,
 UNET_LORA_TARGETS, one shared AdamW from `lora_model.make_optimizer`):
@@ -54,17 +54,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.base_model import SD15_ARCH_CANDIDATES, load_components
+from workflow_scripts.models.base_model import SD15_ARCH_CANDIDATES, load_components
 from workflow_scripts.bench.generation import measure_generation
 from workflow_scripts.bench.machine import (machine_info, matmul_peak_tflops, register_cpu_attention_flops,  # noqa: F401
                                            report, torch_threads)
 from workflow_scripts.bench.report import REFERENCE_TFLOP_PER_IMAGE, render, speedup_line
 from workflow_scripts.bench.training import (SEED, apply_levers, build_bench, count_flops, measure_levers, measure_memory,
                                              run)
-from workflow_scripts.hardware import DTYPES, gpu_levers, hardware_settings
-from workflow_scripts.lora_model import UNET_LORA_TARGETS, library_versions
-from workflow_scripts.errors import UserError, run_stage
-from workflow_scripts.tiny_model import build_tiny_pipeline
+from workflow_scripts.common.hardware import DTYPES, gpu_levers, hardware_settings
+from workflow_scripts.lora.lora_model import UNET_LORA_TARGETS, library_versions
+from workflow_scripts.common.errors import UserError, run_stage
+from workflow_scripts.models.tiny_model import build_tiny_pipeline
 
 
 class BenchmarkError(UserError, RuntimeError):
@@ -326,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument("--stage", choices=["lora", "classifier"], default="lora")
     stage.add_argument("--demo-breakdown", action="store_true")
     chosen, argv = stage.parse_known_args(argv)
-    if chosen.demo_breakdown:  # a finished run's seconds per rule (workflow_scripts.breakdown, which starts faster)
-        from workflow_scripts import breakdown
+    if chosen.demo_breakdown:  # a finished run's seconds per rule (workflow_scripts.bench.breakdown, which starts faster)
+        from workflow_scripts.bench import breakdown
 
         parser = argparse.ArgumentParser(description=breakdown.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         breakdown.add_arguments(parser)

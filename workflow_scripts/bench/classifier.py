@@ -36,13 +36,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workflow_scripts.errors import run_stage
-from workflow_scripts.classifier_cache import CachedBatches, FilmStore, cache_films, decoded_batches
+from workflow_scripts.common.errors import run_stage
+from workflow_scripts.classifier.classifier_cache import CachedBatches, FilmStore, cache_films, decoded_batches
 from workflow_scripts.bench.machine import report, torch_threads
-from workflow_scripts.hardware import apply_cuda_levers
-from workflow_scripts.classifier_device import (describe_device, loader_workers, machine_cores,
+from workflow_scripts.common.hardware import apply_cuda_levers
+from workflow_scripts.classifier.classifier_device import (describe_device, loader_workers, machine_cores,
                                                 precision_for)
-from workflow_scripts.classifier_model import create_model
+from workflow_scripts.classifier.classifier_model import create_model
 
 DEV_FILMS = Path(__file__).resolve().parents[3] / "shared" / "data" / "cxr-dev" / "images"  # beside the repository
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as timm's models use

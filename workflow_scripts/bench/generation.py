@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.base_model import make_scheduler
-from workflow_scripts.tiny_model import NIH_LABELS, PROMPT_TEMPLATE
+from workflow_scripts.models.base_model import make_scheduler
+from workflow_scripts.models.tiny_model import NIH_LABELS, PROMPT_TEMPLATE
 from workflow_scripts.bench.machine import synchronize
 from workflow_scripts.bench.report import GUIDANCE, SCHEDULER
 from workflow_scripts.bench.training import SEED, Bench, uncompile
-from workflow_scripts.hardware import compile_settings
-from workflow_scripts.lora_model import cast
+from workflow_scripts.common.hardware import compile_settings
+from workflow_scripts.lora.lora_model import cast
 
 
 def measure_generation(bench: Bench, settings, progress: tqdm) -> list[dict[str, Any]]:

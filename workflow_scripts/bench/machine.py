@@ -35,7 +35,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 def report(result: dict[str, Any], json_path: str | Path | None, rendered: str, ratio_line: str) -> int:
     """Write the figures as JSON (when asked), print the report and its side-by-side ratio line."""
-    from workflow_scripts.tables import write_json_atomically
+    from workflow_scripts.common.tables import write_json_atomically
 
     if json_path:
         write_json_atomically(json_path, result)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workflow_scripts.cells import quantity
+from workflow_scripts.common.cells import quantity
 
 GUIDANCE = 7.5
 SCHEDULER = "dpmsolver++"

@@ -3,7 +3,7 @@
 features.py (Inception, torchxrayvision DenseNet, RAD-DINO behind one interface), distances.py
 (FID, KID, PRDC, MS-SSIM), evaluate.py (held-out reference, real-vs-real floor, equal n, prompt
 adherence), report.py (fidelity.md and plots), audit.py (calibrated memorization audit, with its
-own CLI) and audit_search.py (its blocked nearest-image search, and that search's cost). The stage's CLI is workflow_scripts/evaluate_fidelity.py.
+own CLI) and audit_search.py (its blocked nearest-image search, and that search's cost). The stage's CLI is evaluate_fidelity.py.
 """
 
 # The two comparisons of every fidelity row: synthetic images against the held-out real reference,

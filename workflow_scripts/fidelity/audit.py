@@ -38,13 +38,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from workflow_scripts import paths
-from workflow_scripts.errors import DataError, run_stage
-from workflow_scripts.config import add_config_arguments, config_from_args, config_hash
+from workflow_scripts.common import paths
+from workflow_scripts.common.errors import DataError, run_stage
+from workflow_scripts.common.config import add_config_arguments, config_from_args, config_hash
 from workflow_scripts.fidelity.audit_search import (DEFAULT_BLOCK_MB, describe_cost, estimate_seconds,
                                                     nearest_aligned, search_cost)
 from workflow_scripts.fidelity.features import ModelImages, resize_antialiased
-from workflow_scripts.tables import Splits, add_split_arguments, load_split, read_generation_results, split_path, splits_from_args
+from workflow_scripts.common.tables import Splits, add_split_arguments, load_split, read_generation_results, split_path, splits_from_args
 CONTROL_KINDS = ("shift", "brightness", "gamma", "crop")
 AUDIT_COLUMNS = ["file", "labels", "nearest_train", "distance", "ncc", "flagged"]
 QUANTILES = (0, 1, 5, 25, 50, 75, 100)

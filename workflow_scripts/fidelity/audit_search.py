@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from workflow_scripts.errors import ConfigError, DataError, run_stage
+from workflow_scripts.common.errors import ConfigError, DataError, run_stage
 
 ZOOMS = (0.0, 0.02, 0.035, 0.05)  # fractions cropped from each side of a reference: a cropped copy is a zoomed one
 DEFAULT_BLOCK_MB = 512

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workflow_scripts.cells import finite, significant
+from workflow_scripts.common.cells import finite, significant
 
 KID_SEED = 0
 

@@ -19,11 +19,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.config import config_hash
+from workflow_scripts.common.config import config_hash
 from workflow_scripts.fidelity import BASE, BASE_PROMPTED, FLOOR, MACRO, PROMPTED, REAL_VAL, SYNTHETIC, distances
 from workflow_scripts.fidelity.features import Extractor, compute_features, load_images
-from workflow_scripts.errors import DataError
-from workflow_scripts.tables import LABEL_JOIN, Splits, json_safe, load_split, read_generation_results, split_path
+from workflow_scripts.common.errors import DataError
+from workflow_scripts.common.tables import LABEL_JOIN, Splits, json_safe, load_split, read_generation_results, split_path
 
 ROW_KEYS = ["extractor", "label", "comparison", "n"]  # then every set metric's columns, then notes
 DIVERSITY_COLUMNS = ["label", "set", "images", "pairs", "ms_ssim", "window", "notes"]
@@ -118,8 +118,8 @@ def classifier_scores(model: torch.nn.Module, meta: dict[str, Any], paths: Seque
                       batch_size: int = 64) -> np.ndarray:
     """Sigmoid probabilities (images, classes) of a classifier saved by train_classifier, scored as its
     test split was (classifier_device.predict; the loss against placeholder targets is not used)."""
-    from workflow_scripts.classifier_device import precision_for, predict
-    from workflow_scripts.classifier_model import FilmDataset, make_loader
+    from workflow_scripts.classifier.classifier_device import precision_for, predict
+    from workflow_scripts.classifier.classifier_model import FilmDataset, make_loader
 
     if not len(paths):
         return np.zeros((0, len(meta["classes"])))
@@ -136,7 +136,7 @@ def adherence_rows(scored: Sequence[tuple[str, np.ndarray, list[set[str]], np.nd
     """Per label, and macro over labels: the AUROC of the classifier's score for the label, prompted (or
     true) label vs the rest, for each (set name, scores, label sets, patient clusters) given. Synthetic
     images are independent draws (clusters None); real val films cluster by patient."""
-    from workflow_scripts.stats import run_aurocs
+    from workflow_scripts.study.stats import run_aurocs
 
     used = [label for label in labels if label in classes]
     if not used:

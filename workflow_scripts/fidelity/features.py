@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 
-from workflow_scripts.errors import ConfigError, DataError
-from workflow_scripts.images import BadImageError, read_xray
-from workflow_scripts.xray_dataset import model_transform
+from workflow_scripts.common.errors import ConfigError, DataError
+from workflow_scripts.common.images import BadImageError, read_xray
+from workflow_scripts.data.xray_dataset import model_transform
 
 FID_WEIGHTS_FILE = os.path.basename(FID_WEIGHTS_URL)  # pt_inception-2015-12-05-6726825d.pth
 # torch hub's naming convention (torch.hub.HASH_REGEX, used by load_state_dict_from_url's

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.cells import finite, significant
+from workflow_scripts.common.cells import finite, significant
 from workflow_scripts.fidelity import BASE, BASE_PROMPTED, FLOOR, PROMPTED, REAL_VAL, SYNTHETIC
 from workflow_scripts.fidelity import distances
 

@@ -33,13 +33,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from workflow_scripts import paths
-from workflow_scripts.errors import run_stage
-from workflow_scripts.config import add_config_arguments, config_from_args
-from workflow_scripts.images import read_xray
+from workflow_scripts.common import paths
+from workflow_scripts.common.errors import run_stage
+from workflow_scripts.common.config import add_config_arguments, config_from_args
+from workflow_scripts.common.images import read_xray
 from workflow_scripts.reader_study.design import (
     KEY_COLUMNS, StudyError, findings_vocabulary, image_ids, study_id, study_secret)
-from workflow_scripts.tables import LABEL_JOIN, load_split, read_generation_results
+from workflow_scripts.common.tables import LABEL_JOIN, load_split, read_generation_results
 
 TEMPLATE = Path(__file__).with_name("page.html")
 DATA_MARK = "/*STUDY_DATA*/"

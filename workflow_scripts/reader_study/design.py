@@ -20,8 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from workflow_scripts.errors import DataError
-from workflow_scripts.labels import NO_FINDING, read_csv_checked
+from workflow_scripts.common.errors import DataError
+from workflow_scripts.common.labels import NO_FINDING, read_csv_checked
 
 KEY_COLUMNS = ["image_id", "source", "labels", "repeat_of", "file"]
 ANSWER_COLUMNS = ["reader", "image_id", "answer", "confidence", "findings"]

@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from workflow_scripts import paths
-from workflow_scripts.errors import run_stage
-from workflow_scripts.config import add_config_arguments, config_from_args
+from workflow_scripts.common import paths
+from workflow_scripts.common.errors import run_stage
+from workflow_scripts.common.config import add_config_arguments, config_from_args
 from workflow_scripts.reader_study.agreement import bootstrap_interval, fleiss_kappa, rank_auroc, wilson_interval
 from workflow_scripts.reader_study.answers import POOLED_NAME, read_answers
 from workflow_scripts.reader_study.design import FINDING_JOIN, marked_column, read_study

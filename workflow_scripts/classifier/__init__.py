@@ -1,0 +1,1 @@
+"""One classifier run (train_classifier): the timm model, the decoded-image cache, the device settings."""

@@ -1,0 +1,1 @@
+"""What `snakemake --report` shows: the HTML pages (report_pages) and the training curves (curves)."""
