@@ -123,6 +123,7 @@ def peak_growth(block_bytes: int) -> int:
     return growth
 
 
+@pytest.mark.slow  # the full suite's (the quick tier stays under 3 minutes)
 def test_working_memory_stays_within_the_block_budget() -> None:
     # One block of everything: 4000 x 1000 x 2 windows of scores (32 MB) alone; in 4 MiB blocks the
     # peak grows by about the budget, whatever the number of images.

@@ -236,6 +236,7 @@ def test_the_headline_needs_a_gain_over_every_reference(tmp_path: Path) -> None:
     assert "**no synthetic arm shows it**" in page
 
 
+@pytest.mark.slow  # the full suite's (the quick tier stays under 3 minutes)
 def test_subgroups_by_sex_and_age_only_when_the_test_split_has_them(tmp_path: Path) -> None:
     _, page, _ = run_compare(tmp_path / "with", demographics=True)
     assert "## Subgroups" in page

@@ -111,6 +111,7 @@ def test_plan_covers_the_largest_classifier_ratio(trained) -> None:
     assert more["count"].sum() >= 3 * len(train_split) > plan["count"].sum()
 
 
+@pytest.mark.slow  # the full suite's (the quick tier stays under 3 minutes)
 def test_files_csv_and_determinism(trained, tmp_path) -> None:
     assert generate(trained, tmp_path / "a", "--label", "Mass", "--num-images", "3", "--seed", "5") == 0
     assert generate(trained, tmp_path / "b", "--label", "Mass", "--num-images", "3", "--seed", "5") == 0
@@ -216,6 +217,7 @@ def test_under_fp16_the_vae_stays_fp32_and_decodes_the_fp16_latents(trained) -> 
     assert np.abs(images - reference).mean() < 0.05
 
 
+@pytest.mark.slow  # the full suite's (the quick tier stays under 3 minutes)
 def test_plan_and_merge_clis_write_what_the_generation_rules_read(trained, tmp_path) -> None:
     train_csv = trained["root"] / "data" / "train.csv"
     plan_csv = tmp_path / "synthetic" / "plan.csv"

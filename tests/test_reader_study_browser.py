@@ -133,6 +133,7 @@ def start(browser, study: Path, name: str) -> None:
     field.send_keys(name + Keys.ENTER)
 
 
+@pytest.mark.slow  # the full suite's (the quick tier stays under 3 minutes)
 def test_the_viewer_has_what_a_radiologist_expects(browser, study, tmp_path: Path) -> None:
     folder, key, _ = study
     start(browser, folder, "viewer")

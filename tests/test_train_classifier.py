@@ -265,6 +265,7 @@ def test_e2e_saved_model_loads_with_its_preprocessing(demo: dict) -> None:
     assert model.num_classes == len(meta["classes"])
 
 
+@pytest.mark.slow  # the full suite's (the quick tier stays under 3 minutes)
 def test_e2e_rerun_through_cli_is_reproducible(demo: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     # One process runs seed 1 then seed 0, as the workflow runs an arm's seeds: seed 0 must come out as
     # it did alone (nothing leaks from one seed to the next), and every film comes from the caches the

@@ -111,6 +111,7 @@ def test_mid_epoch_resume_with_gradient_accumulation(setup) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # the full suite's (the quick tier stays under 3 minutes)
 def test_killed_while_saving_leaves_the_previous_checkpoint_usable(setup, monkeypatch) -> None:
     out = setup["root"] / "killed"
     real_save = train_lora.save_checkpoint
@@ -313,6 +314,7 @@ def test_changed_learning_rate_starts_fresh_and_a_longer_run_resumes(setup, caps
     assert longer["resumed_from"].endswith("checkpoint-2")
 
 
+@pytest.mark.slow  # the full suite's (the quick tier stays under 3 minutes)
 def test_latent_cache_is_fp16_memory_mapped_and_host_mode_trains_like_device_mode(setup, capsys) -> None:
     device_run = setup["root"] / "cache_device"
     host_run = setup["root"] / "cache_host"
