@@ -216,6 +216,18 @@ def test_hub_id_offline_raises_clear_error(monkeypatch, tmp_path):
         load_pipeline(repo, tmp_path / "tiny")
 
 
+def test_a_broken_local_folder_is_named_with_what_to_check(tmp_path):
+    """A folder with a model_index.json that diffusers cannot read (no "_class_name", no component
+    folders) stops both loaders with the folder's name, never a bare KeyError or OSError."""
+    broken = tmp_path / "sd15"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match=r"could not load the Stable Diffusion folder .*sd15.*Is it complete"):
+        load_components(str(broken), tmp_path / "tiny")
+    with pytest.raises(ModelNotFoundError, match=r"could not load the Stable Diffusion folder .*sd15.*KeyError"):
+        load_pipeline(str(broken), tmp_path / "tiny")
+
+
 def test_check_cli(tiny_dir, tmp_path, monkeypatch, capsys):
     assert build_tiny_model.main(["--check", "tiny", "--tiny-dir", str(tiny_dir)]) == 0
     assert "UNet2DConditionModel" in capsys.readouterr().out

@@ -19,6 +19,7 @@ Its command line is the ``build_tiny_model`` stage (``python -m workflow_scripts
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -194,7 +195,8 @@ def _quiet_known_warnings() -> None:
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [OSError, ValueError, ConnectionError, TimeoutError]
+    # KeyError: a model_index.json without the keys diffusers reads (e.g. "_class_name")
+    errors: list[type[BaseException]] = [OSError, ValueError, KeyError, ConnectionError, TimeoutError]
     try:
         from huggingface_hub import errors as hf_errors
 
@@ -255,23 +257,15 @@ def load_components(
     source = resolve_pretrained(pretrained, tiny_dir)
     kind = _kind(str(pretrained).strip())
     extra, offline_reason = _hub_kwargs(source, kind)
-    try:
-        with warnings.catch_warnings():
-            _quiet_known_warnings()
-            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **extra)
-            noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **extra)
-            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **extra)
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dtype, **extra)
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dtype, **extra)
-    except _load_errors() as exc:
-        if kind == "hub":
-            raise _not_found(source, exc, offline_reason) from exc
-        raise ModelNotFoundError(
-            f"could not load the Stable Diffusion folder '{source}' ({type(exc).__name__}: {exc}). "
-            f"Is it complete (unet/, vae/, text_encoder/, tokenizer/, scheduler/ with weights)?"
-            + (" Rebuild it with `python -m workflow_scripts.models.build_tiny_model --build-tiny "
-               f"{source}`." if kind == "tiny" else "")
-        ) from exc
+    hint = (" Is it complete (unet/, vae/, text_encoder/, tokenizer/, scheduler/ with weights)?"
+            + (f" Rebuild it with `python -m workflow_scripts.models.build_tiny_model --build-tiny {source}`."
+               if kind == "tiny" else ""))
+    with _loading(source, kind, offline_reason, hint):
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **extra)
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **extra)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **extra)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dtype, **extra)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dtype, **extra)
     return Components(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -290,23 +284,30 @@ def load_pipeline(pretrained: str, tiny_dir: Path = DEFAULT_TINY_DIR, dtype: tor
     source = resolve_pretrained(pretrained, tiny_dir)
     kind = _kind(str(pretrained).strip())
     extra, offline_reason = _hub_kwargs(source, kind)
+    with _loading(source, kind, offline_reason):
+        return StableDiffusionPipeline.from_pretrained(
+            source,
+            dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **extra,
+        )
+
+
+@contextlib.contextmanager
+def _loading(source: str, kind: str, offline_reason: str | None, hint: str = ""):
+    """Known loading warnings silenced; a failed load raised as ModelNotFoundError that says what to
+    download (hub) or which folder is broken (`hint`: what to check there)."""
     try:
         with warnings.catch_warnings():
             _quiet_known_warnings()
-            return StableDiffusionPipeline.from_pretrained(
-                source,
-                dtype=dtype,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-                **extra,
-            )
+            yield
     except _load_errors() as exc:
         if kind == "hub":
             raise _not_found(source, exc, offline_reason) from exc
         raise ModelNotFoundError(
-            f"could not load the Stable Diffusion folder '{source}' ({type(exc).__name__}: {exc})."
-        ) from exc
+            f"could not load the Stable Diffusion folder '{source}' ({type(exc).__name__}: {exc}).{hint}") from exc
 
 
 def make_scheduler(name: str, config: dict[str, Any]):
