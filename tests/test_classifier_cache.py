@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from workflow_scripts.classifier import classifier_cache, train_classifier
-from workflow_scripts.classifier.classifier_cache import (CachedBatches, FilmStore, cache_films, decoded_batches, sequential,
-                                               study_store)
+from workflow_scripts.classifier.classifier_cache import (CachedBatches, FilmStore, cache_films, decoded_batches,
+                                                          sequential, study_store)
 from workflow_scripts.classifier.classifier_device import Precision, amp_dtype, loader_workers, precision_for
 from workflow_scripts.classifier.classifier_model import FilmDataset, normalize, read_film
 from workflow_scripts.common.errors import DataError

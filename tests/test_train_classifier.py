@@ -13,8 +13,8 @@ from PIL import Image
 
 from conftest import split_flags
 from workflow_scripts.classifier import classifier_cache
-from workflow_scripts.classifier.classifier_model import (class_names, create_model, encode_labels,
-                                               load_classifier, preprocess)
+from workflow_scripts.classifier.classifier_model import (class_names, create_model, encode_labels, load_classifier,
+                                                          preprocess)
 from workflow_scripts.common.errors import ConfigError, DataError, TrainingError
 from workflow_scripts.common.config import load_config
 from workflow_scripts.data.demo_dataset import make_demo_dataset

@@ -57,7 +57,7 @@ from tqdm import tqdm
 from workflow_scripts.models.base_model import SD15_ARCH_CANDIDATES, load_components
 from workflow_scripts.bench.generation import measure_generation
 from workflow_scripts.bench.machine import (machine_info, matmul_peak_tflops, register_cpu_attention_flops,  # noqa: F401
-                                           report, torch_threads)
+                                            report, torch_threads)
 from workflow_scripts.bench.report import REFERENCE_TFLOP_PER_IMAGE, render, speedup_line
 from workflow_scripts.bench.training import (SEED, apply_levers, build_bench, count_flops, measure_levers, measure_memory,
                                              run)

@@ -41,7 +41,7 @@ from workflow_scripts.classifier.classifier_cache import CachedBatches, FilmStor
 from workflow_scripts.bench.machine import report, torch_threads
 from workflow_scripts.common.hardware import apply_cuda_levers
 from workflow_scripts.classifier.classifier_device import (describe_device, loader_workers, machine_cores,
-                                                precision_for)
+                                                           precision_for)
 from workflow_scripts.classifier.classifier_model import create_model
 
 DEV_FILMS = Path(__file__).resolve().parents[3] / "shared" / "data" / "cxr-dev" / "images"  # beside the repository

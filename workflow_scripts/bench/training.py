@@ -24,8 +24,8 @@ from workflow_scripts.models.tiny_model import NIH_LABELS, PROMPT_TEMPLATE
 from workflow_scripts.bench.machine import RssSampler, register_cpu_attention_flops, release_host_memory, synchronize
 from workflow_scripts.common.hardware import DTYPE_NAMES, compile_settings, gpu_levers, hardware_settings
 from workflow_scripts.lora.latent_cache import GIB, LatentCache, encode_latent_cache, latent_shape
-from workflow_scripts.lora.lora_model import (Denoiser, LoraSpec, Prompts, Trainable, build_trainable_model, cast, make_optimizer,
-                                         tokenize)
+from workflow_scripts.lora.lora_model import (Denoiser, LoraSpec, Prompts, Trainable, build_trainable_model, cast,
+                                              make_optimizer, tokenize)
 from workflow_scripts.lora.train_lora import LOG_EVERY, BatchOrder, micro_batch_loss, optimize
 
 SEED = 0

@@ -53,16 +53,16 @@ from tqdm import tqdm
 from workflow_scripts.common import paths
 from workflow_scripts.common.errors import ConfigError, DataError, TrainingError, run_stage
 from workflow_scripts.classifier.classifier_cache import CachedBatches, decoded_batches, sequential, source_name, study_store
-from workflow_scripts.classifier.classifier_device import (Precision, describe_device, host_value, loader_workers, pick_device,
-                                                precision_for, predict)
+from workflow_scripts.classifier.classifier_device import (Precision, describe_device, host_value, loader_workers,
+                                                           pick_device, precision_for, predict)
 from workflow_scripts.common.hardware import apply_cuda_levers
 from workflow_scripts.classifier.classifier_model import class_names, create_model, encode_labels, macro_auroc, model_data_config
 from workflow_scripts.common.config import add_config_arguments, config_from_args
 from workflow_scripts.study import stats
 from workflow_scripts.common.faults import maybe_fail
 from workflow_scripts.common.tables import PROB_PREFIX, Splits, add_split_arguments, load_split, split_path, splits_from_args
-from workflow_scripts.study.arms import (SYNTHETIC_SOURCES, Arm, arm_training_set, composition, controls, parse_arm, phase_steps,
-                                   read_pool)
+from workflow_scripts.study.arms import (SYNTHETIC_SOURCES, Arm, arm_training_set, composition, controls, parse_arm,
+                                         phase_steps, read_pool)
 from workflow_scripts.study.design import batch_schedule, study_hash, train_steps, validation_points
 
 EVALUATION_SPLITS = ("train", "val", "test")  # the more_real arm reads the reserve as its --synthetic pool

@@ -28,8 +28,9 @@ from tqdm import tqdm
 from workflow_scripts.common import paths
 from workflow_scripts.common.errors import DataError, run_stage
 from workflow_scripts.common.config import add_config_arguments, config_from_args
-from workflow_scripts.common.tables import (SPLITS, Splits, add_split_arguments, assert_files_disjoint, assert_patient_disjoint, label_counts,
-                                     load_split, split_path, splits_from_args)
+from workflow_scripts.common.tables import (SPLITS, Splits, add_split_arguments, assert_files_disjoint,
+                                            assert_patient_disjoint, label_counts, load_split, split_path,
+                                            splits_from_args)
 from workflow_scripts.data.xray_dataset import XrayPromptDataset
 
 

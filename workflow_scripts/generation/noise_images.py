@@ -33,8 +33,8 @@ from workflow_scripts.common import paths
 from workflow_scripts.common.errors import DataError, run_stage
 from workflow_scripts.common.config import add_config_arguments, config_from_args
 from workflow_scripts.common.images import read_xray
-from workflow_scripts.common.tables import (RESULT_COLUMNS, add_split_arguments, load_split, read_generation_results, save_png_atomically,
-                                     splits_from_args)
+from workflow_scripts.common.tables import (RESULT_COLUMNS, add_split_arguments, load_split, read_generation_results,
+                                            save_png_atomically, splits_from_args)
 
 MAX_REAL_IMAGES = 256
 

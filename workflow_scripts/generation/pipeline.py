@@ -35,7 +35,7 @@ from workflow_scripts.common.faults import maybe_fail
 from workflow_scripts.common.hardware import DTYPES, apply_cuda_levers, compile_settings
 from workflow_scripts.lora.lora_checkpoints import LORA_FILE
 from workflow_scripts.common.tables import (LABEL_JOIN, RESULT_COLUMNS, file_key, label_counts, load_split, make_prompt,
-                                     save_png_atomically)
+                                            save_png_atomically)
 from workflow_scripts.study.design import pool_size_needed
 
 PLAN_COLUMNS = ["key", "labels", "prompt", "count"]

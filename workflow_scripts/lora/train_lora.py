@@ -47,9 +47,9 @@ from workflow_scripts.common.faults import maybe_fail
 from workflow_scripts.common.hardware import DTYPES, gpu_levers, hardware_settings
 from workflow_scripts.lora.latent_cache import GIB, LatentCache, encode_latent_cache, latent_shape
 from workflow_scripts.lora.lora_checkpoints import (CHECKPOINT_PREFIX, Position, choose_checkpoint, load_checkpoint,
-                                               load_lora_state, resume_fingerprint, save_checkpoint, write_lora)
-from workflow_scripts.lora.lora_model import (Denoiser, LoraSpec, Prompts, Trainable, build_trainable_model, diffusion_loss,
-                                         library_versions, make_optimizer, set_train_mode)
+                                                    load_lora_state, resume_fingerprint, save_checkpoint, write_lora)
+from workflow_scripts.lora.lora_model import (Denoiser, LoraSpec, Prompts, Trainable, build_trainable_model,
+                                              diffusion_loss, library_versions, make_optimizer, set_train_mode)
 from workflow_scripts.lora.lora_validation import ValLoss, best_step, plot_losses, run_validation
 from workflow_scripts.common.tables import Splits, add_split_arguments, split_path, splits_from_args
 

@@ -22,8 +22,8 @@ import pandas as pd
 from workflow_scripts.common import paths
 from workflow_scripts.common.errors import ConfigError, DataError
 from workflow_scripts.common.labels import read_csv_checked
-from workflow_scripts.study.design import (drop_excluded, largest_ratio, more_real_ratio, oversample_mirror, read_reserve,
-                                    stratified_draw, synthetic_count)
+from workflow_scripts.study.design import (drop_excluded, largest_ratio, more_real_ratio, oversample_mirror,
+                                           read_reserve, stratified_draw, synthetic_count)
 from workflow_scripts.common.tables import LABEL_JOIN, read_generation_results
 
 REFERENCE = "ratio0"  # the real-only arm every other arm is compared with
@@ -162,7 +162,7 @@ def nothing(arm: Arm, real: pd.DataFrame, pool: pd.DataFrame | None, n: int, see
 
 
 def drawn(source: str) -> Build:
-    """`n` images of the pool, stratified by label combination (study.stratified_draw, seeded), as `source`."""
+    """`n` images of the pool, stratified by label combination (design.stratified_draw, seeded), as `source`."""
 
     def build(arm: Arm, real: pd.DataFrame, pool: pd.DataFrame | None, n: int, seed: int) -> tuple[pd.DataFrame, dict]:
         pool = _enough(arm, real, pool, n)

@@ -33,8 +33,8 @@ from workflow_scripts.study import stats
 from workflow_scripts.common.config import add_config_arguments, config_from_args
 from workflow_scripts.study import compare_report as report
 from workflow_scripts.classifier.classifier_model import class_names
-from workflow_scripts.study.comparison import (AGE_BANDS, BOOTSTRAP_SEED, Run, Study, align_test_split, analyse, check_matched,
-                                         group_arms, load_run, run_counts, scores_of)
+from workflow_scripts.study.comparison import (AGE_BANDS, BOOTSTRAP_SEED, Run, Study, align_test_split, analyse,
+                                               check_matched, group_arms, load_run, run_counts, scores_of)
 from workflow_scripts.study.arms import MORE_REAL, REFERENCE, SYNTHETIC, Arm
 from workflow_scripts.common.tables import Splits, add_split_arguments, label_counts, load_split, splits_from_args
 
