@@ -20,6 +20,7 @@ from workflow_scripts.common.config import (
     write_stage_config,
 )
 from workflow_scripts.common.rerun_reasons import stage_changes
+from workflow_scripts.data.resolve import default_workers  # cores this process may use (affinity mask)
 from workflow_scripts.study.arms import REFERENCE, arm_names, arm_pattern, controls, parse_arm
 from workflow_scripts.models.weights import inventory as weights_inventory, render as render_weights, stop_message
 
@@ -90,7 +91,7 @@ def torch_threads(wildcards, threads):
         one_job_at_a_time = workflow.local_exec and workflow.cores == 1
     except WorkflowError:  # no --cores (a cluster executor)
         one_job_at_a_time = False
-    return len(os.sched_getaffinity(0)) if one_job_at_a_time else threads
+    return default_workers() if one_job_at_a_time else threads
 
 
 wildcard_constraints:

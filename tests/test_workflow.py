@@ -246,7 +246,9 @@ def test_dry_run_and_lint_of_the_default_config_are_clean() -> None:
     dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1"], cwd=REPO, capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     # one job at a time under --cores 1: the LoRA loop may use every core; with two jobs at once, its share
-    assert f"OMP_NUM_THREADS={len(os.sched_getaffinity(0))} python -m workflow_scripts.lora.train_lora" in dry.stdout
+    from workflow_scripts.data.resolve import default_workers
+
+    assert f"OMP_NUM_THREADS={default_workers()} python -m workflow_scripts.lora.train_lora" in dry.stdout
     lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
     assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
 

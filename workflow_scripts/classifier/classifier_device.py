@@ -11,7 +11,6 @@ channels-last (oneDNN's faster convolution path), no flags.
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,15 +19,13 @@ import numpy as np
 import torch
 
 from workflow_scripts.classifier.classifier_model import normalize
+from workflow_scripts.data.resolve import default_workers
 from workflow_scripts.common.hardware import DTYPE_NAMES
 
 
 def machine_cores() -> int:
     """CPU cores this process may use (its affinity mask, not the whole machine's)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    return max(1, default_workers())
 
 
 def loader_workers(requested: int, cores: int | None = None) -> int:
