@@ -124,10 +124,10 @@ def classifier_inputs(wildcards):
     pool = parse_arm(wildcards.arm, config).pool
     if pool is not None:
         inputs["synthetic"] = getattr(getattr(rules, pool.rule).output, pool.output)
-    if pool is not None and pool.audited:
-        # Near-copies of training images found by the memorization audit never reach a classifier
-        # (the noise pool drops the rows that mirror them, so the noise arm stays a mirror).
-        inputs["exclude"] = rules.audit_memorization.output.flagged
+        if pool.audited:
+            # Near-copies of training images found by the memorization audit never reach a classifier
+            # (the noise pool drops the rows that mirror them, so the noise arm stays a mirror).
+            inputs["exclude"] = rules.audit_memorization.output.flagged
     return inputs
 
 
