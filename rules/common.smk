@@ -82,11 +82,12 @@ def python_launcher(wildcards, resources):
     return f"accelerate launch --multi_gpu --num_processes {resources.gpu}"
 
 
-def torch_threads(wildcards, threads):
-    """CPU threads for a torch-bound job (OMP_NUM_THREADS in its shell command). Under a local
-    `--cores 1` Snakemake runs one job at a time, so that job may use every core this process may
-    use instead of leaving the rest idle (the demo's LoRA loop: 1.5x on 2 cores); with more cores,
-    or on a cluster, the job keeps the threads Snakemake gives it."""
+def job_cores(wildcards, threads):
+    """CPU cores a CPU-bound job may use (the generator's OMP_NUM_THREADS, the classifier's seeds side
+    by side, the phantoms' drawing processes). Under a local `--cores 1` Snakemake runs one job at a
+    time, so that job may use every core this process may use instead of leaving the rest idle (the
+    demo's LoRA loop: 1.5x on 2 cores; an arm's 4 seeds: 43 s -> 22 s); with more cores, or on a
+    cluster, the job keeps the threads Snakemake gives it."""
     try:
         one_job_at_a_time = workflow.local_exec and workflow.cores == 1
     except WorkflowError:  # no --cores (a cluster executor)

@@ -10,6 +10,7 @@ rule demo_dataset:
         num_patients=config["demo"]["num_patients"],
         size=config["demo"]["size"],
         seed=config["demo"]["seed"],
+        job_cores=job_cores,
     log:
         "logs/demo_dataset/demo_dataset.log",
     benchmark:
@@ -18,7 +19,8 @@ rule demo_dataset:
         "../envs/cxr-synth.yaml"
     shell:
         "python -m workflow_scripts.data.demo_dataset --out-dir {params.out_dir}"
-        " --num-patients {params.num_patients} --size {params.size} --seed {params.seed} > {log} 2>&1"
+        " --num-patients {params.num_patients} --size {params.size} --seed {params.seed} --workers {params.job_cores}"
+        " > {log} 2>&1"
 
 
 rule prepare_dataset:

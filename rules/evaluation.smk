@@ -21,6 +21,7 @@ rule train_classifier:
         seeds=" ".join(str(seed) for seed in config["classifier"]["seeds"]),
         out_dirs=folder_of("output", "metrics"),
         cache_dir=paths.CLASSIFIER_CACHE,
+        job_cores=job_cores,  # under --cores 1 the seeds train side by side, one per core
     resources:
         gpu=1,
     log:
@@ -33,7 +34,7 @@ rule train_classifier:
         "python -m workflow_scripts.classifier.train_classifier --config {input.config} --train {input.train} --val {input.val}"
         " --test {input.test}"
         " {params.synthetic} {params.exclude} --arm {wildcards.arm} --seed {params.seeds} --out-dir {params.out_dirs}"
-        " --cache-dir {params.cache_dir}"
+        " --cache-dir {params.cache_dir} --threads {params.job_cores}"
         " > {log} 2>&1"
 
 

@@ -27,7 +27,9 @@ from workflow_scripts.study.design import (
     validation_points,
 )
 from workflow_scripts.common.tables import PROB_PREFIX, load_split, read_generation_results
-from workflow_scripts.classifier.train_classifier import OUTPUT_FILES, _clean_out_dir, _training_data, assert_no_leakage, main, train_classifier
+from workflow_scripts.classifier import train_classifier as train_classifier_module
+from workflow_scripts.classifier.train_classifier import (OUTPUT_FILES, _clean_out_dir, _training_data, assert_no_leakage, main,
+                                                         seed_processes, train_classifier)
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = ["Cardiomegaly", "Effusion", "Nodule", "Mass", "Pneumothorax", "Fibrosis", "Pneumonia", "No Finding"]
@@ -275,6 +277,8 @@ def test_e2e_rerun_through_cli_is_reproducible(demo: dict, monkeypatch: pytest.M
     argv = ["--config", str(REPO / "config" / "config.yaml"), *[f"--set={o}" for o in demo["overrides"]],
             *split_flags(demo["data_dir"]), "--synthetic", str(demo["synthetic_csv"]),
             "--arm", "ratio25", "--seed", "1", "0", "--out-dir", str(other), str(out), "--cache-dir", str(demo["cache"])]
+    threads = torch.get_num_threads()  # the fixture's, in one process (side by side: the next test)
+    monkeypatch.setattr(train_classifier_module, "seed_processes", lambda n_seeds, asked: (1, threads))
     (out).mkdir(parents=True)
     (out / "metrics.json").write_text("{}")  # an old result: replaced
     monkeypatch.setattr(classifier_cache, "_build", lambda *args, **kwargs: pytest.fail("cache rebuilt"))
@@ -286,6 +290,34 @@ def test_e2e_rerun_through_cli_is_reproducible(demo: dict, monkeypatch: pytest.M
     assert again["test"]["macro"] == first["test"]["macro"]
     assert again["val_macro_auroc"] == first["val_macro_auroc"] and again["best_step"] == first["best_step"]
     assert pd.read_csv(out / "training_set.csv").equals(pd.read_csv(demo["out"] / "training_set.csv"))
+
+
+@pytest.mark.slow  # two more seeds trained
+def test_e2e_seeds_side_by_side_give_what_they_give_alone(demo: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    # --threads 2 on a CPU: seed 1 and seed 0 train at once in two processes of one thread (the workflow
+    # under --cores 1); seed 0's outputs are byte for byte those of its run alone at one thread.
+    out, other, alone = (demo["out"].with_name(f"par_ratio25_{name}") for name in ("seed0", "seed1", "alone0"))
+    base = ["--config", str(REPO / "config" / "config.yaml"), *[f"--set={o}" for o in demo["overrides"]],
+            *split_flags(demo["data_dir"]), "--synthetic", str(demo["synthetic_csv"]), "--arm", "ratio25",
+            "--cache-dir", str(demo["cache"])]
+    assert main([*base, "--seed", "0", "--out-dir", str(alone), "--threads", "1"]) == 0
+    argv = [*base, "--seed", "1", "0", "--out-dir", str(other), str(out), "--threads", "2"]
+    assert main(argv) == 0
+    assert "2 seeds in 2 processes of 1 thread(s) each" in capsys.readouterr().err
+    for name in ("predictions.csv", "train_log.csv", "training_set.csv", "model.pt"):
+        assert (out / name).read_bytes() == (alone / name).read_bytes(), name
+    assert json.loads((other / "metrics.json").read_text())["seed"] == 1
+    # A seed that fails in its process stops the job with its error, named as alone.
+    (other / "notes.txt").write_text("not the stage's")
+    assert main(argv) == 2
+    assert "holds files this stage did not write" in capsys.readouterr().err
+
+
+def test_seed_processes_split_the_threads_on_a_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert seed_processes(4, 2) == (2, 1) and seed_processes(4, 8) == (4, 2) and seed_processes(3, 8) == (3, 2)
+    assert seed_processes(1, 2) == (1, 2) and seed_processes(4, 1) == (1, 1)
+    monkeypatch.setattr(train_classifier_module, "pick_device", lambda: torch.device("cuda"))
+    assert seed_processes(4, 8) == (1, 8)  # one GPU: one seed at a time
 
 
 def test_e2e_cache_gives_the_metrics_of_decoding_every_step(demo: dict) -> None:

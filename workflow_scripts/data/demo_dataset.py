@@ -32,10 +32,12 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import re
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,6 +47,7 @@ from tqdm import tqdm
 from workflow_scripts.common.errors import run_stage
 from workflow_scripts.data.phantom import LABELS, draw_phantom, sample_anatomy
 from workflow_scripts.data.phantom_patients import plan_patients
+from workflow_scripts.data.resolve import default_workers
 
 CSV_NAME = "Data_Entry_2017.csv"
 IMAGE_DIR = "images"
@@ -60,12 +63,14 @@ FILMS_P = (0.2, 0.3, 0.3, 0.2)
 # --------------------------------------------------------------------------- dataset
 
 
-def make_demo_dataset(out_dir: Path, num_patients: int, size: int, seed: int) -> pd.DataFrame:
+def make_demo_dataset(out_dir: Path, num_patients: int, size: int, seed: int,
+                      workers: int | None = None) -> pd.DataFrame:
     """Write ``out_dir/images/*.png`` and ``out_dir/Data_Entry_2017.csv``; return the CSV frame.
 
     Patients are numbered from 1 and have 1-4 films each (``00000001_000.png`` ...). Stale
     NIH-named PNGs in ``out_dir/images`` from an earlier, larger run are removed so the
-    folder matches the CSV.
+    folder matches the CSV. ``workers`` processes draw (default: one per usable core); the files
+    are the same for any number.
     """
     num_patients, size, seed = int(num_patients), int(size), int(seed)
     if num_patients < MIN_PATIENTS:
@@ -90,15 +95,20 @@ def make_demo_dataset(out_dir: Path, num_patients: int, size: int, seed: int) ->
                 labels.pop(int(plan_rng.integers(len(labels))))  # a finding not seen on this film
             jobs.append((index + 1, film, labels))
 
+    # Each patient's films depend only on (seed, patient, film): drawn in any order, by any process,
+    # they are the same bytes.
+    patients: dict[int, list[tuple[int, list[str]]]] = {}
+    for patient, film, labels in jobs:
+        patients.setdefault(patient, []).append((film, labels))
+    draw = functools.partial(_draw_patient, image_dir=image_dir, size=size, seed=seed)
+    processes = min(int(workers or default_workers()), len(patients))
     rows = []
-    anatomy: dict[str, Any] = {}
-    for patient, film, labels in tqdm(jobs, desc="drawing phantoms", unit="img", file=sys.stderr):
-        if film == 0:
-            anatomy = sample_anatomy(np.random.default_rng([seed, 1, patient]))
-        array = draw_phantom(labels, size, np.random.default_rng([seed, 2, patient, film]), anatomy)
-        name = f"{patient:08d}_{film:03d}.png"
-        Image.fromarray(array).save(image_dir / name, format="PNG")
-        rows.append((name, "|".join(labels), patient))
+    with tqdm(total=len(jobs), desc="drawing phantoms", unit="img", file=sys.stderr) as progress, \
+            (ProcessPoolExecutor(processes) if processes > 1 else contextlib.nullcontext()) as pool:
+        drawn = (pool.map(draw, patients.items(), chunksize=8) if pool is not None else map(draw, patients.items()))
+        for patient_rows in drawn:
+            rows.extend(patient_rows)
+            progress.update(len(patient_rows))
 
     written = {row[0] for row in rows}
     for stale in image_dir.glob("*.png"):
@@ -108,6 +118,20 @@ def make_demo_dataset(out_dir: Path, num_patients: int, size: int, seed: int) ->
     frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
     frame.to_csv(out_dir / CSV_NAME, index=False, lineterminator="\n")
     return frame
+
+
+def _draw_patient(patient_films: tuple[int, list[tuple[int, list[str]]]], image_dir: Path, size: int,
+                  seed: int) -> list[tuple[str, str, int]]:
+    """Draw and write one patient's films; their CSV rows."""
+    patient, films = patient_films
+    anatomy = sample_anatomy(np.random.default_rng([seed, 1, patient]))
+    rows = []
+    for film, labels in films:
+        array = draw_phantom(labels, size, np.random.default_rng([seed, 2, patient, film]), anatomy)
+        name = f"{patient:08d}_{film:03d}.png"
+        Image.fromarray(array).save(image_dir / name, format="PNG")
+        rows.append((name, "|".join(labels), patient))
+    return rows
 
 
 def label_counts(frame: pd.DataFrame) -> dict[str, int]:
@@ -127,12 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-patients", type=int, default=80, help=f"number of patients (>= {MIN_PATIENTS})")
     parser.add_argument("--size", type=int, default=128, help=f"image side in pixels (>= {MIN_SIZE})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed = identical files)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes that draw (default: one per usable core; the files are the same for any number)")
     args = parser.parse_args(argv)
     if args.num_patients < MIN_PATIENTS:
         parser.error(f"--num-patients must be at least {MIN_PATIENTS}, got {args.num_patients}")
     if args.size < MIN_SIZE:
         parser.error(f"--size must be at least {MIN_SIZE}, got {args.size}")
-    frame = make_demo_dataset(args.out_dir, args.num_patients, args.size, args.seed)
+    frame = make_demo_dataset(args.out_dir, args.num_patients, args.size, args.seed, args.workers)
     counts = ", ".join(f"{k}={v}" for k, v in label_counts(frame).items())
     print(
         f"demo_dataset: {len(frame)} phantom images of {frame['Patient ID'].nunique()} patients "

@@ -250,7 +250,7 @@ def _problem(path: str, decode: bool, min_side: int) -> tuple[str | None, str | 
 
 def default_workers() -> int:
     """CPU cores this process may use (its affinity mask, not the whole machine's): the one count the
-    image checks, the classifier's decoding and Snakemake's torch_threads read. Torch-free."""
+    image checks, the classifier's decoding and Snakemake's job_cores read. Torch-free."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
