@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -218,13 +219,23 @@ def test_a_classifier_override_reruns_only_the_classifier_fidelity_and_table(dem
 
 
 @pytest.mark.slow  # the whole DAG through Snakemake, once per module
-@pytest.mark.xfail(strict=True, reason="known gap (#27): with a finished run, --allowed-rules train_classifier_seed "
-                   "--forcerun train_classifier_seed finds nothing to do; the arm rule is the file's producer")
-def test_one_seed_of_an_arm_reruns_alone(demo_run: Path) -> None:
-    # An arm's seeds run in one job; docs/long-runs.md's command re-runs one seed by itself.
-    result = snakemake(demo_run, "-n", "--allowed-rules", "train_classifier_seed", "--forcerun", "train_classifier_seed",
-                       "--config", "split={seed: 7}", targets=("results/classifier/ratio0_seed1/metrics.json",))
-    assert _scheduled(result) == {"train_classifier_seed"} and "--seed 1 --out-dir" in result.stdout
+def test_one_seed_of_an_arm_reruns_alone_and_the_workflow_takes_it_up(demo_run: Path) -> None:
+    # An arm's seeds run in one job; its log names the command that re-trains one seed alone
+    # (docs/long-runs.md). Snakemake then re-runs what reads that seed, not the arm.
+    log = (demo_run / "logs" / "train_classifier" / "ratio0.log").read_text()
+    command = next(line.split(": ", 1)[1] for line in log.splitlines() if line.startswith("re-run seed 1 alone: "))
+    rerun, kept = (demo_run / "results" / "classifier" / f"ratio0_seed{seed}" / "metrics.json" for seed in (1, 0))
+    before = {path: path.stat().st_mtime_ns for path in (rerun, kept)}
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "workflow_scripts.classifier.train_classifier"]
+    result = subprocess.run([sys.executable, *argv[1:]], cwd=demo_run, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert rerun.stat().st_mtime_ns > before[rerun] and kept.stat().st_mtime_ns == before[kept]
+    assert json.loads(rerun.read_text())["seed"] == 1
+    scheduled = _scheduled(snakemake(demo_run, "-n", "--config", "split={seed: 7}"))
+    assert "compare" in scheduled and not scheduled & {"train_classifier", "train_classifier_seed"}, scheduled
+    snakemake(demo_run, "--cores", "1", "--resources", "gpu=1", "--config", "split={seed: 7}")  # the table takes it up
 
 
 @pytest.mark.slow  # the whole DAG through Snakemake, once per module

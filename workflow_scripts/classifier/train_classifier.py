@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -404,11 +405,27 @@ def main(argv: list[str] | None = None) -> int:
     config, splits = config_from_args(args, "train_classifier"), splits_from_args(args, EVALUATION_SPLITS)
     pool = parse_arm(args.arm, config).pool
     synthetic = args.synthetic or (Path(pool.default) if pool else None)
+    if len(args.seed) > 1:  # the arm's job runs every seed; this is how to run one of them again alone
+        flags = one_seed_flags(sys.argv[1:] if argv is None else argv)
+        for seed, out_dir in zip(args.seed, args.out_dir):
+            print(f"re-run seed {seed} alone: python -m workflow_scripts.classifier.train_classifier "
+                  f"{shlex.join([*flags, '--seed', str(seed), '--out-dir', str(out_dir)])}", flush=True)
     run = functools.partial(train_classifier, config, splits, synthetic, args.arm, exclude_csv=args.exclude_synthetic,
                             cache_dir=None if args.no_cache else args.cache_dir)
     for metrics, out_dir in train_seeds(run, args.seed, args.out_dir, seed_processes(len(args.seed), args.threads)):
         print(summary_line(metrics, out_dir), flush=True)
     return 0
+
+
+def one_seed_flags(argv: Sequence[str]) -> list[str]:
+    """The command line without its --seed and --out-dir lists (and --threads: one seed needs one process)."""
+    kept, skipping = [], False
+    for token in argv:
+        if token.startswith("--"):
+            skipping = token in ("--seed", "--out-dir", "--threads")
+        if not skipping:
+            kept.append(token)
+    return kept
 
 
 def seed_processes(n_seeds: int, threads: int | None) -> tuple[int, int]:

@@ -76,11 +76,7 @@ class ArmBootstrap:
         if n_seeds < 2 or self.seed_samples is None:
             return 0.0, 0.0
         raw = float(np.var(macro(self.seed_values, labels), ddof=1))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # resamples where a label is undefined
-            single = np.nanvar(macro(self.seed_samples, labels), axis=1, ddof=1).mean()
-            mean = np.nanvar(macro(self.seed_samples.mean(axis=0), labels), ddof=1)
-        return raw, float((single - mean) * n_seeds / (n_seeds - 1))
+        return raw, float(interaction_variance(macro(self.seed_samples, labels)))
 
     @property
     def estimate(self) -> np.ndarray:
@@ -103,13 +99,24 @@ def seed_shrink(values: np.ndarray, full: np.ndarray) -> np.ndarray:
     (their interaction), about (mean single-seed bootstrap variance - bootstrap variance of the
     mean) * S / (S - 1). Counted twice, the interval covers far above its nominal rate when seeds
     differ little."""
-    n_seeds = values.shape[0]
     spread = (full - full.mean(axis=0)).var(axis=0, ddof=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # labels undefined in some resamples
-        interaction = (np.nanvar(values, axis=1).mean(axis=0) - np.nanvar(values.mean(axis=0), axis=0)) * n_seeds / (n_seeds - 1)
+    interaction = interaction_variance(values, ddof=0)
     share = np.divide(spread - interaction, spread, out=np.zeros_like(spread), where=spread > 0)
     return np.sqrt(np.clip(np.nan_to_num(share), 0.0, 1.0))
+
+
+def interaction_variance(seed_samples: np.ndarray, ddof: int = 1) -> np.ndarray:
+    """The part of the seeds' spread on the whole test set that the seed x patient interaction
+    explains, from each seed's value on each patient resample (seeds, resamples, ...): (mean
+    single-seed bootstrap variance - bootstrap variance of the seed mean) x S / (S - 1). One
+    formula for the arm's interval (`seed_shrink`, per label) and for the seed term of a Δ's
+    variance (`ArmBootstrap.seed_spread`, on the macro)."""
+    n_seeds = seed_samples.shape[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # resamples where a label is undefined
+        single = np.nanvar(seed_samples, axis=1, ddof=ddof).mean(axis=0)
+        mean = np.nanvar(seed_samples.mean(axis=0), axis=0, ddof=ddof)
+    return (single - mean) * n_seeds / (n_seeds - 1)
 
 
 def seed_resample(values: np.ndarray, full: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
