@@ -97,6 +97,7 @@ rule audit_memorization:
         summary=f"{paths.EVALUATION}/audit_summary.json",
     params:
         out_dir=folder_of("output", "summary"),
+        threads_env=threads_env,
     resources:
         gpu=1,
         # Working memory of one block of the search (MiB): --set-resources audit_memorization:audit_block_mb=8192
@@ -108,7 +109,7 @@ rule audit_memorization:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.fidelity.audit --config {input.config} --train {input.train} --val {input.val}"
+        "{params.threads_env} python -m workflow_scripts.fidelity.audit --config {input.config} --train {input.train} --val {input.val}"
         " --test {input.test} --synthetic {input.synthetic} --out-dir {params.out_dir}"
         " --block-mb {resources.audit_block_mb} > {log} 2>&1"
 
@@ -138,6 +139,7 @@ rule evaluate_fidelity:
         ),
     params:
         out_dir=folder_of("output", "fidelity_md"),
+        threads_env=threads_env,
     resources:
         gpu=1,
     log:
@@ -147,7 +149,7 @@ rule evaluate_fidelity:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "python -m workflow_scripts.fidelity.evaluate_fidelity --config {input.config} --train {input.train} --val {input.val}"
+        "{params.threads_env} python -m workflow_scripts.fidelity.evaluate_fidelity --config {input.config} --train {input.train} --val {input.val}"
         " --synthetic {input.synthetic} --base-synthetic {input.base_synthetic} --classifier {input.classifier}"
         " --audit-summary {input.audit_summary}"
         " --out-dir {params.out_dir} > {log} 2>&1"

@@ -30,7 +30,7 @@ rule generate_label:
     params:
         output_dir=folder_of("output", "results", up=2),  # the label's folder below it is the CLI's
         tiny_dir=rules.build_tiny_model.output.model,
-        job_cores=job_cores,
+        threads_env=threads_env,
     resources:
         gpu=1,
     log:
@@ -40,7 +40,7 @@ rule generate_label:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "OMP_NUM_THREADS={params.job_cores} python -m workflow_scripts.generation.generate_xrays --config {input.config} --label {wildcards.label}"
+        "{params.threads_env} python -m workflow_scripts.generation.generate_xrays --config {input.config} --label {wildcards.label}"
         " --plan {input.plan} --checkpoint {input.lora} --tiny-dir {params.tiny_dir}"
         " --output-dir {params.output_dir} > {log} 2>&1"
 
@@ -57,7 +57,7 @@ rule generate_without_lora:
     params:
         output_dir=folder_of("output", "results"),
         tiny_dir=rules.build_tiny_model.output.model,
-        job_cores=job_cores,
+        threads_env=threads_env,
     resources:
         gpu=1,
     log:
@@ -67,7 +67,7 @@ rule generate_without_lora:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "OMP_NUM_THREADS={params.job_cores} python -m workflow_scripts.generation.generate_xrays --config {input.config} --no-lora --plan {input.plan}"
+        "{params.threads_env} python -m workflow_scripts.generation.generate_xrays --config {input.config} --no-lora --plan {input.plan}"
         " --tiny-dir {params.tiny_dir} --output-dir {params.output_dir} --merged {output.results} > {log} 2>&1"
 
 

@@ -51,7 +51,7 @@ rule train_lora:
         output_dir=folder_of("output", "summary", up=2),
         tiny_dir=rules.build_tiny_model.output.model,
         launcher=python_launcher,
-        job_cores=job_cores,
+        threads_env=threads_env,
     resources:
         gpu=1,
     log:
@@ -61,5 +61,5 @@ rule train_lora:
     conda:
         "../envs/cxr-synth.yaml"
     shell:
-        "OMP_NUM_THREADS={params.job_cores} {params.launcher} -m workflow_scripts.lora.train_lora --config {input.config} --train {input.train} --val {input.val}"
+        "{params.threads_env} {params.launcher} -m workflow_scripts.lora.train_lora --config {input.config} --train {input.train} --val {input.val}"
         " --output-dir {params.output_dir} --tiny-dir {params.tiny_dir} > {log} 2>&1"

@@ -259,7 +259,9 @@ def test_dry_run_and_lint_of_the_default_config_are_clean() -> None:
     # one job at a time under --cores 1: the LoRA loop may use every core; with two jobs at once, its share
     from workflow_scripts.data.resolve import default_workers
 
-    assert f"OMP_NUM_THREADS={default_workers()} python -m workflow_scripts.lora.train_lora" in dry.stdout
+    cores = default_workers()
+    assert f"OMP_NUM_THREADS={cores} MKL_NUM_THREADS={cores} python -m workflow_scripts.lora.train_lora" in dry.stdout
+    assert f"--threads {cores}" in dry.stdout  # an arm's seeds side by side
     lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
     assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
 
@@ -267,7 +269,8 @@ def test_dry_run_and_lint_of_the_default_config_are_clean() -> None:
 @pytest.mark.slow  # a second dry run
 def test_with_several_cores_a_torch_job_keeps_snakemakes_share() -> None:
     two = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "2"], cwd=REPO, capture_output=True, text=True)
-    assert "OMP_NUM_THREADS=1 python -m workflow_scripts.lora.train_lora" in two.stdout, two.stdout[-2000:]
+    assert "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m workflow_scripts.lora.train_lora" in two.stdout, two.stdout[-2000:]
+    assert "--threads 1" in two.stdout
 
 
 def _scheduled_runs(dry_run_output: str) -> set[str]:
