@@ -464,8 +464,13 @@ def train_seeds(run: Callable[..., dict[str, Any]], seeds: Sequence[int], out_di
     with ProcessPoolExecutor(max_workers=count) as pool:  # one progress bar: the first seed's
         futures = [pool.submit(_train_one, run, threads, seed, out_dir, index == 0)
                    for index, (seed, out_dir) in enumerate(zip(seeds, out_dirs))]
-        for future, out_dir in zip(futures, out_dirs):
-            yield future.result(), out_dir
+        try:
+            for future, out_dir in zip(futures, out_dirs):
+                yield future.result(), out_dir
+        except BaseException:
+            for future in futures:  # a failed seed fails the job: the seeds not yet started do not start
+                future.cancel()
+            raise
 
 
 def summary_line(metrics: Mapping[str, Any], out_dir: Path) -> str:
