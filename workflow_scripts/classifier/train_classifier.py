@@ -431,7 +431,7 @@ def one_seed_flags(argv: Sequence[str]) -> list[str]:
 def seed_processes(n_seeds: int, threads: int | None) -> tuple[int, int]:
     """(processes, torch threads each) for an arm's seeds. On a CPU the seeds split the threads: a small
     model gains little from a second thread but a second seed in its own process nearly halves the
-    arm's time (the demo: 4 seeds 43 s -> 25 s on 2 cores). A GPU trains one seed at a time."""
+    arm's time (the demo: 4 seeds 43 s -> 22 s on 2 cores). A GPU trains one seed at a time."""
     threads = threads or torch.get_num_threads()
     if threads <= 1 or n_seeds <= 1 or pick_device().type != "cpu":
         return 1, threads

@@ -32,11 +32,9 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import re
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +45,7 @@ from tqdm import tqdm
 from workflow_scripts.common.errors import run_stage
 from workflow_scripts.data.phantom import LABELS, draw_phantom, sample_anatomy
 from workflow_scripts.data.phantom_patients import plan_patients
-from workflow_scripts.data.resolve import default_workers
+from workflow_scripts.data.resolve import default_workers, ordered_map
 
 CSV_NAME = "Data_Entry_2017.csv"
 IMAGE_DIR = "images"
@@ -87,26 +85,23 @@ def make_demo_dataset(out_dir: Path, num_patients: int, size: int, seed: int,
     plan = plan_patients(num_patients, plan_rng)
     films = plan_rng.choice(FILMS_PER_PATIENT, size=num_patients, p=FILMS_P)
 
-    jobs: list[tuple[int, int, list[str]]] = []
+    # Each patient's films depend only on (seed, patient, film): drawn in any order, by any process,
+    # they are the same bytes.
+    patients: list[tuple[int, list[tuple[int, list[str]]]]] = []
     for index, (findings, n_films) in enumerate(zip(plan, films)):
+        patient_films = []
         for film in range(int(n_films)):
             labels = list(findings)
             if len(labels) > 1 and plan_rng.random() < FILM_DROP_P:
                 labels.pop(int(plan_rng.integers(len(labels))))  # a finding not seen on this film
-            jobs.append((index + 1, film, labels))
+            patient_films.append((film, labels))
+        patients.append((index + 1, patient_films))
 
-    # Each patient's films depend only on (seed, patient, film): drawn in any order, by any process,
-    # they are the same bytes.
-    patients: dict[int, list[tuple[int, list[str]]]] = {}
-    for patient, film, labels in jobs:
-        patients.setdefault(patient, []).append((film, labels))
     draw = functools.partial(_draw_patient, image_dir=image_dir, size=size, seed=seed)
     processes = min(int(workers or default_workers()), len(patients))
     rows = []
-    with tqdm(total=len(jobs), desc="drawing phantoms", unit="img", file=sys.stderr) as progress, \
-            (ProcessPoolExecutor(processes) if processes > 1 else contextlib.nullcontext()) as pool:
-        drawn = (pool.map(draw, patients.items(), chunksize=8) if pool is not None else map(draw, patients.items()))
-        for patient_rows in drawn:
+    with tqdm(total=int(films.sum()), desc="drawing phantoms", unit="img", file=sys.stderr) as progress:
+        for patient_rows in ordered_map(draw, patients, processes, chunksize=8):
             rows.extend(patient_rows)
             progress.update(len(patient_rows))
 

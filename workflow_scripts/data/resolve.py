@@ -21,9 +21,10 @@ import os
 import stat
 import sys
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tqdm import tqdm
@@ -268,11 +269,20 @@ def check_images(
     names = [str(path) for path in paths]
     progress = functools.partial(tqdm, total=len(names), desc="checking images", unit="img",
                                  disable=len(names) < 50, file=sys.stderr)
-    if workers == 1 or len(names) < 2 * workers or not decode:
-        return list(progress(map(check, names)))
+    if len(names) < 2 * workers or not decode:
+        workers = 1
     chunksize = max(1, min(64, len(names) // (workers * 4)))
+    return list(progress(ordered_map(check, names, workers, chunksize)))
+
+
+def ordered_map(function: Callable[[Any], Any], items: Sequence[Any], workers: int, chunksize: int = 1) -> Iterator[Any]:
+    """function(item) for each item, in order: in a pool of `workers` processes (for CPU-bound work;
+    `function` must be picklable), or in this process when `workers` is 1 or less."""
+    if workers <= 1:
+        yield from map(function, items)
+        return
     with ProcessPoolExecutor(workers) as pool:
-        return list(progress(pool.map(check, names, chunksize=chunksize)))
+        yield from pool.map(function, items, chunksize=chunksize)
 
 
 def find_bad_images(
