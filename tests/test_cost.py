@@ -49,7 +49,9 @@ def test_the_counts_are_consistent_across_sizes() -> None:
 
 
 def test_the_nih_estimate_follows_the_study(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
-    assert cost.main(["--config", str(NIH), *NIH_SIZES, "--gpu", "h100", "--out", str(tmp_path / "cost.md")]) == 0
+    # --data-dir names a folder without splits: a demo run's results/data in the checkout must not stand in
+    assert cost.main(["--config", str(NIH), *NIH_SIZES, "--data-dir", str(tmp_path / "no-splits"), "--gpu", "h100",
+                      "--out", str(tmp_path / "cost.md")]) == 0
     page = capsys.readouterr().out
     assert (tmp_path / "cost.md").read_text() == page
     config = load_config([NIH])
@@ -75,8 +77,9 @@ def test_the_nih_estimate_follows_the_study(capsys: pytest.CaptureFixture, tmp_p
     assert float(rows["train_lora"][6].replace(",", "")) == pytest.approx(expected / 1e12, rel=0.01)
 
 
-def test_a_control_added_to_the_study_adds_its_runs(capsys: pytest.CaptureFixture) -> None:
-    cost.main(["--config", str(NIH), *NIH_SIZES, "--set", "classifier.controls=[rebalanced, noise, pretrain]"])
+def test_a_control_added_to_the_study_adds_its_runs(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    cost.main(["--config", str(NIH), *NIH_SIZES, "--data-dir", str(tmp_path / "no-splits"),
+               "--set", "classifier.controls=[rebalanced, noise, pretrain]"])
     assert "| train_classifier |" in capsys.readouterr().out
     config = load_config([NIH], ["classifier.controls=[rebalanced, noise, pretrain]"])
     sizes = cost.Sizes(10000, 11200, 22400, None, "given")
