@@ -254,7 +254,9 @@ def test_each_stage_gets_only_its_declared_config(demo_run: Path) -> None:
 
 
 def test_dry_run_and_lint_of_the_default_config_are_clean() -> None:
-    dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1"], cwd=REPO, capture_output=True, text=True)
+    # --forceall: every job is listed with its command, also where a demo run in this checkout is up to date
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "--cores", "1"], cwd=REPO,
+                         capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     # one job at a time under --cores 1: the LoRA loop may use every core; with two jobs at once, its share
     from workflow_scripts.data.resolve import default_workers
@@ -268,7 +270,8 @@ def test_dry_run_and_lint_of_the_default_config_are_clean() -> None:
 
 @pytest.mark.slow  # a second dry run
 def test_with_several_cores_a_torch_job_keeps_snakemakes_share() -> None:
-    two = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "2"], cwd=REPO, capture_output=True, text=True)
+    two = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "--cores", "2"], cwd=REPO,
+                         capture_output=True, text=True)
     assert "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m workflow_scripts.lora.train_lora" in two.stdout, two.stdout[-2000:]
     assert "--threads 1" in two.stdout
 
