@@ -102,6 +102,13 @@ class Rates:
     null_family: np.ndarray  # any other arm of the ratio0 family reads gain or loss (all truly equal to ratio0)
     headline: np.ndarray  # the headline reads yes
     planned: np.ndarray  # plan_power's expected MDE from this study for `plan_seeds` seeds (NaN unless asked)
+    se2: np.ndarray  # the planted arm's SE² of its Δ vs ratio0
+    df: np.ndarray  # and its degrees of freedom
+
+    def df_from_spread(self) -> float:
+        """The df that SE²'s spread across the studies shows, 2 E[SE²]² / Var(SE²): what the printed
+        df (Satterthwaite's, per study) estimates."""
+        return float(2 * self.se2.mean() ** 2 / self.se2.var(ddof=1))
 
     @staticmethod
     def se(share: float, repeats: int) -> float:
@@ -124,10 +131,12 @@ def rates(repeats: int, design: Design, effect: float = 0.0, planted: str = "mor
             components = power.variance_components(result.boot, result.evaluated)
             level = stats.ALPHA / (len(design.arms) - 1)
             planned = power.planned_mde(components, plan_seeds, 1, level, len(design.arms))
+        difference = result.diffs["ratio0"][planted]
         rows.append((row["verdict_vs_ratio0"] == stats.GAIN, row["verdict_vs_ratio0"] != stats.NO_DIFFERENCE,
                      row["delta_vs_ratio0_ci_low"] <= truth <= row["delta_vs_ratio0_ci_high"], row["delta_vs_ratio0"],
                      row["mde_vs_ratio0"], bool((others["verdict_vs_ratio0"] != stats.NO_DIFFERENCE).any()),
-                     bool(frame.get("verdict_headline", pd.Series(dtype=str)).eq(stats.GAIN).any()), planned))
+                     bool(frame.get("verdict_headline", pd.Series(dtype=str)).eq(stats.GAIN).any()), planned,
+                     difference.se ** 2, difference.df))
     return Rates(repeats, *(np.array(column) for column in zip(*rows)))
 
 

@@ -142,12 +142,28 @@ def test_seed_variance_is_pooled_over_arms_only_where_homogeneous_and_its_df_cou
     assert d_pooled.df > d_own.df  # 6 df of pooled spread instead of 2 + 2
     wild = {**alike, "b": arm([0.5, 0.9, 0.7])}
     assert not stats.seed_model(wild).pooled  # Bartlett rejects one arm whose seeds spread 30 times as far
-    # the interaction explains most of the spread: the seed term keeps the raw spread's uncertainty,
-    # so its df falls below S - 1 = 2 per arm (Satterthwaite: (S - 1)(seed / raw)^2)
+    # the interaction explains most of the spread: the seed term (raw spread less the interaction)
+    # keeps most of the raw spread's uncertainty while its size shrinks, so its df falls below
+    # S - 1 = 2 per arm
     noisy = {name: arm([0.80 + d for d in (0.0, 0.02, -0.02)], interaction_sd=0.017) for name in ("ratio0", "a")}
     spread, interaction = noisy["a"].seed_spread()
     assert 0 < interaction < spread
     assert stats.differences(noisy, "ratio0", ["a"])["a"].df < 4
+
+
+def test_positive_part_variance_matches_draws_of_the_clipped_seed_variance() -> None:
+    # the seed variance the table uses is (raw spread - interaction) held at 0 or above, the raw
+    # spread a scaled chi-square; its sampling variance (the seed piece of the Satterthwaite df) is
+    # checked against 400 000 draws (Monte Carlo SE of a variance there about 0.5 %)
+    rng = np.random.default_rng(3)
+    for mean_square, interaction, df in ((1.0, 0.0, 2), (1.0, 0.9, 2), (1.0, 0.9, 12), (2.0, 0.5, 4), (1.0, 1.0, 4)):
+        raw = mean_square * rng.chisquare(df, 400_000) / df
+        drawn = np.maximum(raw - interaction, 0.0).var()
+        assert stats.positive_part_variance(mean_square, interaction, df) == pytest.approx(drawn, rel=0.03)
+    assert stats.positive_part_variance(1.0, 0.0, 2) == pytest.approx(1.0)  # no interaction: the raw spread's 2 m^2 / df
+    # where the interaction explains most of the spread (93 %, as in the calibration designs), the
+    # held-at-0 estimate varies about half as much as the raw spread that the df used to count
+    assert stats.positive_part_variance(1.0, 0.93, 4) < 0.6 * stats.positive_part_variance(1.0, 0.0, 4)
 
 
 def test_mde_is_the_noncentral_t_and_reads_high_by_c4_for_an_estimated_se() -> None:
@@ -225,6 +241,12 @@ def test_calibration_a_planted_difference_is_detected() -> None:
 # power checks with enough repeats that a 5-point miss fails (SE <= 1.6 points), adds 5 seeds in a
 # seven-arm table, and the demo-size positive control.
 MC_MARGIN = 2.0
+# The MDE may read conservative, never optimistic: a true Δ at it must read gain in at least 80 %
+# (less MC_MARGIN SE) and at most POWER_CEILING, the 80 ± 5 % that #28 asks for. Measured: about
+# 83 % at 3 seeds, 81 % at 5. The seed variance is held at 0 or above, so where seeds differ little
+# beyond ranking single films differently it reads high (SE² 5-13 % above the Δ's variance across
+# 3-seed studies, 3-6 % at 5 seeds), and the printed MDE with it.
+POWER_CEILING = 0.85
 QUICK = calibration.replace(calibration.DEMO, n_patients=60, n_labels=2, n_boot=100)
 PAIR3 = calibration.replace(QUICK, arms=calibration.PAIR)
 PAIR5 = calibration.replace(PAIR3, n_seeds=5)
@@ -232,7 +254,7 @@ SEVEN3 = QUICK
 SEVEN5 = calibration.replace(QUICK, n_seeds=5)
 # score-scale effects that put more_real's true Δ at the table's MDE in each design (found once
 # by simulation; each test checks that the planted Δ and the printed MDE agree)
-AT_MDE = {"pair3": 1.36, "pair5": 1.13, "seven3": 1.85, "seven5": 1.5}
+AT_MDE = {"pair3": 1.34, "pair5": 1.11, "seven3": 1.74, "seven5": 1.5}
 
 
 def bound(rate: float, repeats: int) -> float:
@@ -259,32 +281,35 @@ def test_identical_arms_read_gain_or_loss_at_most_5_percent_and_their_intervals_
     assert flagged >= 0.005  # not vacuous: a test that never rejects would pass the bound
 
 
-def power_at_mde(design, effect: float, repeats: int, seed: int, plan_seeds: int | None = None) -> calibration.Rates:
+def power_at_mde(design, effect: float, repeats: int, seed: int, plan_seeds: int | None = None,
+                 check_power: bool = True) -> calibration.Rates:
     """Plant more_real's Δ near the table's MDE. The printed MDE (its mean over repeats) must sit at the
     true Δ (the mean estimate: Δ-hat is unbiased) within 2.5 standard errors of their difference + 1 %,
-    and the table must read gain in 80 % ± MC_MARGIN SE, the band moved by the plant's offset from
-    the printed MDE (1 point per %, the slope of a power curve at 80 %): the claim is power at the
-    printed figure, not at wherever the plant landed."""
+    and the table must read gain in at least 80 % - MC_MARGIN SE and at most POWER_CEILING, the rate
+    moved by the plant's offset from the printed MDE (1 point per %, about the slope of a power
+    curve at 80 %): the claim is power at the printed figure, not at wherever the plant landed."""
     result = calibration.rates(repeats, design, effect, seed=seed, plan_seeds=plan_seeds)
     truth, printed, gain = result.delta.mean(), result.mde.mean(), result.gain.mean()
     offset = (truth - printed) / truth  # a plant above the printed MDE reads gain more often
     se = math.sqrt(result.delta.var() + result.mde.var()) / math.sqrt(repeats) / truth
     message = (f"{described('gain', gain, repeats)}; true Δ {truth:.4f}, mean printed MDE {printed:.4f} "
-               f"(offset {offset:+.1%} ± {se:.1%})")
+               f"(offset {offset:+.1%} ± {se:.1%}), so about {gain - offset:.1%} at the MDE; df printed: median "
+               f"{np.median(result.df):.1f}, harmonic mean {1 / np.mean(1 / result.df):.1f}; from SE²'s spread "
+               f"{result.df_from_spread():.1f}; SE² / Var(Δ-hat) {result.se2.mean() / result.delta.var():.3f}")
     assert abs(offset) <= 2.5 * se + 0.01, message
-    assert abs(gain - 0.8 - offset) <= MC_MARGIN * calibration.Rates.se(0.8, repeats), message
+    if check_power:
+        assert 0.8 - MC_MARGIN * calibration.Rates.se(0.8, repeats) <= gain - offset <= POWER_CEILING, message
     print(message)
     return result
 
 
 @pytest.mark.slow  # Monte Carlo calibration (hundreds of simulated tables); the quick tier keeps the identical-arms check
 def test_a_true_delta_at_the_printed_mde_reads_gain_80_percent_and_plan_power_predicts_5_seeds() -> None:
-    # pairs with 3 and with 5 seeds, 250 repeats each: SE 2.5 points at 80 %, so the band is 80 ± 5
-    # (a 10-point miss fails; the slow tier catches 5). The 3-seed studies double as pilots:
-    # plan_power's mean prediction for 5 seeds must be within 10 % of the mean MDE the 5-seed tables
-    # print (the SE of each mean is about 1 %)
-    pilots = power_at_mde(PAIR3, AT_MDE["pair3"], 250, seed=203, plan_seeds=5)
-    studies = power_at_mde(PAIR5, AT_MDE["pair5"], 250, seed=205)
+    # pairs with 3 and with 5 seeds, 250 repeats each (power itself is checked with more repeats
+    # below). The 3-seed studies double as pilots: plan_power's mean prediction for 5 seeds must be
+    # within 10 % of the mean MDE the 5-seed tables print (the SE of each mean is about 1 %)
+    pilots = power_at_mde(PAIR3, AT_MDE["pair3"], 250, seed=203, plan_seeds=5, check_power=False)
+    studies = power_at_mde(PAIR5, AT_MDE["pair5"], 250, seed=205, check_power=False)
     predicted, printed = float(np.mean(pilots.planned)), float(studies.mde.mean())
     message = f"3-seed pilots predict {predicted:.4f} for 5 seeds, 5-seed tables print {printed:.4f}"
     assert abs(predicted - printed) <= 0.10 * printed, message
@@ -295,24 +320,22 @@ def test_a_true_delta_at_the_printed_mde_reads_gain_80_percent_and_plan_power_pr
 def test_inside_a_seven_arm_table_the_mde_holds_and_the_headline_and_families_stay_at_5_percent() -> None:
     # more_real planted at its MDE among six arms compared with ratio0 (Holm's first level 0.05 / 6);
     # every other arm is truly equal to ratio0, so the headline (synthetic arms vs ratio0, noise and
-    # rebalanced) and the ratio0 family's other verdicts are under the null. 200 repeats: SE 2.8
-    # points at 80 %, 1.5 at 5 %
+    # rebalanced) and the ratio0 family's other verdicts are under the null. 200 repeats: SE 1.5
+    # points at 5 %; the printed MDE must agree with the planted Δ (its power: the slow test below)
     repeats = 200
-    result = power_at_mde(SEVEN3, AT_MDE["seven3"], repeats, seed=300)
+    result = power_at_mde(SEVEN3, AT_MDE["seven3"], repeats, seed=300, check_power=False)
     assert result.headline.mean() <= bound(0.05, repeats), described("headline yes", result.headline.mean(), repeats)
     assert result.null_family.mean() <= bound(0.05, repeats), described("null arms flagged", result.null_family.mean(), repeats)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,design", [
-    pytest.param("pair3", PAIR3, marks=pytest.mark.xfail(strict=False, reason=(
-        "known miss (#28): a 3-seed pair reads gain in 81.9 % (SE 1.5, 640 repeats) with the plant 1.4 % below the "
-        "printed MDE, about 83 % at the MDE, 0.1 point outside 80 ± 2 SE: the SE²'s df reads low at 3 seeds "
-        "(median 10.6 printed, 13.7 from its spread across studies), so the MDE is a little high"))),
-    ("pair5", PAIR5), ("seven3", SEVEN3), ("seven5", SEVEN5)])
-def test_slow_power_at_the_printed_mde_to_within_5_points(name: str, design) -> None:
-    # 640 repeats: SE 1.6 points at 80 %, band 80 ± 3.2, so a method at 75 % or 85 % fails in 86 % of runs
-    power_at_mde(design, AT_MDE[name], 640, seed=500 + len(design.arms) * 10 + design.n_seeds)
+@pytest.mark.parametrize("name,design,repeats", [("pair3", PAIR3, 2000), ("pair5", PAIR5, 640), ("seven3", SEVEN3, 2000),
+                                                 ("seven5", SEVEN5, 640)])
+def test_slow_power_at_the_printed_mde_to_within_5_points(name: str, design, repeats: int) -> None:
+    # SE 0.9 points at 80 % with 2000 repeats (3 seeds, about 83 % measured), 1.6 with 640 (5 seeds,
+    # about 81 %): a method that overstates power fails below 80 - 2 SE (one at 75 % always), one
+    # more than 5 points conservative above 85 % (one at 86 % in 88 % of runs at 3 seeds)
+    power_at_mde(design, AT_MDE[name], repeats, seed=500 + len(design.arms) * 10 + design.n_seeds)
 
 
 def demo_design() -> calibration.Design:

@@ -19,8 +19,9 @@ spread less the interaction), pooled over arms. σ²_interaction: the part of on
 comes from seeds ranking single films differently; it is measured on the test set, so it shrinks
 with more test patients AND with more seeds. The MDE is the table's own (`stats.mde`): noncentral t
 at 0.05 / m (Holm's first level for m arms compared with ratio0), power 80 %, with the
-Satterthwaite df of the seeds' spread pooled over the study's arms, as the table pools it, and of
-the patient-level variance (`stats.patient_df`: in proportion to the test patients, plus the
+Satterthwaite df of the seed variance pooled over the study's arms, as the table pools it (the
+spread less the interaction, held at 0 or above: `stats.positive_part_variance`), and of the
+patient-level variance (`stats.patient_df`: in proportion to the test patients, plus the
 resamples' own noise).
 """
 
@@ -100,7 +101,10 @@ def planned_mde(components: dict[str, Any], seeds: int, patient_factor: float, l
     patient = components["patient_var"] / patient_factor + 2 * components["interaction_var"] / patient_factor / seeds
     noise = 1 / (components.get("patient_df", np.inf) * patient_factor) + 1 / max(components.get("n_boot", np.inf) - 1, 1)
     patient_df = 1 / noise if noise > 0 else np.inf
-    df = stats.satterthwaite(total, [(patient, patient_df), (2 * spread / seeds, arms * (seeds - 1))])
+    # the table's seed piece: the spread pooled over `arms` less the interaction, held at 0 or above
+    interaction = components["interaction_var"] / patient_factor
+    sampling = (2 / seeds) ** 2 * stats.positive_part_variance(spread, interaction, arms * (seeds - 1))
+    df = stats.satterthwaite(total, [(patient, patient_df)], sampling)
     return stats.mde(float(np.sqrt(total)), df, level, estimated=False)
 
 

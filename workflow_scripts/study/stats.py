@@ -23,10 +23,11 @@ A difference between two arms (`differences`) is tested on the t scale: its vari
 paired patient-level bootstrap variance (it holds the seed x patient interaction at 1 / S) plus
 each arm's seed-level variance / S: the seeds' spread less that interaction, pooled over the arms
 where Bartlett's test finds their spreads alike (`seed_model`). The t reference distribution takes
-the Welch-Satterthwaite degrees of freedom of the pieces behind it: the raw seed spreads (S - 1 per
-arm, or their sum when pooled) and the patient variance (`patient_df`, from each test patient's
-influence, found by leaving the patient out), so the p-value is valid at any level, in particular
-at the α/m Holm tests first. Its interval is Δ ± t·SE; its minimum detectable effect
+the Welch-Satterthwaite degrees of freedom of the pieces behind it: the seed variance (the raw
+spread, S - 1 df per arm or their sum when pooled, less the interaction and held at 0 or above,
+which varies less than the raw spread: `positive_part_variance`) and the patient variance
+(`patient_df`, from each test patient's influence, found by leaving the patient out), so the
+p-value is valid at any level, in particular at the α/m Holm tests first. Its interval is Δ ± t·SE; its minimum detectable effect
 (`mde`) is the true Δ the test at the level the verdict uses calls a gain in 80 % of studies like
 this one (noncentral t, corrected for SE being estimated), checked by simulating the table.
 
@@ -292,11 +293,28 @@ def noncentrality(df: float, level: float, power: float = POWER) -> float:
     return float(brentq(lambda ncp: noncentral_t.sf(critical, df, ncp) - power, start - 1, 3 * start + 10, xtol=1e-6))
 
 
-def satterthwaite(total: float, pieces: Sequence[tuple[float, float]]) -> float:
+def satterthwaite(total: float, pieces: Sequence[tuple[float, float]], sampling_variance: float = 0.0) -> float:
     """Welch-Satterthwaite degrees of freedom of a variance estimate `total` whose uncertainty comes
-    from the mean squares `pieces` (coefficient x mean square, its df; infinite df: known)."""
-    denominator = sum(v * v / df for v, df in pieces if v > 0 and np.isfinite(df) and df > 0)
+    from the mean squares `pieces` (coefficient x mean square, its df; infinite df: known) and from
+    pieces that are no scaled chi-square, given by the sum of their sampling variances."""
+    denominator = sum(v * v / df for v, df in pieces if v > 0 and np.isfinite(df) and df > 0) + sampling_variance / 2
     return float(total * total / denominator) if denominator > 0 and total > 0 else float("inf")
+
+
+def positive_part_variance(mean_square: float, interaction: float, df: float) -> float:
+    """Sampling variance of a seed variance estimated as (raw spread - interaction), held at 0 or
+    above, where the raw spread is mean_square x chi2(df) / df and the interaction is known: the
+    positive part varies less than the raw spread where the two are close, as they are when seeds
+    differ little beyond ranking single films differently. With no interaction it is the raw spread's
+    2 mean_square^2 / df. Closed form from E[Y; Y > y] = df P(chi2(df + 2) > y) and
+    E[Y^2; Y > y] = df (df + 2) P(chi2(df + 4) > y) for Y = chi2(df)."""
+    if not (mean_square > 0 and np.isfinite(df) and df > 0):
+        return 0.0
+    y = max(interaction, 0.0) * df / mean_square
+    first = mean_square * chi2.sf(y, df + 2) - interaction * chi2.sf(y, df)
+    second = (mean_square ** 2 * (df + 2) / df * chi2.sf(y, df + 4) - 2 * interaction * mean_square * chi2.sf(y, df + 2)
+              + interaction ** 2 * chi2.sf(y, df))
+    return float(max(second - first * first, 0.0))
 
 
 def patient_df(leave_one_out: np.ndarray, n_boot: int) -> float:
@@ -334,12 +352,22 @@ HOMOGENEITY_ALPHA = 0.10  # the seed variance is pooled over arms unless Bartlet
 
 @dataclass(frozen=True)
 class SeedLevel:
-    """The seed-level variance of one run's macro AUROC (the interaction removed, at least 0) and
-    the raw mean squares it is estimated from: (arm, weight x variance between its seeds, S - 1)."""
+    """The seed-level variance of one run's macro AUROC, (raw spread - interaction) held at 0 or
+    above, from the seeds of `arms` (one arm, or every arm it is pooled over): their raw spread
+    between seeds (df-weighted), the interaction part of it, and the raw spread's df."""
 
     variance: float
-    pieces: tuple[tuple[str, float, float], ...]
+    raw: float = 0.0
+    interaction: float = 0.0
+    df: float = 0.0
+    arms: tuple[str, ...] = ()
     pooled: bool = False
+
+    def sampling_variance(self) -> float:
+        """How much the variance estimate varies from study to study (`positive_part_variance`, with
+        the raw spread's expectation read as at least the interaction: the seeds' own variance is not
+        negative)."""
+        return positive_part_variance(max(self.raw, self.interaction), self.interaction, self.df)
 
 
 @dataclass(frozen=True)
@@ -354,7 +382,7 @@ class SeedModel:
 
     @property
     def arms_pooled(self) -> int:
-        return len(self.levels[next(iter(self.levels))].pieces) if self.pooled and self.levels else 0
+        return len(self.levels[next(iter(self.levels))].arms) if self.pooled and self.levels else 0
 
 
 def seed_model(results: Mapping[str, ArmBootstrap], labels: np.ndarray | None = None, pool: bool = True) -> SeedModel:
@@ -363,15 +391,16 @@ def seed_model(results: Mapping[str, ArmBootstrap], labels: np.ndarray | None = 
     freedom (7 arms x 3 seeds: 14 instead of 2 per arm), which is most of the power at few seeds."""
     spreads = {name: arm.seed_spread(labels) for name, arm in results.items() if len(arm.seed_values) > 1}
     dfs = {name: len(results[name].seed_values) - 1 for name in spreads}
-    own = {name: SeedLevel(max(0.0, raw - interaction), ((name, raw, dfs[name]),)) for name, (raw, interaction) in spreads.items()}
-    levels = {name: own.get(name, SeedLevel(0.0, ())) for name in results}
+    own = {name: SeedLevel(max(0.0, raw - interaction), raw, interaction, dfs[name], (name,))
+           for name, (raw, interaction) in spreads.items()}
+    levels = {name: own.get(name, SeedLevel(0.0)) for name in results}
     p = bartlett([raw for raw, _ in spreads.values()], list(dfs.values()))
     if not pool or len(spreads) < 2 or p < HOMOGENEITY_ALPHA:
         return SeedModel(levels, False, p, float(np.mean(list(dfs.values()))) if dfs else 0.0)
     total = sum(dfs.values())
-    weights = {name: dfs[name] / total for name in spreads}
-    variance = max(0.0, sum(weights[name] * (raw - interaction) for name, (raw, interaction) in spreads.items()))
-    shared = SeedLevel(variance, tuple((name, weights[name] * raw, dfs[name]) for name, (raw, _) in spreads.items()), True)
+    raw = sum(dfs[name] * spread[0] for name, spread in spreads.items()) / total
+    interaction = sum(dfs[name] * spread[1] for name, spread in spreads.items()) / total
+    shared = SeedLevel(max(0.0, raw - interaction), raw, interaction, float(total), tuple(spreads), True)
     return SeedModel({name: shared if name in spreads else levels[name] for name in results}, True, p, float(total))
 
 
@@ -394,8 +423,8 @@ def difference_components(results: Mapping[str, ArmBootstrap], reference: str, n
                           seeds: SeedModel | None = None) -> tuple[float, float, float]:
     """Δ of macro AUROC (arm - reference), its standard error and degrees of freedom: the paired
     patient-level bootstrap variance (it holds the seed x patient interaction at 1 / S) plus each
-    arm's seed-level variance / S, with the Satterthwaite df of the pieces behind it: the patient
-    variance (`patient_df`) and the raw seed variances."""
+    arm's seed-level variance / S (one term where pooled), with the Satterthwaite df of the pieces
+    behind it: the patient variance (`patient_df`) and the seed variance (`SeedLevel.sampling_variance`)."""
     seeds = seeds or seed_model({key: results[key] for key in (reference, name)}, labels, pool=False)
     arm, ref = results[name], results[reference]
     delta = float(macro(arm.estimate, labels)) - float(macro(ref.estimate, labels))
@@ -403,16 +432,19 @@ def difference_components(results: Mapping[str, ArmBootstrap], reference: str, n
         ref.patient_samples if ref.patient_samples is not None else ref.samples, labels)
     patient = patient[np.isfinite(patient)]
     patient_var = float(np.var(patient, ddof=1)) if len(patient) > 1 else float("nan")
-    seed_var, pieces = 0.0, {}
+    pieces = []
     if arm.jackknife is not None and ref.jackknife is not None:
-        pieces[None] = (patient_var, patient_df(macro(arm.jackknife, labels) - macro(ref.jackknife, labels), len(patient)))
+        pieces.append((patient_var, patient_df(macro(arm.jackknife, labels) - macro(ref.jackknife, labels), len(patient))))
+    weights: dict[tuple[str, ...], float] = {}  # one seed level (pooled: shared by both arms) -> its coefficient
+    levels = {}
     for key in (name, reference):
-        level, n_seeds = seeds.levels[key], len(results[key].seed_values)
-        seed_var += level.variance / n_seeds
-        for source, mean_square, df in level.pieces:
-            pieces[source] = (pieces.get(source, (0.0, df))[0] + mean_square / n_seeds, df)
+        level = seeds.levels[key]
+        levels[level.arms or (key,)] = level
+        weights[level.arms or (key,)] = weights.get(level.arms or (key,), 0.0) + 1 / len(results[key].seed_values)
+    seed_var = sum(weights[key] * level.variance for key, level in levels.items())
+    sampling = sum(weights[key] ** 2 * level.sampling_variance() for key, level in levels.items())
     total = patient_var + seed_var
-    return delta, float(np.sqrt(total)), satterthwaite(total, list(pieces.values()))
+    return delta, float(np.sqrt(total)), satterthwaite(total, pieces, sampling)
 
 
 def differences(results: Mapping[str, ArmBootstrap], reference: str, compared: Sequence[str],
