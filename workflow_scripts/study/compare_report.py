@@ -166,8 +166,9 @@ def method_text(inputs: PageInputs) -> list[str]:
         "so that few seeds widen the interval). An arm's AUROC is the mean over its seeds; its 95% interval is the "
         "bootstrap percentile interval. Δ: its standard error adds the paired patient-level bootstrap variance and each "
         "arm's seed variance (the seeds' spread less the seed × patient interaction the patient level already holds); "
-        "interval Δ ± t·SE and two-sided p from Student's t with the Welch–Satterthwaite degrees of freedom of the seeds' "
-        "spread, so p is valid at every level, also at the α/m Holm tests first." + seed_level_text(study) + " p is "
+        "interval Δ ± t·SE and two-sided p from Student's t with the Welch–Satterthwaite degrees of freedom of both "
+        "estimated pieces (the seed variance and the patient-level variance), so p is valid at every level, also at the "
+        "α/m Holm tests first." + seed_level_text(study) + " p is "
         "Holm-adjusted within each family (" + "; ".join(families) + "). Per-label and subgroup intervals are not "
         "adjusted for multiplicity.",
         "",

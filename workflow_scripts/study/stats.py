@@ -288,6 +288,8 @@ def noncentrality(df: float, level: float, power: float = POWER) -> float:
     `level` with probability `power` (normal where df is infinite)."""
     if not np.isfinite(df) or df > 1e4:
         return float(norm.ppf(1 - level / 2) + norm.ppf(power))
+    if df < 1:  # SE-hat too uncertain for any Δ to be found reliably (the ncp runs past 80 at 1 df)
+        return float("inf")
     critical = student_t.ppf(1 - level / 2, df)
     start = critical + student_t.ppf(power, df)  # below the answer: the noncentral t is wider than t
     return float(brentq(lambda ncp: noncentral_t.sf(critical, df, ncp) - power, start - 1, 3 * start + 10, xtol=1e-6))
@@ -364,10 +366,10 @@ class SeedLevel:
     pooled: bool = False
 
     def sampling_variance(self) -> float:
-        """How much the variance estimate varies from study to study (`positive_part_variance`, with
-        the raw spread's expectation read as at least the interaction: the seeds' own variance is not
-        negative)."""
-        return positive_part_variance(max(self.raw, self.interaction), self.interaction, self.df)
+        """How much the variance estimate varies from study to study (`positive_part_variance`, the
+        observed raw spread standing for its expectation, as Satterthwaite's mean squares do). Never
+        more than the raw spread's own 2 raw^2 / df: holding at 0 only takes variation away."""
+        return positive_part_variance(self.raw, self.interaction, self.df)
 
 
 @dataclass(frozen=True)
