@@ -271,3 +271,15 @@ def test_a_run_scored_on_other_images_is_refused(tmp_path: Path) -> None:
 def test_ratio0_is_required(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="ratio0"):
         run_compare(tmp_path, arms={"ratio50": ("synthetic", 50)})
+
+
+def test_a_no_difference_says_how_large_a_delta_could_have_hidden_or_that_none_is_found() -> None:
+    from workflow_scripts.study.compare_report import verdict_text
+
+    row = {"verdict_vs_ratio0": "no measurable difference", "mde_vs_ratio0": 0.0512}
+    assert verdict_text(row, "ratio0") == "no measurable difference (could have detected ≥ +0.05)"
+    # an SE on under 1 df (two seeds that tie, a handful of test patients): no Δ is found reliably,
+    # which the page says in words rather than as "≥ +inf"
+    row["mde_vs_ratio0"] = float("inf")
+    assert verdict_text(row, "ratio0") == "no measurable difference (could not reliably detect any Δ: under 1 df)"
+    assert verdict_text({"verdict_vs_ratio0": "gain", "mde_vs_ratio0": 0.05}, "ratio0") == "gain"

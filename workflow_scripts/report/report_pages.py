@@ -85,7 +85,9 @@ def summary_fragment(comparison_md: Path, comparison_csv: Path) -> str:
         verdict = "" if reference else html.escape(str(row.get("verdict_vs_ratio0") or ""))
         if verdict == "no measurable difference" and pd.notna(row.get("mde_vs_ratio0")):
             # as comparison.md says it: how large a difference could have hidden
-            verdict += f"<br><small>could have detected ≥ {_cell(row['mde_vs_ratio0'], signed=True)}</small>"
+            mde = float(row["mde_vs_ratio0"])
+            verdict += "<br><small>" + (f"could have detected ≥ {_cell(mde, signed=True)}" if math.isfinite(mde)
+                                        else "could not reliably detect any Δ") + "</small>"
         rows.append(f"<tr><td><b>{html.escape(str(row['arm']))}</b></td><td>{_cell(row['macro_auroc_mean'])}</td>"
                     f"<td>{delta}</td><td>{verdict}</td></tr>")
     parts = ['<div class="cxr-summary"><style>.cxr-summary td, .cxr-summary th {padding: 0.25em 0.4em}</style>']

@@ -63,19 +63,24 @@ def caveats(inputs: PageInputs) -> list[str]:
     ceiling = next((name for name, arm in study.arms.items() if arm.kind is MORE_REAL), None)
     if ceiling is not None and REFERENCE in study.diffs and study.diffs[REFERENCE][ceiling].verdict != stats.GAIN:
         d = study.diffs[REFERENCE][ceiling]
-        notes.append(f"**The positive control {ceiling} does not read gain** (Δ {d.delta:+.3f}, could have detected ≥ "
-                     f"{d.mde:+.2f}): as many new real images gave no gain this study could see, so its other *no measurable "
+        notes.append(f"**The positive control {ceiling} does not read gain** (Δ {d.delta:+.3f}, {detectable(d.mde)}): "
+                     f"as many new real images gave no gain this study could see, so its other *no measurable "
                      "difference* verdicts say little. More seeds or test patients (`snakemake plan_power`) may help.")
     if not inputs.counted.startswith("before"):
         notes.append(f"Rare labels (†) are counted on the training split {inputs.counted}.")
     return notes
 
 
+def detectable(mde: float) -> str:
+    """How large a Δ could have hidden: the MDE, or that none is found reliably (its SE rests on under 1 df)."""
+    return f"could have detected ≥ {mde:+.2f}" if math.isfinite(mde) else "could not reliably detect any Δ: under 1 df"
+
+
 def verdict_text(row: dict[str, Any], column: str) -> str:
     """The verdict; "no measurable difference" says how small a gain the study could have seen."""
     verdict, mde = row[f"verdict_vs_{column}"], row.get(f"mde_vs_{column}", float("nan"))
-    if verdict == stats.NO_DIFFERENCE and math.isfinite(mde):
-        return f"{verdict} (could have detected ≥ {mde:+.2f})"
+    if verdict == stats.NO_DIFFERENCE and not math.isnan(mde):
+        return f"{verdict} ({detectable(mde)})"
     return verdict or "–"
 
 
