@@ -27,9 +27,10 @@ the Welch-Satterthwaite degrees of freedom of the pieces behind it: the seed var
 spread, S - 1 df per arm or their sum when pooled, less the interaction and held at 0 or above,
 which varies less than the raw spread: `positive_part_variance`) and the patient variance
 (`patient_df`, from each test patient's influence, found by leaving the patient out), so the
-p-value is valid at any level, in particular at the α/m Holm tests first. Its interval is Δ ± t·SE; its minimum detectable effect
-(`mde`) is the true Δ the test at the level the verdict uses calls a gain in 80 % of studies like
-this one (noncentral t, corrected for SE being estimated), checked by simulating the table.
+p-value is valid at any level, in particular at the α/m Holm tests first. Its interval is Δ ± t·SE;
+its minimum detectable effect (`mde`) is the true Δ the test at the level the verdict uses calls a
+gain in 80 % of studies like this one (noncentral t, corrected for SE being estimated), checked by
+simulating the table.
 
 AUROC on a resample (and with one patient left out) is computed in workflow_scripts.study.auroc.
 """
@@ -288,7 +289,7 @@ def noncentrality(df: float, level: float, power: float = POWER) -> float:
     `level` with probability `power` (normal where df is infinite)."""
     if not np.isfinite(df) or df > 1e4:
         return float(norm.ppf(1 - level / 2) + norm.ppf(power))
-    if df < 1:  # SE-hat too uncertain for any Δ to be found reliably (the ncp runs past 80 at 1 df)
+    if df < 1:  # SE-hat too uncertain for any Δ to be found reliably (at 1 df the ncp is 16 at 0.05, 98 at 0.05 / 6)
         return float("inf")
     critical = student_t.ppf(1 - level / 2, df)
     start = critical + student_t.ppf(power, df)  # below the answer: the noncentral t is wider than t
