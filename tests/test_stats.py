@@ -173,7 +173,7 @@ def test_the_seed_piece_never_lowers_the_df_below_what_the_raw_spread_gave() -> 
     rng = np.random.default_rng(0)
     for raw, interaction, df in zip(rng.exponential(1, 200), rng.exponential(1, 200), rng.integers(1, 30, 200)):
         assert stats.positive_part_variance(raw, interaction, df) <= 2 * raw * raw / df * (1 + 1e-9)
-    assert stats.SeedLevel(0.0, raw=0.0, interaction=0.0137, df=1).sampling_variance() == 0.0
+    assert stats.SeedLevel(raw=0.0, interaction=0.0137, df=1).sampling_variance() == 0.0
     assert stats.mde(1.0, 0.2, 0.01) == float("inf")  # below 1 df no Δ is found reliably; no solver failure
 
 

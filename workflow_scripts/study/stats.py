@@ -359,12 +359,15 @@ class SeedLevel:
     above, from the seeds of `arms` (one arm, or every arm it is pooled over): their raw spread
     between seeds (df-weighted), the interaction part of it, and the raw spread's df."""
 
-    variance: float
     raw: float = 0.0
     interaction: float = 0.0
     df: float = 0.0
     arms: tuple[str, ...] = ()
     pooled: bool = False
+
+    @property
+    def variance(self) -> float:
+        return max(0.0, self.raw - self.interaction)
 
     def sampling_variance(self) -> float:
         """How much the variance estimate varies from study to study (`positive_part_variance`, the
@@ -394,16 +397,15 @@ def seed_model(results: Mapping[str, ArmBootstrap], labels: np.ndarray | None = 
     freedom (7 arms x 3 seeds: 14 instead of 2 per arm), which is most of the power at few seeds."""
     spreads = {name: arm.seed_spread(labels) for name, arm in results.items() if len(arm.seed_values) > 1}
     dfs = {name: len(results[name].seed_values) - 1 for name in spreads}
-    own = {name: SeedLevel(max(0.0, raw - interaction), raw, interaction, dfs[name], (name,))
-           for name, (raw, interaction) in spreads.items()}
-    levels = {name: own.get(name, SeedLevel(0.0)) for name in results}
+    own = {name: SeedLevel(raw, interaction, dfs[name], (name,)) for name, (raw, interaction) in spreads.items()}
+    levels = {name: own.get(name, SeedLevel(arms=(name,))) for name in results}
     p = bartlett([raw for raw, _ in spreads.values()], list(dfs.values()))
     if not pool or len(spreads) < 2 or p < HOMOGENEITY_ALPHA:
         return SeedModel(levels, False, p, float(np.mean(list(dfs.values()))) if dfs else 0.0)
     total = sum(dfs.values())
     raw = sum(dfs[name] * spread[0] for name, spread in spreads.items()) / total
     interaction = sum(dfs[name] * spread[1] for name, spread in spreads.items()) / total
-    shared = SeedLevel(max(0.0, raw - interaction), raw, interaction, float(total), tuple(spreads), True)
+    shared = SeedLevel(raw, interaction, float(total), tuple(spreads), True)
     return SeedModel({name: shared if name in spreads else levels[name] for name in results}, True, p, float(total))
 
 
@@ -438,14 +440,11 @@ def difference_components(results: Mapping[str, ArmBootstrap], reference: str, n
     pieces = []
     if arm.jackknife is not None and ref.jackknife is not None:
         pieces.append((patient_var, patient_df(macro(arm.jackknife, labels) - macro(ref.jackknife, labels), len(patient))))
-    weights: dict[tuple[str, ...], float] = {}  # one seed level (pooled: shared by both arms) -> its coefficient
-    levels = {}
+    weights: dict[SeedLevel, float] = {}  # each seed level (pooled: one, shared by both arms) -> its coefficient
     for key in (name, reference):
-        level = seeds.levels[key]
-        levels[level.arms or (key,)] = level
-        weights[level.arms or (key,)] = weights.get(level.arms or (key,), 0.0) + 1 / len(results[key].seed_values)
-    seed_var = sum(weights[key] * level.variance for key, level in levels.items())
-    sampling = sum(weights[key] ** 2 * level.sampling_variance() for key, level in levels.items())
+        weights[seeds.levels[key]] = weights.get(seeds.levels[key], 0.0) + 1 / len(results[key].seed_values)
+    seed_var = sum(weight * level.variance for level, weight in weights.items())
+    sampling = sum(weight ** 2 * level.sampling_variance() for level, weight in weights.items())
     total = patient_var + seed_var
     return delta, float(np.sqrt(total)), satterthwaite(total, pieces, sampling)
 
