@@ -140,6 +140,9 @@ def test_seed_variance_is_pooled_over_arms_only_where_homogeneous_and_its_df_cou
     d_pooled = stats.differences(alike, "ratio0", ["a"], seeds=pooled)["a"]
     d_own = stats.differences(alike, "ratio0", ["a"])["a"]
     assert d_pooled.df > d_own.df  # 6 df of pooled spread instead of 2 + 2
+    assert pooled.arms_pooled == 3
+    # an arm with one seed has no seed spread to pool: the count is of the others, whichever arm comes first
+    assert stats.seed_model({"one": arm([0.8]), **alike}).arms_pooled == 3
     wild = {**alike, "b": arm([0.5, 0.9, 0.7])}
     assert not stats.seed_model(wild).pooled  # Bartlett rejects one arm whose seeds spread 30 times as far
     # the interaction explains most of the spread: the seed term (raw spread less the interaction)

@@ -388,7 +388,7 @@ class SeedModel:
 
     @property
     def arms_pooled(self) -> int:
-        return len(self.levels[next(iter(self.levels))].arms) if self.pooled and self.levels else 0
+        return next((len(level.arms) for level in self.levels.values() if level.pooled), 0)
 
 
 def seed_model(results: Mapping[str, ArmBootstrap], labels: np.ndarray | None = None, pool: bool = True) -> SeedModel:
